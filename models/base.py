@@ -1,0 +1,100 @@
+"""The interface every model shares, and the micro-batch it learns from.
+
+Ids are dense integers handed out by `models.features.Vocab` (one vocabulary
+per id kind: user, item, session, context value). A model's state is a set of
+named tables; each table is a 2-D array whose rows are indexed by one id kind
+(`user`, `item`, `session`, `context`) or is a `blob` stored whole. After each
+`learn`, `drain_changes` names the rows that changed, so the worker writes only
+those rows to Redis.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import numpy as np
+
+TableKind = Literal["user", "item", "session", "context", "blob"]
+EVENT_TYPES: tuple[str, ...] = ("click", "purchase", "favorite")
+EVENT_CODE: dict[str, int] = {name: code for code, name in enumerate(EVENT_TYPES)}
+
+
+@dataclass(frozen=True, eq=False)
+class Batch:
+    """A micro-batch of events in stream order, ids already integer-coded.
+
+    `n_*` are the vocabulary sizes after this batch was coded, so every id in
+    the batch is below them. Item id -1 marks a query without an item (lookups).
+    """
+
+    users: np.ndarray  # [B] int64
+    items: np.ndarray  # [B] int64
+    sessions: np.ndarray  # [B] int64
+    event_types: np.ndarray  # [B] int8, codes of EVENT_TYPES
+    weights: np.ndarray  # [B] float32, event-type weight
+    ts: np.ndarray  # [B] float64, epoch seconds
+    values: np.ndarray  # [B] float32, NaN where the event carries no value
+    context: np.ndarray  # [B, C] int64 context-value ids, -1 pads
+    n_users: int
+    n_items: int
+    n_sessions: int
+    n_context: int
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def take(self, rows: np.ndarray | slice) -> "Batch":
+        """The events at `rows`, as a batch with the same vocabulary sizes."""
+        return Batch(
+            self.users[rows], self.items[rows], self.sessions[rows], self.event_types[rows],
+            self.weights[rows], self.ts[rows], self.values[rows], self.context[rows],
+            self.n_users, self.n_items, self.n_sessions, self.n_context,
+        )
+
+
+class Model(ABC):
+    """A recommender that learns one micro-batch at a time.
+
+    The constructor is the whole configuration (keyword arguments with
+    immutable defaults, plus `seed`). `query` says what a score is conditioned
+    on: `"user"` models rank for a user, `"session"` models for a session (the
+    evaluator excludes already-seen items per user or per session accordingly).
+    """
+
+    name: ClassVar[str]
+    query: ClassVar[Literal["user", "session"]] = "user"
+    tables: ClassVar[dict[str, TableKind]]
+
+    @abstractmethod
+    def learn(self, batch: Batch) -> None:
+        """Update the model with every event of `batch`, in order."""
+
+    @abstractmethod
+    def score(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
+        """Scores of items `0..batch.n_items-1` for the events at `rows`.  # [len(rows), n_items]
+
+        Uses the model as it stood before learning `batch`; session state
+        includes the batch's events that come before each row.
+        """
+
+    @abstractmethod
+    def export_state(self) -> dict[str, np.ndarray]:
+        """Every table and array of state. Values may be views: copy to keep."""
+
+    @abstractmethod
+    def import_state(self, state: dict[str, np.ndarray]) -> None:
+        """Load state from `export_state` (or rows read back from Redis).
+
+        Row tables may come shorter or narrower than the model needs; missing
+        rows and columns are initialised as for new ids.
+        """
+
+    @abstractmethod
+    def drain_changes(self) -> dict[str, np.ndarray | None]:
+        """Rows changed since the last call, per table (None: the whole blob)."""
+
+    @abstractmethod
+    def forget(self, kind: TableKind, ids: np.ndarray) -> None:
+        """Reset the rows of expired `kind` ids; the vocabulary will hand them out again."""

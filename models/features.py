@@ -1,0 +1,181 @@
+"""Preprocessing shared by the worker and `streamrec evaluate`: id mapping and features.
+
+`Vocab` maps external string ids to dense rows that grow as ids arrive and
+can be expired when idle (their rows are handed out again). `Featurizer`
+turns validated events into a `Batch`: event-type weights, session ids
+(`session_id`, or the user's events split by an inactivity gap), and context
+features (each context key=value, plus hour of day and day of week from `ts`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Protocol
+
+import numpy as np
+
+from models.base import EVENT_CODE, Batch
+
+
+class EventLike(Protocol):
+    user_id: str
+    item_id: str
+    event_type: str
+    ts: float
+    session_id: str | None
+    value: float | None
+    context: Mapping[str, Any]
+
+
+class Vocab:
+    """String id -> dense row, growing; idle ids can be expired and their rows reused."""
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+        self.names: list[str | None] = []
+        self.last_seen: list[float] = []
+        self._free: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+    def get(self, key: str) -> int:
+        """The row of `key`, or -1 when unknown."""
+        return self.index.get(key, -1)
+
+    def add(self, key: str, ts: float = 0.0) -> int:
+        """The row of `key`, handing out a new (or freed) row when unknown."""
+        row = self.index.get(key)
+        if row is None:
+            if self._free:
+                row = self._free.pop()
+                self.names[row] = key
+                self.last_seen[row] = ts
+            else:
+                row = len(self.names)
+                self.names.append(key)
+                self.last_seen.append(ts)
+            self.index[key] = row
+        elif ts > self.last_seen[row]:
+            self.last_seen[row] = ts
+        return row
+
+    def expire(self, older_than: float) -> np.ndarray:
+        """Free every id last seen before `older_than`; returns their rows."""
+        stale = [r for r, (n, t) in enumerate(zip(self.names, self.last_seen)) if n is not None and t < older_than]
+        for row in stale:
+            del self.index[self.names[row]]  # type: ignore[index]
+            self.names[row] = None
+        self._free.extend(stale)
+        return np.asarray(stale, dtype=np.int64)
+
+    def live(self) -> int:
+        """How many ids are mapped now."""
+        return len(self.index)
+
+    def restore(self, mapping: Mapping[str, int]) -> None:
+        """Rebuild from a saved name -> row mapping (rows not in it become free)."""
+        size = max(mapping.values(), default=-1) + 1
+        self.index = dict(mapping)
+        self.names = [None] * size
+        for name, row in mapping.items():
+            self.names[row] = name
+        self.last_seen = [0.0] * size
+        self._free = [r for r, n in enumerate(self.names) if n is None]
+
+
+DEFAULT_EVENT_WEIGHTS: tuple[tuple[str, float], ...] = (("click", 1.0), ("favorite", 2.0), ("purchase", 3.0))
+
+
+@dataclass
+class Featurizer:
+    """Codes events into batches; owns the vocabularies and the open sessions.
+
+    `session_gap` is the inactivity (seconds) that ends a user's implicit
+    session when events carry no `session_id`.
+    """
+
+    event_weights: tuple[tuple[str, float], ...] = DEFAULT_EVENT_WEIGHTS
+    session_gap: float = 1800.0
+    time_features: bool = True
+    max_context: int = 8
+    users: Vocab = field(default_factory=Vocab)
+    items: Vocab = field(default_factory=Vocab)
+    sessions: Vocab = field(default_factory=Vocab)
+    contexts: Vocab = field(default_factory=Vocab)
+    _implicit: dict[str, tuple[str, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._weight = dict(self.event_weights)
+
+    def session_key(self, event: EventLike) -> str:
+        """The session an event belongs to: its `session_id`, or the user's current run."""
+        if event.session_id is not None:
+            return "s:" + event.session_id
+        key, last = self._implicit.get(event.user_id, ("", -math.inf))
+        if event.ts - last > self.session_gap:
+            key = f"u:{event.user_id}:{int(event.ts)}"
+        self._implicit[event.user_id] = (key, max(event.ts, last))
+        return key
+
+    def context_keys(self, context: Mapping[str, Any], ts: float) -> list[str]:
+        """Context features as `key=value` strings, time features included."""
+        keys = [f"{k}={_norm(v)}" for k, v in list(context.items())[: self.max_context]]
+        if self.time_features:
+            # 1970-01-01 was a Thursday: day 0 of epoch time is dow 3 (Monday = 0).
+            keys.append(f"hour={int(ts % 86400) // 3600}")
+            keys.append(f"dow={(int(ts) // 86400 + 3) % 7}")
+        return keys
+
+    def batch(self, events: Iterable[EventLike]) -> Batch:
+        """Code `events` (adding new ids to the vocabularies) into a batch."""
+        events = list(events)
+        n = len(events)
+        width = self.max_context + (2 if self.time_features else 0)
+        users = np.empty(n, np.int64)
+        items = np.empty(n, np.int64)
+        sessions = np.empty(n, np.int64)
+        types = np.empty(n, np.int8)
+        weights = np.empty(n, np.float32)
+        ts = np.empty(n, np.float64)
+        values = np.full(n, np.nan, np.float32)
+        context = np.full((n, width), -1, np.int64)
+        for j, e in enumerate(events):
+            users[j] = self.users.add(e.user_id, e.ts)
+            items[j] = self.items.add(e.item_id, e.ts)
+            sessions[j] = self.sessions.add(self.session_key(e), e.ts)
+            types[j] = EVENT_CODE[e.event_type]
+            weights[j] = self._weight.get(e.event_type, 1.0)
+            ts[j] = e.ts
+            if e.value is not None:
+                values[j] = e.value
+            for c, key in enumerate(self.context_keys(e.context, e.ts)):
+                context[j, c] = self.contexts.add(key, e.ts)
+        return self._wrap(users, items, sessions, types, weights, ts, values, context)
+
+    def query(self, user_id: str | None, context: Mapping[str, Any], ts: float, session_id: str | None = None) -> Batch:
+        """A one-row batch (item -1) for a lookup; unknown ids and context values code as -1."""
+        ctx = [self.contexts.get(k) for k in self.context_keys(context, ts)]
+        width = self.max_context + (2 if self.time_features else 0)
+        context_row = np.full((1, width), -1, np.int64)
+        context_row[0, : len(ctx)] = ctx
+        session = self.sessions.get("s:" + session_id) if session_id is not None else -1
+        return self._wrap(
+            np.array([self.users.get(user_id) if user_id else -1]), np.array([-1]), np.array([session]),
+            np.zeros(1, np.int8), np.ones(1, np.float32), np.array([ts]), np.full(1, np.nan, np.float32), context_row,
+        )
+
+    def _wrap(self, *columns: np.ndarray) -> Batch:
+        return Batch(*columns, len(self.users), len(self.items), len(self.sessions), len(self.contexts))
+
+
+def _norm(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)

@@ -1,0 +1,104 @@
+"""Time-decayed popularity, global and per context value: the baseline and cold-start fallback."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from models.base import Batch, Model, TableKind
+from models.rows import RowTable
+
+_MAX_EXPONENT = 60.0  # rescale the growing weights before float32 (Redis) would overflow
+
+
+class Popularity(Model):
+    """Decayed event counts; a query's context values add their own counts.
+
+    Counts are kept as `weight * 2 ** ((ts - t0) / half_life)`, so decay costs
+    nothing per event (every count shrinks alike); `t0` moves forward, and all
+    counts are rescaled, when the exponent gets large.
+
+    score(i) = share of i in the global count
+             + context_weight * mean over the query's context values of i's share there.
+    """
+
+    name = "pop"
+    tables: dict[str, TableKind] = {"count": "item", "ctx_count": "item", "meta": "blob"}
+
+    def __init__(self, half_life: float = 7 * 86400.0, context_weight: float = 1.0, seed: int = 0):
+        self.half_life = half_life
+        self.context_weight = context_weight
+        self.seed = seed
+        self._count = RowTable(1)  # [n_items, 1]
+        self._ctx = RowTable(1)  # [n_items, n_context]
+        self._t0: float | None = None
+        self._changed: set[int] = set()
+        self._all_changed = False
+
+    def _growth(self, ts: np.ndarray) -> np.ndarray:
+        if self._t0 is None:
+            self._t0 = float(ts.min())
+        exponent = (ts - self._t0) / self.half_life
+        if exponent.max() > _MAX_EXPONENT:
+            shift = float(ts.max()) - self._t0
+            factor = 2.0 ** (-shift / self.half_life)
+            self._count.data[:] *= factor
+            self._ctx.data[:] *= factor
+            self._t0 += shift
+            self._all_changed = True
+            exponent = (ts - self._t0) / self.half_life
+        return np.exp2(exponent)
+
+    def learn(self, batch: Batch) -> None:
+        if len(batch) == 0:
+            return
+        count = self._count.ensure(batch.n_items)
+        ctx = self._ctx.ensure(batch.n_items, max(batch.n_context, 1))
+        w = batch.weights * self._growth(batch.ts)  # [B]
+        np.add.at(count[:, 0], batch.items, w)
+        rows, cols = np.nonzero(batch.context >= 0)
+        np.add.at(ctx, (batch.items[rows], batch.context[rows, cols]), w[rows])
+        self._changed.update(batch.items.tolist())
+
+    def score(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
+        n = batch.n_items
+        count = self._count.ensure(n)[:, 0]
+        total = count.sum()
+        base = count / total if total > 0 else count.copy()
+        out = np.repeat(base[None, :], len(rows), axis=0)  # [R, n_items]
+        if self.context_weight and self._ctx.n:
+            ctx = self._ctx.ensure(n)
+            col_total = ctx.sum(axis=0)  # [n_context]
+            for r, row in enumerate(rows):
+                cols = batch.context[row]
+                cols = cols[(cols >= 0) & (cols < ctx.shape[1])]
+                cols = cols[col_total[cols] > 0]
+                if len(cols):
+                    out[r] += self.context_weight * (ctx[:, cols] / col_total[cols]).mean(axis=1)
+        return out
+
+    def export_state(self) -> dict[str, np.ndarray]:
+        return {
+            "count": self._count.data,
+            "ctx_count": self._ctx.data,
+            "meta": np.array([[math.nan if self._t0 is None else self._t0]]),
+        }
+
+    def import_state(self, state: dict[str, np.ndarray]) -> None:
+        self._count.load(state["count"])
+        self._ctx.load(state["ctx_count"])
+        t0 = float(np.asarray(state["meta"]).ravel()[0])
+        self._t0 = None if math.isnan(t0) else t0
+        self._changed.clear()
+
+    def drain_changes(self) -> dict[str, np.ndarray | None]:
+        ids = np.arange(self._count.n) if self._all_changed else np.fromiter(self._changed, np.int64)
+        self._changed.clear()
+        self._all_changed = False
+        return {"count": ids, "ctx_count": ids, "meta": None}
+
+    def forget(self, kind: TableKind, ids: np.ndarray) -> None:
+        if kind == "item":
+            self._count.reset(ids)
+            self._ctx.reset(ids)

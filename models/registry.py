@@ -1,0 +1,32 @@
+"""Model names -> classes, imported lazily so `pop` never pulls in torch."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from models.base import Model
+from stream_app.errors import ConfigError
+
+MODELS: dict[str, str] = {
+    "pop": "models.popularity:Popularity",
+}
+
+
+def create(name: str, **params: Any) -> Model:
+    """A new model by registry name, configured by keyword arguments."""
+    try:
+        target = MODELS[name]
+    except KeyError:
+        raise ConfigError(f"unknown model {name!r}; choose from {', '.join(MODELS)}") from None
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(module), cls)(**params)
+
+
+def parse_names(spec: str) -> list[str]:
+    """`"pop,mf"` -> ["pop", "mf"], checking every name."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown or not names:
+        raise ConfigError(f"unknown model(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(MODELS)}")
+    return names

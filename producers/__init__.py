@@ -1,0 +1,1 @@
+"""Event schema, synthetic generator, dataset readers and the producer API."""

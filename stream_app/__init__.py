@@ -1,0 +1,1 @@
+"""streamrec stream side: Kafka workers, Redis state, evaluator, lookup API, monitor, CLI."""

@@ -1,0 +1,179 @@
+"""Prequential (test-then-train) evaluation, as DESIGN.md "Evaluation protocol" fixes it.
+
+For each sampled event, before any model learns it: candidates are the items
+seen in the stream so far, minus those the query (user, or session for
+session models) already interacted with, with the true item kept. `rank` is
+the number of other candidates scoring >= the true item (ties count against
+it). Events whose query or item is new are counted as `cold_start`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from models.base import EVENT_TYPES, Batch, Model
+
+METRICS = ("recall", "auc", "mrr", "ndcg", "precision", "f1")
+
+
+def ranks(scores: np.ndarray, true_items: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rank of each true item among its candidates, and the candidate counts.
+
+    scores, mask: [R, n_items]; true_items: [R]. The true item must be in its mask.
+    """
+    r = np.arange(len(true_items))
+    true_scores = scores[r, true_items]  # [R]
+    beats = (scores >= true_scores[:, None]) & mask  # [R, n_items]
+    return beats.sum(axis=1) - 1, mask.sum(axis=1)
+
+
+def event_metrics(rank: np.ndarray, n_candidates: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Per-event hit@k, AUC, reciprocal rank and NDCG@k from ranks."""
+    hit = rank < k
+    return {
+        "recall": hit.astype(np.float64),
+        "auc": 1.0 - rank / np.maximum(n_candidates - 1, 1),
+        "mrr": np.where(hit, 1.0 / (rank + 1), 0.0),
+        "ndcg": np.where(hit, 1.0 / np.log2(rank + 2), 0.0),
+    }
+
+
+@dataclass
+class Window:
+    """Sums of per-event metrics over the last `size` evaluated events."""
+
+    size: int
+    k: int
+    rows: deque = field(default_factory=deque)
+    sums: np.ndarray = field(default_factory=lambda: np.zeros(4))
+
+    def add(self, values: np.ndarray) -> None:  # values: [4] recall, auc, mrr, ndcg
+        self.rows.append(values)
+        self.sums += values
+        if len(self.rows) > self.size:
+            self.sums -= self.rows.popleft()
+
+    def summary(self) -> dict[str, float]:
+        n = len(self.rows)
+        if n == 0:
+            return {"evaluated": 0}
+        recall, auc, mrr, ndcg = (self.sums / n).tolist()
+        precision = recall / self.k  # one relevant item per event
+        f1 = 2 * precision * recall / (precision + recall) if recall > 0 else 0.0
+        return {"recall": recall, "auc": auc, "mrr": mrr, "ndcg": ndcg, "precision": precision, "f1": f1, "evaluated": n}
+
+
+class Evaluator:
+    """Rolling prequential evaluation of several models on one stream.
+
+    Call `evaluate(batch, models)` before the models learn `batch`; it also
+    records the batch in the seen-item bookkeeping, so call it once per batch
+    whether or not any row is sampled.
+    """
+
+    def __init__(self, k: int = 20, window: int = 10_000, sample_rate: float = 1.0, exclude_seen: bool = True, seed: int = 0):
+        self.k = k
+        self.window = window
+        self.sample_rate = sample_rate
+        self.exclude_seen = exclude_seen
+        self._rng = np.random.default_rng(seed)
+        self._known = np.zeros(0, bool)  # [n_items] items seen in the stream so far
+        self._seen: dict[str, dict[int, set[int]]] = {"user": {}, "session": {}}
+        self.windows: dict[str, Window] = {}
+        self.by_type: dict[tuple[str, str], Window] = {}
+        self.cold_start: dict[str, int] = {}
+        self.evaluated: dict[str, int] = {}
+        self.events_seen = 0
+
+    def _window(self, key, store: dict) -> Window:
+        if key not in store:
+            store[key] = Window(self.window, self.k)
+        return store[key]
+
+    def evaluate(self, batch: Batch, models: dict[str, Model]) -> None:
+        n = len(batch)
+        if len(self._known) < batch.n_items:
+            self._known = np.concatenate([self._known, np.zeros(batch.n_items - len(self._known), bool)])
+        sampled = self._rng.random(n) < self.sample_rate
+        # Bookkeeping in stream order: the candidate mask of row j sees exactly rows < j.
+        masks: dict[str, list[tuple[int, np.ndarray]]] = {"user": [], "session": []}
+        queries = {"user": batch.users, "session": batch.sessions}
+        kinds = {m.query for m in models.values()}
+        for j in range(n):
+            item = int(batch.items[j])
+            item_known = bool(self._known[item])
+            for kind in kinds:
+                q = int(queries[kind][j])
+                seen = self._seen[kind].get(q)
+                if sampled[j] and item_known and seen is not None:
+                    mask = self._known.copy()
+                    if self.exclude_seen:
+                        mask[list(seen)] = False
+                    mask[item] = True
+                    masks[kind].append((j, mask))
+                if seen is None:
+                    seen = self._seen[kind][q] = set()
+                seen.add(item)
+            self._known[item] = True
+        self.events_seen += n
+        for name, model in models.items():
+            chosen = masks[model.query]
+            self.cold_start[name] = self.cold_start.get(name, 0) + int(sampled.sum()) - len(chosen)
+            if not chosen:
+                continue
+            rows = np.array([j for j, _ in chosen])
+            mask = np.stack([m for _, m in chosen])  # [R, n_items]
+            scores = model.score(batch, rows)  # [R, n_items]
+            rank, n_cand = ranks(scores, batch.items[rows], mask)
+            per_event = event_metrics(rank, n_cand, self.k)
+            values = np.stack([per_event[m] for m in ("recall", "auc", "mrr", "ndcg")], axis=1)  # [R, 4]
+            window = self._window(name, self.windows)
+            for r, row in enumerate(rows):
+                window.add(values[r])
+                self._window((name, EVENT_TYPES[batch.event_types[row]]), self.by_type).add(values[r])
+            self.evaluated[name] = self.evaluated.get(name, 0) + len(rows)
+
+    def forget(self, kind: str, ids: np.ndarray) -> None:
+        """Drop the seen-items of expired users or sessions (kind `user`/`session`)."""
+        for q in ids.tolist():
+            self._seen[kind].pop(q, None)
+
+    def summary(self, model: str) -> dict:
+        """The rolling metrics of `model`, with a per-event-type breakdown."""
+        out = self._window(model, self.windows).summary()
+        out["by_event_type"] = {
+            etype: w.summary() for (name, etype), w in self.by_type.items() if name == model
+        }
+        out["cold_start"] = self.cold_start.get(model, 0)
+        out["evaluated_total"] = self.evaluated.get(model, 0)
+        return out
+
+
+def run(events, models: dict[str, Model], featurizer, evaluator: Evaluator, batch_size: int = 1, progress=None) -> int:
+    """Replay `events` through evaluate-then-learn in batches; returns the event count.
+
+    `progress(n)` is called after each batch with its size.
+    """
+    count = 0
+    chunk: list = []
+
+    def flush() -> None:
+        batch = featurizer.batch(chunk)
+        evaluator.evaluate(batch, models)
+        for model in models.values():
+            model.learn(batch)
+        if progress is not None:
+            progress(len(chunk))
+        chunk.clear()
+
+    for event in events:
+        chunk.append(event)
+        count += 1
+        if len(chunk) >= batch_size:
+            flush()
+    if chunk:
+        flush()
+    return count

@@ -1,0 +1,35 @@
+"""Typed, frozen settings, read from STREAMREC_* environment variables and flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Where the services are and what the topics are called.
+
+    Every field can be set with an environment variable `STREAMREC_<FIELD>`,
+    e.g. `STREAMREC_KAFKA_BOOTSTRAP=127.0.0.1:9092`; CLI flags override them.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="STREAMREC_", frozen=True, extra="forbid")
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    events_topic: str = "events"
+    metrics_topic: str = "metrics"
+    dlq_topic: str = "events.dlq"
+    alerts_topic: str = "alerts"
+    events_partitions: int = Field(2, ge=1, le=1024)
+    consumer_group: str = "streamrec-workers"
+    state_dir: Path = Path(".streamrec")
+    key_prefix: str = "sr"
+
+    def with_(self, **changes: object) -> "Settings":
+        """A copy with the given fields replaced (None values are ignored)."""
+        data = self.model_dump()
+        data.update({k: v for k, v in changes.items() if v is not None})
+        return Settings(**data)
