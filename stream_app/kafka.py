@@ -12,13 +12,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, KafkaTimeoutError, NoBrokersAvailable, TopicAlreadyExistsError
+from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
 
 from stream_app.errors import ServiceError
 
-__all__ = ["Sender", "TopicPartition", "consumer", "ensure_topics", "wait_for_broker", "KafkaError"]
+__all__ = [
+    "ConsumerRebalanceListener", "KafkaError", "Sender", "TopicPartition",
+    "commit_quietly", "consumer", "ensure_topics", "wait_for_broker",
+]
 
 
 def _unreachable(bootstrap: str, exc: Exception) -> ServiceError:
@@ -48,7 +52,7 @@ def ensure_topics(bootstrap: str, partitions: dict[str, int], timeout: float = 3
     """Create the topics that do not exist yet (name -> partition count)."""
     try:
         admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
-    except NoBrokersAvailable as exc:
+    except KafkaError as exc:
         raise _unreachable(bootstrap, exc) from None
     try:
         existing = set(admin.list_topics())
@@ -83,8 +87,21 @@ def consumer(bootstrap: str, group_id: str | None, **overrides: Any) -> KafkaCon
     config.update(overrides)
     try:
         return KafkaConsumer(**config)
-    except NoBrokersAvailable as exc:
+    except KafkaError as exc:
         raise _unreachable(bootstrap, exc) from None
+
+
+def commit_quietly(consumer: KafkaConsumer, topic: str, offsets: dict[int, int]) -> None:
+    """Commit next offsets (partition -> offset) asynchronously; a rebalance in progress skips it.
+
+    Callers that keep their offsets elsewhere use this for lag monitoring only.
+    """
+    if not offsets:
+        return
+    try:
+        consumer.commit_async({TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()})
+    except KafkaError:  # RebalanceInProgressError, CommitFailedError, ...: the next batch commits again
+        pass
 
 
 @dataclass
@@ -108,7 +125,7 @@ class Sender:
             config.update(self.config)
             try:
                 self._producer = KafkaProducer(**config)
-            except NoBrokersAvailable as exc:
+            except KafkaError as exc:
                 raise _unreachable(self.bootstrap, exc) from None
         return self._producer
 
