@@ -36,6 +36,8 @@ class Vocab:
         self.names: list[str | None] = []
         self.last_seen: list[float] = []
         self._free: list[int] = []
+        self._new: dict[str, int] = {}
+        self._removed: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.names)
@@ -60,6 +62,8 @@ class Vocab:
                 self.names.append(key)
                 self.last_seen.append(ts)
             self.index[key] = row
+            self._new[key] = row
+            self._removed.discard(key)
         elif ts > self.last_seen[row]:
             self.last_seen[row] = ts
         return row
@@ -68,10 +72,19 @@ class Vocab:
         """Free every id last seen before `older_than`; returns their rows."""
         stale = [r for r, (n, t) in enumerate(zip(self.names, self.last_seen)) if n is not None and t < older_than]
         for row in stale:
-            del self.index[self.names[row]]  # type: ignore[index]
+            name = self.names[row]
+            del self.index[name]  # type: ignore[index]
             self.names[row] = None
+            self._new.pop(name, None)  # type: ignore[arg-type]
+            self._removed.add(name)  # type: ignore[arg-type]
         self._free.extend(stale)
         return np.asarray(stale, dtype=np.int64)
+
+    def drain(self) -> tuple[dict[str, int], set[str]]:
+        """Names added (name -> row) and names expired since the last call, for persistence."""
+        new, removed = self._new, self._removed
+        self._new, self._removed = {}, set()
+        return new, removed
 
     def live(self) -> int:
         """How many ids are mapped now."""
@@ -86,6 +99,7 @@ class Vocab:
             self.names[row] = name
         self.last_seen = [0.0] * size
         self._free = [r for r, n in enumerate(self.names) if n is None]
+        self._new, self._removed = {}, set()
 
 
 DEFAULT_EVENT_WEIGHTS: tuple[tuple[str, float], ...] = (("click", 1.0), ("favorite", 2.0), ("purchase", 3.0))
@@ -107,7 +121,7 @@ class Featurizer:
     items: Vocab = field(default_factory=Vocab)
     sessions: Vocab = field(default_factory=Vocab)
     contexts: Vocab = field(default_factory=Vocab)
-    _implicit: dict[str, tuple[str, float]] = field(default_factory=dict)
+    open_sessions: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._weight = dict(self.event_weights)
@@ -116,10 +130,10 @@ class Featurizer:
         """The session an event belongs to: its `session_id`, or the user's current run."""
         if event.session_id is not None:
             return "s:" + event.session_id
-        key, last = self._implicit.get(event.user_id, ("", -math.inf))
+        key, last = self.open_sessions.get(event.user_id, ("", -math.inf))
         if event.ts - last > self.session_gap:
             key = f"u:{event.user_id}:{int(event.ts)}"
-        self._implicit[event.user_id] = (key, max(event.ts, last))
+        self.open_sessions[event.user_id] = (key, max(event.ts, last))
         return key
 
     def context_keys(self, context: Mapping[str, Any], ts: float) -> list[str]:

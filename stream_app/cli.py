@@ -84,6 +84,110 @@ def produce(
     typer.echo(summary)
 
 
+ModelsOpt = typer.Option("pop", "--models", help="comma-separated model names (see `streamrec evaluate --help`)")
+
+
+@app.command()
+def worker(
+    models: str = ModelsOpt,
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="max events per micro-batch"),
+    max_wait_ms: int = typer.Option(200, "--max-wait-ms", min=1, help="max wait for a batch to fill"),
+    sample_rate: float = typer.Option(0.1, "--sample-rate", min=0.0, max=1.0, help="share of events evaluated"),
+    k: int = typer.Option(20, "--k", min=1, help="cut-off of recall@k and friends"),
+    group: Optional[str] = typer.Option(None, "--group", help="consumer group [env STREAMREC_CONSUMER_GROUP]"),
+    topic: Optional[str] = typer.Option(None, "--topic", help="events topic [env STREAMREC_EVENTS_TOPIC]"),
+    max_idle: Optional[float] = typer.Option(None, "--max-idle", help="exit after this many idle seconds"),
+    bootstrap: Optional[str] = Bootstrap,
+    redis_url: Optional[str] = RedisUrl,
+) -> None:
+    """Run a stream worker: joins the consumer group, evaluates then learns, writes state to Redis."""
+    import logging
+
+    from models.registry import parse_names
+    from stream_app.worker import Worker, WorkerConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    try:
+        config = WorkerConfig(
+            models=tuple(parse_names(models)), batch_size=batch_size, max_wait_ms=max_wait_ms,
+            sample_rate=sample_rate, k=k,
+        )
+        Worker(
+            settings(kafka_bootstrap=bootstrap, redis_url=redis_url, consumer_group=group, events_topic=topic), config
+        ).run(max_idle=max_idle)
+    except StreamrecError as exc:
+        fail(exc)
+
+
+@app.command()
+def evaluate(
+    input: Path = typer.Option(..., "--input", help="events file (jsonl, csv or MovieLens)"),
+    format: str = typer.Option("auto", "--format", help="auto|jsonl|csv|movielens"),
+    model: str = typer.Option("pop", "--model", "--models", help="model name(s), comma-separated"),
+    k: int = typer.Option(20, "--k", min=1),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="events learned together (1: freshest)"),
+    include_seen: bool = typer.Option(False, "--include-seen/--exclude-seen", help="rank already-seen items too"),
+    sort: bool = typer.Option(True, "--sort/--no-sort", help="replay in timestamp order"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="only the first N events"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Evaluate-then-learn over a file, without Kafka or Redis (the worker's models and evaluator)."""
+    from stream_app.offline import evaluate_file
+
+    try:
+        result = evaluate_file(
+            input, format=format, models=model, k=k, batch_size=batch_size, exclude_seen=not include_seen,
+            sort=sort, limit=limit,
+        )
+    except StreamrecError as exc:
+        fail(exc)
+    if json_out:
+        import orjson
+
+        typer.echo(orjson.dumps(result).decode())
+    else:
+        from stream_app.offline import result_table
+
+        result_table(result)
+
+
+@app.command()
+def metrics(
+    bootstrap: Optional[str] = Bootstrap,
+    topic: Optional[str] = typer.Option(None, "--topic", help="metrics topic [env STREAMREC_METRICS_TOPIC]"),
+    from_beginning: bool = typer.Option(False, "--from-beginning", help="replay every record on the topic"),
+    exit_after: Optional[float] = typer.Option(None, "--exit-after", help="stop after this many seconds"),
+) -> None:
+    """Follow the metrics topic and show a live table per model."""
+    from stream_app.metrics_view import follow
+
+    try:
+        follow(settings(kafka_bootstrap=bootstrap, metrics_topic=topic), from_beginning, exit_after)
+    except StreamrecError as exc:
+        fail(exc)
+
+
+@app.command()
+def demo(
+    input: Optional[Path] = typer.Option(None, "--input", help="replay this file instead of a synthetic stream"),
+    format: str = typer.Option("auto", "--format", help="auto|jsonl|csv|movielens"),
+    events: int = typer.Option(30_000, "--events", min=1, help="how many events to replay"),
+    models: str = typer.Option("pop", "--models", help="models the worker runs"),
+    rate: Optional[float] = typer.Option(None, "--rate", help="events per second (default: as fast as possible)"),
+    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    keep_running: bool = typer.Option(False, "--keep-running", help="leave broker and Redis up afterwards"),
+) -> None:
+    """The main job on embedded defaults: up, topics, worker, replay, progress, final table, clean stop."""
+    from stream_app.demo import run_demo
+
+    try:
+        run_demo(settings(), input=input, format=format, n_events=events, models=models, rate=rate,
+                 batch_size=batch_size, keep_running=keep_running)
+    except StreamrecError as exc:
+        fail(exc)
+
+
 def main() -> None:
     app()
 

@@ -57,13 +57,19 @@ class Window:
             self.sums -= self.rows.popleft()
 
     def summary(self) -> dict[str, float]:
-        n = len(self.rows)
-        if n == 0:
-            return {"evaluated": 0}
-        recall, auc, mrr, ndcg = (self.sums / n).tolist()
-        precision = recall / self.k  # one relevant item per event
-        f1 = 2 * precision * recall / (precision + recall) if recall > 0 else 0.0
-        return {"recall": recall, "auc": auc, "mrr": mrr, "ndcg": ndcg, "precision": precision, "f1": f1, "evaluated": n}
+        return pooled([self])
+
+
+def pooled(windows: list[Window]) -> dict[str, float]:
+    """Metrics over the events of several windows together (e.g. one per partition)."""
+    n = sum(len(w.rows) for w in windows)
+    if n == 0:
+        return {"evaluated": 0}
+    k = windows[0].k
+    recall, auc, mrr, ndcg = (sum(w.sums for w in windows) / n).tolist()
+    precision = recall / k  # one relevant item per event
+    f1 = 2 * precision * recall / (precision + recall) if recall > 0 else 0.0
+    return {"recall": recall, "auc": auc, "mrr": mrr, "ndcg": ndcg, "precision": precision, "f1": f1, "evaluated": n}
 
 
 class Evaluator:
@@ -143,13 +149,7 @@ class Evaluator:
 
     def summary(self, model: str) -> dict:
         """The rolling metrics of `model`, with a per-event-type breakdown."""
-        out = self._window(model, self.windows).summary()
-        out["by_event_type"] = {
-            etype: w.summary() for (name, etype), w in self.by_type.items() if name == model
-        }
-        out["cold_start"] = self.cold_start.get(model, 0)
-        out["evaluated_total"] = self.evaluated.get(model, 0)
-        return out
+        return summary([self], model)
 
 
 def run(events, models: dict[str, Model], featurizer, evaluator: Evaluator, batch_size: int = 1, progress=None) -> int:
@@ -177,3 +177,23 @@ def run(events, models: dict[str, Model], featurizer, evaluator: Evaluator, batc
     if chunk:
         flush()
     return count
+
+
+def summary(evaluators: list[Evaluator], model: str) -> dict:
+    """Rolling metrics of `model` pooled over evaluators, with a per-event-type breakdown."""
+    out = pooled([e.windows[model] for e in evaluators if model in e.windows])
+    types = sorted({t for e in evaluators for (name, t) in e.by_type if name == model})
+    out["by_event_type"] = {
+        t: pooled([e.by_type[(model, t)] for e in evaluators if (model, t) in e.by_type]) for t in types
+    }
+    out["cold_start"] = sum(e.cold_start.get(model, 0) for e in evaluators)
+    out["evaluated_total"] = sum(e.evaluated.get(model, 0) for e in evaluators)
+    return out
+
+
+def restore(evaluator: Evaluator, known_items: np.ndarray, seen_by_user: dict[int, np.ndarray]) -> None:
+    """Resume bookkeeping after a restart: the catalogue and each user's seen items."""
+    size = int(known_items.max()) + 1 if len(known_items) else 0
+    evaluator._known = np.zeros(size, bool)
+    evaluator._known[known_items] = True
+    evaluator._seen["user"] = {u: set(items.tolist()) for u, items in seen_by_user.items()}

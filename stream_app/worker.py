@@ -1,0 +1,294 @@
+"""The stream worker: Kafka micro-batches -> validate -> evaluate-then-learn -> Redis, exactly once.
+
+Each Kafka partition of `events` is a shard with its own models, vocabularies
+and evaluator; its state lives under the partition's Redis hash tag together
+with the next offset to read (see `stream_app.state`). On assignment the
+worker claims the partition (fencing any earlier owner), loads its state and
+seeks to the stored offset; Kafka commits are made for lag monitoring only.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import signal
+import socket
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import orjson
+
+from models.base import Model
+from models.features import Featurizer
+from models.registry import create, parse_names
+from producers.schema import Event, decode
+from stream_app import kafka
+from stream_app.errors import FencedError, InvalidEvent, ServiceError
+from stream_app.evaluation import Evaluator, restore, summary
+from stream_app.settings import Settings
+from stream_app.state import Changes, Keys, PartitionStore, connect
+
+log = logging.getLogger("streamrec.worker")
+HISTORY = 50  # recent (item, event type) pairs kept per user for exclusion and reasons
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How a worker batches, evaluates and reports."""
+
+    models: tuple[str, ...] = ("pop",)
+    batch_size: int = 256
+    max_wait_ms: int = 200
+    sample_rate: float = 0.1
+    k: int = 20
+    window: int = 10_000
+    metrics_every: int = 1000  # evaluated events between metric records
+    metrics_interval: float = 5.0  # ... or seconds
+    dedup_window: int = 100_000
+    session_gap: float = 1800.0
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    seed: int = 0
+
+
+class Shard:
+    """One partition's models, vocabularies, evaluator and dedup window."""
+
+    def __init__(self, store: PartitionStore, config: WorkerConfig):
+        self.store = store
+        self.config = config
+        self.featurizer = Featurizer(session_gap=config.session_gap)
+        self.models: dict[str, Model] = {name: create(name, seed=config.seed) for name in config.models}
+        self.evaluator = Evaluator(config.k, config.window, config.sample_rate, seed=config.seed + store.keys.partition)
+        self.dedup: OrderedDict[str, None] = OrderedDict()
+        self.history: dict[int, deque] = {}
+        self.offset: int | None = None
+        self.version = 0
+
+    def resume(self) -> int | None:
+        """Claim the partition and load its state; returns the offset to seek to."""
+        self.store.claim()
+        snap = self.store.load(self.models)
+        f = self.featurizer
+        for kind, vocab in (("user", f.users), ("item", f.items), ("session", f.sessions), ("context", f.contexts)):
+            vocab.restore(snap.vocabs[kind])
+        f.open_sessions.update(snap.open_sessions)
+        for name, state in snap.models.items():
+            self.models[name].import_state(state)
+        self.dedup = OrderedDict.fromkeys(snap.dedup)
+        self.history = {u: deque(map(tuple, h.tolist()), maxlen=HISTORY) for u, h in snap.history.items()}
+        restore(
+            self.evaluator,
+            np.fromiter(f.items.index.values(), np.int64, len(f.items.index)),
+            {u: np.array([i for i, _ in h]) for u, h in self.history.items()},
+        )
+        self.offset = snap.offset
+        return snap.offset
+
+    def process(self, messages: list[Any], dead_letter: Callable[[Any, str], None]) -> int:
+        """Evaluate, learn and commit one batch of records; returns events applied."""
+        events: list[Event] = []
+        new_ids: dict[str, int] = {}
+        for msg in messages:
+            try:
+                event = decode(msg.value)
+            except InvalidEvent as exc:
+                dead_letter(msg, str(exc))
+                continue
+            if event.event_id is not None:
+                if event.event_id in self.dedup or event.event_id in new_ids:
+                    continue
+                new_ids[event.event_id] = msg.offset
+            events.append(event)
+        f = self.featurizer
+        changes_tables: list = []
+        if events:
+            batch = f.batch(events)
+            self.evaluator.evaluate(batch, self.models)
+            for model in self.models.values():
+                model.learn(batch)
+            touched = {}
+            for u, i, t in zip(batch.users.tolist(), batch.items.tolist(), batch.event_types.tolist()):
+                touched[u] = h = self.history.setdefault(u, deque(maxlen=HISTORY))
+                h.append((i, t))
+            history = {u: np.array(h, np.int32) for u, h in touched.items()}
+            for name, model in self.models.items():
+                state = model.export_state()
+                for table, ids in model.drain_changes().items():
+                    values = state[table] if ids is None else state[table][ids]
+                    changes_tables.append((name, table, model.tables[table], ids, values))
+            opened = {e.user_id: f.open_sessions[e.user_id] for e in events if e.session_id is None}
+        else:
+            history, opened = {}, {}
+        vocab_new, vocab_removed = {}, {}
+        for kind, vocab in (("user", f.users), ("item", f.items), ("session", f.sessions), ("context", f.contexts)):
+            vocab_new[kind], vocab_removed[kind] = vocab.drain()
+        changes = Changes(
+            next_offset=messages[-1].offset + 1,
+            applied=len(events),
+            vocab_new=vocab_new,
+            vocab_removed=vocab_removed,
+            open_sessions=opened,
+            dedup=new_ids,
+            history=history,
+            tables=changes_tables,
+        )
+        self.version = self.store.commit(changes)
+        self.offset = changes.next_offset
+        for event_id in new_ids:
+            self.dedup[event_id] = None
+        while len(self.dedup) > self.config.dedup_window:
+            self.dedup.popitem(last=False)
+        return len(events)
+
+
+class _Rebalance(kafka.ConsumerRebalanceListener):
+    def __init__(self, worker: "Worker"):
+        self.worker = worker
+
+    def on_partitions_revoked(self, revoked):
+        for tp in revoked:
+            self.worker.shards.pop(tp.partition, None)
+        log.info("revoked %s", sorted(tp.partition for tp in revoked))
+
+    def on_partitions_assigned(self, assigned):
+        for tp in assigned:
+            self.worker.assign(tp)
+        log.info("assigned %s", sorted(tp.partition for tp in assigned))
+
+
+class Worker:
+    """Consumes `events` in a consumer group and keeps its partitions' state in Redis."""
+
+    def __init__(self, settings: Settings, config: WorkerConfig = WorkerConfig()):
+        parse_names(",".join(config.models))
+        self.settings = settings
+        self.config = config
+        self.shards: dict[int, Shard] = {}
+        self.redis = connect(settings.redis_url)
+        self.sender = kafka.Sender(settings.kafka_bootstrap)
+        self.consumer = None
+        self.running = True
+        self.assigned_once = False
+        self.applied = 0
+        self.dead = 0
+        self._evaluated_at_report = 0
+        self._reported_at = time.monotonic()
+
+    def assign(self, tp) -> None:
+        keys = Keys(self.settings.key_prefix, tp.topic, tp.partition)
+        store = PartitionStore(self.redis, keys, self.config.dedup_window, self.config.session_gap)
+        shard = Shard(store, self.config)
+        offset = shard.resume()
+        self.shards[tp.partition] = shard
+        self.assigned_once = True
+        if offset is None:
+            self.consumer.seek_to_beginning(tp)
+        else:
+            self.consumer.seek(tp, offset)
+
+    def dead_letter(self, msg: Any, reason: str) -> None:
+        try:
+            raw, encoding = msg.value.decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            raw, encoding = base64.b64encode(msg.value).decode(), "base64"
+        record = {"reason": reason, "topic": msg.topic, "partition": msg.partition, "offset": msg.offset,
+                  "raw": raw, "raw_encoding": encoding, "ts": time.time(), "worker": self.config.worker_id}
+        self.sender.send(self.settings.dlq_topic, orjson.dumps(record), key=msg.key)
+        self.dead += 1
+
+    def run(self, max_idle: float | None = None, stop_after: int | None = None) -> None:
+        """Consume until stopped (SIGTERM/SIGINT), idle for `max_idle` s, or `stop_after` applied events."""
+        self.consumer = kafka.consumer(
+            self.settings.kafka_bootstrap, self.settings.consumer_group, max_poll_records=self.config.batch_size,
+            fetch_max_wait_ms=self.config.max_wait_ms,
+        )
+        self.consumer.subscribe([self.settings.events_topic], listener=_Rebalance(self))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(sig, lambda *_: self.stop())
+            except ValueError:  # not the main thread
+                pass
+        idle_since = time.monotonic()
+        try:
+            while self.running:
+                polled = self.consumer.poll(timeout_ms=self.config.max_wait_ms, max_records=self.config.batch_size)
+                if polled or not self.assigned_once:  # idle time counts from the first assignment
+                    idle_since = time.monotonic()
+                    for tp, messages in polled.items():
+                        self._process(tp, messages)
+                    self._commit_kafka()
+                elif max_idle is not None and time.monotonic() - idle_since > max_idle:
+                    break
+                self._maybe_report()
+                if stop_after is not None and self.applied >= stop_after:
+                    break
+        finally:
+            self.close()
+
+    def _process(self, tp, messages) -> None:
+        shard = self.shards.get(tp.partition)
+        if shard is None:
+            return  # revoked while the batch was in flight; the new owner re-reads it
+        if shard.offset is not None and messages[0].offset != shard.offset:
+            messages = [m for m in messages if m.offset >= shard.offset]
+            if not messages:
+                return
+        try:
+            self.sender.flush()  # dead letters of earlier batches are on Kafka before we move the offset
+            self.applied += shard.process(messages, self.dead_letter)
+            self.sender.flush()
+        except FencedError as exc:
+            log.warning("dropping partition %s: %s", tp.partition, exc)
+            self.shards.pop(tp.partition, None)
+        except (ServiceError, OSError, ConnectionError) as exc:
+            log.error("batch on partition %s not committed (%s); reloading it from Redis", tp.partition, exc)
+            time.sleep(1.0)
+            self.shards.pop(tp.partition, None)
+            self.assign(tp)
+
+    def _commit_kafka(self) -> None:
+        """Commit consumed offsets to Kafka, for lag monitoring only (Redis holds the truth)."""
+        offsets = {p: s.offset for p, s in self.shards.items() if s.offset is not None}
+        kafka.commit_quietly(self.consumer, self.settings.events_topic, offsets)
+
+    def metric_records(self) -> list[dict]:
+        """One DESIGN.md metric record per model, pooled over this worker's partitions."""
+        evaluators = [s.evaluator for s in self.shards.values()]
+        events_seen = sum(e.events_seen for e in evaluators)
+        records = []
+        for name in self.config.models:
+            rec = summary(evaluators, name)
+            if not rec.get("evaluated"):
+                continue
+            rec.update({
+                "ts": time.time(), "worker": self.config.worker_id, "model": name, "k": self.config.k,
+                "window": self.config.window, "events_seen": events_seen, "batch": self.config.batch_size,
+                "applied": self.applied, "dead_letters": self.dead,
+                "versions": {str(p): s.version for p, s in self.shards.items()},
+            })
+            records.append(rec)
+        return records
+
+    def _maybe_report(self, force: bool = False) -> None:
+        evaluated = sum(sum(s.evaluator.evaluated.values()) for s in self.shards.values())
+        due = evaluated - self._evaluated_at_report >= self.config.metrics_every * len(self.config.models)
+        if force or due or time.monotonic() - self._reported_at > self.config.metrics_interval:
+            for record in self.metric_records():
+                self.sender.send(self.settings.metrics_topic, orjson.dumps(record), key=record["model"].encode())
+            self._evaluated_at_report = evaluated
+            self._reported_at = time.monotonic()
+
+    def stop(self) -> None:
+        self.running = False
+
+    def close(self) -> None:
+        try:
+            self._maybe_report(force=True)
+            self.sender.close()
+        finally:
+            if self.consumer is not None:
+                self.consumer.close(autocommit=False)

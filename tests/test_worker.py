@@ -1,0 +1,173 @@
+"""The stream worker against a real Tansu broker and a real Redis (fixtures in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import orjson
+import pytest
+
+from producers.schema import encode, prepare
+from stream_app import kafka
+from stream_app.errors import FencedError
+from stream_app.state import Changes, Keys, PartitionStore, applied_total, connect
+from stream_app.worker import Worker, WorkerConfig
+
+pytestmark = pytest.mark.integration
+
+
+def events(n: int, seed: int = 0, users: int = 200, items: int = 100):
+    rng = random.Random(seed)
+    for j in range(n):
+        yield prepare({
+            "user_id": f"u{rng.randrange(users)}", "item_id": f"i{rng.randrange(items)}",
+            "event_type": rng.choice(["click", "click", "favorite", "purchase"]), "ts": 1.7e9 + j,
+            "context": {"device": rng.choice(["ios", "android"])},
+        })
+
+
+def produce(settings, raw_events) -> int:
+    n = 0
+    with kafka.Sender(settings.kafka_bootstrap) as sender:
+        for e in raw_events:
+            if isinstance(e, bytes):
+                sender.send(settings.events_topic, e, key=b"poison")
+            else:
+                sender.send(settings.events_topic, encode(e), key=e.user_id.encode())
+            n += 1
+    return n
+
+
+def read_topic(settings, topic: str, timeout: float = 5.0) -> list[dict]:
+    consumer = kafka.consumer(settings.kafka_bootstrap, None)
+    parts = consumer.partitions_for_topic(topic) or {0}
+    consumer.assign([kafka.TopicPartition(topic, p) for p in parts])
+    out, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for msgs in consumer.poll(timeout_ms=300).values():
+            out.extend(orjson.loads(m.value) for m in msgs)
+    consumer.close()
+    return out
+
+
+def applied(settings) -> int:
+    return applied_total(connect(settings.redis_url), settings.key_prefix, settings.events_topic, range(settings.events_partitions))
+
+
+def test_every_event_applied_once_and_metrics_published(topics):
+    n = produce(topics, events(3000))
+    worker = Worker(topics, WorkerConfig(models=("pop",), sample_rate=0.5, metrics_interval=0.5))
+    worker.run(max_idle=4)
+    assert applied(topics) == n == worker.applied
+    records = read_topic(topics, topics.metrics_topic)
+    pop = [r for r in records if r["model"] == "pop"]
+    assert pop, "no metric record for pop"
+    last = pop[-1]
+    assert 0.0 <= last["recall"] <= 1.0 and 0.0 <= last["auc"] <= 1.0
+    assert last["evaluated"] > 0 and last["batch"] == 256 and last["k"] == 20
+    assert set(last["by_event_type"]) <= {"click", "favorite", "purchase"}
+
+
+def test_poison_messages_go_to_dead_letters_and_valid_ones_behind_them_are_learned(topics):
+    poison = [
+        b"{not json", b'{"user_id": "u", "item_id": "i", "event_type": "click", "ts": "yesterday"}',
+        b'{"user_id": "u", "item_id": "i", "event_type": "click", "ts": NaN}',
+        b'{"user_id": "u", "item_id": "i", "event_type": "teleport", "ts": 1}', b"\xff\xfe\x00",
+        b'{"user_id": "u", "item_id": "i", "event_type": "click", "ts": 1, "context": {"x": "' + b"a" * 70000 + b'"}}',
+    ]
+    stream = list(events(200))
+    mixed = stream[:50] + poison + stream[50:]
+    produce(topics, mixed)
+    Worker(topics, WorkerConfig(models=("pop",))).run(max_idle=4)
+    assert applied(topics) == len(stream)
+    dead = read_topic(topics, topics.dlq_topic)
+    assert len(dead) == len(poison)
+    reasons = " | ".join(d["reason"] for d in dead)
+    for fragment in ("JSON", "ts must be a finite number", "event_type must be one of", "at most 65536 bytes"):
+        assert fragment in reasons
+    assert {d["topic"] for d in dead} == {topics.events_topic}
+    assert all({"reason", "topic", "partition", "offset", "raw"} <= set(d) for d in dead)
+
+
+def test_same_event_id_is_learned_once(topics):
+    e = next(events(1))
+    produce(topics, [e, e, e])
+    Worker(topics, WorkerConfig(models=("pop",))).run(max_idle=3)
+    produce(topics, [e])  # a retry after the worker restarted: the window is kept in Redis
+    Worker(topics, WorkerConfig(models=("pop",))).run(max_idle=3)
+    assert applied(topics) == 1
+
+
+def _worker_process(settings, log_path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ)
+    env.update({
+        "STREAMREC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "STREAMREC_REDIS_URL": settings.redis_url,
+        "STREAMREC_EVENTS_TOPIC": settings.events_topic, "STREAMREC_METRICS_TOPIC": settings.metrics_topic,
+        "STREAMREC_DLQ_TOPIC": settings.dlq_topic, "STREAMREC_CONSUMER_GROUP": settings.consumer_group,
+        "STREAMREC_KEY_PREFIX": settings.key_prefix, "STREAMREC_EVENTS_PARTITIONS": str(settings.events_partitions),
+    })
+    return subprocess.Popen(
+        [sys.executable, "-m", "stream_app.cli", "worker", "--batch-size", "100", *extra],
+        env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
+    )
+
+
+def _wait_applied(settings, target: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = applied(settings)
+        if got >= target:
+            return got
+        time.sleep(0.2)
+    return applied(settings)
+
+
+def test_kill_9_mid_stream_then_restart_applies_every_event_exactly_once(topics, tmp_path):
+    n = produce(topics, events(20000, seed=1))
+    proc = _worker_process(topics, tmp_path / "w1.log")
+    try:
+        assert _wait_applied(topics, n // 4, 60) >= n // 4
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert applied(topics) < n, "the worker finished before it was killed; the test proved nothing"
+    proc = _worker_process(topics, tmp_path / "w2.log", "--max-idle", "4")
+    try:
+        assert proc.wait(timeout=120) == 0, (tmp_path / "w2.log").read_text()[-2000:]
+    finally:
+        proc.kill()
+    assert applied(topics) == n
+
+
+def test_two_workers_split_partitions_and_apply_every_event_once(topics, tmp_path):
+    n = produce(topics, events(20000, seed=2, users=1000))
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    procs = [_worker_process(topics, log, "--max-idle", "6") for log in logs]
+    try:
+        for p in procs:
+            assert p.wait(timeout=180) == 0
+    finally:
+        for p in procs:
+            p.kill()
+    assert applied(topics) == n
+    assigned = [[line for line in log.read_text().splitlines() if "assigned [" in line and "assigned []" not in line] for log in logs]
+    assert all(assigned), f"a worker never got a partition: {assigned}"
+
+
+def test_a_fenced_worker_cannot_commit(topics):
+    client = connect(topics.redis_url)
+    keys = Keys(topics.key_prefix, topics.events_topic, 0)
+    old, new = PartitionStore(client, keys), PartitionStore(client, keys)
+    old.claim()
+    change = Changes(5, 5, {}, {}, {}, {}, {}, [])
+    old.commit(change)
+    new.claim()
+    with pytest.raises(FencedError):
+        old.commit(change)
+    assert new.commit(Changes(9, 4, {}, {}, {}, {}, {}, [])) > 0
+    assert int(client.get(keys.offset)) == 9 and int(client.get(keys.applied)) == 9
