@@ -48,11 +48,12 @@ def latest_by_model(records: dict[tuple[str, str], dict]) -> dict[str, dict]:
 
 def table(rows: dict[str, dict], title: str = "streamrec metrics") -> Table:
     t = Table(title=title)
-    for col in ("model", "k", "batch", *COLUMNS, "evaluated", "events seen", "workers"):
+    shown = ("recall", "auc", "mrr", "ndcg")
+    for col in ("model", "batch", *shown, "evaluated", "events seen"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for model, r in rows.items():
-        t.add_row(model, str(r["k"]), str(r["batch"]), *(f"{r[c]:.4f}" if c in r else "-" for c in COLUMNS),
-                  str(r["evaluated"]), str(r["events_seen"]), str(r["workers"]))
+        t.add_row(model, str(r["batch"]), *(f"{r[c]:.4f}" if c in r else "-" for c in shown),
+                  f"{r['evaluated']:,}", f"{r['events_seen']:,}")
     return t
 
 

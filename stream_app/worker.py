@@ -67,6 +67,7 @@ class Shard:
         self.history: dict[int, deque] = {}
         self.offset: int | None = None
         self.version = 0
+        self.last_ts: list[float] = []  # event times of the last committed batch (freshness)
 
     def resume(self) -> int | None:
         """Claim the partition and load its state; returns the offset to seek to."""
@@ -138,6 +139,7 @@ class Shard:
         )
         self.version = self.store.commit(changes)
         self.offset = changes.next_offset
+        self.last_ts = [e.ts for e in events]
         for event_id in new_ids:
             self.dedup[event_id] = None
         while len(self.dedup) > self.config.dedup_window:
@@ -172,9 +174,10 @@ class Worker:
         self.sender = kafka.Sender(settings.kafka_bootstrap)
         self.consumer = None
         self.running = True
-        self.assigned_once = False
         self.applied = 0
         self.dead = 0
+        self.started_at: float | None = None  # first assignment (monotonic)
+        self.freshness: deque[float] = deque(maxlen=200_000)  # seconds from event ts to its Redis commit
         self._evaluated_at_report = 0
         self._reported_at = time.monotonic()
 
@@ -184,7 +187,8 @@ class Worker:
         shard = Shard(store, self.config)
         offset = shard.resume()
         self.shards[tp.partition] = shard
-        self.assigned_once = True
+        if self.started_at is None:
+            self.started_at = time.monotonic()
         if offset is None:
             self.consumer.seek_to_beginning(tp)
         else:
@@ -216,7 +220,7 @@ class Worker:
         try:
             while self.running:
                 polled = self.consumer.poll(timeout_ms=self.config.max_wait_ms, max_records=self.config.batch_size)
-                if polled or not self.assigned_once:  # idle time counts from the first assignment
+                if polled or self.started_at is None:  # idle time counts from the first assignment
                     idle_since = time.monotonic()
                     for tp, messages in polled.items():
                         self._process(tp, messages)
@@ -240,6 +244,8 @@ class Worker:
         try:
             self.sender.flush()  # dead letters of earlier batches are on Kafka before we move the offset
             self.applied += shard.process(messages, self.dead_letter)
+            now = time.time()
+            self.freshness.extend(now - ts for ts in shard.last_ts)
             self.sender.flush()
         except FencedError as exc:
             log.warning("dropping partition %s: %s", tp.partition, exc)

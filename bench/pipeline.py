@@ -1,0 +1,123 @@
+"""Pipeline benchmark: raw kafka-python consume rate vs the worker end to end, on the same broker.
+
+Run: `streamrec bench` (or `python -m bench.pipeline`). Starts the embedded
+broker and Redis when none answers, produces a synthetic stream to a fresh
+topic, then measures in one run:
+- the raw consume rate of a bare kafka-python consumer (the baseline);
+- the worker's end-to-end events/s (Kafka in -> models updated -> Redis written);
+- freshness: seconds from an event's `ts` (its produce time) until its batch is committed to Redis.
+Writes JSON and a markdown table under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from producers.producer import EventProducer
+from producers.synthetic import SyntheticConfig, generate
+from stream_app import embedded, kafka
+from stream_app.settings import Settings
+from stream_app.worker import Worker, WorkerConfig
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def raw_consume_rate(settings: Settings, topic: str, n: int) -> float:
+    """Events/s of a bare kafka-python consumer reading `n` messages from the start."""
+    consumer = kafka.consumer(settings.kafka_bootstrap, None, max_poll_records=2000)
+    tps = [kafka.TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or {0})]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    got, start = 0, time.perf_counter()
+    while got < n:
+        for messages in consumer.poll(timeout_ms=500).values():
+            got += len(messages)
+    seconds = time.perf_counter() - start
+    consumer.close()
+    return got / seconds
+
+
+def worker_rate(settings: Settings, config: WorkerConfig, n: int) -> tuple[float, list[float]]:
+    """End-to-end events/s of one worker over `n` events, and its freshness samples."""
+    worker = Worker(settings, config)
+    worker.run(stop_after=n)
+    seconds = time.monotonic() - worker.started_at
+    return worker.applied / seconds, list(worker.freshness)
+
+
+def produce_paced(settings: Settings, n: int, rate: float, seed: int) -> None:
+    """Produce `n` events at `rate`/s with `ts` = their produce time (for freshness)."""
+    with EventProducer(settings) as producer:
+        start = time.monotonic()
+        for j, event in enumerate(generate(SyntheticConfig(), n, seed)):
+            ahead = start + j / rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+            producer.send(event.model_copy(update={"ts": time.time(), "event_id": None}))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--models", default="pop")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--sample-rate", type=float, default=0.1)
+    parser.add_argument("--fresh-rate", type=float, default=2000.0, help="events/s of the freshness run")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    run = uuid.uuid4().hex[:8]
+    settings = Settings().with_(events_topic=f"bench-{run}", metrics_topic=f"bench-metrics-{run}",
+                                dlq_topic=f"bench-dlq-{run}", consumer_group=f"bench-{run}", key_prefix=f"bench-{run}")
+    for line in embedded.up(settings):
+        print(line)
+    print(f"producing {args.events:,} synthetic events to {settings.events_topic}")
+    with EventProducer(settings) as producer:
+        for event in generate(SyntheticConfig(), args.events, seed=1):
+            producer.send(event)
+
+    raw = raw_consume_rate(settings, settings.events_topic, args.events)
+    config = WorkerConfig(models=tuple(args.models.split(",")), batch_size=args.batch_size, sample_rate=args.sample_rate)
+    e2e, _ = worker_rate(settings, config, args.events)
+
+    fresh = settings.with_(events_topic=f"bench-fresh-{run}", consumer_group=f"bench-fresh-{run}")
+    kafka.ensure_topics(fresh.kafka_bootstrap, {fresh.events_topic: fresh.events_partitions})
+    n_fresh = int(args.fresh_rate * 10)
+    producer_thread = threading.Thread(target=produce_paced, args=(fresh, n_fresh, args.fresh_rate, 2))
+    producer_thread.start()
+    _, freshness = worker_rate(fresh, config, n_fresh)
+    producer_thread.join()
+    lat = np.array(freshness)
+
+    result = {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": f"{platform.machine()}, {platform.python_version()}",
+        "events": args.events, "models": args.models, "batch": args.batch_size, "sample_rate": args.sample_rate,
+        "raw_consume_events_per_s": round(raw), "worker_events_per_s": round(e2e), "ratio": round(e2e / raw, 3),
+        "freshness_rate_events_per_s": args.fresh_rate,
+        "freshness_p50_s": round(float(np.percentile(lat, 50)), 4), "freshness_p99_s": round(float(np.percentile(lat, 99)), 4),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = (
+        "| measure | value |\n|---|---|\n"
+        f"| raw kafka-python consume | {result['raw_consume_events_per_s']:,} events/s |\n"
+        f"| worker end to end ({args.models}, batch {args.batch_size}, {args.sample_rate:.0%} evaluated) | {result['worker_events_per_s']:,} events/s |\n"
+        f"| ratio worker / raw | {result['ratio']:.2f} |\n"
+        f"| freshness at {args.fresh_rate:,.0f} events/s, p50 / p99 | {result['freshness_p50_s']:.3f} s / {result['freshness_p99_s']:.3f} s |\n"
+    )
+    (args.out / "pipeline.md").write_text(table)
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""`streamrec demo`: the whole pipeline on embedded defaults, start to summary, cleaned up after."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from models.registry import parse_names
+from producers.producer import EventProducer
+from producers.readers import EventReader
+from producers.replay import replay
+from producers.synthetic import SyntheticConfig, generate
+from stream_app import embedded
+from stream_app.errors import ServiceError
+from stream_app.metrics_view import latest_by_model, read_records, table
+from stream_app.settings import Settings
+from stream_app.state import applied_total, connect
+
+console = Console()
+
+
+def _listening(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def _already_up(settings: Settings) -> bool:
+    kafka_host, _, kafka_port = settings.kafka_bootstrap.split(",")[0].rpartition(":")
+    redis = urlparse(settings.redis_url)
+    return _listening(kafka_host, int(kafka_port)) and _listening(redis.hostname or "127.0.0.1", redis.port or 6379)
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a child `streamrec` process these settings."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        env[f"STREAMREC_{name.upper()}"] = str(value)
+    return env
+
+
+def run_demo(
+    base: Settings,
+    input: Path | None = None,
+    format: str = "auto",
+    n_events: int = 30_000,
+    models: str = "pop",
+    rate: float | None = None,
+    batch_size: int = 256,
+    keep_running: bool = False,
+    seed: int = 0,
+) -> dict:
+    """Run the demo; returns the pooled final metrics per model."""
+    names = parse_names(models)
+    settings = base.with_(key_prefix=f"{base.key_prefix}-demo-{int(time.time())}")
+    state_dir = Path(settings.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    started_servers = not _already_up(settings)
+    console.rule("streamrec demo")
+    for line in embedded.up(settings):
+        console.print(line)
+    worker_log = state_dir / "demo-worker.log"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "stream_app.cli", "worker", "--models", ",".join(names),
+         "--batch-size", str(batch_size), "--sample-rate", "0.2"],
+        env=worker_env(settings), stdout=open(worker_log, "wb"), stderr=subprocess.STDOUT,
+    )
+    console.print(f"worker started (pid {worker.pid}, models {', '.join(names)}, log {worker_log})")
+    redis = connect(settings.redis_url)
+    try:
+        if input is not None:
+            reader = EventReader(input, format)
+            reader.sort_by_time = reader.format == "movielens"
+            events = itertools.islice(iter(reader), n_events)
+            source = f"{input} ({reader.format})"
+        else:
+            events = generate(SyntheticConfig(), n_events, seed)
+            source = "synthetic stream (seed %d)" % seed
+        console.print(f"replaying {n_events:,} events from {source} to topic {settings.events_topic!r}")
+        with EventProducer(settings) as producer:
+            stats = replay(events, producer, rate=rate, limit=n_events, progress=True)
+        console.print(stats.summary())
+        _wait_learned(settings, redis, stats.sent, worker)
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=30)
+        rows = latest_by_model(read_records(settings, timeout=3.0))
+        console.print(table(rows, f"final metrics per model (k=20, batch {batch_size}, {stats.sent:,} events)"))
+        return rows
+    finally:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        if not keep_running:
+            removed = sum(redis.delete(k) for k in redis.scan_iter(match=f"{{{settings.key_prefix}:*", count=1000))
+            console.print(f"removed {removed} demo keys from Redis")
+            if started_servers:
+                for line in embedded.down(settings):
+                    console.print(line)
+        else:
+            console.print(f"left running; state under Redis key prefix {settings.key_prefix!r}")
+
+
+def _wait_learned(settings: Settings, redis, target: int, worker: subprocess.Popen, timeout: float = 300.0) -> None:
+    """Show the worker's progress until it applied `target` events."""
+    partitions = range(settings.events_partitions)
+    with Progress(TextColumn("learning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("learning", total=target)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done = applied_total(redis, settings.key_prefix, settings.events_topic, partitions)
+            bar.update(task, completed=done)
+            if done >= target:
+                return
+            if worker.poll() is not None:
+                raise ServiceError(f"the worker exited with code {worker.returncode}; see its log in {settings.state_dir}")
+            time.sleep(0.25)
+    raise ServiceError(f"the worker did not learn {target} events within {timeout:.0f} s; see its log in {settings.state_dir}")
