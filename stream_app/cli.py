@@ -169,6 +169,26 @@ def metrics(
 
 
 @app.command()
+def monitor(
+    terminal: bool = typer.Option(False, "--terminal", help="live rich table in the terminal instead of the web page"),
+    host: str = typer.Option("127.0.0.1", "--host", help="dashboard address"),
+    port: int = typer.Option(8050, "--port", help="dashboard port"),
+    bootstrap: Optional[str] = Bootstrap,
+    redis_url: Optional[str] = RedisUrl,
+) -> None:
+    """Watch the metrics topic: windowed aggregates, drift alerts, web dashboard (or --terminal)."""
+    import logging
+
+    from stream_app.monitor import run
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        run(settings(kafka_bootstrap=bootstrap, redis_url=redis_url), host=host, port=port, terminal=terminal)
+    except StreamrecError as exc:
+        fail(exc)
+
+
+@app.command()
 def demo(
     input: Optional[Path] = typer.Option(None, "--input", help="replay this file instead of a synthetic stream"),
     format: str = typer.Option("auto", "--format", help="auto|jsonl|csv|movielens"),
@@ -186,6 +206,33 @@ def demo(
                  batch_size=batch_size, keep_running=keep_running)
     except StreamrecError as exc:
         fail(exc)
+
+
+BENCHES = ("pipeline", "quality", "sessions", "lookup")
+
+
+@app.command()
+def bench(
+    only: str = typer.Option("pipeline", "--only", help=f"comma-separated benchmarks: {', '.join(BENCHES)}, or all"),
+    quality: bool = typer.Option(False, "--quality", help="also the model-quality benchmark (MovieLens)"),
+    events: Optional[int] = typer.Option(None, "--events", help="events of the pipeline benchmark"),
+) -> None:
+    """Run the benchmarks (bench/); results go to bench/results/ as JSON and markdown."""
+    import importlib
+
+    names = list(BENCHES) if only == "all" else [n.strip() for n in only.split(",") if n.strip()]
+    if quality and "quality" not in names:
+        names.append("quality")
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        fail(StreamrecError(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)} or all"))
+    for name in names:
+        typer.secho(f"== bench {name}", bold=True)
+        argv = ["--events", str(events)] if name == "pipeline" and events else []
+        try:
+            importlib.import_module(f"bench.{name}").main(argv)
+        except StreamrecError as exc:
+            fail(exc)
 
 
 def main() -> None:
