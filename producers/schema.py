@@ -7,6 +7,7 @@ naming the field and the rule, e.g.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal, Union
@@ -60,6 +61,14 @@ def _rule(err: dict[str, Any]) -> InvalidEvent:
         return InvalidEvent(field, "must not be empty")
     if kind == "string_too_long":
         return InvalidEvent(field, f"must be at most {MAX_ID_CHARS} characters (got {len(got)})")
+    if field.endswith(".[key]"):
+        return InvalidEvent("context", f"keys must be strings (got {type(got).__name__} {got!r:.60})")
+    if kind == "dict_type" and field == "context":
+        return InvalidEvent(field, f"must be an object (got {type(got).__name__})")
+    if kind == "string_type":
+        return InvalidEvent(field, f"must be a string (got {type(got).__name__} {got!r:.60})")
+    if kind == "string_unicode":
+        return InvalidEvent(field, "must be valid Unicode text (got a string with lone surrogates)")
     if kind == "too_long" and field == "context":
         return InvalidEvent(field, f"must have at most {MAX_CONTEXT_KEYS} keys (got {len(got)})")
     if kind == "finite_number":
@@ -77,7 +86,11 @@ def _validate(data: Any) -> Event:
     try:
         return Event.model_validate(data)
     except ValidationError as exc:
-        raise _rule(exc.errors()[0]) from None
+        errors = exc.errors()
+        # A union field reports one error per branch; a non-finite float is the telling one.
+        first = errors[0]
+        finite = [e for e in errors if e["type"] == "finite_number" and e["loc"][:-1] == first["loc"][:-1]]
+        raise _rule(finite[0] if finite else first) from None
 
 
 def decode(raw: bytes) -> Event:
@@ -87,8 +100,19 @@ def decode(raw: bytes) -> Event:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        _name_the_field(raw)
         raise InvalidEvent("", f"message must be UTF-8 JSON without NaN/Infinity ({exc})") from None
     return _validate(data)
+
+
+def _name_the_field(raw: bytes) -> None:
+    """On a JSON error, retry with the lenient stdlib parser (NaN, Infinity, lone surrogates):
+    when that parses, validation names the field at fault (`ts must be a finite number (got nan)`)."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return
+    _validate(data)  # raises InvalidEvent naming the field; returning means no field to name
 
 
 def from_dict(data: Any) -> Event:
@@ -97,17 +121,30 @@ def from_dict(data: Any) -> Event:
 
 
 def encode(event: Event) -> bytes:
-    """JSON bytes of an event, without absent optional fields."""
-    return orjson.dumps(event.model_dump(exclude_none=True, exclude_defaults=False))
+    """JSON bytes of an event, without absent optional fields.
+
+    Raises `InvalidEvent` when the bytes would be rejected by `decode`: over
+    `MAX_MESSAGE_BYTES` (a valid event can get there through long context
+    strings) or not encodable (an integer beyond 64 bits).
+    """
+    try:
+        raw = orjson.dumps(event.model_dump(exclude_none=True, exclude_defaults=False))
+    except orjson.JSONEncodeError as exc:
+        raise InvalidEvent("", f"event cannot be encoded as JSON ({exc})") from None
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise InvalidEvent("", f"message must be at most {MAX_MESSAGE_BYTES} bytes (got {len(raw)})")
+    return raw
 
 
 def prepare(data: Any, now: float | None = None) -> Event:
-    """Fill `event_id` (a fresh uuid) and `ts` (now) when absent, then validate.
+    """Fill `event_id` (a fresh uuid) and `ts` (now) when absent or None, then validate.
 
     This is what every producer does before sending.
     """
-    if isinstance(data, dict) and ("event_id" not in data or "ts" not in data):
+    if isinstance(data, dict) and (data.get("event_id") is None or data.get("ts") is None):
         data = dict(data)
-        data.setdefault("event_id", uuid.uuid4().hex)
-        data.setdefault("ts", time.time() if now is None else now)
+        if data.get("event_id") is None:
+            data["event_id"] = uuid.uuid4().hex
+        if data.get("ts") is None:
+            data["ts"] = time.time() if now is None else now
     return _validate(data)

@@ -151,7 +151,13 @@ class Sender:
     def flush(self, timeout: float = 30.0) -> None:
         """Wait for every send; raise `ServiceError` if any delivery failed."""
         if self._producer is not None:
-            self._producer.flush(timeout=timeout)
+            try:
+                self._producer.flush(timeout=timeout)
+            except KafkaTimeoutError:
+                raise ServiceError(
+                    f"Kafka at {self.bootstrap} did not acknowledge the sent messages within {timeout:.0f} s; "
+                    "check that the broker is up"
+                ) from None
         if self._errors:
             errors, self._errors = self._errors, []
             raise ServiceError(f"{len(errors)} message(s) were not delivered to Kafka: {errors[0]!r}")
@@ -169,3 +175,10 @@ class Sender:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def partition_for(key: bytes, n: int) -> int:
+    """The partition kafka-python's default partitioner gives `key` among `n` partitions (murmur2)."""
+    from kafka.partitioner.default import murmur2
+
+    return (murmur2(key) & 0x7FFFFFFF) % n
