@@ -1,0 +1,305 @@
+"""The metrics monitor: windows against a reference, drift alerts, and end to end over real Tansu."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import orjson
+import pytest
+
+from stream_app.monitor import ALL, DriftWatcher, MonitorState, WindowedAggregate, replay
+
+
+def record(ts, model="mf", worker="w-1", recall=0.2, auc=0.9, mrr=0.08, events_seen=0, by_event_type=None):
+    return {"ts": ts, "worker": worker, "model": model, "k": 20, "window": 10000, "evaluated": 1000,
+            "events_seen": events_seen, "batch": 256, "recall": recall, "auc": auc, "mrr": mrr, "ndcg": 0.1,
+            "precision": recall / 20, "f1": 0.01, "applied": events_seen, "dead_letters": 0,
+            "by_event_type": by_event_type or {}}
+
+
+def random_records(n=400, seed=1):
+    rng = random.Random(seed)
+    ts, seen = 1.7e9, {}
+    out = []
+    for _ in range(n):
+        ts += rng.uniform(0.05, 2.5)
+        model, worker = rng.choice(["mf", "pop", "gru"]), rng.choice(["w-1", "w-2"])
+        seen[(worker, model)] = seen.get((worker, model), 0) + rng.randrange(0, 500)
+        types = {t: {"recall": rng.random(), "auc": rng.random(), "evaluated": 10}
+                 for t in rng.sample(["click", "favorite", "purchase"], rng.randrange(0, 4))}
+        out.append(record(ts, model, worker, rng.random(), rng.random(), rng.random(), seen[(worker, model)], types))
+    return out
+
+
+def reference_windows(records, size, step, model, etype):
+    """Brute force: for every window start a multiple of step, the records with start <= ts < start + size."""
+    prev: dict = {}
+    rows = []
+    enriched = []
+    for r in records:
+        key = (r["worker"], r["model"])
+        delta = r["events_seen"] - prev[key] if key in prev else 0
+        prev[key] = r["events_seen"]
+        if r["model"] != model:
+            continue
+        if etype == ALL:
+            enriched.append((r["ts"], r, delta))
+        elif etype in r["by_event_type"]:
+            enriched.append((r["ts"], r["by_event_type"][etype], 0))
+    if not enriched:
+        return rows
+    first = math.floor((enriched[0][0] - size) / step) * step
+    last = max(t for t, _, _ in enriched)
+    start = first
+    while start <= last:
+        inside = [(v, d) for t, v, d in enriched if start <= t < start + size]
+        if inside:
+            row = {"start": start, "n": len(inside), "events_per_s": sum(d for _, d in inside) / size}
+            for name in ("recall", "auc", "mrr"):
+                vals = [v[name] for v, _ in inside if v.get(name) is not None]
+                if vals:
+                    row[name] = sum(vals) / len(vals)
+            rows.append(row)
+        start += step
+    return rows
+
+
+@pytest.mark.parametrize("size,step", [(10.0, 10.0), (30.0, 10.0), (7.0, 2.0)])
+def test_windowed_aggregates_match_a_reference_computation(size, step):
+    records = random_records()
+    state = MonitorState(tumbling=size, hopping=(size, step))
+    state.tumbling = WindowedAggregate(size, step, keep=10_000)
+    state.hopping = WindowedAggregate(size, step, keep=10_000)
+    replay(records, state)
+    for model in ("mf", "pop", "gru"):
+        for etype in (ALL, "click", "favorite", "purchase"):
+            got = state.tumbling.windows((model, etype))
+            want = reference_windows(records, size, step, model, etype)
+            assert len(got) == len(want) > 0
+            for g, w in zip(got, want):
+                assert g["start"] == pytest.approx(w["start"]) and g["n"] == w["n"]
+                for name in ("recall", "auc", "mrr", "events_per_s"):
+                    assert (name in g) == (name in w)
+                    if name in w:
+                        assert g[name] == pytest.approx(w[name])
+
+
+def test_window_kinds_and_expiry():
+    assert WindowedAggregate(10).kind == "tumbling" and WindowedAggregate(30, 10).kind == "hopping"
+    assert WindowedAggregate(30, 10).starts(25.0) == [0.0, 10.0, 20.0]
+    agg = WindowedAggregate(1, keep=5)
+    for t in range(20):
+        agg.add("k", float(t), {"recall": 1.0})
+    assert [w["start"] for w in agg.windows("k")] == [15.0, 16.0, 17.0, 18.0, 19.0]
+    with pytest.raises(ValueError):
+        WindowedAggregate(10, 20)
+
+
+def metric_stream(model="mf", n=300, drop_at=None, seed=7, start=1.7e9, recall=0.25, auc=0.9, worker="w-1"):
+    rng = random.Random(seed)
+    out = []
+    for j in range(n):
+        r, a = recall, auc
+        if drop_at is not None and j >= drop_at:
+            r, a = recall * 0.4, auc  # recall falls by 60%, AUC stays
+        out.append(record(start + j, model, worker, r + rng.gauss(0, 0.01), a + rng.gauss(0, 0.005),
+                          events_seen=1000 * (j + 1)))
+    return out
+
+
+def test_planted_drop_raises_exactly_the_expected_alert():
+    _, alerts = replay(metric_stream(drop_at=150))
+    assert len(alerts) == 1, alerts
+    (alert,) = alerts
+    assert set(alert) == {"ts", "model", "metric", "before", "after", "detector"}
+    assert alert["model"] == "mf" and alert["metric"] == "recall" and alert["detector"] == "ADWIN"
+    assert 1.7e9 + 150 <= alert["ts"] <= 1.7e9 + 200, "found within 50 records of the drop"
+    assert alert["before"] == pytest.approx(0.25, abs=0.03) and alert["after"] == pytest.approx(0.10, abs=0.03)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_stable_streams_raise_no_alert(seed):
+    records = metric_stream("mf", seed=seed) + metric_stream("pop", seed=seed + 100, recall=0.05, auc=0.7)
+    records.sort(key=lambda r: r["ts"])
+    _, alerts = replay(records)
+    assert alerts == []
+
+
+def test_a_rise_is_not_an_alert():
+    records = [dict(r, recall=0.35 - r["recall"]) for r in metric_stream(drop_at=150)]  # 0.10 -> 0.25
+    _, alerts = replay(records)
+    assert alerts == []
+
+
+def test_drops_in_two_models_are_told_apart():
+    records = metric_stream("mf", drop_at=100) + metric_stream("pop", seed=3, recall=0.1)
+    records.sort(key=lambda r: r["ts"])
+    _, alerts = replay(records)
+    assert [(a["model"], a["metric"]) for a in alerts] == [("mf", "recall")]
+
+
+def test_auc_drop_detected_too():
+    records = [dict(r, auc=r["auc"] - (0.2 if j >= 120 else 0.0)) for j, r in enumerate(metric_stream())]
+    _, alerts = replay(records)
+    assert [(a["metric"]) for a in alerts] == ["auc"]
+    assert alerts[0]["before"] > alerts[0]["after"] + 0.15
+
+
+def test_state_pools_workers_rates_and_replays_are_skipped():
+    state = MonitorState()
+    state.ingest(record(100.0, worker="a", recall=0.2, events_seen=1000))
+    state.ingest(record(101.0, worker="b", recall=0.4, events_seen=500))
+    state.ingest(record(102.0, worker="a", recall=0.2, events_seen=3000))
+    state.ingest(record(101.5, worker="a", recall=0.9, events_seen=9000))  # older than a's last: a replay
+    snap = state.snapshot()
+    assert snap["records"] == 3 and snap["models"] == ["mf"]
+    last = snap["series"]["mf"][-1]
+    assert last["recall"] == pytest.approx(0.3)  # pooled over workers a and b (equal evaluated)
+    assert last["events_per_s"] == pytest.approx(1000.0)  # (3000 - 1000) / 2 s
+    assert [e["type"] for e in state.events_since(0)] == ["point"] * 3
+    assert state.events_since(2)[0]["seq"] == 3
+    json.dumps(snap)  # serialisable as is
+
+
+def test_terminal_view_renders():
+    from rich.console import Console
+
+    from stream_app.monitor import terminal_renderable
+
+    state, _ = replay(metric_stream(drop_at=150))
+    console = Console(record=True, width=140)
+    console.print(terminal_renderable(state))
+    text = console.export_text()
+    assert "streamrec monitor" in text and "mf" in text and "recall" in text
+    assert "tumbling window" in text and "alerts" in text
+    alert_rows = [line for line in text.splitlines() if " mf " in line and "recall" in line]
+    assert alert_rows, text  # the one alert row
+
+
+def test_dashboard_api_and_sse_without_kafka():
+    from fastapi.testclient import TestClient
+
+    from stream_app.dashboard import create_app
+
+    state, _ = replay(metric_stream(drop_at=150))
+    client = TestClient(create_app(state))
+    page = client.get("/")
+    assert page.status_code == 200 and "EventSource" in page.text and "http" not in page.text.split("<script>")[1].split("SVGNS")[0]
+    snap = client.get("/api/state").json()
+    assert snap["models"] == ["mf"] and len(snap["series"]["mf"]) == 300 and len(snap["alerts"]) == 1
+    assert snap["tumbling"]["by_model"]["mf"]["all"] and snap["hopping"]["size"] == 30.0
+
+
+# --------------------------------------------------------------------------- end to end over real Tansu
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_state(port: int) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/state", timeout=2) as r:
+            return json.loads(r.read())
+    except OSError:
+        return None
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start_monitor(settings, port: int, log_path):
+    env = dict(os.environ)
+    env.update({
+        "STREAMREC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "STREAMREC_REDIS_URL": settings.redis_url,
+        "STREAMREC_METRICS_TOPIC": settings.metrics_topic, "STREAMREC_ALERTS_TOPIC": settings.alerts_topic,
+        "STREAMREC_KEY_PREFIX": settings.key_prefix, "STREAMREC_STATE_DIR": str(settings.state_dir),
+        "STREAMREC_EVENTS_TOPIC": settings.events_topic, "STREAMREC_DLQ_TOPIC": settings.dlq_topic,
+    })
+    log = open(log_path, "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "stream_app.cli", "monitor", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: proc.poll() is None and get_state(port), 30, "the monitor's dashboard")
+    except AssertionError:
+        proc.kill()
+        raise AssertionError(f"monitor did not start: {open(log_path, errors='replace').read()[-3000:]}")
+    return proc
+
+
+def stop_monitor(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def test_worker_to_monitor_to_alert_over_real_tansu(topics, tmp_path):
+    from stream_app import kafka
+    from stream_app.worker import Worker, WorkerConfig
+    from tests.test_worker import events, produce, read_topic
+
+    port = free_port()
+    proc = start_monitor(topics, port, tmp_path / "monitor.log")
+    try:
+        # real records from a real worker
+        produce(topics, events(2000))
+        Worker(topics, WorkerConfig(models=("pop",), sample_rate=0.5, metrics_interval=0.3)).run(max_idle=3)
+        snap = wait_for(lambda: (s := get_state(port)) and "pop" in s["series"] and s, 30, "the worker's records")
+        assert snap["series"]["pop"][-1]["recall"] is not None
+
+        # synthetic records with a planted drop in "planted", a stable "steady" beside it
+        now = time.time()
+        recs = metric_stream("planted", n=200, drop_at=100, start=now - 400, worker="synthetic") + \
+            metric_stream("steady", n=200, start=now - 400, worker="synthetic", seed=11)
+        recs.sort(key=lambda r: r["ts"])
+        with kafka.Sender(topics.kafka_bootstrap) as sender:
+            for r in recs:
+                sender.send(topics.metrics_topic, orjson.dumps(r), key=r["model"].encode())
+        snap = wait_for(lambda: (s := get_state(port)) and len(s["series"].get("steady", [])) == 200 and s, 30,
+                        "the synthetic records")
+        assert [(a["model"], a["metric"]) for a in snap["alerts"]] == [("planted", "recall")]
+        alerts = read_topic(topics, topics.alerts_topic, timeout=3)
+        assert [(a["model"], a["metric"], a["detector"]) for a in alerts] == [("planted", "recall", "ADWIN")]
+        assert alerts[0]["before"] > alerts[0]["after"]
+        assert set(alerts[0]) == {"ts", "model", "metric", "before", "after", "detector"}
+    finally:
+        stop_monitor(proc)
+
+    # the history survives a restart (Redis), and the replayed topic adds no duplicates nor alerts
+    from stream_app import kafka
+
+    proc = start_monitor(topics, port, tmp_path / "monitor.log")
+    try:
+        snap = get_state(port)
+        assert len(snap["series"]["steady"]) == 200 and len(snap["alerts"]) == 1
+        # one new record after the restart: consumed once the group has joined and whatever is
+        # replayed from the topic has been skipped
+        with kafka.Sender(topics.kafka_bootstrap) as sender:
+            sender.send(topics.metrics_topic, orjson.dumps(metric_stream("steady", n=1, start=time.time(),
+                                                                         worker="synthetic")[0]))
+        snap = wait_for(lambda: (s := get_state(port)) and len(s["series"]["steady"]) == 201 and s, 30,
+                        "a record sent after the restart")
+        assert len(snap["alerts"]) == 1 and len(snap["series"]["planted"]) == 200
+    finally:
+        stop_monitor(proc)
+    assert len(read_topic(topics, topics.alerts_topic, timeout=2)) == 1
