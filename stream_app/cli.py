@@ -121,6 +121,34 @@ def worker(
 
 
 @app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="port to listen on"),
+    models: str = typer.Option("pop", "--models", help="comma-separated models to serve (the worker must run them)"),
+    topic: Optional[str] = typer.Option(None, "--topic", help="events topic [env STREAMREC_EVENTS_TOPIC]"),
+    partitions: Optional[int] = typer.Option(None, "--partitions", help="partitions of the events topic [env STREAMREC_EVENTS_PARTITIONS]"),
+    refresh: float = typer.Option(0.25, "--refresh", min=0.01, help="seconds between checks of a shard's model version"),
+    bootstrap: Optional[str] = Bootstrap,
+    redis_url: Optional[str] = RedisUrl,
+) -> None:
+    """Serve the lookup HTTP API (recommendations, similar items, POST /events, /metrics) from Redis state."""
+    import uvicorn
+
+    from models.registry import parse_names
+    from stream_app.api import create_app
+
+    try:
+        app_ = create_app(
+            settings(kafka_bootstrap=bootstrap, redis_url=redis_url, events_topic=topic, events_partitions=partitions),
+            tuple(parse_names(models)), refresh_interval=refresh,
+        )
+    except StreamrecError as exc:
+        fail(exc)
+    typer.echo(f"serving on http://{host}:{port} (models: {models})")
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+@app.command()
 def evaluate(
     input: Path = typer.Option(..., "--input", help="events file (jsonl, csv or MovieLens)"),
     format: str = typer.Option("auto", "--format", help="auto|jsonl|csv|movielens"),

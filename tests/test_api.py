@@ -1,0 +1,283 @@
+"""The lookup HTTP API over state a real worker wrote (real Tansu + real Redis, fixtures in conftest.py).
+
+Planted data: device=ios users click items A0..A9, device=android users click
+B0..B9; alice (ios) bought A1 and clicked A2; one user browses in session sess-1.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from producers.schema import encode, prepare
+from stream_app import embedded, kafka
+from stream_app.api import create_app
+from stream_app.client import ApiError, RecommenderClient
+from stream_app.state import Keys, connect
+from stream_app.worker import Worker, WorkerConfig
+
+pytestmark = pytest.mark.integration
+
+T0 = time.time() - 3600
+
+
+def paired_users(n: int = 40) -> list[tuple[str, str]]:
+    """(ios user, android user) pairs in the same shard, so every shard holds A_j and B_j equally often."""
+    pairs, j = [], 0
+    for u in range(n):
+        ios = f"ios-u{u}"
+        while kafka.partition_for(f"android-u{j}".encode(), 2) != kafka.partition_for(ios.encode(), 2):
+            j += 1
+        pairs.append((ios, f"android-u{j}"))
+        j += 1
+    return pairs
+
+
+def planted_events() -> list:
+    out = []
+    rng = random.Random(7)
+    for ios, android in paired_users():
+        for _ in range(6):
+            j = min(int(rng.expovariate(0.35)), 9)  # a skewed catalogue: low numbers are more popular
+            out.append({"user_id": ios, "item_id": f"A{j}", "event_type": "click", "context": {"device": "ios"}})
+            out.append({"user_id": android, "item_id": f"B{j}", "event_type": "click",
+                        "context": {"device": "android"}})
+    out += [
+        {"user_id": "alice", "item_id": "A1", "event_type": "purchase", "context": {"device": "ios"}},
+        {"user_id": "alice", "item_id": "A2", "event_type": "click", "context": {"device": "ios"}},
+        {"user_id": "sess-user", "item_id": "A5", "event_type": "click", "session_id": "sess-1",
+         "context": {"device": "ios"}},
+        {"user_id": "sess-user", "item_id": "A6", "event_type": "click", "session_id": "sess-1",
+         "context": {"device": "ios"}},
+    ]
+    return [prepare({**e, "ts": T0 + j}) for j, e in enumerate(out)]
+
+
+def produce(settings, events) -> None:
+    with kafka.Sender(settings.kafka_bootstrap) as sender:
+        for e in events:
+            sender.send(settings.events_topic, encode(e), key=e.user_id.encode())
+
+
+@pytest.fixture(scope="module")
+def planted(embedded_servers, tmp_path_factory):
+    tag = uuid.uuid4().hex[:12]
+    settings = embedded_servers.settings(
+        events_topic=f"events-{tag}", metrics_topic=f"metrics-{tag}", dlq_topic=f"events.dlq-{tag}",
+        alerts_topic=f"alerts-{tag}", consumer_group=f"group-{tag}", key_prefix=f"sr-{tag}",
+        state_dir=tmp_path_factory.mktemp("api-state"),
+    )
+    kafka.ensure_topics(settings.kafka_bootstrap, embedded.topic_partitions(settings))
+    produce(settings, planted_events())
+    Worker(settings, WorkerConfig(models=("pop",))).run(max_idle=3)
+    return settings
+
+
+@pytest.fixture(scope="module")
+def server(planted):
+    """A real uvicorn serving the API on a free loopback port."""
+    app = create_app(planted, ("pop",), refresh_interval=0.1)
+    port = embedded.free_port("127.0.0.1")
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not srv.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def api(server):
+    with RecommenderClient(server) as client:
+        yield client
+
+
+def ids(answer) -> list[str]:
+    return [i["item_id"] for i in answer["items"]]
+
+
+def test_unknown_user_gets_popularity_in_context_and_context_changes_the_answer(api):
+    ios = api.recommendations("nobody-1", k=5, context={"device": "ios"})
+    android = api.recommendations("nobody-1", k=5, context={"device": "android"})
+    assert ios["user_id"] == "nobody-1" and ios["model"] == "pop" and ios["model_version"] >= 1
+    # pop scores = global share + share within the context: the context tilts the ranking to its items
+    assert len(ios["items"]) == 5 and ids(ios)[0] == "A0" and ids(android)[0] == "B0", (ids(ios), ids(android))
+    full_ios = ids(api.recommendations("nobody-1", k=20, context={"device": "ios"}))
+    full_android = ids(api.recommendations("nobody-1", k=20, context={"device": "android"}))
+    for j in range(10):  # A_j and B_j are equally popular overall; the context decides their order
+        assert full_ios.index(f"A{j}") < full_ios.index(f"B{j}"), full_ios
+        assert full_android.index(f"B{j}") < full_android.index(f"A{j}"), full_android
+    assert ids(ios) != ids(android)
+    assert ios["items"][0]["reason"] == {"kind": "popular", "context": {"device": "ios"}}
+    scores = [i["score"] for i in ios["items"]]
+    assert scores == sorted(scores, reverse=True)
+    no_context = api.recommendations("nobody-1", k=20)
+    assert len(no_context["items"]) == 20 and {"A0", "B0"} <= set(ids(no_context))
+
+
+def test_known_user_excludes_seen_items_and_reasons_point_at_her_history(api, planted):
+    answer = api.recommendations("alice", k=10, context={"device": "ios"})
+    assert answer["partition"] == kafka.partition_for(b"alice", planted.events_partitions)
+    got = ids(answer)
+    assert got and not {"A1", "A2"} & set(got)
+    assert got[0].startswith("A")
+    for item in answer["items"]:
+        reason = item["reason"]
+        assert reason["kind"] == "similar_to" and reason["item_id"] in {"A1", "A2"}, reason
+        assert reason["event_type"] == {"A1": "purchase", "A2": "click"}[reason["item_id"]]
+    seen = api.recommendations("alice", k=20, include_seen=True, context={"device": "ios"})
+    assert {"A1", "A2"} <= set(ids(seen))
+
+
+def test_sessions_known_and_unknown(api):
+    known = api.recommendations(session_id="sess-1", k=5, context={"device": "ios"})
+    assert known["session_id"] == "sess-1" and known["user_id"] is None and len(known["items"]) == 5
+    assert ids(known)[0] == "A0"
+    assert known["items"][0]["reason"]["kind"] == "popular"  # pop ranks users: answered by popularity, said so
+    assert "note" in known["items"][0]["reason"]
+    unknown = api.recommendations(session_id="never-seen", k=3, context={"device": "android"})
+    assert len(unknown["items"]) == 3 and ids(unknown)[0] == "B0"
+
+
+def test_similar_items_by_cooccurrence_across_shards(api):
+    answer = api.similar("A3", k=5)
+    assert answer["known"] and "A3" not in ids(answer) and len(answer["items"]) == 5
+    assert all(i.startswith("A") for i in ids(answer)), ids(answer)
+    assert answer["items"][0]["reason"] == {"kind": "co_occurrence", "item_id": "A3"}
+    assert set(answer["model_version"]) == {"0", "1"}
+    b = api.similar("B1", k=5)
+    assert all(i.startswith("B") for i in ids(b)), ids(b)
+    unknown = api.similar("no-such-item", k=4)
+    assert not unknown["known"] and len(unknown["items"]) == 4
+    assert unknown["items"][0]["reason"]["kind"] == "popular"
+
+
+@pytest.mark.parametrize("params, status, fragment", [
+    ({"user_id": "u", "k": "0"}, 400, "k must be between 1 and 1000"),
+    ({"user_id": "u", "k": "1001"}, 400, "k must be between 1 and 1000"),
+    ({"user_id": "u", "k": "ten"}, 400, "k must be an integer"),
+    ({"user_id": ""}, 400, "user_id must not be empty"),
+    ({"session_id": "  "}, 400, "session_id must not be empty"),
+    ({}, 400, "exactly one of user_id or session_id"),
+    ({"user_id": "u", "session_id": "s"}, 400, "exactly one of user_id or session_id"),
+    ({"user_id": "u", "model": "nope"}, 400, "unknown model 'nope'; this server serves: pop"),
+    ({"user_id": "u", "context.": "ios"}, 400, "context.<key>"),
+    ({"user_id": "u", "context": "ios"}, 400, "unknown parameter(s) context"),
+    ({"user_id": "u", "include_seen": "maybe"}, 400, "include_seen must be true or false"),
+    ({"user_id": "u" * 300}, 400, "at most 256 characters"),
+])
+def test_bad_parameters_get_4xx_with_a_message(api, params, status, fragment):
+    with pytest.raises(ApiError) as err:
+        api._get("/recommendations", list(params.items()))
+    assert err.value.status == status and fragment in err.value.message, err.value.message
+
+
+def test_bad_similar_parameters_and_unknown_routes(server):
+    import httpx
+
+    r = httpx.get(f"{server}/items/A1/similar", params={"k": "-1"})
+    assert r.status_code == 400 and "k must be between" in r.json()["error"]
+    r = httpx.get(f"{server}/items/A1/similar", params={"model": "mf"})
+    assert r.status_code == 400 and "serves: pop" in r.json()["error"]
+    r = httpx.get(f"{server}/nope")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_post_events_validates_and_names_field_and_rule(server, api):
+    import httpx
+
+    r = httpx.post(f"{server}/events", content=b"{not json")
+    assert r.status_code == 400 and "JSON" in r.json()["error"]
+    r = httpx.post(f"{server}/events", json=[
+        {"user_id": "p1", "item_id": "A1", "event_type": "click"},
+        {"user_id": "p1", "item_id": "A1", "event_type": "teleport"},
+    ])
+    assert r.status_code == 422
+    body = r.json()
+    assert body["field"] == "events[1].event_type" and "must be one of click, purchase, favorite" in body["error"]
+    r = httpx.post(f"{server}/events", json={"user_id": "", "item_id": "A1", "event_type": "click"})
+    assert r.status_code == 422 and r.json()["field"] == "user_id" and "must not be empty" in r.json()["error"]
+    r = httpx.post(f"{server}/events", json=[])
+    assert r.status_code == 422 and "empty" in r.json()["error"]
+    r = httpx.post(f"{server}/events", json="click")
+    assert r.status_code == 422
+
+
+def test_freshness_new_event_is_reflected_within_one_second(api, planted):
+    user = f"fresh-{uuid.uuid4().hex[:6]}"
+    partition = kafka.partition_for(user.encode(), planted.events_partitions)
+    redis_client = connect(planted.redis_url)
+    version_key = Keys(planted.key_prefix, planted.events_topic, partition).version
+    before = int(redis_client.get(version_key) or 0)
+    sent = api.send_events([{"user_id": user, "item_id": "A7", "event_type": "favorite",
+                             "context": {"device": "ios"}}])
+    assert sent["accepted"] == 1 and len(sent["event_ids"]) == 1
+    assert api.recommendations(user, k=3)["items"][0]["reason"]["kind"] == "popular"
+    worker = Worker(planted, WorkerConfig(models=("pop",), max_wait_ms=50))
+    thread = threading.Thread(target=worker.run, kwargs={"max_idle": 2}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while int(redis_client.get(version_key) or 0) == before:
+            assert time.monotonic() < deadline, "the worker never committed the new event"
+            time.sleep(0.005)
+        committed, version = time.monotonic(), int(redis_client.get(version_key))
+        while True:
+            answer = api.recommendations(user, k=3, context={"device": "ios"})
+            if answer["model_version"] >= version and answer["items"][0]["reason"]["kind"] == "similar_to":
+                break
+            assert time.monotonic() - committed < 1.0, f"still stale after 1 s: {answer}"
+            time.sleep(0.01)
+        lag = time.monotonic() - committed
+        assert lag < 1.0
+        assert "A7" not in ids(answer)
+        assert {i["reason"]["item_id"] for i in answer["items"]} == {"A7"}
+        assert answer["items"][0]["reason"]["event_type"] == "favorite"
+    finally:
+        thread.join(30)
+
+
+def test_healthz_and_metrics(api):
+    api.recommendations("nobody-2", k=3)
+    assert api.healthz()["status"] == "ok" and api.healthz()["redis"] == "ok"
+    text = api.metrics()
+    assert 'streamrec_api_request_seconds_bucket{endpoint="/recommendations"' in text
+    assert 'streamrec_api_model_version{partition="0"}' in text
+    assert "streamrec_api_cache_age_seconds" in text
+
+
+def test_redis_stopped_gives_503_with_retry_after_then_recovers(tmp_path, planted):
+    port = embedded.free_port("127.0.0.1")
+    redis_server = embedded.start_redis(port, tmp_path / "r1")
+    try:
+        settings = planted.with_(redis_url=f"redis://127.0.0.1:{port}/0")
+        with TestClient(create_app(settings, ("pop",), refresh_interval=0.05, redis_timeout=0.5)) as client:
+            ok = client.get("/recommendations", params={"user_id": "u1", "k": 5})
+            assert ok.status_code == 200 and ok.json()["items"] == []  # empty store: no error either
+            redis_server.stop()
+            time.sleep(0.1)
+            started = time.monotonic()
+            down = client.get("/recommendations", params={"user_id": "u1", "k": 5})
+            assert time.monotonic() - started < 3
+            assert down.status_code == 503, down.text
+            assert down.headers["Retry-After"] == "1" and "Redis" in down.json()["error"]
+            assert client.get("/items/A1/similar").status_code == 503
+            assert client.get("/healthz").json()["redis"] == "unreachable"
+            redis_server = embedded.start_redis(port, tmp_path / "r2")
+            deadline = time.monotonic() + 5
+            while (again := client.get("/recommendations", params={"user_id": "u1", "k": 5})).status_code != 200:
+                assert time.monotonic() < deadline, again.text
+                time.sleep(0.05)
+            assert again.json()["user_id"] == "u1"
+    finally:
+        redis_server.stop()
