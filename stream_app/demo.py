@@ -69,13 +69,16 @@ def run_demo(
     console.rule("streamrec demo")
     for line in embedded.up(settings):
         console.print(line)
-    worker_log = state_dir / "demo-worker.log"
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "stream_app.cli", "worker", "--models", ",".join(names),
-         "--batch-size", str(batch_size), "--sample-rate", "0.2"],
-        env=worker_env(settings), stdout=open(worker_log, "wb"), stderr=subprocess.STDOUT,
-    )
-    console.print(f"worker started (pid {worker.pid}, models {', '.join(names)}, log {worker_log})")
+    worker = _start(settings, "worker", "--models", ",".join(names), "--batch-size", str(batch_size), "--sample-rate", "0.2")
+    console.print(f"worker started (pid {worker.pid}, models {', '.join(names)})")
+    helpers = []
+    api_port, dash_port = _free_or_none(8000), _free_or_none(8050)
+    if api_port:
+        helpers.append(_start(settings, "serve", "--port", str(api_port), "--models", ",".join(names)))
+        console.print(f"lookup API: http://127.0.0.1:{api_port}/recommendations?user_id=...  (docs at /docs)")
+    if dash_port:
+        helpers.append(_start(settings, "monitor", "--port", str(dash_port)))
+        console.print(f"live dashboard: http://127.0.0.1:{dash_port}/")
     redis = connect(settings.redis_url)
     try:
         if input is not None:
@@ -95,14 +98,12 @@ def run_demo(
         worker.wait(timeout=30)
         rows = latest_by_model(read_records(settings, timeout=3.0))
         console.print(table(rows, f"final metrics per model (k=20, batch {batch_size}, {stats.sent:,} events)"))
+        if api_port:
+            _show_lookup(api_port, names[0])
         return rows
     finally:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        for proc in [worker, *helpers]:
+            _stop(proc)
         if not keep_running:
             removed = sum(redis.delete(k) for k in redis.scan_iter(match=f"{{{settings.key_prefix}:*", count=1000))
             console.print(f"removed {removed} demo keys from Redis")
@@ -111,6 +112,46 @@ def run_demo(
                     console.print(line)
         else:
             console.print(f"left running; state under Redis key prefix {settings.key_prefix!r}")
+
+
+def _start(settings: Settings, command: str, *args: str) -> subprocess.Popen:
+    """A `streamrec <command>` child with these settings, logging to the state dir."""
+    log = Path(settings.state_dir) / f"demo-{command}.log"
+    return subprocess.Popen(
+        [sys.executable, "-m", "stream_app.cli", command, *args],
+        env=worker_env(settings), stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+    )
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _free_or_none(port: int) -> int | None:
+    return None if _listening("127.0.0.1", port) else port
+
+
+def _show_lookup(port: int, model: str) -> None:
+    """Ask the running API for one user's recommendations and print them."""
+    import httpx
+
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(40):
+        try:
+            answer = httpx.get(f"{base}/recommendations", params={"user_id": "u0", "k": 5, "model": model}, timeout=2.0)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.25)
+    else:
+        console.print("the lookup API did not answer; see demo-serve.log in the state dir")
+        return
+    console.print(f"GET /recommendations?user_id=u0&k=5&model={model} -> {answer.status_code}")
+    console.print_json(answer.text)
 
 
 def _wait_learned(settings: Settings, redis, target: int, worker: subprocess.Popen, timeout: float = 300.0) -> None:
