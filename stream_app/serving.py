@@ -86,23 +86,42 @@ class Cooccurrence:
     def degree(self) -> np.ndarray:
         return np.diff(self.item_ptr)
 
-    def counts(self, candidates: Iterable[int], anchors: list[int]) -> np.ndarray:
-        """[len(candidates), len(anchors)] number of users who interacted with both."""
-        anchor_users = [self.users_of(a) for a in anchors]
-        labels = np.concatenate([np.full(len(u), j, np.int64) for j, u in enumerate(anchor_users)] or [np.zeros(0, np.int64)])
-        flat = np.concatenate(anchor_users or [np.zeros(0, np.int64)])
-        rows = []
-        for c in candidates:
-            hit = np.isin(flat, self.users_of(c), assume_unique=False)
-            rows.append(np.bincount(labels[hit], minlength=len(anchors)))
-        return np.array(rows, np.float64).reshape(-1, len(anchors))
+    def _items_of(self, users: np.ndarray) -> np.ndarray:
+        """Concatenated item lists of `users` (vectorised CSR gather)."""
+        starts, ends = self.user_ptr[users], self.user_ptr[users + 1]
+        lengths = ends - starts
+        total = int(lengths.sum())
+        if total == 0:
+            return np.zeros(0, np.int64), lengths
+        offsets = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
+        return self.user_items[offsets + np.arange(total)], lengths
+
+    def counts(self, candidates: Iterable[int], anchors: list[int], max_users: int = 256) -> np.ndarray:
+        """[len(candidates), len(anchors)] number of users (up to `max_users` per anchor) who had both."""
+        candidates = np.asarray(list(candidates), np.int64)
+        out = np.zeros((len(candidates), len(anchors)))
+        if len(candidates) == 0 or not anchors:
+            return out
+        pos = np.full(self.n_items, -1, np.int64)
+        pos[candidates] = np.arange(len(candidates))
+        per_anchor = [self.users_of(a)[:max_users] for a in anchors]
+        users = np.concatenate(per_anchor)
+        labels = np.repeat(np.arange(len(anchors)), [len(u) for u in per_anchor])
+        items, lengths = self._items_of(users)
+        if len(items) == 0:
+            return out
+        lab = np.repeat(labels, lengths)
+        p = pos[items]
+        ok = p >= 0
+        np.add.at(out, (p[ok], lab[ok]), 1.0)
+        return out
 
     def similar(self, item: int) -> np.ndarray:
         """Cosine of item's user set with every item's: [n_items]."""
         users = self.users_of(item)
         if len(users) == 0:
             return np.zeros(self.n_items)
-        items = np.concatenate([self.user_items[self.user_ptr[u]: self.user_ptr[u + 1]] for u in users])
+        items, _ = self._items_of(users)
         co = np.bincount(items, minlength=self.n_items).astype(np.float64)
         deg = self.degree().astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
