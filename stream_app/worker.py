@@ -211,9 +211,10 @@ class Worker:
             fetch_max_wait_ms=self.config.max_wait_ms,
         )
         self.consumer.subscribe([self.settings.events_topic], listener=_Rebalance(self))
+        previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
-                signal.signal(sig, lambda *_: self.stop())
+                previous[sig] = signal.signal(sig, lambda *_: self.stop())
             except ValueError:  # not the main thread
                 pass
         idle_since = time.monotonic()
@@ -231,6 +232,8 @@ class Worker:
                 if stop_after is not None and self.applied >= stop_after:
                     break
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self.close()
 
     def _process(self, tp, messages) -> None:
