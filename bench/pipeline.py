@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--sample-rate", type=float, default=0.1)
     parser.add_argument("--fresh-rate", type=float, default=2000.0, help="events/s of the freshness run")
+    parser.add_argument("--fresh-client", default="kafka-python", choices=kafka.CLIENTS)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -86,9 +87,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     raw = raw_consume_rate(settings, settings.events_topic, args.events)
     config = WorkerConfig(models=tuple(args.models.split(",")), batch_size=args.batch_size, sample_rate=args.sample_rate)
-    e2e, _ = worker_rate(settings, config, args.events)
+    e2e = {}
+    for client in kafka.CLIENTS:  # each in its own group and key space, over the same events
+        run_settings = settings.with_(kafka_client=client, consumer_group=f"bench-{run}-{client}",
+                                      key_prefix=f"bench-{run}-{client}")
+        e2e[client], _ = worker_rate(run_settings, config, args.events)
 
-    fresh = settings.with_(events_topic=f"bench-fresh-{run}", consumer_group=f"bench-fresh-{run}")
+    fresh = settings.with_(events_topic=f"bench-fresh-{run}", consumer_group=f"bench-fresh-{run}",
+                           kafka_client=args.fresh_client)
     kafka.ensure_topics(fresh.kafka_bootstrap, {fresh.events_topic: fresh.events_partitions})
     n_fresh = int(args.fresh_rate * 10)
     producer_thread = threading.Thread(target=produce_paced, args=(fresh, n_fresh, args.fresh_rate, 2))
@@ -101,7 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": f"{platform.machine()}, {platform.python_version()}",
         "events": args.events, "models": args.models, "batch": args.batch_size, "sample_rate": args.sample_rate,
-        "raw_consume_events_per_s": round(raw), "worker_events_per_s": round(e2e), "ratio": round(e2e / raw, 3),
+        "raw_consume_events_per_s": round(raw),
+        "worker_events_per_s": {c: round(r) for c, r in e2e.items()},
+        "ratio": {c: round(r / raw, 3) for c, r in e2e.items()},
         "freshness_rate_events_per_s": args.fresh_rate,
         "freshness_p50_s": round(float(np.percentile(lat, 50)), 4), "freshness_p99_s": round(float(np.percentile(lat, 99)), 4),
     }
@@ -110,9 +118,12 @@ def main(argv: list[str] | None = None) -> dict:
     table = (
         "| measure | value |\n|---|---|\n"
         f"| raw kafka-python consume | {result['raw_consume_events_per_s']:,} events/s |\n"
-        f"| worker end to end ({args.models}, batch {args.batch_size}, {args.sample_rate:.0%} evaluated) | {result['worker_events_per_s']:,} events/s |\n"
-        f"| ratio worker / raw | {result['ratio']:.2f} |\n"
-        f"| freshness at {args.fresh_rate:,.0f} events/s, p50 / p99 | {result['freshness_p50_s']:.3f} s / {result['freshness_p99_s']:.3f} s |\n"
+        + "".join(
+            f"| worker end to end on {c} ({args.models}, batch {args.batch_size}, {args.sample_rate:.0%} evaluated)"
+            f" | {result['worker_events_per_s'][c]:,} events/s (ratio to raw {result['ratio'][c]:.2f}) |\n"
+            for c in kafka.CLIENTS
+        )
+        + f"| freshness ({args.fresh_client}) at {args.fresh_rate:,.0f} events/s, p50 / p99 | {result['freshness_p50_s']:.3f} s / {result['freshness_p99_s']:.3f} s |\n"
     )
     (args.out / "pipeline.md").write_text(table)
     print(table)

@@ -22,7 +22,16 @@ RedisUrl = typer.Option(None, "--redis-url", help="Redis URL [env STREAMREC_REDI
 
 
 def settings(**overrides: object) -> Settings:
-    return Settings().with_(**overrides)
+    """Settings from the environment with flag overrides; a bad value exits with a clear message."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings().with_(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        fail(StreamrecError(f"setting {field} (env STREAMREC_{field.upper()}): {err['msg']} (got {err.get('input')!r})"))
+        raise  # unreachable: fail() exits
 
 
 def fail(exc: StreamrecError) -> None:
@@ -97,6 +106,9 @@ def worker(
     group: Optional[str] = typer.Option(None, "--group", help="consumer group [env STREAMREC_CONSUMER_GROUP]"),
     topic: Optional[str] = typer.Option(None, "--topic", help="events topic [env STREAMREC_EVENTS_TOPIC]"),
     max_idle: Optional[float] = typer.Option(None, "--max-idle", help="exit after this many idle seconds"),
+    client: Optional[str] = typer.Option(
+        None, "--client", help="Kafka client library: kafka-python or confluent [env STREAMREC_KAFKA_CLIENT]"
+    ),
     bootstrap: Optional[str] = Bootstrap,
     redis_url: Optional[str] = RedisUrl,
 ) -> None:
@@ -114,7 +126,9 @@ def worker(
             sample_rate=sample_rate, k=k,
         )
         Worker(
-            settings(kafka_bootstrap=bootstrap, redis_url=redis_url, consumer_group=group, events_topic=topic), config
+            settings(kafka_bootstrap=bootstrap, redis_url=redis_url, consumer_group=group, events_topic=topic,
+                     kafka_client=client),
+            config,
         ).run(max_idle=max_idle)
     except StreamrecError as exc:
         fail(exc)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 import signal
 import socket
 import subprocess
@@ -39,14 +38,6 @@ def _already_up(settings: Settings) -> bool:
     kafka_host, _, kafka_port = settings.kafka_bootstrap.split(",")[0].rpartition(":")
     redis = urlparse(settings.redis_url)
     return _listening(kafka_host, int(kafka_port)) and _listening(redis.hostname or "127.0.0.1", redis.port or 6379)
-
-
-def worker_env(settings: Settings) -> dict[str, str]:
-    """The environment that gives a child `streamrec` process these settings."""
-    env = dict(os.environ)
-    for name, value in settings.model_dump().items():
-        env[f"STREAMREC_{name.upper()}"] = str(value)
-    return env
 
 
 def run_demo(
@@ -119,7 +110,7 @@ def _start(settings: Settings, command: str, *args: str) -> subprocess.Popen:
     log = Path(settings.state_dir) / f"demo-{command}.log"
     return subprocess.Popen(
         [sys.executable, "-m", "stream_app.cli", command, *args],
-        env=worker_env(settings), stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+        env=settings.environ(), stdout=open(log, "wb"), stderr=subprocess.STDOUT,
     )
 
 

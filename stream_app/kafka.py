@@ -1,16 +1,20 @@
-"""The one module that talks to the Kafka client library (kafka-python).
+"""The one module that talks to Kafka client libraries.
+
+kafka-python is the default client. The worker's group consumer can also run
+on confluent-kafka (librdkafka: fetching and parsing happen in C threads,
+outside the GIL), chosen with `STREAMREC_KAFKA_CLIENT=confluent`. Both sit
+behind `GroupConsumer`, so the worker never sees a client library.
 
 Thin on purpose: nothing here touches the network until a method is called,
 producers flush on close and retry a full buffer, and serialisation stays in
-`producers.schema`. A faster client can replace this module's internals
-without touching callers.
+`producers.schema`.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
@@ -20,9 +24,11 @@ from kafka.structs import OffsetAndMetadata
 from stream_app.errors import ServiceError
 
 __all__ = [
-    "ConsumerRebalanceListener", "KafkaError", "Sender", "TopicPartition",
-    "commit_quietly", "consumer", "ensure_topics", "wait_for_broker",
+    "CLIENTS", "GroupConsumer", "KafkaError", "Record", "Sender", "TopicPartition",
+    "consumer", "ensure_topics", "group_consumer", "partition_for", "wait_for_broker",
 ]
+
+CLIENTS = ("kafka-python", "confluent")
 
 
 def _unreachable(bootstrap: str, exc: Exception) -> ServiceError:
@@ -91,17 +97,140 @@ def consumer(bootstrap: str, group_id: str | None, **overrides: Any) -> KafkaCon
         raise _unreachable(bootstrap, exc) from None
 
 
-def commit_quietly(consumer: KafkaConsumer, topic: str, offsets: dict[int, int]) -> None:
-    """Commit next offsets (partition -> offset) asynchronously; a rebalance in progress skips it.
+@dataclass(slots=True)
+class Record:
+    """One consumed message, whatever client read it."""
 
-    Callers that keep their offsets elsewhere use this for lag monitoring only.
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+
+
+OnAssign = Callable[[list[int]], dict[int, "int | None"]]  # partitions -> where to start (None: beginning)
+OnRevoke = Callable[[list[int]], None]
+
+
+class GroupConsumer(Protocol):
+    """A consumer-group member of one topic whose offsets are kept by the caller.
+
+    `on_assign` is called with newly assigned partitions and returns the offset
+    to start each from; `commit` stores offsets in Kafka only for lag tools.
     """
-    if not offsets:
-        return
-    try:
-        consumer.commit_async({TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()})
-    except KafkaError:  # RebalanceInProgressError, CommitFailedError, ...: the next batch commits again
-        pass
+
+    def poll(self, max_records: int, timeout: float) -> dict[int, list]: ...  # partition -> records in order
+
+    def seek(self, partition: int, offset: int | None) -> None: ...  # None: the beginning
+
+    def commit(self, offsets: dict[int, int]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _KafkaPythonGroup:
+    def __init__(self, bootstrap: str, group: str, topic: str, on_assign: OnAssign, on_revoke: OnRevoke,
+                 max_records: int, max_wait_ms: int):
+        self.topic = topic
+        self._consumer = consumer(bootstrap, group, max_poll_records=max_records, fetch_max_wait_ms=max_wait_ms)
+        outer = self
+
+        class Listener(ConsumerRebalanceListener):
+            def on_partitions_revoked(self, revoked):
+                on_revoke(sorted(tp.partition for tp in revoked))
+
+            def on_partitions_assigned(self, assigned):
+                for partition, offset in on_assign(sorted(tp.partition for tp in assigned)).items():
+                    outer.seek(partition, offset)
+
+        self._consumer.subscribe([topic], listener=Listener())
+
+    def seek(self, partition: int, offset: int | None) -> None:
+        tp = TopicPartition(self.topic, partition)
+        if offset is None:
+            self._consumer.seek_to_beginning(tp)
+        else:
+            self._consumer.seek(tp, offset)
+
+    def poll(self, max_records: int, timeout: float) -> dict[int, list]:
+        # kafka-python's ConsumerRecord has the attributes of Record already.
+        polled = self._consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_records)
+        return {tp.partition: records for tp, records in polled.items()}
+
+    def commit(self, offsets: dict[int, int]) -> None:
+        if not offsets:
+            return
+        try:
+            self._consumer.commit_async(
+                {TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()}
+            )
+        except KafkaError:  # RebalanceInProgressError, CommitFailedError, ...: the next batch commits again
+            pass
+
+    def close(self) -> None:
+        self._consumer.close(autocommit=False)
+
+
+class _ConfluentGroup:
+    def __init__(self, bootstrap: str, group: str, topic: str, on_assign: OnAssign, on_revoke: OnRevoke,
+                 max_records: int, max_wait_ms: int):
+        import confluent_kafka as ck
+
+        self._ck = ck
+        self.topic = topic
+        self._consumer = ck.Consumer({
+            "bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
+            "auto.offset.reset": "earliest", "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000,
+            "fetch.wait.max.ms": max_wait_ms, "client.id": "streamrec",
+        })
+
+        def assign(cons, partitions):
+            starts = on_assign(sorted(tp.partition for tp in partitions))
+            for tp in partitions:
+                start = starts.get(tp.partition)
+                tp.offset = ck.OFFSET_BEGINNING if start is None else start
+            cons.assign(partitions)
+
+        def revoke(cons, partitions):
+            on_revoke(sorted(tp.partition for tp in partitions))
+            cons.unassign()
+
+        self._consumer.subscribe([topic], on_assign=assign, on_revoke=revoke, on_lost=revoke)
+
+    def poll(self, max_records: int, timeout: float) -> dict[int, list]:
+        out: dict[int, list] = {}
+        for msg in self._consumer.consume(num_messages=max_records, timeout=timeout):
+            if msg.error() is not None:
+                if msg.error().code() == self._ck.KafkaError._PARTITION_EOF:
+                    continue
+                raise ServiceError(f"Kafka consumer error: {msg.error()}")
+            partition = msg.partition()
+            out.setdefault(partition, []).append(Record(msg.topic(), partition, msg.offset(), msg.key(), msg.value()))
+        return out
+
+    def seek(self, partition: int, offset: int | None) -> None:
+        start = self._ck.OFFSET_BEGINNING if offset is None else offset
+        self._consumer.seek(self._ck.TopicPartition(self.topic, partition, start))
+
+    def commit(self, offsets: dict[int, int]) -> None:
+        if not offsets:
+            return
+        tps = [self._ck.TopicPartition(self.topic, p, o) for p, o in offsets.items()]
+        try:
+            self._consumer.commit(offsets=tps, asynchronous=True)
+        except self._ck.KafkaException:  # a rebalance in progress: the next batch commits again
+            pass
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def group_consumer(client: str, bootstrap: str, group: str, topic: str, on_assign: OnAssign, on_revoke: OnRevoke,
+                   max_records: int = 500, max_wait_ms: int = 100) -> GroupConsumer:
+    """Join `group` on `topic` with the named client library (see `CLIENTS`)."""
+    if client == "confluent":
+        return _ConfluentGroup(bootstrap, group, topic, on_assign, on_revoke, max_records, max_wait_ms)
+    return _KafkaPythonGroup(bootstrap, group, topic, on_assign, on_revoke, max_records, max_wait_ms)
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,6 +20,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STREAMREC_", frozen=True, extra="forbid")
 
     kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_client: Literal["kafka-python", "confluent"] = "kafka-python"  # the worker's consumer library
     redis_url: str = "redis://127.0.0.1:6379/0"
     events_topic: str = "events"
     metrics_topic: str = "metrics"
@@ -27,6 +30,12 @@ class Settings(BaseSettings):
     consumer_group: str = "streamrec-workers"
     state_dir: Path = Path(".streamrec")
     key_prefix: str = "sr"
+
+    def environ(self) -> dict[str, str]:
+        """This process's environment plus these settings as STREAMREC_* variables (for child processes)."""
+        env = dict(os.environ)
+        env.update({f"STREAMREC_{name.upper()}": str(value) for name, value in self.model_dump().items()})
+        return env
 
     def with_(self, **changes: object) -> "Settings":
         """A copy with the given fields replaced (None values are ignored)."""

@@ -108,7 +108,7 @@ class Changes:
     vocab_removed: dict[str, set[str]]
     open_sessions: dict[str, tuple[str, float]]
     dedup: dict[str, int]  # event_id -> offset
-    history: dict[int, np.ndarray]
+    history: dict[int, bytes]  # user row -> int32 (item row, event type) pairs
     tables: list[tuple[str, str, str, np.ndarray | None, np.ndarray]]  # model, table, kind, ids (None: blob), values
 
 
@@ -204,7 +204,7 @@ class PartitionStore:
             pipe.zadd(k.dedup, ch.dedup)
             pipe.zremrangebyrank(k.dedup, 0, -self.dedup_window - 1)
         if ch.history:
-            pipe.hset(k.history, mapping={str(u): h.astype(np.int32).tobytes() for u, h in ch.history.items()})
+            pipe.hset(k.history, mapping=ch.history)
         for model, table, kind, ids, values in ch.tables:
             key = k.table(model, table)
             if ids is None:

@@ -10,6 +10,7 @@ seeks to the stored offset; Kafka commits are made for lag monitoring only.
 from __future__ import annotations
 
 import base64
+from array import array
 import logging
 import os
 import signal
@@ -80,11 +81,11 @@ class Shard:
         for name, state in snap.models.items():
             self.models[name].import_state(state)
         self.dedup = OrderedDict.fromkeys(snap.dedup)
-        self.history = {u: deque(map(tuple, h.tolist()), maxlen=HISTORY) for u, h in snap.history.items()}
+        self.history = {u: deque(h.ravel().tolist(), maxlen=2 * HISTORY) for u, h in snap.history.items()}
         restore(
             self.evaluator,
             np.fromiter(f.items.index.values(), np.int64, len(f.items.index)),
-            {u: np.array([i for i, _ in h]) for u, h in self.history.items()},
+            {u: h[:, 0] for u, h in snap.history.items()},
         )
         self.offset = snap.offset
         return snap.offset
@@ -113,9 +114,10 @@ class Shard:
                 model.learn(batch)
             touched = {}
             for u, i, t in zip(batch.users.tolist(), batch.items.tolist(), batch.event_types.tolist()):
-                touched[u] = h = self.history.setdefault(u, deque(maxlen=HISTORY))
-                h.append((i, t))
-            history = {u: np.array(h, np.int32) for u, h in touched.items()}
+                touched[u] = h = self.history.setdefault(u, deque(maxlen=2 * HISTORY))
+                h.append(i)  # flat (item, event type) pairs
+                h.append(t)
+            history = {u: array("i", h).tobytes() for u, h in touched.items()}
             for name, model in self.models.items():
                 state = model.export_state()
                 for table, ids in model.drain_changes().items():
@@ -147,21 +149,6 @@ class Shard:
         return len(events)
 
 
-class _Rebalance(kafka.ConsumerRebalanceListener):
-    def __init__(self, worker: "Worker"):
-        self.worker = worker
-
-    def on_partitions_revoked(self, revoked):
-        for tp in revoked:
-            self.worker.shards.pop(tp.partition, None)
-        log.info("revoked %s", sorted(tp.partition for tp in revoked))
-
-    def on_partitions_assigned(self, assigned):
-        for tp in assigned:
-            self.worker.assign(tp)
-        log.info("assigned %s", sorted(tp.partition for tp in assigned))
-
-
 class Worker:
     """Consumes `events` in a consumer group and keeps its partitions' state in Redis."""
 
@@ -181,18 +168,24 @@ class Worker:
         self._evaluated_at_report = 0
         self._reported_at = time.monotonic()
 
-    def assign(self, tp) -> None:
-        keys = Keys(self.settings.key_prefix, tp.topic, tp.partition)
-        store = PartitionStore(self.redis, keys, self.config.dedup_window, self.config.session_gap)
-        shard = Shard(store, self.config)
-        offset = shard.resume()
-        self.shards[tp.partition] = shard
-        if self.started_at is None:
+    def assign(self, partitions: list[int]) -> dict[int, int | None]:
+        """Claim and load newly assigned partitions; returns the offsets to resume from."""
+        starts = {}
+        for partition in partitions:
+            keys = Keys(self.settings.key_prefix, self.settings.events_topic, partition)
+            store = PartitionStore(self.redis, keys, self.config.dedup_window, self.config.session_gap)
+            shard = Shard(store, self.config)
+            starts[partition] = shard.resume()
+            self.shards[partition] = shard
+        if partitions and self.started_at is None:
             self.started_at = time.monotonic()
-        if offset is None:
-            self.consumer.seek_to_beginning(tp)
-        else:
-            self.consumer.seek(tp, offset)
+        log.info("assigned %s", partitions)
+        return starts
+
+    def revoke(self, partitions: list[int]) -> None:
+        for partition in partitions:
+            self.shards.pop(partition, None)
+        log.info("revoked %s", partitions)
 
     def dead_letter(self, msg: Any, reason: str) -> None:
         try:
@@ -206,11 +199,11 @@ class Worker:
 
     def run(self, max_idle: float | None = None, stop_after: int | None = None) -> None:
         """Consume until stopped (SIGTERM/SIGINT), idle for `max_idle` s, or `stop_after` applied events."""
-        self.consumer = kafka.consumer(
-            self.settings.kafka_bootstrap, self.settings.consumer_group, max_poll_records=self.config.batch_size,
-            fetch_max_wait_ms=self.config.max_wait_ms,
+        s = self.settings
+        self.consumer = kafka.group_consumer(
+            s.kafka_client, s.kafka_bootstrap, s.consumer_group, s.events_topic, self.assign, self.revoke,
+            self.config.batch_size, self.config.max_wait_ms,
         )
-        self.consumer.subscribe([self.settings.events_topic], listener=_Rebalance(self))
         previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -220,11 +213,11 @@ class Worker:
         idle_since = time.monotonic()
         try:
             while self.running:
-                polled = self.consumer.poll(timeout_ms=self.config.max_wait_ms, max_records=self.config.batch_size)
+                polled = self.consumer.poll(self.config.batch_size, self.config.max_wait_ms / 1000)
                 if polled or self.started_at is None:  # idle time counts from the first assignment
                     idle_since = time.monotonic()
-                    for tp, messages in polled.items():
-                        self._process(tp, messages)
+                    for partition, messages in polled.items():
+                        self._process(partition, messages)
                     self._commit_kafka()
                 elif max_idle is not None and time.monotonic() - idle_since > max_idle:
                     break
@@ -236,8 +229,8 @@ class Worker:
                 signal.signal(sig, handler)
             self.close()
 
-    def _process(self, tp, messages) -> None:
-        shard = self.shards.get(tp.partition)
+    def _process(self, partition: int, messages: list) -> None:
+        shard = self.shards.get(partition)
         if shard is None:
             return  # revoked while the batch was in flight; the new owner re-reads it
         if shard.offset is not None and messages[0].offset != shard.offset:
@@ -251,18 +244,17 @@ class Worker:
             self.freshness.extend(now - ts for ts in shard.last_ts)
             self.sender.flush()
         except FencedError as exc:
-            log.warning("dropping partition %s: %s", tp.partition, exc)
-            self.shards.pop(tp.partition, None)
+            log.warning("dropping partition %s: %s", partition, exc)
+            self.shards.pop(partition, None)
         except (ServiceError, OSError, ConnectionError) as exc:
-            log.error("batch on partition %s not committed (%s); reloading it from Redis", tp.partition, exc)
+            log.error("batch on partition %s not committed (%s); reloading it from Redis", partition, exc)
             time.sleep(1.0)
-            self.shards.pop(tp.partition, None)
-            self.assign(tp)
+            self.shards.pop(partition, None)
+            self.consumer.seek(partition, self.assign([partition])[partition])
 
     def _commit_kafka(self) -> None:
         """Commit consumed offsets to Kafka, for lag monitoring only (Redis holds the truth)."""
-        offsets = {p: s.offset for p, s in self.shards.items() if s.offset is not None}
-        kafka.commit_quietly(self.consumer, self.settings.events_topic, offsets)
+        self.consumer.commit({p: s.offset for p, s in self.shards.items() if s.offset is not None})
 
     def metric_records(self) -> list[dict]:
         """One DESIGN.md metric record per model, pooled over this worker's partitions."""
@@ -300,4 +292,4 @@ class Worker:
             self.sender.close()
         finally:
             if self.consumer is not None:
-                self.consumer.close(autocommit=False)
+                self.consumer.close()

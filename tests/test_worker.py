@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -59,7 +58,9 @@ def applied(settings) -> int:
     return applied_total(connect(settings.redis_url), settings.key_prefix, settings.events_topic, range(settings.events_partitions))
 
 
-def test_every_event_applied_once_and_metrics_published(topics):
+@pytest.mark.parametrize("client", kafka.CLIENTS)
+def test_every_event_applied_once_and_metrics_published(topics, client):
+    topics = topics.with_(kafka_client=client)
     n = produce(topics, events(3000))
     worker = Worker(topics, WorkerConfig(models=("pop",), sample_rate=0.5, metrics_interval=0.5))
     worker.run(max_idle=4)
@@ -104,16 +105,9 @@ def test_same_event_id_is_learned_once(topics):
 
 
 def _worker_process(settings, log_path, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ)
-    env.update({
-        "STREAMREC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "STREAMREC_REDIS_URL": settings.redis_url,
-        "STREAMREC_EVENTS_TOPIC": settings.events_topic, "STREAMREC_METRICS_TOPIC": settings.metrics_topic,
-        "STREAMREC_DLQ_TOPIC": settings.dlq_topic, "STREAMREC_CONSUMER_GROUP": settings.consumer_group,
-        "STREAMREC_KEY_PREFIX": settings.key_prefix, "STREAMREC_EVENTS_PARTITIONS": str(settings.events_partitions),
-    })
     return subprocess.Popen(
         [sys.executable, "-m", "stream_app.cli", "worker", "--batch-size", "100", *extra],
-        env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
+        env=settings.environ(), stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
     )
 
 
@@ -127,7 +121,9 @@ def _wait_applied(settings, target: int, timeout: float) -> int:
     return applied(settings)
 
 
-def test_kill_9_mid_stream_then_restart_applies_every_event_exactly_once(topics, tmp_path):
+@pytest.mark.parametrize("client", kafka.CLIENTS)
+def test_kill_9_mid_stream_then_restart_applies_every_event_exactly_once(topics, tmp_path, client):
+    topics = topics.with_(kafka_client=client)
     n = produce(topics, events(20000, seed=1))
     proc = _worker_process(topics, tmp_path / "w1.log")
     try:
@@ -144,7 +140,9 @@ def test_kill_9_mid_stream_then_restart_applies_every_event_exactly_once(topics,
     assert applied(topics) == n
 
 
-def test_two_workers_split_partitions_and_apply_every_event_once(topics, tmp_path):
+@pytest.mark.parametrize("client", kafka.CLIENTS)
+def test_two_workers_split_partitions_and_apply_every_event_once(topics, tmp_path, client):
+    topics = topics.with_(kafka_client=client)
     n = produce(topics, events(20000, seed=2, users=1000))
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     procs = [_worker_process(topics, log, "--max-idle", "6") for log in logs]
