@@ -53,6 +53,18 @@ def worker_rate(settings: Settings, config: WorkerConfig, n: int) -> tuple[float
     return worker.applied / seconds, list(worker.freshness)
 
 
+def measure_freshness(settings: Settings, config: WorkerConfig, n: int, rate: float) -> list[float]:
+    """Freshness samples of a worker that has joined its group before the paced producer starts."""
+    worker = Worker(settings, config)
+    thread = threading.Thread(target=worker.run, kwargs={"stop_after": n})
+    thread.start()
+    while worker.started_at is None and thread.is_alive():
+        time.sleep(0.05)
+    produce_paced(settings, n, rate, seed=2)
+    thread.join()
+    return list(worker.freshness)
+
+
 def produce_paced(settings: Settings, n: int, rate: float, seed: int) -> None:
     """Produce `n` events at `rate`/s with `ts` = their produce time (for freshness)."""
     with EventProducer(settings) as producer:
@@ -97,10 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
                            kafka_client=args.fresh_client)
     kafka.ensure_topics(fresh.kafka_bootstrap, {fresh.events_topic: fresh.events_partitions})
     n_fresh = int(args.fresh_rate * 10)
-    producer_thread = threading.Thread(target=produce_paced, args=(fresh, n_fresh, args.fresh_rate, 2))
-    producer_thread.start()
-    _, freshness = worker_rate(fresh, config, n_fresh)
-    producer_thread.join()
+    freshness = measure_freshness(fresh, config, n_fresh, args.fresh_rate)
     lat = np.array(freshness)
 
     result = {

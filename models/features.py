@@ -102,6 +102,8 @@ class Vocab:
         self._new, self._removed = {}, set()
 
 
+_HOURS = tuple(f"hour={h}" for h in range(24))
+_DAYS = tuple(f"dow={d}" for d in range(7))
 DEFAULT_EVENT_WEIGHTS: tuple[tuple[str, float], ...] = (("click", 1.0), ("favorite", 2.0), ("purchase", 3.0))
 
 
@@ -138,38 +140,38 @@ class Featurizer:
 
     def context_keys(self, context: Mapping[str, Any], ts: float) -> list[str]:
         """Context features as `key=value` strings, time features included."""
-        keys = [f"{k}={_norm(v)}" for k, v in list(context.items())[: self.max_context]]
+        keys = [f"{k}={_norm(v)}" for k, v in list(context.items())[: self.max_context]] if context else []
         if self.time_features:
-            # 1970-01-01 was a Thursday: day 0 of epoch time is dow 3 (Monday = 0).
-            keys.append(f"hour={int(ts % 86400) // 3600}")
-            keys.append(f"dow={(int(ts) // 86400 + 3) % 7}")
+            day, second = divmod(int(ts), 86400)
+            keys.append(_HOURS[second // 3600])
+            keys.append(_DAYS[(day + 3) % 7])  # 1970-01-01 was a Thursday (Monday = 0)
         return keys
 
     def batch(self, events: Iterable[EventLike]) -> Batch:
         """Code `events` (adding new ids to the vocabularies) into a batch."""
         events = list(events)
-        n = len(events)
         width = self.max_context + (2 if self.time_features else 0)
-        users = np.empty(n, np.int64)
-        items = np.empty(n, np.int64)
-        sessions = np.empty(n, np.int64)
-        types = np.empty(n, np.int8)
-        weights = np.empty(n, np.float32)
-        ts = np.empty(n, np.float64)
-        values = np.full(n, np.nan, np.float32)
-        context = np.full((n, width), -1, np.int64)
-        for j, e in enumerate(events):
-            users[j] = self.users.add(e.user_id, e.ts)
-            items[j] = self.items.add(e.item_id, e.ts)
-            sessions[j] = self.sessions.add(self.session_key(e), e.ts)
-            types[j] = EVENT_CODE[e.event_type]
-            weights[j] = self._weight.get(e.event_type, 1.0)
-            ts[j] = e.ts
-            if e.value is not None:
-                values[j] = e.value
-            for c, key in enumerate(self.context_keys(e.context, e.ts)):
-                context[j, c] = self.contexts.add(key, e.ts)
-        return self._wrap(users, items, sessions, types, weights, ts, values, context)
+        users, items, sessions, ts, values, rows = [], [], [], [], [], []
+        add_user, add_item, add_session, add_context = self.users.add, self.items.add, self.sessions.add, self.contexts.add
+        for e in events:
+            t = e.ts
+            users.append(add_user(e.user_id, t))
+            items.append(add_item(e.item_id, t))
+            sessions.append(add_session(self.session_key(e), t))
+            ts.append(t)
+            values.append(math.nan if e.value is None else e.value)
+            row = [add_context(key, t) for key in self.context_keys(e.context, t)]
+            row.extend([-1] * (width - len(row)))
+            rows.append(row)
+        kinds = [e.event_type for e in events]
+        return self._wrap(
+            np.array(users, np.int64), np.array(items, np.int64), np.array(sessions, np.int64),
+            np.array([EVENT_CODE[k] for k in kinds], np.int8),
+            np.array([self._weight.get(k, 1.0) for k in kinds], np.float32),
+            np.array(ts, np.float64), np.array(values, np.float32),
+            np.array(rows, np.int64).reshape(len(events), width),
+        )
+
 
     def query(self, user_id: str | None, context: Mapping[str, Any], ts: float, session_id: str | None = None) -> Batch:
         """A one-row batch (item -1) for a lookup; unknown ids and context values code as -1."""
