@@ -1,22 +1,37 @@
-"""Lookup benchmark: latency and throughput of `GET /recommendations` on loopback.
+"""Lookup benchmark: latency and throughput of `GET /recommendations` on loopback, and answer freshness.
 
 Run: `streamrec bench --only lookup` (or `python -m bench.lookup`). Starts its
 own Tansu and Redis on free ports in a temporary directory, produces a stream
-over a 20k-item catalogue (every item seen), lets a worker learn it, starts
-`streamrec serve` as a separate process, then measures:
+over a 20k-item catalogue (every item seen), lets a worker learn it (MF with
+64 factors, plus popularity), then for each server configuration starts
+`streamrec serve` as a separate process (the load generator runs in this
+process, so server and client never share a GIL) and measures:
 - closed loop: 16 concurrent clients, each sending its next request when the
   previous answer arrived (p50/p99 latency, requests/s);
 - open loop: 500 requests/s on a fixed schedule, latency counted from the
-  scheduled send time (no coordinated omission);
-- `GET /items/{id}/similar` closed loop with 4 clients;
-- the time to rebuild one shard from Redis (what a version change costs).
+  scheduled send time, a new connection opened whenever none is free (no
+  coordinated omission: a slow server cannot slow the offered load down);
+- `GET /items/{id}/similar` closed loop with 4 clients.
 Requests mix known users (80%) and unknown ones (20%), with a device context.
-Writes JSON and a markdown table under bench/results/.
+The client is a small asyncio HTTP/1.1 keep-alive client on raw sockets
+(uvloop when installed): on a 2-core machine an httpx client would take most
+of a core away from the server it measures.
+
+Configurations: `--workers 1` and `--workers 2` of the current code, the same
+with popularity only, and (`--baseline REF`, e.g. HEAD before a change) the
+code of a git revision serving popularity, all in the same run.
+
+Freshness: with a worker running and the server answering, events of new
+users are produced one at a time; the time from produce to the first answer
+whose reasons point at that event's item is the freshness of one event.
+
+Writes bench/results/lookup.json and lookup.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -24,22 +39,26 @@ import random
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import quote, urlencode
 
-import httpx
 import numpy as np
 
-from models.registry import MODELS
+from models import registry
 from producers.schema import encode, prepare
 from stream_app import embedded, kafka
 from stream_app.serving import ModelCache
 from stream_app.worker import Worker, WorkerConfig
 
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ("ios", "android", "web")
+GOAL_OPEN_RATE, GOAL_P99_MS, GOAL_CLIENTS, GOAL_RPS = 500.0, 10.0, 16, 1000.0
+# models/registry.py does not list MF yet (models/mf.py is being written): the benchmark registers it in its own
+# processes, and in the server's through this sitecustomize (uvicorn's worker processes start fresh interpreters).
+MF_SHIM = 'from models import registry\nregistry.MODELS.setdefault("mf", "models.mf:MF")\n'
 
 
 def make_events(n: int, items: int, users: int, seed: int) -> list:
@@ -64,81 +83,251 @@ def params(rng: random.Random, users: int) -> dict:
 def stats(latencies: list[float], seconds: float, errors: int) -> dict:
     lat = np.array(latencies) * 1000
     return {"requests": len(latencies), "errors": errors, "seconds": round(seconds, 2),
-            "rps": round(len(latencies) / seconds, 1),
+            "rps": round(len(latencies) / seconds, 1) if seconds > 0 else None,
             "p50_ms": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
+            "p90_ms": round(float(np.percentile(lat, 90)), 2) if len(lat) else None,
             "p99_ms": round(float(np.percentile(lat, 99)), 2) if len(lat) else None,
             "max_ms": round(float(lat.max()), 2) if len(lat) else None}
 
 
-def closed_loop(base: str, clients: int, seconds: float, make) -> dict:
+# --------------------------------------------------------------------------- a lean HTTP/1.1 client
+
+
+class Conn:
+    """One keep-alive HTTP/1.1 connection; `get` sends pre-encoded request bytes, returns (status, body)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> "Conn":
+        return cls(*await asyncio.open_connection(host, port))
+
+    async def get(self, request: bytes) -> tuple[int, bytes]:
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+                break
+        body = await self.reader.readexactly(length) if length else b""
+        return status, body
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def encode_get(host: str, port: int, path: str, query: dict) -> bytes:
+    target = quote(path) + ("?" + urlencode(query) if query else "")
+    return f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: keep-alive\r\n\r\n".encode()
+
+
+async def closed_loop(host: str, port: int, clients: int, seconds: float, requests: list[bytes]) -> dict:
     latencies: list[float] = []
-    errors = [0]
-    lock = threading.Lock()
+    errors = 0
     stop = time.perf_counter() + seconds
 
-    def run(seed: int) -> None:
-        rng = random.Random(seed)
-        mine, bad = [], 0
-        with httpx.Client(base_url=base, timeout=10) as client:
+    async def run(seed: int) -> None:
+        nonlocal errors
+        conn = await Conn.open(host, port)
+        j = seed * 7919
+        try:
             while time.perf_counter() < stop:
-                path, query = make(rng)
+                j += 1
                 started = time.perf_counter()
-                r = client.get(path, params=query)
-                mine.append(time.perf_counter() - started)
-                bad += r.status_code != 200
-        with lock:
-            latencies.extend(mine)
-            errors[0] += bad
+                status, _ = await conn.get(requests[j % len(requests)])
+                latencies.append(time.perf_counter() - started)
+                errors += status != 200
+        finally:
+            conn.close()
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=run, args=(s,)) for s in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return stats(latencies, time.perf_counter() - started, errors[0])
+    await asyncio.gather(*(run(s) for s in range(clients)))
+    return {"clients": clients, **stats(latencies, time.perf_counter() - started, errors)}
 
 
-def open_loop(base: str, rate: float, seconds: float, make, senders: int = 64) -> dict:
-    """Requests due every 1/rate s, sent by `senders` threads; latency counts from the due time
-    (a request that waits for a free sender is late, so overload shows; no coordinated omission)."""
-    import queue as queues
-
-    rng = random.Random(1)
-    jobs: queues.Queue = queues.Queue()
+async def open_loop(host: str, port: int, rate: float, seconds: float, requests: list[bytes]) -> dict:
+    """A request due every 1/rate s; latency from the due time; a free connection or a new one, never a queue."""
     latencies: list[float] = []
-    errors = [0]
-    lock = threading.Lock()
+    errors = 0
+    idle: list[Conn] = []
+    opened = 0
+    tasks = set()
 
-    def sender() -> None:
-        mine, bad = [], 0
-        with httpx.Client(base_url=base, timeout=10) as client:
-            while (job := jobs.get()) is not None:
-                due, path, query = job
-                r = client.get(path, params=query)
-                mine.append(time.perf_counter() - due)
-                bad += r.status_code != 200
-        with lock:
-            latencies.extend(mine)
-            errors[0] += bad
+    async def one(due: float, request: bytes) -> None:
+        nonlocal errors, opened
+        conn = idle.pop() if idle else None
+        try:
+            try:
+                if conn is None:
+                    opened += 1
+                    conn = await Conn.open(host, port)
+                status, _ = await conn.get(request)
+            except (asyncio.IncompleteReadError, ConnectionError):  # an idle keep-alive the server closed: retry
+                if conn is not None:
+                    conn.close()
+                opened += 1
+                conn = await Conn.open(host, port)
+                status, _ = await conn.get(request)
+        except (asyncio.IncompleteReadError, OSError):
+            errors += 1
+            latencies.append(time.perf_counter() - due)
+            return
+        latencies.append(time.perf_counter() - due)
+        errors += status != 200
+        idle.append(conn)
 
-    threads = [threading.Thread(target=sender) for _ in range(senders)]
-    for t in threads:
-        t.start()
+    loop = asyncio.get_running_loop()
     start = time.perf_counter()
     for j in range(int(rate * seconds)):
         due = start + j / rate
         delay = due - time.perf_counter()
         if delay > 0:
-            time.sleep(delay)
-        jobs.put((due, *make(rng)))
-    for _ in threads:
-        jobs.put(None)
-    for t in threads:
-        t.join()
-    out = stats(latencies, time.perf_counter() - start, errors[0])
-    out["target_rps"] = rate
+            await asyncio.sleep(delay)
+        task = loop.create_task(one(due, requests[j % len(requests)]))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    for conn in idle:
+        conn.close()
+    return {"target_rps": rate, "connections": opened, **stats(latencies, elapsed, errors)}
+
+
+def run_async(coro):
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+# --------------------------------------------------------------------------- the server under test
+
+
+class Server:
+    """`streamrec serve` (or a git revision's) as a child process on a free port."""
+
+    def __init__(self, env: dict, models: str, workers: int, log: Path, cwd: Path | None = None,
+                 extra: tuple[str, ...] = ()):
+        self.port = embedded.free_port("127.0.0.1")
+        cmd = [sys.executable, "-m", "stream_app.cli", "serve", "--port", str(self.port), "--models", models, *extra]
+        if workers != 1:
+            cmd += ["--workers", str(workers)]
+        self.log = open(log, "wb")
+        self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"serve did not start; see {self.log.name}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def measure(server: Server, args, model: str, users: int, items: int) -> dict:
+    rng = random.Random(0)
+    host, port = "127.0.0.1", server.port
+    recs = [encode_get(host, port, "/recommendations", {**params(rng, users), "model": model}) for _ in range(4096)]
+    similar = [encode_get(host, port, f"/items/i{min(int(rng.paretovariate(1.0)), items - 1)}/similar", {"k": "20"})
+               for _ in range(1024)]
+
+    async def go() -> dict:
+        await closed_loop(host, port, 4, 2.0, recs)  # warm-up: every worker process has loaded its shards
+        out = {"closed_loop": await closed_loop(host, port, args.clients, args.seconds, recs)}
+        await asyncio.sleep(0.5)
+        out["open_loop"] = await open_loop(host, port, args.rate, args.seconds, recs)
+        await asyncio.sleep(0.5)
+        out["similar_closed_loop"] = await closed_loop(host, port, 4, args.seconds / 2, similar)
+        return out
+
+    return run_async(go())
+
+
+def freshness(settings, env: dict, server: Server, models: str, samples: int, tmp: Path) -> dict:
+    """Produce one event of a new user at a time; time until an answer's reasons point at its item."""
+    import httpx
+
+    log = open(tmp / "worker.log", "wb")
+    worker = subprocess.Popen([sys.executable, "-m", "stream_app.cli", "worker", "--models", models,
+                               "--max-wait-ms", "20", "--sample-rate", "0"], env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    lags: list[float] = []
+    missed = 0
+    try:
+        with kafka.Sender(settings.kafka_bootstrap, config={"linger_ms": 0}) as sender, \
+                httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=5) as client:
+            # the worker starts (restores its state, joins the group) before the clock runs
+            warm = prepare({"user_id": f"warm-{uuid.uuid4().hex[:6]}", "item_id": "i3", "event_type": "click"})
+            sender.send(settings.events_topic, encode(warm), key=warm.user_id.encode())
+            sender.flush()
+            if _reflected(client, warm.user_id, "i3", 120.0) is None:
+                raise SystemExit(f"the worker did not start; see {tmp / 'worker.log'}")
+            for j in range(samples):
+                user, item = f"fresh-{uuid.uuid4().hex[:8]}", f"i{1 + j % 50}"
+                event = prepare({"user_id": user, "item_id": item, "event_type": "purchase",
+                                 "context": {"device": "ios"}})
+                produced = time.perf_counter()
+                sender.send(settings.events_topic, encode(event), key=user.encode())
+                sender.flush()
+                seen = _reflected(client, user, item, 10.0)
+                if seen is None:
+                    missed += 1
+                else:
+                    lags.append(seen - produced)
+                time.sleep(random.uniform(0.05, 0.3))  # not phase-locked to the worker's or cache's cycle
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        log.close()
+    lat = np.array(lags) * 1000
+    out = {"samples": len(lags), "missed_after_10s": missed}
+    if len(lat):
+        out.update({f"p{q}_ms": round(float(np.percentile(lat, q)), 1) for q in (10, 50, 90, 99)})
+        out.update({"min_ms": round(float(lat.min()), 1), "max_ms": round(float(lat.max()), 1),
+                    "histogram_ms": _histogram(lat)})
     return out
+
+
+def _reflected(client, user: str, item: str, timeout: float) -> float | None:
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        r = client.get("/recommendations", params={"user_id": user, "k": "5"})
+        if r.status_code == 200:
+            items = r.json()["items"]
+            if items and items[0]["reason"].get("item_id") == item:
+                return time.perf_counter()
+        time.sleep(0.005)
+    return None
+
+
+def _histogram(lat_ms: np.ndarray) -> dict[str, int]:
+    edges = [0, 100, 250, 500, 750, 1000, 1500, 2000, 5000, float("inf")]
+    counts, _ = np.histogram(lat_ms, bins=edges)
+    return {(f"{int(a)}-{int(b)}" if b != float("inf") else f">={int(a)}"): int(c)
+            for a, b, c in zip(edges[:-1], edges[1:], counts)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -146,20 +335,33 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--items", type=int, default=20_000)
     parser.add_argument("--users", type=int, default=20_000)
     parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--models", default="mf,pop" if "mf" in MODELS else "pop",
-                        help="models the worker runs and the API serves (first one is queried)")
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--rate", type=float, default=500.0)
+    parser.add_argument("--models", default="mf,pop", help="models the worker runs and the API serves (first one is queried)")
+    parser.add_argument("--workers", default="1,2", help="server worker-process counts to measure")
+    parser.add_argument("--baseline", default=None,
+                        help="also measure this git revision's server (popularity), e.g. HEAD before a change")
+    parser.add_argument("--clients", type=int, default=GOAL_CLIENTS)
+    parser.add_argument("--rate", type=float, default=GOAL_OPEN_RATE)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--freshness-samples", type=int, default=40)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     tmp = Path(tempfile.mkdtemp(prefix="streamrec-lookup-"))
+    shim = "mf" in models and "mf" not in registry.MODELS
+    if shim:
+        registry.MODELS["mf"] = "models.mf:MF"
+        (tmp / "shim").mkdir()
+        (tmp / "shim" / "sitecustomize.py").write_text(MF_SHIM)
     result: dict = {"bench": "lookup", "models": list(models), "items": args.items, "users": args.users,
                     "events": args.events, "host": platform.node(), "python": platform.python_version(),
-                    "cpus": os.cpu_count()}
-    if "mf" not in models:
-        result["note"] = "MF is not in models.registry yet: measured with context-aware popularity (pop)"
+                    "cpus": os.cpu_count(), "load_average_at_start": list(os.getloadavg()),
+                    "http": _http_stack()}
+    if shim:
+        result["note"] = "mf registered for this run (models/registry.py does not list it yet)"
+    if "mf" in models:
+        from models.mf import MF
+
+        result["factors"] = MF().dim
     with embedded.EmbeddedServers(tmp) as servers:
         tag = uuid.uuid4().hex[:8]
         settings = servers.settings(events_topic=f"events-{tag}", consumer_group=f"bench-{tag}",
@@ -174,70 +376,116 @@ def main(argv: list[str] | None = None) -> dict:
         Worker(settings, WorkerConfig(models=models, batch_size=1000, sample_rate=0.0)).run(max_idle=3)
         result["worker_seconds"] = round(time.perf_counter() - started, 1)
 
-        cache = ModelCache(settings, models)
+        cache = ModelCache(settings, models, background=False)
         reloads = []
         for _ in range(3):
             t = time.perf_counter()
-            view = cache._load(0)
+            view = cache._load(0).prepare()
             reloads.append(time.perf_counter() - t)
         result["shard_reload_ms"] = round(1000 * min(reloads), 1)
         result["items_per_shard"] = int(view.valid_items.sum())
 
-        port = embedded.free_port("127.0.0.1")
-        env = dict(os.environ, STREAMREC_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
-                   STREAMREC_REDIS_URL=settings.redis_url, STREAMREC_EVENTS_TOPIC=settings.events_topic,
-                   STREAMREC_KEY_PREFIX=settings.key_prefix,
-                   STREAMREC_EVENTS_PARTITIONS=str(settings.events_partitions))
-        log = open(tmp / "serve.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "stream_app.cli", "serve", "--port", str(port),
-                                 "--models", ",".join(models)], env=env, stdout=log, stderr=subprocess.STDOUT)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"serve did not start; see {tmp / 'serve.log'}")
-                time.sleep(0.1)
-            model = models[0]
-
-            def recs(rng: random.Random):
-                return "/recommendations", {**params(rng, args.users), "model": model}
-
-            def similar(rng: random.Random):
-                return f"/items/i{min(int(rng.paretovariate(1.0)), args.items - 1)}/similar", {"k": "20"}
-
-            closed_loop(base, 4, 2.0, recs)  # warm-up: shard views loaded, JIT compiled
-            print(f"closed loop: {args.clients} clients for {args.seconds}s ...", flush=True)
-            result["closed_loop"] = {"clients": args.clients, **closed_loop(base, args.clients, args.seconds, recs)}
-            print(f"open loop: {args.rate} req/s for {args.seconds}s ...", flush=True)
-            result["open_loop"] = open_loop(base, args.rate, args.seconds, recs)
-            result["similar_closed_loop"] = {"clients": 4, **closed_loop(base, 4, args.seconds / 2, similar)}
-        finally:
-            proc.terminate()
+        env = settings.environ()
+        env["PYTHONPATH"] = os.pathsep.join([str(tmp / "shim")] * shim + [str(ROOT)])
+        configs = [(f"{models[0]}, --workers {w}", ",".join(models), models[0], int(w), None)
+                   for w in args.workers.split(",")]
+        if models[0] != "pop":
+            configs.append(("pop, --workers 1", ",".join(models), "pop", 1, None))
+        if args.baseline:
+            base_dir = tmp / "baseline"
+            base_dir.mkdir()
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline], check=True,
+                                     capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(base_dir)], input=archive, check=True)
+            configs.append((f"pop, baseline {args.baseline}", "pop", "pop", 1, base_dir))
+        runs = []
+        first_server = None
+        for name, serve_models, model, workers, cwd in configs:
+            print(f"measuring {name} ...", flush=True)
+            run_env = dict(env)
+            if cwd is not None:
+                run_env["PYTHONPATH"] = str(cwd)
+            server = Server(run_env, serve_models, workers, tmp / f"serve-{len(runs)}.log", cwd=cwd)
             try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.close()
+                server.wait_ready()
+                got = measure(server, args, model, args.users, args.items)
+            finally:
+                if name != f"{configs[0][0]}":
+                    server.stop()
+            runs.append({"config": name, "model": model, "workers": workers, **got})
+            if name == configs[0][0]:
+                first_server = server
+        result["runs"] = runs
+        print("freshness ...", flush=True)
+        try:
+            result["freshness"] = freshness(settings, env, first_server, ",".join(models),
+                                            args.freshness_samples, tmp)
+        finally:
+            first_server.stop()
+    result["goals"] = _goals(runs, args)
+    _write(result, args)
+    return result
+
+
+def _http_stack() -> str:
+    parts = []
+    for mod in ("uvloop", "httptools"):
+        try:
+            __import__(mod)
+            parts.append(mod)
+        except ImportError:
+            pass
+    return "uvicorn + " + (" + ".join(parts) if parts else "asyncio + h11")
+
+
+def _goals(runs: list[dict], args) -> dict:
+    """Each goal against each run of the main model (the current code)."""
+    main = [r for r in runs if r["config"].startswith(runs[0]["model"] + ",")]
+    out = {}
+    for r in main:
+        o, c = r["open_loop"], r["closed_loop"]
+        out[r["config"]] = {
+            f"open loop {args.rate:g} req/s p99 <= {GOAL_P99_MS:g} ms": {
+                "p99_ms": o["p99_ms"], "achieved_rps": o["rps"],
+                "met": bool(o["p99_ms"] is not None and o["p99_ms"] <= GOAL_P99_MS and o["errors"] == 0)},
+            f"{args.clients} clients >= {GOAL_RPS:g} req/s": {
+                "rps": c["rps"], "met": bool(c["rps"] is not None and c["rps"] >= GOAL_RPS and c["errors"] == 0)},
+        }
+    return out
+
+
+def _write(result: dict, args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "lookup.json").write_text(json.dumps(result, indent=2) + "\n")
-    rows = [("closed loop, %d clients" % args.clients, result["closed_loop"]),
-            ("open loop, %g req/s" % args.rate, result["open_loop"]),
-            ("similar items, 4 clients", result["similar_closed_loop"])]
-    table = (f"# Lookup benchmark ({', '.join(models)}; {args.items} items, {result['items_per_shard']} per shard)\n\n"
-             + (f"{result['note']}\n\n" if "note" in result else "")
-             + "| load | requests/s | p50 ms | p99 ms | max ms | errors |\n|---|---|---|---|---|---|\n"
-             + "".join(f"| {name} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} | {r['errors']} |\n"
-                       for name, r in rows)
-             + f"\nShard rebuild from Redis: {result['shard_reload_ms']} ms.\n")
-    (args.out / "lookup.md").write_text(table)
-    print(table)
-    return result
+    lines = [f"# Lookup benchmark ({', '.join(result['models'])}; {result['items']} items, "
+             f"{result['items_per_shard']} per shard" + (f", {result['factors']} factors" if "factors" in result else "")
+             + f"; {result['cpus']} CPUs, load average {result['load_average_at_start'][0]:.1f} at start; "
+             f"{result['http']})", ""]
+    if "note" in result:
+        lines += [result["note"], ""]
+    lines += ["| server | load | requests/s | p50 ms | p99 ms | max ms | errors |", "|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        for label, key in ((f"closed loop, {args.clients} clients", "closed_loop"),
+                           (f"open loop, {args.rate:g} req/s", "open_loop"),
+                           ("similar items, 4 clients", "similar_closed_loop")):
+            m = r[key]
+            lines.append(f"| {r['config']} | {label} | {m['rps']} | {m['p50_ms']} | {m['p99_ms']} | {m['max_ms']} "
+                         f"| {m['errors']} |")
+    lines += ["", "Goals:", ""]
+    for config, goals in result["goals"].items():
+        for goal, got in goals.items():
+            shown = {k: v for k, v in got.items() if k != "met"}
+            lines.append(f"- {config}: {goal}: {'met' if got['met'] else 'NOT met'} ({shown})")
+    f = result.get("freshness", {})
+    if f.get("samples"):
+        lines += ["", f"Freshness (event produced -> reflected in an answer, {f['samples']} events, "
+                      f"{f['missed_after_10s']} not within 10 s): p10 {f['p10_ms']} ms, p50 {f['p50_ms']} ms, "
+                      f"p90 {f['p90_ms']} ms, p99 {f['p99_ms']} ms, max {f['max_ms']} ms; "
+                      f"histogram {f['histogram_ms']}."]
+    lines += ["", f"Shard rebuild from Redis (load + prepare): {result['shard_reload_ms']} ms.", ""]
+    text = "\n".join(lines)
+    (args.out / "lookup.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ class Batch:
 
     `n_*` are the vocabulary sizes after this batch was coded, so every id in
     the batch is below them. Item id -1 marks a query without an item (lookups).
+    The last `time_columns` columns of `context` are derived from `ts` (hour of
+    day, day of week); the others come from the events' own `context`.
     """
 
     users: np.ndarray  # [B] int64
@@ -41,6 +43,7 @@ class Batch:
     n_items: int
     n_sessions: int
     n_context: int
+    time_columns: int = 0
 
     def __len__(self) -> int:
         return len(self.items)
@@ -50,8 +53,13 @@ class Batch:
         return Batch(
             self.users[rows], self.items[rows], self.sessions[rows], self.event_types[rows],
             self.weights[rows], self.ts[rows], self.values[rows], self.context[rows],
-            self.n_users, self.n_items, self.n_sessions, self.n_context,
+            self.n_users, self.n_items, self.n_sessions, self.n_context, self.time_columns,
         )
+
+    @property
+    def event_context(self) -> np.ndarray:  # [B, C - time_columns]
+        """The context columns that came with the events (no time features)."""
+        return self.context[:, : self.context.shape[1] - self.time_columns]
 
 
 class Model(ABC):

@@ -138,9 +138,11 @@ class Featurizer:
         self.open_sessions[event.user_id] = (key, max(event.ts, last))
         return key
 
-    def context_keys(self, context: Mapping[str, Any], ts: float) -> list[str]:
-        """Context features as `key=value` strings, time features included."""
-        keys = [f"{k}={_norm(v)}" for k, v in list(context.items())[: self.max_context]] if context else []
+    def context_keys(self, context: Mapping[str, Any], ts: float) -> list[str | None]:
+        """The context row as `key=value` strings: the event's own context padded with
+        None to `max_context` entries, then the time features (hour of day, day of week)."""
+        keys: list[str | None] = [f"{k}={_norm(v)}" for k, v in list(context.items())[: self.max_context]]
+        keys.extend([None] * (self.max_context - len(keys)))
         if self.time_features:
             day, second = divmod(int(ts), 86400)
             keys.append(_HOURS[second // 3600])
@@ -150,7 +152,6 @@ class Featurizer:
     def batch(self, events: Iterable[EventLike]) -> Batch:
         """Code `events` (adding new ids to the vocabularies) into a batch."""
         events = list(events)
-        width = self.max_context + (2 if self.time_features else 0)
         users, items, sessions, ts, values, rows = [], [], [], [], [], []
         add_user, add_item, add_session, add_context = self.users.add, self.items.add, self.sessions.add, self.contexts.add
         for e in events:
@@ -160,25 +161,20 @@ class Featurizer:
             sessions.append(add_session(self.session_key(e), t))
             ts.append(t)
             values.append(math.nan if e.value is None else e.value)
-            row = [add_context(key, t) for key in self.context_keys(e.context, t)]
-            row.extend([-1] * (width - len(row)))
-            rows.append(row)
+            rows.append([-1 if key is None else add_context(key, t) for key in self.context_keys(e.context, t)])
         kinds = [e.event_type for e in events]
         return self._wrap(
             np.array(users, np.int64), np.array(items, np.int64), np.array(sessions, np.int64),
             np.array([EVENT_CODE[k] for k in kinds], np.int8),
             np.array([self._weight.get(k, 1.0) for k in kinds], np.float32),
             np.array(ts, np.float64), np.array(values, np.float32),
-            np.array(rows, np.int64).reshape(len(events), width),
+            np.array(rows, np.int64).reshape(len(events), self.max_context + (2 if self.time_features else 0)),
         )
 
 
     def query(self, user_id: str | None, context: Mapping[str, Any], ts: float, session_id: str | None = None) -> Batch:
         """A one-row batch (item -1) for a lookup; unknown ids and context values code as -1."""
-        ctx = [self.contexts.get(k) for k in self.context_keys(context, ts)]
-        width = self.max_context + (2 if self.time_features else 0)
-        context_row = np.full((1, width), -1, np.int64)
-        context_row[0, : len(ctx)] = ctx
+        context_row = np.array([[-1 if k is None else self.contexts.get(k) for k in self.context_keys(context, ts)]])
         session = self.sessions.get("s:" + session_id) if session_id is not None else -1
         return self._wrap(
             np.array([self.users.get(user_id) if user_id else -1]), np.array([-1]), np.array([session]),
@@ -186,7 +182,10 @@ class Featurizer:
         )
 
     def _wrap(self, *columns: np.ndarray) -> Batch:
-        return Batch(*columns, len(self.users), len(self.items), len(self.sessions), len(self.contexts))
+        return Batch(
+            *columns, len(self.users), len(self.items), len(self.sessions), len(self.contexts),
+            2 if self.time_features else 0,
+        )
 
 
 def _norm(value: Any) -> str:

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from producers.schema import MAX_CONTEXT_KEYS, MAX_ID_CHARS, encode
 from stream_app.errors import InvalidEvent, ServiceError
-from stream_app.serving import ModelCache, ShardView, query_batch, strongest, top_k
+from stream_app.serving import ModelCache, ShardView, limit_blas_threads, query_batch, strongest, top_k
 from stream_app.settings import Settings
 
 log = logging.getLogger("streamrec.api")
@@ -156,13 +156,12 @@ class Recommender:
             if m.query == "session" and user_id in f.open_sessions:
                 session_row = f.sessions.get(f.open_sessions[user_id][0])
             batch = query_batch(view, user_id, context, time.time(), session_row=session_row)
-            scores = self._scores(view, m, batch)
-            if known and not include_seen:
-                seen = history[:, 0]
-                scores[seen[(seen >= 0) & (seen < len(scores))]] = -np.inf
-            idx = top_k(scores, k)
+            exclude = history[:, 0] if known and not include_seen else None
+            idx, scores = view.rank(used, m, batch, k, exclude)
             reasons = self._reasons(view, used, idx, history, context) if known else [_popular(context)] * len(idx)
-            items = [{"item_id": view.item_names[i], "score": _num(scores[i]), "reason": r} for i, r in zip(idx, reasons)]
+            names = view.item_names
+            items = [{"item_id": names[i], "score": s, "reason": r}
+                     for i, s, r in zip(idx.tolist(), scores.tolist(), reasons)]
         return {"user_id": user_id, "model": model, "model_version": view.version, "partition": partition,
                 "items": items}
 
@@ -182,9 +181,9 @@ class Recommender:
                 reason = _popular(context)
                 if m.query != "session":
                     reason["note"] = f"{used} ranks for users, not sessions; answered by popularity in context"
-            scores = self._scores(view, m, batch)
-            idx = top_k(scores, k)
-            items = [{"item_id": view.item_names[i], "score": _num(scores[i]), "reason": reason} for i in idx]
+            idx, scores = view.rank(used, m, batch, k)
+            items = [{"item_id": view.item_names[i], "score": s, "reason": reason}
+                     for i, s in zip(idx.tolist(), scores.tolist())]
         return {"user_id": None, "session_id": session_id, "model": model, "model_version": view.version,
                 "partition": view.partition, "items": items}
 
@@ -195,16 +194,6 @@ class Recommender:
         if "pop" in view.models:
             return "pop", view.models["pop"]
         return model, None
-
-    @staticmethod
-    def _scores(view: ShardView, model, batch) -> np.ndarray:
-        raw = np.asarray(model.score(batch, np.array([0]))[0], np.float64)
-        scores = np.full(view.n_items, -np.inf)
-        n = min(len(raw), view.n_items)
-        scores[:n] = raw[:n]
-        scores[~view.valid_items] = -np.inf
-        scores[~np.isfinite(scores)] = -np.inf
-        return scores
 
     def _reasons(self, view: ShardView, model: str, idx: np.ndarray, history: np.ndarray,
                  context: dict[str, str]) -> list[dict]:
@@ -219,17 +208,18 @@ class Recommender:
         vm = view.vector_model(model)
         if vm is not None:
             vectors = view.item_vectors(vm)
-            sims = vectors[idx] @ vectors[anchors].T  # [k, anchors]
+            sims = vectors[idx] @ vectors[anchors].T  # [k, anchors], tiny
             how = "embedding"
         else:
             sims = view.cooccurrence().counts(idx.tolist(), anchors)
             how = "co_occurrence"
         best = np.argmax(sims, axis=1)  # ties go to the most recent anchor
+        top = sims[np.arange(len(best)), best].tolist()
         out = []
-        for r, j in enumerate(best):
+        for j, sim in zip(best.tolist(), top):
             a = anchors[j]
             out.append({"kind": "similar_to", "item_id": view.item_names[a], "event_type": kinds.get(a, "click"),
-                        "by": how, "similarity": _num(sims[r, j])})
+                        "by": how, "similarity": sim})
         return out
 
     # ---- /items/{id}/similar
@@ -247,10 +237,14 @@ class Recommender:
             found = True
             vm = view.vector_model(model)
             if vm is not None:
-                vectors = view.item_vectors(vm)
-                scores = (vectors @ vectors[row]).astype(np.float64)
-                reasons = lambda i: {"kind": "embedding", "model": vm, "item_id": item_id}  # noqa: E731
                 used.add(vm)
+                reason = {"kind": "embedding", "model": vm, "item_id": item_id}
+                rows, sims = view.similar_rows(vm, row, k)
+                for i, sim in zip(rows.tolist(), sims.tolist()):
+                    name = view.item_names[i]
+                    if name not in merged or sim > merged[name][0]:
+                        merged[name] = (sim, reason)
+                continue
             else:
                 co = view.cooccurrence().similar(row)
                 ctx_scores, ctx = self._context_popularity(view, row)
@@ -269,11 +263,11 @@ class Recommender:
                 used_name, m = self._pick(view, model or self.models[0])
                 if m is None:
                     continue
-                scores = self._scores(view, m, query_batch(view, None, {}, time.time()))
-                for i in top_k(scores, k):
+                rows, scores = view.rank(used_name, m, query_batch(view, None, {}, time.time()), k)
+                for i, score in zip(rows.tolist(), scores.tolist()):
                     name = view.item_names[i]
                     old = merged.get(name, (0.0, None))[0]
-                    merged[name] = (old + float(scores[i]), _popular({}))
+                    merged[name] = (old + score, _popular({}))
             used.add("popularity")
         best = sorted(merged.items(), key=lambda kv: -kv[1][0])[:k]
         return {"item_id": item_id, "known": found, "model": ",".join(sorted(used)), "model_version": versions,
@@ -283,7 +277,8 @@ class Recommender:
     def _context_popularity(view: ShardView, row: int) -> tuple[np.ndarray, dict[str, str]]:
         """Popularity in the item's own top contexts (from the pop model's per-context counts)."""
         pop = view.models.get("pop")
-        if pop is None:
+        scorer = view.scorers.get("pop")
+        if pop is None or scorer is None:
             return np.zeros(view.n_items), {}
         ctx_counts = pop.export_state()["ctx_count"]
         if row >= len(ctx_counts):
@@ -298,7 +293,7 @@ class Recommender:
                 key, _, value = name.partition("=")
                 context.setdefault(key, value)
         batch = query_batch(view, None, context, time.time())
-        return np.nan_to_num(Recommender._scores(view, pop, batch), neginf=0.0), context
+        return np.nan_to_num(scorer.scores(batch).astype(np.float64), neginf=0.0), context
 
 
 def _popular(context: dict[str, str]) -> dict:
@@ -311,10 +306,19 @@ def _num(x: float) -> float | None:
 
 
 def create_app(settings: Settings | None = None, models: tuple[str, ...] | list[str] = ("pop",), *,
-               refresh_interval: float = 0.25, redis_timeout: float = 1.0, producer: Any = None) -> FastAPI:
-    """The FastAPI app over the state in `settings.redis_url` for `settings.events_topic`."""
+               refresh_interval: float = 0.25, redis_timeout: float = 1.0, producer: Any = None,
+               ann_threshold: int = 50_000, blas_threads: int | None = 1) -> FastAPI:
+    """The FastAPI app over the state in `settings.redis_url` for `settings.events_topic`.
+
+    `ann_threshold`: catalogue size (items per shard) from which embedding models answer through an
+    hnswlib index instead of an exact mat-vec. `blas_threads`: BLAS threads of this process (1: a
+    server's parallelism comes from concurrent requests and worker processes; None leaves it alone).
+    """
     settings = settings or Settings()
-    cache = ModelCache(settings, models, refresh_interval=refresh_interval, timeout=redis_timeout)
+    if blas_threads is not None:
+        limit_blas_threads(blas_threads)
+    cache = ModelCache(settings, models, refresh_interval=refresh_interval, timeout=redis_timeout,
+                       ann_threshold=ann_threshold)
     rec = Recommender(cache)
     registry = CollectorRegistry()
     latency = Histogram("streamrec_api_request_seconds", "Request latency by endpoint", ["endpoint"],
@@ -336,7 +340,9 @@ def create_app(settings: Settings | None = None, models: tuple[str, ...] | list[
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        cache.start()  # the refresher thread loads every shard now, before the first request needs it
         yield
+        cache.close()
         if app.state.producer is not None:
             try:
                 app.state.producer.close()
@@ -349,15 +355,7 @@ def create_app(settings: Settings | None = None, models: tuple[str, ...] | list[
     app.state.producer = producer
     app.state.settings = settings
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "unmatched")
-        latency.labels(endpoint).observe(time.perf_counter() - started)
-        requests.labels(endpoint, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_Measure, latency=latency, requests=requests)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -386,8 +384,10 @@ def create_app(settings: Settings | None = None, models: tuple[str, ...] | list[
         log.exception("unexpected error on %s", request.url.path)
         return _json({"error": f"internal error ({type(exc).__name__}); see the server log"}, 500)
 
+    # The lookups are short CPU work on prepared arrays and never wait for Redis (the cache refreshes in
+    # its own thread), so they run on the event loop: no thread-pool hop per request.
     @app.get("/recommendations")
-    def recommendations(request: Request):
+    async def recommendations(request: Request):
         _check_params(request, RECOMMEND_PARAMS)
         user_id, session_id = _id(request, "user_id"), _id(request, "session_id")
         if (user_id is None) == (session_id is None):
@@ -401,7 +401,7 @@ def create_app(settings: Settings | None = None, models: tuple[str, ...] | list[
         return _json(rec.for_session(session_id, k, model, context))
 
     @app.get("/items/{item_id}/similar")
-    def similar(item_id: str, request: Request):
+    async def similar(item_id: str, request: Request):
         _check_params(request, SIMILAR_PARAMS)
         if not item_id.strip():
             raise ApiError(400, "item_id must not be empty")
@@ -472,3 +472,58 @@ def create_app(settings: Settings | None = None, models: tuple[str, ...] | list[
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+class _Measure:
+    """Pure ASGI middleware: latency histogram and request counter per route (no BaseHTTPMiddleware cost)."""
+
+    def __init__(self, app, latency: Histogram, requests: Counter):
+        self.app = app
+        self.latency = latency
+        self.requests = requests
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "unmatched")
+            self.latency.labels(endpoint).observe(time.perf_counter() - started)
+            self.requests.labels(endpoint, str(status[0])).inc()
+
+
+API_ENV = {  # read by app_from_env (what `streamrec serve --workers N` hands its worker processes)
+    "models": "STREAMREC_API_MODELS",
+    "refresh": "STREAMREC_API_REFRESH",
+    "redis_timeout": "STREAMREC_API_REDIS_TIMEOUT",
+    "ann_threshold": "STREAMREC_API_ANN_THRESHOLD",
+}
+
+
+def app_from_env() -> FastAPI:
+    """App factory for uvicorn's import string (`stream_app.api:app_from_env`, factory=True).
+
+    Settings come from the STREAMREC_* environment (`Settings.environ()` in the parent), the API's own
+    options from STREAMREC_API_* (see `API_ENV`)."""
+    import os
+
+    from models.registry import parse_names
+
+    env = os.environ
+    return create_app(
+        Settings(), tuple(parse_names(env.get(API_ENV["models"], "pop"))),
+        refresh_interval=float(env.get(API_ENV["refresh"], "0.25")),
+        redis_timeout=float(env.get(API_ENV["redis_timeout"], "1.0")),
+        ann_threshold=int(env.get(API_ENV["ann_threshold"], "50000")),
+    )

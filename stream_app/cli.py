@@ -142,24 +142,45 @@ def serve(
     topic: Optional[str] = typer.Option(None, "--topic", help="events topic [env STREAMREC_EVENTS_TOPIC]"),
     partitions: Optional[int] = typer.Option(None, "--partitions", help="partitions of the events topic [env STREAMREC_EVENTS_PARTITIONS]"),
     refresh: float = typer.Option(0.25, "--refresh", min=0.01, help="seconds between checks of a shard's model version"),
+    workers: int = typer.Option(
+        1, "--workers", min=1,
+        help="uvicorn worker processes sharing the port. More processes use more cores (no shared GIL) but each "
+             "holds and refreshes its own copy of every shard (N x memory, N x reload work per model version)",
+    ),
+    ann_threshold: int = typer.Option(
+        50_000, "--ann-threshold", min=0,
+        help="items per shard from which embedding models answer through an hnswlib index (exact below)",
+    ),
     bootstrap: Optional[str] = Bootstrap,
     redis_url: Optional[str] = RedisUrl,
 ) -> None:
     """Serve the lookup HTTP API (recommendations, similar items, POST /events, /metrics) from Redis state."""
+    import os
+
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")  # before numpy loads, here and in worker processes
     import uvicorn
 
     from models.registry import parse_names
-    from stream_app.api import create_app
+    from stream_app.api import API_ENV, create_app
 
+    conf = settings(kafka_bootstrap=bootstrap, redis_url=redis_url, events_topic=topic, events_partitions=partitions)
     try:
-        app_ = create_app(
-            settings(kafka_bootstrap=bootstrap, redis_url=redis_url, events_topic=topic, events_partitions=partitions),
-            tuple(parse_names(models)), refresh_interval=refresh,
-        )
+        names = tuple(parse_names(models))
+        if workers == 1:
+            app_ = create_app(conf, names, refresh_interval=refresh, ann_threshold=ann_threshold)
     except StreamrecError as exc:
         fail(exc)
-    typer.echo(f"serving on http://{host}:{port} (models: {models})")
-    uvicorn.run(app_, host=host, port=port, log_level="warning")
+    typer.echo(f"serving on http://{host}:{port} (models: {models}; {workers} worker process(es))")
+    options = dict(host=host, port=port, log_level="warning", access_log=False)  # loop/http: uvloop, httptools if installed
+    if workers == 1:
+        uvicorn.run(app_, **options)
+        return
+    # Worker processes import the app by name and read their settings from the environment.
+    os.environ.update(conf.environ())
+    os.environ.update({API_ENV["models"]: ",".join(names), API_ENV["refresh"]: str(refresh),
+                       API_ENV["ann_threshold"]: str(ann_threshold)})
+    uvicorn.run("stream_app.api:app_from_env", factory=True, workers=workers, **options)
 
 
 @app.command()
@@ -215,17 +236,27 @@ def monitor(
     terminal: bool = typer.Option(False, "--terminal", help="live rich table in the terminal instead of the web page"),
     host: str = typer.Option("127.0.0.1", "--host", help="dashboard address"),
     port: int = typer.Option(8050, "--port", help="dashboard port"),
+    tumbling: int = typer.Option(10, "--tumbling", min=1, help="tumbling window size, seconds"),
+    hopping: str = typer.Option("30,10", "--hopping", help="hopping window SIZE,STEP in seconds (SIZE a multiple of STEP)"),
+    lag_interval: float = typer.Option(2.0, "--lag-interval", min=0.1, help="seconds between consumer-lag samples"),
+    lag_group: Optional[str] = typer.Option(None, "--lag-group", help="consumer group whose lag is watched (default: the workers')"),
     bootstrap: Optional[str] = Bootstrap,
     redis_url: Optional[str] = RedisUrl,
 ) -> None:
-    """Watch the metrics topic: windowed aggregates, drift alerts, web dashboard (or --terminal)."""
+    """Watch the metrics topic: faust windowed tables, consumer lag, drift alerts, web dashboard (or --terminal)."""
     import logging
 
-    from stream_app.monitor import run
+    from stream_app.monitor import check_windows, run
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        run(settings(kafka_bootstrap=bootstrap, redis_url=redis_url), host=host, port=port, terminal=terminal)
+        size, step = (float(x) for x in hopping.split(","))
+        check_windows(tumbling, (size, step))
+    except ValueError as exc:
+        raise typer.BadParameter(f"--tumbling/--hopping: {exc}") from None
+    try:
+        run(settings(kafka_bootstrap=bootstrap, redis_url=redis_url), host=host, port=port, terminal=terminal,
+            tumbling=tumbling, hopping=(size, step), lag_interval=lag_interval, lag_group=lag_group)
     except StreamrecError as exc:
         fail(exc)
 

@@ -2,32 +2,41 @@
 
 Layout (the Kafka part is thin on purpose; everything else is testable without a broker):
 
-- `WindowedAggregate`: tumbling (step == size) and hopping (step < size) windows over
-  record time (`ts`) per key, holding count and means of recall/AUC/MRR and events/s.
+- Windowed aggregates are faust windowed tables (`build_app`): tumbling and hopping
+  tables keyed per model and per (model, event type), relative to each metric
+  record's `ts`, whose values are the accumulators of `contribution`/`merge`
+  (count, sums and counts of recall/AUC/MRR, events); a pair keyed per partition
+  (and "total") holds the consumer lag samples, relative to the sample's `ts` field.
+  After each update the agent copies the touched windows into `MonitorState`
+  (`put_window`), which is what the dashboard and the terminal view read.
+- Consumer lag: a faust timer samples `kafka.group_lag` of the workers' consumer
+  group on the events topic every `lag_interval` seconds and sends it to an
+  internal topic, whose agent feeds the lag tables and the state.
 - `DriftWatcher`: one `river.drift.ADWIN` per (model, metric) on recall and AUC; a
   detected *drop* becomes an alert `{"ts","model","metric","before","after","detector"}`.
 - `MonitorState`: ingests metric records (DESIGN.md section 5), pools workers per model
-  (`metrics_view.latest_by_model`), keeps a bounded per-model history, the windows,
-  the alerts, and a sequence of change events for the dashboard's SSE stream.
-- `RedisHistory`: the bounded history in Redis (one capped list per model plus one for
-  alerts), reloaded when the monitor restarts so charts and detectors resume.
-- `build_app` / `run`: a faust-streaming app whose one agent feeds `metrics` records to
-  the state and sends alerts to the alerts topic; the dashboard (uvicorn, a thread) or a
-  rich terminal view shows the state.
+  (`metrics_view.latest_by_model`), keeps a bounded per-model history, the lag history,
+  the windows copied from the faust tables, the alerts, and a sequence of change events
+  for the dashboard's SSE stream.
+- `RedisHistory`: the bounded history in Redis (one capped list per model, one for lag
+  samples, one for alerts), reloaded when the monitor restarts so charts and detectors
+  resume; the windowed tables come back from their faust changelog topics.
+- `run`: the faust app in the main thread; the dashboard (uvicorn, a thread) or a rich
+  terminal view shows the state.
 
-Consumer lag is not in the metric records, so it is not shown; events/s comes from
-`events_seen` deltas per (worker, model).
+events/s comes from `events_seen` deltas per (worker, model).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import os
 import math
+import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import orjson
@@ -41,73 +50,46 @@ DRIFT_METRICS = ("recall", "auc")
 ALL = "all"  # event-type key of the whole-model aggregates
 
 
-# --------------------------------------------------------------------------- windows
+# --------------------------------------------------------------------------- window values
 
-@dataclass
-class _Acc:
-    n: int = 0
-    sums: dict[str, float] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
-    events: int = 0
+def contribution(values: dict[str, float | None], events: int = 0) -> dict:
+    """One record's share of a window accumulator (the value merged into a faust table window)."""
+    present = {k: float(v) for k, v in values.items() if v is not None}
+    return {"n": 1, "events": int(events), "sum": present, "cnt": {k: 1 for k in present},
+            "max": dict(present)}
 
 
-class WindowedAggregate:
-    """Windows of `size` seconds starting every `step` seconds (tumbling when step == size).
+def merge(acc: dict | None, add: dict) -> dict:
+    """acc + add, as a new dict (JSON-serialisable: it goes to the table's changelog)."""
+    acc = acc or {}
+    out = {"n": acc.get("n", 0) + add["n"], "events": acc.get("events", 0) + add["events"],
+           "sum": dict(acc.get("sum", {})), "cnt": dict(acc.get("cnt", {})), "max": dict(acc.get("max", {}))}
+    for k, v in add["sum"].items():
+        out["sum"][k] = out["sum"].get(k, 0.0) + v
+        out["cnt"][k] = out["cnt"].get(k, 0) + add["cnt"][k]
+        out["max"][k] = max(out["max"].get(k, v), add["max"][k])
+    return out
 
-    A record at time t belongs to every window [start, start + size) with start a
-    multiple of `step`. Only the `keep` most recent windows per key are kept.
-    """
 
-    def __init__(self, size: float, step: float | None = None, keep: int = 120):
-        self.size = float(size)
-        self.step = float(step or size)
-        if self.step <= 0 or self.step > self.size:
-            raise ValueError("need 0 < step <= size")
-        self.keep = keep
-        self._windows: dict[Any, dict[float, _Acc]] = {}
+def window_row(start: float, size: float, acc: dict) -> dict:
+    """What the dashboard shows of one window: start, end, n, events/s, means (and lag_max)."""
+    row: dict[str, Any] = {"start": float(start), "end": float(start) + size, "n": acc.get("n", 0),
+                           "events_per_s": acc.get("events", 0) / size}
+    for name, total in acc.get("sum", {}).items():
+        row[name] = total / acc["cnt"][name]
+    if "lag" in acc.get("max", {}):
+        row["lag_max"] = acc["max"]["lag"]
+    return row
 
-    @property
-    def kind(self) -> str:
-        return "tumbling" if self.step == self.size else "hopping"
 
-    def starts(self, ts: float) -> list[float]:
-        last = math.floor(ts / self.step) * self.step
-        out = []
-        start = last
-        while start > ts - self.size:
-            out.append(round(start, 9))
-            start -= self.step
-        return sorted(out)
-
-    def add(self, key: Any, ts: float, values: dict[str, float | None], events: int = 0) -> None:
-        windows = self._windows.setdefault(key, {})
-        for start in self.starts(ts):
-            acc = windows.get(start)
-            if acc is None:
-                acc = windows[start] = _Acc()
-            acc.n += 1
-            acc.events += events
-            for name, v in values.items():
-                if v is not None:
-                    acc.sums[name] = acc.sums.get(name, 0.0) + float(v)
-                    acc.counts[name] = acc.counts.get(name, 0) + 1
-        if len(windows) > self.keep:
-            for start in sorted(windows)[: len(windows) - self.keep]:
-                del windows[start]
-
-    def keys(self) -> list[Any]:
-        return list(self._windows)
-
-    def windows(self, key: Any) -> list[dict]:
-        """One dict per window of `key`, oldest first: start, end, n, means, events_per_s."""
-        out = []
-        for start, acc in sorted(self._windows.get(key, {}).items()):
-            row: dict[str, Any] = {"start": start, "end": start + self.size, "n": acc.n,
-                                   "events_per_s": acc.events / self.size}
-            for name, total in acc.sums.items():
-                row[name] = total / acc.counts[name]
-            out.append(row)
-        return out
+def check_windows(tumbling: float, hopping: tuple[float, float]) -> None:
+    """faust windows step in whole seconds, and hopping ones only tile when size is a multiple of step."""
+    size, step = hopping
+    for v in (tumbling, size, step):
+        if v <= 0 or float(v) != int(v):
+            raise ValueError(f"window sizes and steps are whole seconds > 0, not {v}")
+    if step > size or size % step:
+        raise ValueError(f"hopping window size {size:g} must be a multiple of its step {step:g}")
 
 
 # --------------------------------------------------------------------------- drift
@@ -219,27 +201,60 @@ class RedisHistory:
         pipe.ltrim(key, -self.cap, -1)
         pipe.execute()
 
-    def load(self) -> tuple[dict[str, list[dict]], list[dict]]:
+    def push_lag(self, sample: dict) -> None:
+        key = f"{self.base}:lag"
+        pipe = self.client.pipeline()
+        pipe.rpush(key, orjson.dumps(sample))
+        pipe.ltrim(key, -self.cap, -1)
+        pipe.execute()
+
+    def load(self) -> tuple[dict[str, list[dict]], list[dict], list[dict]]:
+        """(points per model, alerts, lag samples), oldest first."""
         models = sorted(m.decode() for m in self.client.smembers(f"{self.base}:models"))
         points = {m: [orjson.loads(x) for x in self.client.lrange(f"{self.base}:history:{m}", 0, -1)] for m in models}
         alerts = [orjson.loads(x) for x in self.client.lrange(f"{self.base}:alerts", 0, -1)]
-        return points, alerts
+        lag = [orjson.loads(x) for x in self.client.lrange(f"{self.base}:lag", 0, -1)]
+        return points, alerts, lag
 
 
 # --------------------------------------------------------------------------- state
 
+KINDS = ("tumbling", "hopping")
+GROUPS = ("model", "type", "lag")  # window keys: model | (model, event type) | "total" / "p<partition>"
+
+
+@dataclass
+class Ingested:
+    """What `MonitorState.ingest_record` took from one metric record (None when it skipped it)."""
+
+    model: str
+    ts: float
+    events: int  # events_seen delta since this (worker, model)'s previous record
+    values: dict[str, float | None]
+    by_event_type: dict[str, dict[str, float | None]]
+    alerts: list[dict]
+
+
 class MonitorState:
-    """Everything the dashboard and the terminal view show; thread-safe; no Kafka."""
+    """Everything the dashboard and the terminal view show; thread-safe; no Kafka.
+
+    The windows (`put_window`) are written by the faust app from its windowed tables.
+    """
 
     def __init__(self, tumbling: float = 10.0, hopping: tuple[float, float] = (30.0, 10.0),
                  history: int = 2000, drift: DriftWatcher | None = None, store: RedisHistory | None = None,
-                 topic: str = "metrics"):
+                 topic: str = "metrics", keep_windows: int = 120, lag_group: str = "", lag_topic: str = ""):
+        check_windows(tumbling, hopping)
         self.lock = threading.Lock()
         self.topic = topic
-        self.tumbling = WindowedAggregate(tumbling)
-        self.hopping = WindowedAggregate(*hopping)
+        self.sizes = {"tumbling": (float(tumbling), float(tumbling)),
+                      "hopping": (float(hopping[0]), float(hopping[1]))}
+        self.keep_windows = keep_windows
+        self.windows: dict[str, dict[tuple[str, Any], dict[float, dict]]] = {k: {} for k in KINDS}
         self.history_cap = history
         self.series: dict[str, deque] = {}
+        self.lag: deque = deque(maxlen=history)
+        self.lag_group, self.lag_topic = lag_group, lag_topic
         self.latest: dict[tuple[str, str], dict] = {}
         self._last_seen: dict[tuple[str, str], tuple[float, int]] = {}
         self.alerts: deque = deque(maxlen=history)
@@ -258,7 +273,7 @@ class MonitorState:
         """Reload the stored history (and re-warm the detectors silently); the number of points."""
         if self.store is None:
             return 0
-        points, alerts = self.store.load()
+        points, alerts, lag = self.store.load()
         with self.lock:
             for model, pts in points.items():
                 series = self.series.setdefault(model, deque(maxlen=self.history_cap))
@@ -270,31 +285,34 @@ class MonitorState:
                     if p.get("worker") is not None:
                         self._last_seen[(p["worker"], model)] = (p["ts"], p.get("worker_events_seen", 0))
             self.alerts.extend(alerts)
-        return sum(len(p) for p in points.values())
+            self.lag.extend(lag)
+        return sum(len(p) for p in points.values()) + len(lag)
+
+    # -- metric records
 
     def ingest(self, rec: dict) -> list[dict]:
         """Take one metric record; return the alerts it raised."""
+        got = self.ingest_record(rec)
+        return got.alerts if got else []
+
+    def ingest_record(self, rec: dict) -> Ingested | None:
+        """Take one metric record: history point, drift check, SSE event. None if skipped (a replay)."""
         model, worker = rec.get("model"), rec.get("worker", "?")
         if not model or rec.get("ts") is None:
-            return []
+            return None
         ts = float(rec["ts"])
         key = (worker, model)
         alerts: list[dict] = []
         with self.lock:
             last = self._last_seen.get(key)
             if last is not None and ts <= last[0]:
-                return []  # replayed after a restart: already in the history
+                return None  # replayed after a restart: already in the history
             seen = int(rec.get("events_seen") or 0)
             delta = max(0, seen - last[1]) if last is not None else 0
             rate = delta / (ts - last[0]) if last is not None and ts > last[0] else 0.0
             self._last_seen[key] = (ts, seen)
             self.latest[key] = rec
             self.records += 1
-            values = {name: rec.get(name) for name in VALUES}
-            for agg in (self.tumbling, self.hopping):
-                agg.add((model, ALL), ts, values, delta)
-                for etype, sub in (rec.get("by_event_type") or {}).items():
-                    agg.add((model, etype), ts, {name: sub.get(name) for name in VALUES})
             pooled = latest_by_model({k: v for k, v in self.latest.items() if k[1] == model}).get(model, {})
             point = {"ts": ts, "worker": worker, "worker_events_seen": seen, "events_per_s": rate,
                      "evaluated": pooled.get("evaluated"), "events_seen": pooled.get("events_seen"),
@@ -315,7 +333,65 @@ class MonitorState:
                     self.store.push_alert(alert)
             except Exception as exc:  # history is best effort; the live view goes on
                 log.warning("could not store monitor history: %s", exc)
-        return alerts
+        by_type = {etype: {name: sub.get(name) for name in VALUES}
+                   for etype, sub in (rec.get("by_event_type") or {}).items() if isinstance(sub, dict)}
+        return Ingested(model, ts, delta, {name: rec.get(name) for name in VALUES}, by_type, alerts)
+
+    # -- consumer lag samples
+
+    def ingest_lag(self, sample: dict) -> bool:
+        """Take one lag sample {"ts", "group", "topic", "partitions": {p: lag}, "total"}; False if a replay."""
+        with self.lock:
+            if self.lag and sample["ts"] <= self.lag[-1]["ts"]:
+                return False
+            self.lag.append(sample)
+            self._emit({"type": "lag", "sample": sample})
+        if self.store is not None:
+            try:
+                self.store.push_lag(sample)
+            except Exception as exc:
+                log.warning("could not store the lag history: %s", exc)
+        return True
+
+    # -- windows (written from the faust tables)
+
+    def put_windows(self, updates: Iterable[tuple[str, str, Any, float, dict]]) -> None:
+        """Copy windows in: (kind, group, key, start, accumulator) each; one SSE event for all."""
+        rows = []
+        with self.lock:
+            for kind, group, key, start, acc in updates:
+                size = self.sizes[kind][0]
+                per_key = self.windows[kind].setdefault((group, key), {})
+                row = window_row(start, size, acc)
+                per_key[float(start)] = row
+                if len(per_key) > self.keep_windows:
+                    for old in sorted(per_key)[: len(per_key) - self.keep_windows]:
+                        del per_key[old]
+                if float(start) == max(per_key):
+                    rows.append({"kind": kind, "group": group, "key": list(key) if isinstance(key, tuple) else key,
+                                 "row": row})
+            if rows:
+                self._emit({"type": "windows", "updates": rows})
+
+    def window_rows(self, kind: str, group: str, key: Any) -> list[dict]:
+        with self.lock:
+            return [row for _, row in sorted(self.windows[kind].get((group, key), {}).items())]
+
+    def _windows_snapshot(self, kind: str, last: int) -> dict:
+        by_model: dict[str, dict[str, list]] = {}
+        lag: dict[str, list] = {}
+        for (group, key), per_key in self.windows[kind].items():
+            rows = [row for _, row in sorted(per_key.items())][-last:]
+            if group == "model":
+                by_model.setdefault(key, {})[ALL] = rows
+            elif group == "type":
+                by_model.setdefault(key[0], {})[key[1]] = rows
+            else:
+                lag[key] = rows
+        size, step = self.sizes[kind]
+        return {"size": size, "step": step, "by_model": by_model, "lag": lag}
+
+    # -- reading
 
     def events_since(self, seq: int) -> list[dict]:
         with self.lock:
@@ -327,20 +403,16 @@ class MonitorState:
         with self.lock:
             return latest_by_model(dict(self.latest))
 
-    def snapshot(self) -> dict:
+    def snapshot(self, last_windows: int = 30) -> dict:
         with self.lock:
-            def windows(agg: WindowedAggregate) -> dict:
-                out: dict[str, dict[str, list]] = {}
-                for model, etype in agg.keys():
-                    out.setdefault(model, {})[etype] = agg.windows((model, etype))[-30:]
-                return {"size": agg.size, "step": agg.step, "by_model": out}
-
             return {
                 "topic": self.topic, "seq": self.seq, "records": self.records,
                 "models": sorted(self.series),
                 "latest": latest_by_model(dict(self.latest)),
                 "series": {m: list(s) for m, s in sorted(self.series.items())},
-                "tumbling": windows(self.tumbling), "hopping": windows(self.hopping),
+                "tumbling": self._windows_snapshot("tumbling", last_windows),
+                "hopping": self._windows_snapshot("hopping", last_windows),
+                "lag": {"group": self.lag_group, "topic": self.lag_topic, "series": list(self.lag)},
                 "alerts": list(self.alerts),
             }
 
@@ -354,38 +426,91 @@ def terminal_renderable(state: MonitorState):
     from stream_app.metrics_view import table
 
     rows = state.rows()
-    snap_windows = {}
+    size = state.sizes["tumbling"][0]
     with state.lock:
+        latest_window = {}
         for model in rows:
-            w = state.tumbling.windows((model, ALL))
-            snap_windows[model] = w[-1] if w else None
+            per_key = state.windows["tumbling"].get(("model", model), {})
+            latest_window[model] = per_key[max(per_key)] if per_key else None
+        lag_rows = state.windows["tumbling"].get(("lag", "total"), {})
+        lag_window = {start: row for start, row in lag_rows.items()}
+        lag = state.lag[-1] if state.lag else None
         alerts = list(state.alerts)[-8:]
     main = table(rows, f"streamrec monitor ({state.topic}, {state.records} records)")
-    win = Table(title=f"last {state.tumbling.size:g}s tumbling window")
-    for col in ("model", "records", "recall", "auc", "mrr", "events/s"):
+    win = Table(title=f"last {size:g}s tumbling window (faust table)")
+    for col in ("model", "window", "records", "recall", "auc", "mrr", "events/s", "lag"):
         win.add_column(col, justify="left" if col == "model" else "right")
-    for model, w in snap_windows.items():
+    for model, w in latest_window.items():
         if w:
-            win.add_row(model, str(w["n"]), *(f"{w[c]:.4f}" if c in w else "-" for c in VALUES), f"{w['events_per_s']:.1f}")
+            lw = lag_window.get(w["start"])
+            win.add_row(model, time.strftime("%H:%M:%S", time.localtime(w["start"])), str(w["n"]),
+                        *(f"{w[c]:.4f}" if c in w else "-" for c in VALUES), f"{w['events_per_s']:.1f}",
+                        f"{lw['lag']:.0f}" if lw else "-")
+    lag_table = Table(title=f"consumer lag (group {state.lag_group or '-'} on {state.lag_topic or '-'})",
+                      min_width=72)
+    for col in ("time", "total", "per partition"):
+        lag_table.add_column(col, justify="right" if col == "total" else "left")
+    if lag:
+        parts = ", ".join(f"{p}: {n}" for p, n in sorted(lag["partitions"].items(), key=lambda kv: int(kv[0])))
+        lag_table.add_row(time.strftime("%H:%M:%S", time.localtime(lag["ts"])), str(lag["total"]), parts or "-")
     al = Table(title="alerts (drops found by ADWIN)")
     for col in ("time", "model", "metric", "before", "after"):
         al.add_column(col)
     for a in alerts:
         al.add_row(time.strftime("%H:%M:%S", time.localtime(a["ts"])), a["model"], a["metric"],
                    f"{a['before']:.4f}", f"{a['after']:.4f}")
-    return Group(main, win, al)
+    return Group(main, win, lag_table, al)
 
 
 # --------------------------------------------------------------------------- faust app
 
-def build_app(settings, state: MonitorState, on_alert: Callable[[dict], None] | None = None):
-    """The faust app: one agent on the metrics topic; alerts go to the alerts topic."""
+_LAG_RECORD = None
+
+
+def lag_record_type():
+    """The faust Record of a lag sample (defined once, on first use: importing faust is not free)."""
+    global _LAG_RECORD
+    if _LAG_RECORD is None:
+        import faust
+
+        class LagSample(faust.Record, serializer="json", namespace="streamrec.monitor.LagSample"):
+            ts: float
+            group: str
+            topic: str
+            partitions: dict  # str(partition) -> lag
+            total: int
+
+        _LAG_RECORD = LagSample
+    return _LAG_RECORD
+
+
+def _record_ts(event) -> float:
+    """Window time of a metric record: its own `ts` (the faust tables' relative_to handler)."""
+    return float(orjson.loads(event.value)["ts"])
+
+
+def build_app(settings, state: MonitorState, on_alert: Callable[[dict], None] | None = None,
+              lag_interval: float = 2.0, lag_group: str | None = None, lag_topic: str | None = None,
+              expires: float | None = None):
+    """The faust app: windowed tables fed by an agent on the metrics topic; lag sampled on a timer.
+
+    Tables (all with a changelog topic, so they survive a restart):
+    `windows-<kind>-model` keyed by model, `windows-<kind>-type` keyed by (model, event type),
+    both relative to the record's `ts`; `windows-<kind>-lag` keyed by "total" and "p<partition>",
+    relative to the lag sample's `ts` field.
+    """
     import faust
 
+    from stream_app import kafka
+
+    LagSample = lag_record_type()
+    lag_group = lag_group or settings.consumer_group
+    lag_topic_name = lag_topic or settings.events_topic
+    app_id = f"streamrec-monitor-{settings.metrics_topic}"
     data_dir = settings.state_dir / "monitor"
     data_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
-        f"streamrec-monitor-{settings.metrics_topic}",
+        app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
         value_serializer="raw", key_serializer="raw",
         web_enabled=False, datadir=str(data_dir), store="memory://",
@@ -396,6 +521,30 @@ def build_app(settings, state: MonitorState, on_alert: Callable[[dict], None] | 
     )
     metrics = app.topic(settings.metrics_topic, value_serializer="raw", key_serializer="raw")
     alerts_topic = app.topic(settings.alerts_topic, value_serializer="raw", key_serializer="raw")
+    lag_samples = app.topic(f"{app_id}-lag-samples", value_type=LagSample, key_serializer="raw",
+                            internal=True, partitions=1)
+
+    tables: dict[tuple[str, str], Any] = {}
+    for kind in KINDS:
+        size, step = state.sizes[kind]
+        keep = expires or max(size, step * state.keep_windows)
+        for group in GROUPS:
+            base = app.Table(f"windows-{kind}-{group}", default=dict, partitions=1)  # json keys and values
+            wrapped = base.tumbling(size, expires=keep) if kind == "tumbling" else base.hopping(size, step, expires=keep)
+            tables[(kind, group)] = (wrapped.relative_to_field(LagSample.ts) if group == "lag"
+                                     else wrapped.relative_to(_record_ts))
+
+    def update(items: list[tuple[str, Any, dict]], ts: float) -> None:
+        """Merge (group, key, contribution) into every window of ts, then copy those windows out."""
+        out = []
+        for kind in KINDS:
+            for group, key, add in items:
+                wrapper = tables[(kind, group)]
+                wrapper[key].apply(merge, add)
+                for window_range in wrapper.table.window.ranges(ts):
+                    acc = wrapper.table[(key, window_range)]
+                    out.append((kind, group, key, window_range[0], acc))
+        state.put_windows(out)
 
     @app.agent(metrics)
     async def consume(stream):
@@ -406,38 +555,89 @@ def build_app(settings, state: MonitorState, on_alert: Callable[[dict], None] | 
                 continue
             if not isinstance(rec, dict):
                 continue
-            for alert in state.ingest(rec):
+            try:
+                got = state.ingest_record(rec)
+            except (TypeError, ValueError) as exc:
+                log.warning("skipping a malformed metric record: %s", exc)
+                continue
+            if got is None:
+                continue
+            items = [("model", got.model, contribution(got.values, got.events))]
+            items += [("type", (got.model, etype), contribution(vals)) for etype, vals in got.by_event_type.items()]
+            update(items, got.ts)
+            for alert in got.alerts:
                 log.warning("drift alert: %s", alert)
                 await alerts_topic.send(key=alert["model"].encode(), value=orjson.dumps(alert))
                 if on_alert:
                     on_alert(alert)
 
+    @app.agent(lag_samples)
+    async def consume_lag(stream):
+        async for sample in stream:
+            if not state.ingest_lag(sample.asdict()):
+                continue
+            items = [("lag", "total", contribution({"lag": sample.total}))]
+            items += [("lag", f"p{p}", contribution({"lag": n})) for p, n in sample.partitions.items()]
+            update(items, sample.ts)
+
+    @app.timer(lag_interval)
+    async def sample_lag():
+        loop = asyncio.get_running_loop()
+        try:
+            lags = await loop.run_in_executor(None, kafka.group_lag, settings.kafka_bootstrap, lag_group,
+                                              lag_topic_name)
+        except Exception as exc:  # the broker may be busy or restarting: the next tick tries again
+            log.warning("could not read the consumer lag of %s: %s", lag_group, exc)
+            return
+        await lag_samples.send(value=LagSample(ts=time.time(), group=lag_group, topic=lag_topic_name,
+                                               partitions={str(p): n for p, n in lags.items()},
+                                               total=sum(lags.values())))
+
+    def copy_out(kind: str, group: str, wrapper):
+        async def on_recover() -> None:
+            """After recovery from the changelog: every window into the state (a restart shows them at once)."""
+            out = [(kind, group, tuple(key) if isinstance(key, list) else key, window_range[0], acc)
+                   for (key, window_range), acc in list(wrapper.table.items())]
+            out.sort(key=lambda u: u[3])
+            state.put_windows(out)
+
+        return on_recover
+
+    for (kind, group), wrapper in tables.items():
+        wrapper.table.on_recover(copy_out(kind, group, wrapper))
+    app.monitor_tables = tables  # for tests and debugging
     return app
 
 
-def make_state(settings, history: int = 2000) -> MonitorState:
+def make_state(settings, history: int = 2000, tumbling: float = 10.0, hopping: tuple[float, float] = (30.0, 10.0),
+               lag_group: str | None = None, lag_topic: str | None = None) -> MonitorState:
     store = None
     try:
         store = RedisHistory(settings.redis_url, settings.key_prefix, settings.metrics_topic, cap=history)
     except Exception as exc:
         log.warning("Redis at %s unavailable (%s): history will not survive a restart", settings.redis_url, exc)
-    state = MonitorState(history=history, store=store, topic=settings.metrics_topic)
+    state = MonitorState(tumbling=tumbling, hopping=hopping, history=history, store=store,
+                         topic=settings.metrics_topic, lag_group=lag_group or settings.consumer_group,
+                         lag_topic=lag_topic or settings.events_topic)
     n = state.restore()
     if n:
         log.info("restored %d history points from Redis", n)
     return state
 
 
-def run(settings, host: str = "127.0.0.1", port: int = 8050, terminal: bool = False) -> None:
+def run(settings, host: str = "127.0.0.1", port: int = 8050, terminal: bool = False, tumbling: float = 10.0,
+        hopping: tuple[float, float] = (30.0, 10.0), lag_interval: float = 2.0, lag_group: str | None = None,
+        lag_topic: str | None = None) -> None:
     """Run the monitor until interrupted: faust in the main thread, dashboard or terminal view aside."""
     import faust
 
     from stream_app import kafka
 
+    check_windows(tumbling, hopping)
     kafka.wait_for_broker(settings.kafka_bootstrap)
     kafka.ensure_topics(settings.kafka_bootstrap, {settings.metrics_topic: 1, settings.alerts_topic: 1})
-    state = make_state(settings)
-    app = build_app(settings, state)
+    state = make_state(settings, tumbling=tumbling, hopping=hopping, lag_group=lag_group, lag_topic=lag_topic)
+    app = build_app(settings, state, lag_interval=lag_interval, lag_group=lag_group, lag_topic=lag_topic)
     stoppers: list[Callable[[], None]] = []
     if terminal:
         from rich.console import Console
@@ -467,7 +667,7 @@ def run(settings, host: str = "127.0.0.1", port: int = 8050, terminal: bool = Fa
 
 
 def replay(records: Iterable[dict], state: MonitorState | None = None) -> tuple[MonitorState, list[dict]]:
-    """Feed records to a (new) state without Kafka; the state and every alert raised."""
+    """Feed records to a (new) state without Kafka (no windows: those are faust's); the state and every alert."""
     state = state or MonitorState()
     alerts: list[dict] = []
     for rec in records:

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from stream_app.dashboard import serve_in_thread
-from stream_app.monitor import MonitorState, replay
-from tests.test_monitor import metric_stream, record
+from stream_app.monitor import MonitorState, contribution, replay
+from tests.test_monitor import feed_reference_windows, metric_stream, record
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -37,6 +37,10 @@ def dashboard():
     records.sort(key=lambda r: r["ts"])
     _, alerts = replay(records, state)
     assert len(alerts) == 1
+    feed_reference_windows(state, records)  # what the faust tables would hand over
+    for j in range(20):
+        state.ingest_lag({"ts": now - 40 + 2 * j, "group": "workers", "topic": "events",
+                          "partitions": {"0": 100 - 5 * j, "1": 50}, "total": 150 - 5 * j})
     port = free_port()
     server, thread = serve_in_thread(state, "127.0.0.1", port)
     try:
@@ -95,6 +99,14 @@ def test_dashboard_renders_charts_and_updates_live(dashboard, browser, tmp_path)
             assert svg.get_attribute("data-points") == "200"
             assert svg.find_elements(By.CSS_SELECTOR, "path.series"), f"no line in {chart} of {model}"
     assert browser.find_element(By.ID, "chart-eps").find_elements(By.CSS_SELECTOR, "path.series")
+    # the lag chart: total and one line per partition, 20 samples each
+    lag_chart = browser.find_element(By.ID, "chart-lag")
+    assert lag_chart.get_attribute("data-points") == "60" and len(lag_chart.find_elements(By.CSS_SELECTOR, "path.series")) == 3
+    assert "group workers on events" in browser.find_element(By.ID, "lag-title").text
+    # the windowed aggregates: latest tumbling and hopping window per model
+    keys = {(r.get_attribute("data-key"), r.get_attribute("data-kind"))
+            for r in browser.find_elements(By.CSS_SELECTOR, "#windows tbody tr")}
+    assert {("mf", "tumbling"), ("mf", "hopping"), ("pop", "tumbling"), ("pop", "hopping")} <= keys
     # the planted drop's alert: in the table and as a marker on mf's recall chart
     rows = browser.find_elements(By.CSS_SELECTOR, "#alerts tbody tr")
     assert len(rows) == 1 and "mf" in rows[0].text and "recall" in rows[0].text and "ADWIN" in rows[0].text
@@ -111,6 +123,17 @@ def test_dashboard_renders_charts_and_updates_live(dashboard, browser, tmp_path)
     assert "0.0610" in browser.find_element(By.ID, "card-pop").text
     wait_until(lambda: [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".card .model-name")] == ["gru", "mf", "pop"],
                what="a card for the new model")
+    # a lag sample and a window update arrive live too
+    state.ingest_lag({"ts": time.time(), "group": "workers", "topic": "events", "partitions": {"0": 0, "1": 7},
+                      "total": 7})
+    wait_until(lambda: browser.find_element(By.ID, "chart-lag").get_attribute("data-points") == "63",
+               what="the new lag sample on the chart")
+    assert "now 7" in browser.find_element(By.ID, "lag-title").text
+    start = float(int(last_ts + 100) // 10 * 10)
+    state.put_windows([("tumbling", "model", "gru", start, contribution({"recall": 0.4321, "auc": 0.9}, 50))])
+    row = wait_until(lambda: browser.find_element(By.CSS_SELECTOR, '#windows tr[data-key="gru"][data-kind="tumbling"]'),
+                     what="the new window row")
+    assert "0.4321" in row.text
     assert browser.execute_script("return window.__no_reload") == "still here"
     shot = tmp_path / "dashboard.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000

@@ -1,4 +1,7 @@
-"""The metrics monitor: windows against a reference, drift alerts, and end to end over real Tansu."""
+"""The metrics monitor: faust windowed tables against a reference, consumer lag, drift alerts, end to end over Tansu.
+
+The plain-Python window aggregation lives here only, as the reference the faust tables are checked against.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import urllib.request
 import orjson
 import pytest
 
-from stream_app.monitor import ALL, DriftWatcher, MonitorState, WindowedAggregate, replay
+from stream_app.monitor import ALL, DriftWatcher, MonitorState, check_windows, contribution, merge, replay, window_row
 
 
 def record(ts, model="mf", worker="w-1", recall=0.2, auc=0.9, mrr=0.08, events_seen=0, by_event_type=None):
@@ -26,9 +29,9 @@ def record(ts, model="mf", worker="w-1", recall=0.2, auc=0.9, mrr=0.08, events_s
             "by_event_type": by_event_type or {}}
 
 
-def random_records(n=400, seed=1):
+def random_records(n=400, seed=1, start=1.7e9):
     rng = random.Random(seed)
-    ts, seen = 1.7e9, {}
+    ts, seen = start, {}
     out = []
     for _ in range(n):
         ts += rng.uniform(0.05, 2.5)
@@ -73,35 +76,63 @@ def reference_windows(records, size, step, model, etype):
     return rows
 
 
-@pytest.mark.parametrize("size,step", [(10.0, 10.0), (30.0, 10.0), (7.0, 2.0)])
-def test_windowed_aggregates_match_a_reference_computation(size, step):
-    records = random_records()
-    state = MonitorState(tumbling=size, hopping=(size, step))
-    state.tumbling = WindowedAggregate(size, step, keep=10_000)
-    state.hopping = WindowedAggregate(size, step, keep=10_000)
-    replay(records, state)
+def reference_accumulators(records, size, step):
+    """Brute force, as faust's window values: (group, key) -> {start: accumulator} for every window of every record."""
+    prev: dict = {}
+    out: dict = {}
+    for r in records:
+        key = (r["worker"], r["model"])
+        delta = r["events_seen"] - prev[key] if key in prev else 0
+        prev[key] = r["events_seen"]
+        starts = [s for s in (math.floor(r["ts"] / step) * step - j * step for j in range(int(size / step) + 1))
+                  if s <= r["ts"] < s + size]
+        items = [(("model", r["model"]), contribution({n: r.get(n) for n in ("recall", "auc", "mrr")}, delta))]
+        items += [(("type", (r["model"], t)), contribution({n: v.get(n) for n in ("recall", "auc", "mrr")}))
+                  for t, v in r["by_event_type"].items()]
+        for k, add in items:
+            for s in starts:
+                out.setdefault(k, {})[s] = merge(out.get(k, {}).get(s), add)
+    return out
+
+
+def feed_reference_windows(state, records):
+    """Give a state without faust the windows the faust app would copy into it (for the UI tests)."""
+    updates = []
+    for kind in ("tumbling", "hopping"):
+        size, step = state.sizes[kind]
+        for (group, key), per_start in reference_accumulators(records, size, step).items():
+            updates += [(kind, group, key, start, acc) for start, acc in sorted(per_start.items())]
+    updates.sort(key=lambda u: u[3])
+    state.put_windows(updates)
+
+
+def test_window_values_merge_to_the_reference_means():
+    records = random_records(200)
+    accs = reference_accumulators(records, 30.0, 10.0)
     for model in ("mf", "pop", "gru"):
-        for etype in (ALL, "click", "favorite", "purchase"):
-            got = state.tumbling.windows((model, etype))
-            want = reference_windows(records, size, step, model, etype)
+        for etype in (ALL, "click"):
+            key = ("model", model) if etype == ALL else ("type", (model, etype))
+            got = [window_row(start, 30.0, acc) for start, acc in sorted(accs[key].items())]
+            want = reference_windows(records, 30.0, 10.0, model, etype)
             assert len(got) == len(want) > 0
             for g, w in zip(got, want):
-                assert g["start"] == pytest.approx(w["start"]) and g["n"] == w["n"]
+                assert g["start"] == w["start"] and g["n"] == w["n"]
                 for name in ("recall", "auc", "mrr", "events_per_s"):
-                    assert (name in g) == (name in w)
-                    if name in w:
-                        assert g[name] == pytest.approx(w[name])
+                    assert (name in g) == (name in w) and (name not in w or g[name] == pytest.approx(w[name]))
+    lag = merge(merge(None, contribution({"lag": 5})), contribution({"lag": 9}))
+    assert window_row(0, 10, lag)["lag"] == 7 and window_row(0, 10, lag)["lag_max"] == 9
 
 
-def test_window_kinds_and_expiry():
-    assert WindowedAggregate(10).kind == "tumbling" and WindowedAggregate(30, 10).kind == "hopping"
-    assert WindowedAggregate(30, 10).starts(25.0) == [0.0, 10.0, 20.0]
-    agg = WindowedAggregate(1, keep=5)
+def test_window_settings_and_the_states_copy():
+    check_windows(10, (30, 10))
+    for bad in ((10, (7, 2)), (10, (10, 20)), (2.5, (30, 10)), (0, (30, 10))):
+        with pytest.raises(ValueError):
+            check_windows(*bad)
+    state = MonitorState(tumbling=1, hopping=(2, 1), keep_windows=5)
     for t in range(20):
-        agg.add("k", float(t), {"recall": 1.0})
-    assert [w["start"] for w in agg.windows("k")] == [15.0, 16.0, 17.0, 18.0, 19.0]
-    with pytest.raises(ValueError):
-        WindowedAggregate(10, 20)
+        state.put_windows([("tumbling", "model", "mf", float(t), contribution({"recall": 1.0}))])
+    assert [w["start"] for w in state.window_rows("tumbling", "model", "mf")] == [15.0, 16.0, 17.0, 18.0, 19.0]
+    assert state.events_since(0)[-1]["updates"][0]["row"]["start"] == 19.0
 
 
 def metric_stream(model="mf", n=300, drop_at=None, seed=7, start=1.7e9, recall=0.25, auc=0.9, worker="w-1"):
@@ -175,12 +206,21 @@ def test_terminal_view_renders():
 
     from stream_app.monitor import terminal_renderable
 
-    state, _ = replay(metric_stream(drop_at=150))
+    records = metric_stream(drop_at=150)
+    state, _ = replay(records, MonitorState(lag_group="workers", lag_topic="events"))
+    feed_reference_windows(state, records)
+    state.ingest_lag({"ts": records[-1]["ts"] - 5, "group": "workers", "topic": "events",
+                      "partitions": {"0": 1200, "1": 34}, "total": 1234})
+    last = state.window_rows("tumbling", "model", "mf")[-1]
+    state.put_windows([("tumbling", "lag", "total", last["start"], contribution({"lag": 1234}))])
     console = Console(record=True, width=140)
     console.print(terminal_renderable(state))
     text = console.export_text()
     assert "streamrec monitor" in text and "mf" in text and "recall" in text
     assert "tumbling window" in text and "alerts" in text
+    window_line = [line for line in text.splitlines() if " mf " in line and "1234" in line]
+    assert window_line, text  # the latest window's row, with the group's lag in that window
+    assert "consumer lag (group workers on events)" in text and "0: 1200, 1: 34" in text
     alert_rows = [line for line in text.splitlines() if " mf " in line and "recall" in line]
     assert alert_rows, text  # the one alert row
 
@@ -190,13 +230,18 @@ def test_dashboard_api_and_sse_without_kafka():
 
     from stream_app.dashboard import create_app
 
-    state, _ = replay(metric_stream(drop_at=150))
+    records = metric_stream(drop_at=150)
+    state, _ = replay(records)
+    feed_reference_windows(state, records)
+    state.ingest_lag({"ts": 1.7e9 + 10, "group": "g", "topic": "events", "partitions": {"0": 7}, "total": 7})
     client = TestClient(create_app(state))
     page = client.get("/")
     assert page.status_code == 200 and "EventSource" in page.text and "http" not in page.text.split("<script>")[1].split("SVGNS")[0]
     snap = client.get("/api/state").json()
     assert snap["models"] == ["mf"] and len(snap["series"]["mf"]) == 300 and len(snap["alerts"]) == 1
     assert snap["tumbling"]["by_model"]["mf"]["all"] and snap["hopping"]["size"] == 30.0
+    assert len(snap["tumbling"]["by_model"]["mf"]["all"]) == 30  # the last 30 windows
+    assert snap["lag"]["series"][-1]["total"] == 7
 
 
 # --------------------------------------------------------------------------- end to end over real Tansu
@@ -225,16 +270,18 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def start_monitor(settings, port: int, log_path):
+def start_monitor(settings, port: int, log_path, *args: str):
     env = dict(os.environ)
     env.update({
         "STREAMREC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "STREAMREC_REDIS_URL": settings.redis_url,
         "STREAMREC_METRICS_TOPIC": settings.metrics_topic, "STREAMREC_ALERTS_TOPIC": settings.alerts_topic,
         "STREAMREC_KEY_PREFIX": settings.key_prefix, "STREAMREC_STATE_DIR": str(settings.state_dir),
         "STREAMREC_EVENTS_TOPIC": settings.events_topic, "STREAMREC_DLQ_TOPIC": settings.dlq_topic,
+        "STREAMREC_CONSUMER_GROUP": settings.consumer_group,
+        "STREAMREC_EVENTS_PARTITIONS": str(settings.events_partitions),
     })
     log = open(log_path, "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "stream_app.cli", "monitor", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "stream_app.cli", "monitor", "--port", str(port), *args],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: proc.poll() is None and get_state(port), 30, "the monitor's dashboard")
@@ -251,6 +298,86 @@ def stop_monitor(proc):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def committed(settings) -> dict[int, int]:
+    from stream_app import kafka
+
+    reader = kafka.consumer(settings.kafka_bootstrap, settings.consumer_group)
+    try:
+        return {p: reader.committed(kafka.TopicPartition(settings.events_topic, p)) or 0
+                for p in range(settings.events_partitions)}
+    finally:
+        reader.close()
+
+
+def test_group_lag_over_real_tansu(topics):
+    from stream_app import kafka
+    from stream_app.worker import Worker, WorkerConfig
+    from tests.test_worker import events, produce
+
+    assert kafka.group_lag(topics.kafka_bootstrap, topics.consumer_group, topics.events_topic) == {0: 0, 1: 0}
+    assert kafka.group_lag(topics.kafka_bootstrap, topics.consumer_group, "no-such-topic") == {}
+    n = produce(topics, events(500))
+    per_partition = {p: 0 for p in range(topics.events_partitions)}
+    for e in events(500):
+        per_partition[kafka.partition_for(e.user_id.encode(), topics.events_partitions)] += 1
+    lag = kafka.group_lag(topics.kafka_bootstrap, topics.consumer_group, topics.events_topic)
+    assert sum(lag.values()) == n == 500 and lag == per_partition  # no worker yet: everything is lag
+    Worker(topics, WorkerConfig(models=("pop",))).run(max_idle=3)
+    assert kafka.group_lag(topics.kafka_bootstrap, topics.consumer_group, topics.events_topic) == {0: 0, 1: 0}
+    assert committed(topics) == per_partition  # caught up for real, not clamped at zero
+
+
+def test_faust_windowed_tables_and_lag_over_real_tansu(topics, tmp_path):
+    """The faust app's tumbling and hopping tables hold what the reference computes; lag N, then 0."""
+    from stream_app import kafka
+    from stream_app.worker import Worker, WorkerConfig
+    from tests.test_worker import events, produce
+
+    produce(topics, events(300))  # no worker yet: lag 300
+    port = free_port()
+    proc = start_monitor(topics, port, tmp_path / "monitor.log", "--tumbling", "10", "--hopping", "30,10",
+                         "--lag-interval", "1")
+    try:
+        records = random_records(400, start=time.time() - 700)
+        with kafka.Sender(topics.kafka_bootstrap) as sender:
+            for r in records:
+                sender.send(topics.metrics_topic, orjson.dumps(r), key=r["model"].encode())
+        snap = wait_for(lambda: (s := get_state(port)) and s["records"] == 400 and s, 60, "the 400 records")
+        compared = 0
+        for kind, (size, step) in (("tumbling", (10.0, 10.0)), ("hopping", (30.0, 10.0))):
+            assert (snap[kind]["size"], snap[kind]["step"]) == (size, step)
+            for model in ("mf", "pop", "gru"):
+                for etype in (ALL, "click", "favorite", "purchase"):
+                    got = snap[kind]["by_model"][model][etype]
+                    want = reference_windows(records, size, step, model, etype)[-30:]
+                    assert len(got) == len(want) == 30, (kind, model, etype)
+                    for g, w in zip(got, want):
+                        assert g["start"] == pytest.approx(w["start"]) and g["n"] == w["n"]
+                        assert g["end"] == pytest.approx(w["start"] + size)
+                        for name in ("recall", "auc", "mrr", "events_per_s"):
+                            assert (name in g) == (name in w), (kind, model, etype, name)
+                            if name in w:
+                                assert g[name] == pytest.approx(w[name])
+                        compared += 1
+        assert compared == 2 * 3 * 4 * 30
+
+        # consumer lag: sampled every second, windowed in the lag tables
+        snap = wait_for(lambda: (s := get_state(port)) and s["lag"]["series"] and s, 30, "a lag sample")
+        sample = snap["lag"]["series"][-1]
+        assert sample["total"] == 300 and sample["group"] == topics.consumer_group
+        assert sum(sample["partitions"].values()) == 300
+        lag_rows = wait_for(lambda: get_state(port)["tumbling"]["lag"].get("total"), 10, "lag windows")
+        assert lag_rows[-1]["lag"] == 300 and lag_rows[-1]["lag_max"] == 300
+        assert get_state(port)["hopping"]["lag"]["p0"][-1]["lag"] == sample["partitions"]["0"]
+
+        Worker(topics, WorkerConfig(models=("pop",), metrics_interval=60)).run(max_idle=3)
+        snap = wait_for(lambda: (s := get_state(port)) and s["lag"]["series"][-1]["total"] == 0 and s, 30,
+                        "lag 0 once a worker has caught up")
+        assert snap["tumbling"]["lag"]["total"][-1]["lag"] < 300
+    finally:
+        stop_monitor(proc)
 
 
 def test_worker_to_monitor_to_alert_over_real_tansu(topics, tmp_path):
@@ -288,10 +415,18 @@ def test_worker_to_monitor_to_alert_over_real_tansu(topics, tmp_path):
     # the history survives a restart (Redis), and the replayed topic adds no duplicates nor alerts
     from stream_app import kafka
 
+    windows_before = snap["tumbling"]["by_model"]["steady"]["all"]
+    lag_before = len(snap["lag"]["series"])
+    assert windows_before and lag_before
     proc = start_monitor(topics, port, tmp_path / "monitor.log")
     try:
         snap = get_state(port)
         assert len(snap["series"]["steady"]) == 200 and len(snap["alerts"]) == 1
+        assert len(snap["lag"]["series"]) >= lag_before  # the lag history is back from Redis
+        # the windows are back from the faust tables' changelogs once the app has recovered them
+        snap = wait_for(lambda: (s := get_state(port)) and s["tumbling"]["by_model"].get("steady") and s, 30,
+                        "the recovered windows")
+        assert snap["tumbling"]["by_model"]["steady"]["all"][-len(windows_before):] == windows_before
         # one new record after the restart: consumed once the group has joined and whatever is
         # replayed from the topic has been skipped
         with kafka.Sender(topics.kafka_bootstrap) as sender:
