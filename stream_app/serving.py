@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any, Iterable
 
@@ -764,7 +764,5 @@ def query_batch(view: ShardView, user_id: str | None, context: dict[str, str], t
     """`Featurizer.query`, optionally pinned to a session row (a user's open implicit session)."""
     batch = view.featurizer.query(user_id, context, ts, session_id)
     if session_row is not None and session_row >= 0:
-        batch = Batch(batch.users, batch.items, np.array([session_row]), batch.event_types, batch.weights,
-                      batch.ts, batch.values, batch.context, batch.n_users, batch.n_items, batch.n_sessions,
-                      batch.n_context)
+        batch = replace(batch, sessions=np.array([session_row]))
     return batch
