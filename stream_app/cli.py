@@ -106,6 +106,9 @@ def worker(
     group: Optional[str] = typer.Option(None, "--group", help="consumer group [env STREAMREC_CONSUMER_GROUP]"),
     topic: Optional[str] = typer.Option(None, "--topic", help="events topic [env STREAMREC_EVENTS_TOPIC]"),
     max_idle: Optional[float] = typer.Option(None, "--max-idle", help="exit after this many idle seconds"),
+    idle_expiry: Optional[float] = typer.Option(
+        None, "--idle-expiry", min=1.0, help="expire users and items idle this many seconds of stream time (bounds memory)"
+    ),
     client: Optional[str] = typer.Option(
         None, "--client", help="Kafka client library: kafka-python or confluent [env STREAMREC_KAFKA_CLIENT]"
     ),
@@ -123,7 +126,7 @@ def worker(
     try:
         config = WorkerConfig(
             models=tuple(parse_names(models)), batch_size=batch_size, max_wait_ms=max_wait_ms,
-            sample_rate=sample_rate, k=k,
+            sample_rate=sample_rate, k=k, idle_expiry=idle_expiry,
         )
         Worker(
             settings(kafka_bootstrap=bootstrap, redis_url=redis_url, consumer_group=group, events_topic=topic,

@@ -143,9 +143,12 @@ class Evaluator:
             self.evaluated[name] = self.evaluated.get(name, 0) + len(rows)
 
     def forget(self, kind: str, ids: np.ndarray) -> None:
-        """Drop the seen-items of expired users or sessions (kind `user`/`session`)."""
+        """Forget expired ids: a user's or session's seen items, or an item's place in the catalogue."""
+        if kind == "item":
+            self._known[ids[ids < len(self._known)]] = False
+            return
         for q in ids.tolist():
-            self._seen[kind].pop(q, None)
+            self._seen.get(kind, {}).pop(q, None)
 
     def summary(self, model: str) -> dict:
         """The rolling metrics of `model`, with a per-event-type breakdown."""

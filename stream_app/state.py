@@ -110,6 +110,7 @@ class Changes:
     dedup: dict[str, int]  # event_id -> offset
     history: dict[int, bytes]  # user row -> int32 (item row, event type) pairs
     tables: list[tuple[str, str, str, np.ndarray | None, np.ndarray]]  # model, table, kind, ids (None: blob), values
+    expired: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> rows freed this batch
 
 
 class PartitionStore:
@@ -121,6 +122,7 @@ class PartitionStore:
         self.dedup_window = dedup_window
         self.session_ttl = max(1, int(session_ttl))
         self.token = 0
+        self.tables: dict[str, dict[str, str]] = {}  # model -> table -> kind, known after `load`
 
     def claim(self) -> int:
         """Become the partition's owner; every earlier owner is fenced from now on."""
@@ -134,6 +136,7 @@ class PartitionStore:
     def load(self, models: dict[str, Model]) -> Snapshot:
         """Read everything the partition needs to resume (claim first)."""
         k, c = self.keys, self.client
+        self.tables = {name: dict(model.tables) for name, model in models.items()}
         offset = c.get(k.offset)
         vocabs = {kind: {n.decode(): int(r) for n, r in c.hgetall(k.vocab(kind)).items()} for kind in KINDS}
         opened = {}
@@ -215,6 +218,16 @@ class PartitionStore:
             elif len(ids):
                 rows = values.astype(np.float32)
                 pipe.hset(key, mapping={str(r): row.tobytes() for r, row in zip(ids.tolist(), rows)})
+        for kind, rows in ch.expired.items():
+            fields = [str(r) for r in rows.tolist()]
+            if kind == "user":
+                pipe.hdel(k.history, *fields)
+            for model, tables in self.tables.items():
+                for table, table_kind in tables.items():
+                    if table_kind == kind == "session":
+                        pipe.delete(*(k.session_row(model, table, r) for r in rows.tolist()))
+                    elif table_kind == kind:
+                        pipe.hdel(k.table(model, table), *fields)
         pipe.set(k.offset, ch.next_offset)
         pipe.incrby(k.applied, ch.applied)
         pipe.incr(k.version)

@@ -50,7 +50,8 @@ class WorkerConfig:
     metrics_every: int = 1000  # evaluated events between metric records
     metrics_interval: float = 5.0  # ... or seconds
     dedup_window: int = 100_000
-    session_gap: float = 1800.0
+    session_gap: float = 1800.0  # a user's implicit session ends after this idle time; sessions expire after it
+    idle_expiry: float | None = None  # users and items idle this long (stream time, s) are expired; None: never
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     seed: int = 0
 
@@ -69,6 +70,7 @@ class Shard:
         self.offset: int | None = None
         self.version = 0
         self.last_ts: list[float] = []  # event times of the last committed batch (freshness)
+        self._expired_at = -float("inf")
 
     def resume(self) -> int | None:
         """Claim the partition and load its state; returns the offset to seek to."""
@@ -89,6 +91,28 @@ class Shard:
         )
         self.offset = snap.offset
         return snap.offset
+
+    def _expire(self, now: float) -> dict[str, np.ndarray]:
+        """Expire idle sessions (and users and items with `idle_expiry`), at most once per session gap
+        of stream time; models, evaluator and histories forget them. Returns the freed rows per kind."""
+        if now - self._expired_at < self.config.session_gap:
+            return {}
+        self._expired_at = now
+        f = self.featurizer
+        plan = [("session", f.sessions, self.config.session_gap)]
+        if self.config.idle_expiry is not None:
+            plan += [("user", f.users, self.config.idle_expiry), ("item", f.items, self.config.idle_expiry)]
+        freed = {}
+        for kind, vocab, idle in plan:
+            rows = vocab.expire(now - idle)
+            if len(rows):
+                for model in self.models.values():
+                    model.forget(kind, rows)
+                self.evaluator.forget(kind, rows)
+                freed[kind] = rows
+        for user in freed.get("user", np.zeros(0, np.int64)).tolist():
+            self.history.pop(user, None)
+        return freed
 
     def process(self, messages: list[Any], dead_letter: Callable[[Any, str], None]) -> int:
         """Evaluate, learn and commit one batch of records; returns events applied."""
@@ -124,8 +148,9 @@ class Shard:
                     values = state[table] if ids is None else state[table][ids]
                     changes_tables.append((name, table, model.tables[table], ids, values))
             opened = {e.user_id: f.open_sessions[e.user_id] for e in events if e.session_id is None}
+            expired = self._expire(float(batch.ts.max()))
         else:
-            history, opened = {}, {}
+            history, opened, expired = {}, {}, {}
         vocab_new, vocab_removed = {}, {}
         for kind, vocab in (("user", f.users), ("item", f.items), ("session", f.sessions), ("context", f.contexts)):
             vocab_new[kind], vocab_removed[kind] = vocab.drain()
@@ -138,6 +163,7 @@ class Shard:
             dedup=new_ids,
             history=history,
             tables=changes_tables,
+            expired=expired,
         )
         self.version = self.store.commit(changes)
         self.offset = changes.next_offset

@@ -15,7 +15,7 @@ from producers.schema import encode, prepare
 from stream_app import kafka
 from stream_app.errors import FencedError
 from stream_app.state import Changes, Keys, PartitionStore, applied_total, connect
-from stream_app.worker import Worker, WorkerConfig
+from stream_app.worker import Shard, Worker, WorkerConfig
 
 pytestmark = pytest.mark.integration
 
@@ -169,3 +169,29 @@ def test_a_fenced_worker_cannot_commit(topics):
         old.commit(change)
     assert new.commit(Changes(9, 4, {}, {}, {}, {}, {}, [])) > 0
     assert int(client.get(keys.offset)) == 9 and int(client.get(keys.applied)) == 9
+
+
+def test_idle_sessions_users_and_items_expire_in_memory_and_in_redis(topics):
+    """A long stream of short-lived users keeps the vocabularies bounded, and Redis forgets the expired rows."""
+    client = connect(topics.redis_url)
+    keys = Keys(topics.key_prefix, topics.events_topic, 0)
+    shard = Shard(PartitionStore(client, keys), WorkerConfig(models=("pop",), session_gap=600, idle_expiry=3600))
+    shard.resume()
+    offset, live = 0, []
+    for hour in range(48):  # each hour: 20 new users and 20 new items, 5 events each
+        batch = []
+        for j in range(100):
+            e = prepare({"user_id": f"u{hour}-{j % 20}", "item_id": f"i{hour}-{j % 20}", "event_type": "click",
+                         "ts": 1.7e9 + hour * 3600 + j})
+            batch.append(kafka.Record(topics.events_topic, 0, offset, None, encode(e)))
+            offset += 1
+        shard.process(batch, lambda msg, reason: pytest.fail(reason))
+        f = shard.featurizer
+        live.append((f.users.live(), f.items.live(), f.sessions.live(), len(f.users), len(f.items)))
+    users_live, items_live, sessions_live, user_rows, item_rows = live[-1]
+    assert users_live <= 40 and items_live <= 40 and sessions_live <= 40, live[-1]
+    assert user_rows <= 60 and item_rows <= 60, "freed rows must be reused"
+    assert client.hlen(keys.vocab("user")) == users_live and client.hlen(keys.vocab("item")) == items_live
+    assert client.hlen(keys.history) <= users_live
+    assert client.hlen(keys.table("pop", "count")) <= item_rows
+    assert int(client.get(keys.applied)) == 4800
