@@ -1,0 +1,173 @@
+"""Prequential quality of the models on MovieLens ratings, beside popularity and River's `reco` models.
+
+    python -m bench.quality [--input ratings.csv] [--batch-size 1,256] [--models pop,mf,...] [--json OUT]
+
+Every rating is a `click` event (value = rating, no context; the Featurizer
+adds hour and day of week), replayed in timestamp order (stable sort) through
+`stream_app.evaluation.run` with `Evaluator(k=20, window=10**9)`. River's
+models learn the rating as target and rank every item by `predict_one`, which
+is slow, so they (and, for comparison, every other model) are also evaluated
+on a sample of about `--river-sample` events in a second run. The speed part
+times `MF.learn` alone against River `FunkMF.learn_one` on the same events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from river import optim, reco
+
+from models.base import Batch, Model, TableKind
+from models.features import Featurizer
+from models.mf import MF
+from models.popularity import Popularity
+from producers.readers import read_events
+from producers.schema import Event
+from stream_app.evaluation import Evaluator, run
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_INPUT = ROOT / "../shared/data/ml-latest-small/ratings.csv"
+
+
+def read_ratings(path: str | Path) -> list[Event]:
+    """MovieLens ratings as click events (value = rating) in time order, via the project's reader."""
+    return list(read_events(path, "movielens", sort_by_time=True))
+
+
+class RiverRanker(Model):
+    """A River `reco` model behind the Model interface: learns ratings, ranks every item by `predict_one`."""
+
+    query = "user"
+    tables: dict[str, TableKind] = {}
+
+    def __init__(self, name: str, river_model: reco.base.Ranker):
+        self.name = name
+        self.model = river_model
+
+    def learn(self, batch: Batch) -> None:
+        for u, i, y in zip(batch.users.tolist(), batch.items.tolist(), batch.values.tolist()):
+            self.model.learn_one(user=u, item=i, y=y)
+
+    def score(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
+        predict = self.model.predict_one
+        scores = np.array([[predict(u, i) for i in range(batch.n_items)] for u in batch.users[rows].tolist()])
+        return np.nan_to_num(scores, nan=-np.inf)  # a diverged model ranks nothing
+
+    def export_state(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError("a benchmark wrapper")
+
+    def import_state(self, state: dict[str, np.ndarray]) -> None:
+        raise NotImplementedError("a benchmark wrapper")
+
+    def drain_changes(self) -> dict[str, np.ndarray | None]:
+        return {}
+
+    def forget(self, kind: TableKind, ids: np.ndarray) -> None:
+        raise NotImplementedError("a benchmark wrapper")
+
+
+MODELS: dict[str, Callable[[], Model]] = {
+    "pop": Popularity,
+    "pop-timectx": lambda: Popularity(time_context=True),
+    "mf": MF,
+    "mf-popneg": lambda: MF(popular_share=0.1),
+    # FunkMF's default SGD(0.1) diverges to NaN on these ratings; 0.05 does not.
+    "river-funk": lambda: RiverRanker("river-funk", reco.FunkMF(optimizer=optim.SGD(0.05), seed=0)),
+    "river-biased": lambda: RiverRanker("river-biased", reco.BiasedMF(seed=0)),
+}
+
+
+def evaluate(events: list[Event], names: list[str], batch_size: int, sample_rate: float = 1.0) -> dict[str, dict]:
+    """Prequential metrics of the named models, replayed together at `batch_size`."""
+    models = {name: MODELS[name]() for name in names}
+    evaluator = Evaluator(k=20, window=10**9, sample_rate=sample_rate)
+    start = time.perf_counter()
+    run(events, models, Featurizer(), evaluator, batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    out = {}
+    for name in names:
+        s = evaluator.summary(name)
+        out[name] = {k: s.get(k) for k in ("recall", "auc", "mrr", "evaluated", "cold_start")}
+        out[name].update(batch=batch_size, sampled=sample_rate < 1.0, run_seconds=round(seconds, 1))
+    return out
+
+
+def learn_speed(events: list[Event], batch_size: int = 256, repeats: int = 3) -> dict[str, float]:
+    """Events/s of `MF.learn` (64 factors, 8 negatives) and of River `FunkMF.learn_one` (64 factors)
+    over `events`, each the best of `repeats` passes from a fresh model (the machine may be shared)."""
+    featurizer = Featurizer()
+    batches = [featurizer.batch(events[s : s + batch_size]) for s in range(0, len(events), batch_size)]
+    pairs = [(b.users.tolist(), b.items.tolist(), b.values.tolist()) for b in batches]
+    MF(dim=64, n_negatives=8).learn(batches[0])  # compile (or load the cache) outside the clock
+
+    def mf_pass() -> float:
+        mf = MF(dim=64, n_negatives=8)
+        start = time.perf_counter()
+        for batch in batches:
+            mf.learn(batch)
+        return time.perf_counter() - start
+
+    def river_pass() -> float:
+        funk = reco.FunkMF(n_factors=64, optimizer=optim.SGD(0.05), seed=0)
+        start = time.perf_counter()
+        for users, items, values in pairs:
+            for u, i, y in zip(users, items, values):
+                funk.learn_one(user=u, item=i, y=y)
+        return time.perf_counter() - start
+
+    mf_rate = len(events) / min(mf_pass() for _ in range(repeats))
+    river_rate = len(events) / min(river_pass() for _ in range(repeats))
+    return {"batch": batch_size, "mf_events_per_s": mf_rate, "river_funk_events_per_s": river_rate, "ratio": mf_rate / river_rate}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", default=str(DEFAULT_INPUT), help="MovieLens ratings.csv")
+    parser.add_argument("--batch-size", default="1,256", help="comma-separated batch sizes")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--river-sample", type=int, default=2000, help="events evaluated in the sampled run")
+    parser.add_argument("--no-speed", action="store_true", help="skip the learning-speed comparison")
+    parser.add_argument("--json", metavar="OUT", default=str(Path(__file__).parent / "results" / "quality.json"),
+                        help="write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    events = read_ratings(args.input)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = set(names) - set(MODELS)
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODELS)}")
+    full = [n for n in names if not n.startswith("river-")]
+    results: list[dict] = []
+    for batch_size in [int(b) for b in args.batch_size.split(",")]:
+        if full:
+            for name, r in evaluate(events, full, batch_size).items():
+                results.append({"model": name, **r})
+        if len(full) < len(names):
+            rate = min(1.0, args.river_sample / len(events))
+            for name, r in evaluate(events, names, batch_size, rate).items():
+                results.append({"model": name, **r})
+
+    print(f"\n{len(events)} events from {args.input}; recall/MRR at k=20\n")
+    print("| model | batch | sampled | recall@20 | AUC | MRR@20 | evaluated | cold start | run s |")
+    print("|---|---:|:---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['model']} | {r['batch']} | {'yes' if r['sampled'] else 'no'} | {r['recall']:.4f} | {r['auc']:.4f} "
+              f"| {r['mrr']:.4f} | {r['evaluated']} | {r['cold_start']} | {r['run_seconds']} |")
+    out: dict = {"input": str(args.input), "events": len(events), "k": 20, "results": results}
+    if not args.no_speed:
+        speed = learn_speed(events)
+        out["speed"] = speed
+        print(f"\nlearning alone, batch {speed['batch']}: MF {speed['mf_events_per_s']:,.0f} events/s, "
+              f"River FunkMF {speed['river_funk_events_per_s']:,.0f} events/s, ratio {speed['ratio']:.1f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()

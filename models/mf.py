@@ -1,0 +1,418 @@
+"""Online matrix factorisation for implicit feedback, with context, learned event by event.
+
+score(u, ctx, i) = (U[u] + mean of C[c] over the event's context values c) . V[i] + b[i]
+
+Each positive event is contrasted with sampled negatives (uniform over the
+items so far, or drawn from a ring of recent positives, i.e. in proportion to
+recent popularity) under a BPR loss scaled by the event-type weight. Each
+negative item steps as it is scored; the event's own rows (user, context
+values, positive item) then take one step on the gradient summed over the
+negatives. Vectors step with a per-row adaptive rate (RMSprop, one
+accumulator per row), item biases with plain SGD. A compiled loop walks the
+batch in order, so each event is learned after the previous one. An id's row
+only trains once the id has been seen `admit` times; users without a trained
+row get context-aware popularity. BPR ranks items for a user, so a user bias
+would cancel: there is none.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from models.base import Batch, Model, TableKind
+from models.popularity import Popularity
+from models.rows import RowTable
+
+# Dirty bits per row, for drain_changes.
+_STATE = np.uint8(1)  # sightings or accumulator
+_VECTOR = np.uint8(2)
+_BIAS = np.uint8(4)
+_KINDS = ("user", "item", "context")
+# Reassociation lets the dot products and row updates vectorise; NaN/inf semantics stay exact.
+_FAST = {"reassoc", "contract", "nsz", "arcp"}
+
+
+@njit(cache=True)
+def _splitmix(x):
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@njit(cache=True)
+def _uniform(rng):
+    """A float in [0, 1) from the counter-based stream whose state is rng[0]."""
+    rng[0] = rng[0] + np.uint64(1)
+    return (_splitmix(rng[0]) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+
+
+@njit(cache=True)
+def _init_items(V, rows, col, seed, scale):
+    """V[rows, col:] uniform in [-scale, scale], a hash of (seed, row, column): new ids start alike everywhere."""
+    for r in rows:
+        for k in range(col, V.shape[1]):
+            h = _splitmix(np.uint64(seed) * np.uint64(0x100000001B3) + np.uint64(r) * np.uint64(4096) + np.uint64(k))
+            V[r, k] = scale * (2.0 * ((h >> np.uint64(11)) * (1.0 / 9007199254740992.0)) - 1.0)
+
+
+@njit(cache=True)
+def _query(users, context, U, user_state, C, ctx_state, admit, out):
+    """out[r] = U[user] + mean of the admitted C[c]; unknown ids add nothing."""
+    # out: [R, d]
+    out[:] = 0.0
+    for r in range(len(users)):
+        u = users[r]
+        if 0 <= u < U.shape[0] and user_state[u, 0] >= admit:
+            out[r] += U[u]
+        n = 0
+        for c in context[r]:
+            if 0 <= c < C.shape[0] and ctx_state[c, 0] >= admit:
+                n += 1
+        for c in context[r]:
+            if 0 <= c < C.shape[0] and ctx_state[c, 0] >= admit:
+                out[r] += C[c] / n
+
+
+@njit(cache=True, fastmath=_FAST)
+def _rate(state, r, g2, lr, decay, eps):
+    """The step size of row r after a gradient with mean square g2 (RMSprop, accumulator state[r, 1])."""
+    state[r, 1] = decay * state[r, 1] + (1.0 - decay) * max(g2, 0.0)  # g2 may come from a rounded difference
+    return np.float32(lr / np.sqrt(eps + state[r, 1]))
+
+
+@njit(cache=True, fastmath=_FAST)
+def _step(M, r, a, x, l2, state, lr, decay, eps):
+    """M[r] += rate * (a * x - l2 * M[r]); False when that gradient is 0 (nothing changes)."""
+    dim = M.shape[1]
+    a, l2 = np.float32(a), np.float32(l2)
+    g2 = np.float32(0.0)
+    for k in range(dim):
+        grad = a * x[k] - l2 * M[r, k]
+        g2 += grad * grad
+    if g2 == 0.0:
+        return False
+    rate = _rate(state, r, g2 / dim, lr, decay, eps)
+    for k in range(dim):
+        M[r, k] += rate * (a * x[k] - l2 * M[r, k])
+    return True
+
+
+@njit(cache=True, fastmath=_FAST)
+def _learn(users, items, weights, context, U, user_state, V, item_bias, item_state, C, ctx_state,
+           recent, cursor, rng, user_dirty, item_dirty, ctx_dirty,
+           n_negatives, popular_share, admit, lr, negative_lr, l2, bias_lr, decay, eps):
+    """Learn the events in order; see the module docstring."""
+    dim = U.shape[1]
+    n_items = V.shape[0]
+    n_recent = len(recent)
+    q = np.empty(dim, np.float32)  # the event's user + context vector
+    g_neg = np.empty(dim, np.float32)  # sum over negatives of g * V[j]
+    g_q = np.empty(dim, np.float32)  # the gradient of q, summed over negatives
+    l2_32 = np.float32(l2)
+    for e in range(len(items)):
+        u, i, w = users[e], items[e], weights[e]
+        ctx = context[e]
+        user_state[u, 0] += 1.0
+        item_state[i, 0] += 1.0
+        user_dirty[u] |= _STATE
+        item_dirty[i] |= _STATE
+        n_ctx = 0
+        for c in ctx:
+            if c >= 0:
+                ctx_state[c, 0] += 1.0
+                ctx_dirty[c] |= _STATE
+                if ctx_state[c, 0] >= admit:
+                    n_ctx += 1
+        for k in range(dim):
+            q[k] = U[u, k]  # zero while the user is not admitted
+            g_neg[k] = 0.0
+        if n_ctx:
+            share = np.float32(1.0 / n_ctx)
+            for c in ctx:
+                if c >= 0 and ctx_state[c, 0] >= admit:
+                    for k in range(dim):
+                        q[k] += share * C[c, k]
+        qv = np.float32(0.0)  # q . V[i]
+        qq = np.float32(0.0)
+        vv_i = np.float32(0.0)
+        for k in range(dim):
+            qv += q[k] * V[i, k]
+            qq += q[k] * q[k]
+            vv_i += V[i, k] * V[i, k]
+        s_i = qv + item_bias[i, 0]
+        g_sum = 0.0
+        n_used = 0
+        for _ in range(n_negatives):
+            if popular_share > 0.0 and cursor[0] > 0 and _uniform(rng) < popular_share:
+                j = recent[int(_uniform(rng) * min(cursor[0], n_recent))]
+            else:
+                j = int(_uniform(rng) * n_items)
+            if j < 0 or j >= n_items or j == i or item_state[j, 0] == 0.0:  # 0: a freed row, or not learned yet
+                continue
+            n_used += 1
+            dot = np.float32(0.0)
+            vv = np.float32(0.0)
+            for k in range(dim):
+                dot += q[k] * V[j, k]
+                vv += V[j, k] * V[j, k]
+            x = min(s_i - dot - item_bias[j, 0], np.float32(50.0))  # s_i - s_j
+            g = w / (np.float32(1.0) + np.exp(x))  # -dloss/ds_i of the BPR loss -log sigmoid(s_i - s_j)
+            g_sum += g
+            g32 = np.float32(g)
+            if item_state[j, 0] >= admit:
+                # gradient of V[j]: -g q - l2 V[j]; its squared norm from the dot products at hand
+                g2 = (g32 * g32 * qq + 2 * g32 * l2_32 * dot + l2_32 * l2_32 * vv) / dim
+                rate = _rate(item_state, j, g2, negative_lr, decay, eps)
+                for k in range(dim):
+                    v = V[j, k]
+                    g_neg[k] += g32 * v
+                    V[j, k] = v - rate * (g32 * q[k] + l2_32 * v)
+                item_dirty[j] |= _VECTOR | _STATE
+                if bias_lr > 0.0:
+                    item_bias[j, 0] -= bias_lr * g
+                    item_dirty[j] |= _BIAS
+            else:
+                for k in range(dim):
+                    g_neg[k] += g32 * V[j, k]
+        recent[cursor[0] % n_recent] = i
+        cursor[0] += 1
+        if cursor[0] >= 2 * n_recent:  # keep the cursor small (exact as float32); position and fill stay the same
+            cursor[0] -= n_recent
+        if n_used == 0:
+            continue
+        # The event's own rows take one step on the gradient summed over its negatives (L2 summed alike).
+        g32 = np.float32(g_sum)
+        l2_sum = np.float32(l2 * n_used)
+        gg = np.float32(0.0)
+        gu = np.float32(0.0)
+        uu = np.float32(0.0)
+        for k in range(dim):
+            gk = g32 * V[i, k] - g_neg[k]
+            g_q[k] = gk
+            gg += gk * gk
+            gu += gk * U[u, k]
+            uu += U[u, k] * U[u, k]
+        if user_state[u, 0] >= admit:
+            # gradient of U[u]: g_q - l2_sum U[u]
+            rate = _rate(user_state, u, (gg - 2 * l2_sum * gu + l2_sum * l2_sum * uu) / dim, lr, decay, eps)
+            for k in range(dim):
+                U[u, k] += rate * (g_q[k] - l2_sum * U[u, k])
+            user_dirty[u] |= _VECTOR
+        for c in ctx:
+            if c >= 0 and ctx_state[c, 0] >= admit and _step(C, c, 1.0 / n_ctx, g_q, l2_sum, ctx_state, lr, decay, eps):
+                ctx_dirty[c] |= _VECTOR
+        if item_state[i, 0] >= admit:
+            # gradient of V[i]: g_sum q - l2_sum V[i]
+            g2 = (g32 * g32 * qq - 2 * g32 * l2_sum * qv + l2_sum * l2_sum * vv_i) / dim
+            rate = _rate(item_state, i, g2, lr, decay, eps)
+            for k in range(dim):
+                V[i, k] += rate * (g32 * q[k] - l2_sum * V[i, k])
+            item_dirty[i] |= _VECTOR
+            if bias_lr > 0.0:
+                item_bias[i, 0] += bias_lr * g_sum
+                item_dirty[i] |= _BIAS
+
+
+class MF(Model):
+    """Implicit-feedback matrix factorisation with context embeddings (see the module docstring).
+
+    dim: factors. n_negatives: negatives per event; popular_share: the share
+    of them drawn from the last `recent_size` positives (the rest uniform).
+    lr, negative_lr, decay, eps: the per-row adaptive step, lr (the event's
+    rows) or negative_lr (negative items) / sqrt(eps + running mean of squared
+    gradients, kept with `decay`); l2: weight decay of the vectors, per
+    negative; bias_lr: SGD step of item biases. init_scale: item vectors start uniform in
+    [-init_scale, init_scale] (users and context values start at zero).
+    admit: sightings before an id's row trains. pop_*: the popularity model
+    that answers for users without a trained row.
+    """
+
+    name = "mf"
+    query = "user"
+    tables: dict[str, TableKind] = {
+        "user": "user",  # [n_users, dim]
+        "user_state": "user",  # [n_users, 2] sightings, accumulator
+        "item": "item",  # [n_items, dim]
+        "item_bias": "item",  # [n_items, 1]
+        "item_state": "item",  # [n_items, 2] sightings, accumulator
+        "context": "context",  # [n_context, dim]
+        "context_state": "context",  # [n_context, 2] sightings, accumulator
+        "pop_count": "item",
+        "pop_ctx_count": "item",
+        "pop_meta": "blob",
+        "recent": "blob",  # [1, recent_size] item ids of the latest positives, -1 empty
+        "meta": "blob",  # [1, 5] RNG counter as four 16-bit words, ring cursor
+    }
+
+    def __init__(
+        self,
+        dim: int = 64,
+        n_negatives: int = 8,
+        popular_share: float = 0.0,
+        lr: float = 0.02,
+        negative_lr: float = 0.01,
+        decay: float = 0.99,
+        eps: float = 1e-4,
+        l2: float = 0.06,
+        bias_lr: float = 0.05,
+        init_scale: float = 0.1,
+        admit: int = 1,
+        recent_size: int = 10_000,
+        pop_half_life: float = 30 * 86400.0,
+        pop_context_weight: float = 1.0,
+        seed: int = 0,
+    ):
+        self.dim = dim
+        self.n_negatives = n_negatives
+        self.popular_share = popular_share
+        self.lr = lr
+        self.negative_lr = negative_lr
+        self.decay = decay
+        self.eps = eps
+        self.l2 = l2
+        self.bias_lr = bias_lr
+        self.init_scale = init_scale
+        self.admit = admit
+        self.recent_size = recent_size
+        self.seed = seed
+        self._pop = Popularity(half_life=pop_half_life, context_weight=pop_context_weight, seed=seed)
+        self._user = RowTable(dim, np.float32)
+        self._user_state = RowTable(2, np.float32)
+        self._item = RowTable(dim, np.float32)
+        self._item_bias = RowTable(1, np.float32)
+        self._item_state = RowTable(2, np.float32)
+        self._ctx = RowTable(dim, np.float32)
+        self._ctx_state = RowTable(2, np.float32)
+        self._dirty = {kind: RowTable(1, np.uint8) for kind in _KINDS}
+        self._recent = np.full(recent_size, -1, np.int64)
+        self._cursor = np.zeros(1, np.int64)
+        self._rng = np.array([_splitmix(np.uint64(seed))], np.uint64)
+        self._learned = False
+
+    def _rows(self, kind: str) -> tuple[RowTable, ...]:
+        if kind == "user":
+            return self._user, self._user_state, self._dirty["user"]
+        if kind == "item":
+            return self._item, self._item_bias, self._item_state, self._dirty["item"]
+        return self._ctx, self._ctx_state, self._dirty["context"]
+
+    def _ensure(self, n_users: int, n_items: int, n_context: int) -> None:
+        old = self._item.n
+        for kind, n in zip(_KINDS, (n_users, n_items, n_context)):
+            tables = self._rows(kind)
+            if n > tables[0].n:
+                for table in tables:
+                    table.ensure(n)
+        if n_items > old:
+            new = np.arange(old, n_items)
+            _init_items(self._item.data, new, 0, self.seed, self.init_scale)
+            self._dirty["item"].data[new, 0] |= _VECTOR
+
+    def learn(self, batch: Batch) -> None:
+        if len(batch) == 0:
+            return
+        self._ensure(batch.n_users, batch.n_items, batch.n_context)
+        _learn(
+            batch.users, batch.items, batch.weights, batch.context,
+            self._user.data, self._user_state.data, self._item.data, self._item_bias.data,
+            self._item_state.data, self._ctx.data, self._ctx_state.data,
+            self._recent, self._cursor, self._rng,
+            self._dirty["user"].data[:, 0], self._dirty["item"].data[:, 0], self._dirty["context"].data[:, 0],
+            self.n_negatives, self.popular_share, self.admit, self.lr, self.negative_lr, self.l2, self.bias_lr,
+            self.decay, self.eps,
+        )
+        self._pop.learn(batch)
+        self._learned = True
+
+    def query_embeddings(self, batch: Batch, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Query vectors of the events at `rows` (user + context, as `score` uses them),
+        and whether each user has a trained row (else `score` answers with popularity)."""
+        users = batch.users[rows]  # [R]
+        q = np.empty((len(rows), self.dim), np.float32)  # [R, d]
+        _query(users, batch.context[rows], self._user.data, self._user_state.data,
+               self._ctx.data, self._ctx_state.data, self.admit, q)
+        trained = (users >= 0) & (users < self._user.n)
+        trained[trained] = self._user_state.data[users[trained], 0] >= self.admit
+        return q, trained
+
+    def score(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
+        self._ensure(batch.n_users, batch.n_items, batch.n_context)
+        q, trained = self.query_embeddings(batch, rows)
+        out = q @ self._item.data[: batch.n_items].T + self._item_bias.data[: batch.n_items, 0]  # [R, n_items]
+        if not trained.all():
+            out[~trained] = self._pop.score(batch, rows[~trained])
+        return out
+
+    def export_state(self) -> dict[str, np.ndarray]:
+        rng = int(self._rng[0])
+        pop = self._pop.export_state()
+        return {
+            "user": self._user.data,
+            "user_state": self._user_state.data,
+            "item": self._item.data,
+            "item_bias": self._item_bias.data,
+            "item_state": self._item_state.data,
+            "context": self._ctx.data,
+            "context_state": self._ctx_state.data,
+            "pop_count": pop["count"],
+            "pop_ctx_count": pop["ctx_count"],
+            "pop_meta": pop["meta"],
+            "recent": self._recent[None, :],
+            "meta": np.array([[*((rng >> (16 * k)) & 0xFFFF for k in range(4)), int(self._cursor[0])]], np.float64),
+        }
+
+    def import_state(self, state: dict[str, np.ndarray]) -> None:
+        for name, table in (("user", self._user), ("user_state", self._user_state), ("item", self._item),
+                            ("item_bias", self._item_bias), ("item_state", self._item_state),
+                            ("context", self._ctx), ("context_state", self._ctx_state)):
+            table.load(np.asarray(state[name])[:, : table.width])
+        # Columns missing from narrower item vectors, and rows missing from shorter ones, start as for new items.
+        loaded = self._item.n
+        _init_items(self._item.data, np.arange(loaded), np.asarray(state["item"]).shape[1], self.seed, self.init_scale)
+        for kind in _KINDS:
+            tables = self._rows(kind)
+            n = max(table.n for table in tables[:-1])
+            for table in tables[:-1]:
+                table.ensure(n)
+            self._dirty[kind].load(np.zeros((n, 1), np.uint8))
+        _init_items(self._item.data, np.arange(loaded, self._item.n), 0, self.seed, self.init_scale)
+        self._pop.import_state({"count": state["pop_count"], "ctx_count": state["pop_ctx_count"], "meta": state["pop_meta"]})
+        recent = np.asarray(state["recent"]).ravel()[: self.recent_size]
+        self._recent[:] = -1
+        self._recent[: len(recent)] = recent
+        meta = np.asarray(state["meta"]).ravel()
+        self._rng[0] = np.uint64(sum(int(meta[k]) << (16 * k) for k in range(4)))
+        self._cursor[0] = int(meta[4])
+        self._learned = False
+
+    def drain_changes(self) -> dict[str, np.ndarray | None]:
+        out: dict[str, np.ndarray | None] = {}
+        for kind, vector, extra in (("user", "user", {}), ("item", "item", {"item_bias": _BIAS}), ("context", "context", {})):
+            flags = self._dirty[kind].data[:, 0]
+            out[vector] = np.flatnonzero(flags & _VECTOR)
+            for name, bit in extra.items():
+                out[name] = np.flatnonzero(flags & bit)
+            out[f"{kind}_state"] = np.flatnonzero(flags & _STATE)
+            flags[:] = 0
+        pop = self._pop.drain_changes()
+        out["pop_count"], out["pop_ctx_count"] = pop["count"], pop["ctx_count"]
+        # Blobs change with every learn; an empty id list means "unchanged".
+        out["pop_meta"] = out["recent"] = out["meta"] = None if self._learned else np.zeros(0, np.int64)
+        self._learned = False
+        return out
+
+    def forget(self, kind: TableKind, ids: np.ndarray) -> None:
+        if kind not in _KINDS:
+            return
+        tables = self._rows(kind)
+        ids = np.asarray(ids, np.int64)
+        ids = ids[ids < tables[0].n]
+        for table in tables[:-1]:
+            table.reset(ids)
+        if kind == "item":
+            _init_items(self._item.data, ids, 0, self.seed, self.init_scale)
+            self._recent[np.isin(self._recent, ids)] = -1
+            self._pop.forget(kind, ids)
+        self._dirty[kind].data[ids, 0] |= _STATE | _VECTOR | _BIAS

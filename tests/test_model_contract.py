@@ -1,0 +1,206 @@
+"""The contract every registered model keeps, checked on a planted-pattern stream.
+
+The stream: users belong to taste clusters, items to item clusters; a session
+starts at an item of the user's cluster (popular ones more often) and mostly
+walks to the next item of that cluster, so user models and session models
+both have something to learn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+
+from models import registry
+from models.base import Batch, Model
+from models.features import Featurizer
+from stream_app.evaluation import Evaluator, run
+
+N_USERS, N_ITEMS, N_CLUSTERS = 150, 120, 6
+K = 10
+
+
+@dataclass(frozen=True)
+class Ev:
+    user_id: str
+    item_id: str
+    event_type: str = "click"
+    ts: float = 0.0
+    session_id: str | None = None
+    value: float | None = None
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+def planted_stream(n_events: int, seed: int = 0, user_offset: int = 0, item_offset: int = 0, t0: float = 1.7e9) -> list[Ev]:
+    """Sessions of users walking their own cluster's item cycle (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    per_cluster = N_ITEMS // N_CLUSTERS
+    popularity = 1.0 / np.arange(1, per_cluster + 1)  # Zipf within a cluster
+    popularity /= popularity.sum()
+    user_cluster = np.arange(N_USERS) % N_CLUSTERS
+    events: list[Ev] = []
+    ts, session = t0, 0
+    types = np.array(["click", "favorite", "purchase"])
+    while len(events) < n_events:
+        user = int(rng.integers(N_USERS))
+        cluster = user_cluster[user]
+        pos = int(rng.choice(per_cluster, p=popularity))
+        for _ in range(int(rng.integers(3, 9))):
+            item = cluster * per_cluster + pos
+            ts += float(rng.integers(1, 60))
+            events.append(Ev(
+                user_id=f"u{user + user_offset}", item_id=f"i{item + item_offset}",
+                event_type=str(types[rng.choice(3, p=[0.8, 0.1, 0.1])]), ts=ts, session_id=f"s{seed}-{session}",
+                context={"device": ("ios", "android")[user % 2]},
+            ))
+            pos = (pos + 1) % per_cluster if rng.random() < 0.8 else int(rng.choice(per_cluster, p=popularity))
+        session += 1
+    return events[:n_events]
+
+
+def batches(featurizer: Featurizer, events: list[Ev], size: int = 32) -> list[Batch]:
+    return [featurizer.batch(events[s : s + size]) for s in range(0, len(events), size)]
+
+
+def copy_state(model: Model) -> dict[str, np.ndarray]:
+    return {name: np.array(value, copy=True) for name, value in model.export_state().items()}
+
+
+def assert_same(a: np.ndarray, b: np.ndarray) -> None:
+    """Equal up to float32 rounding (threaded torch kernels may sum in another order)."""
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def stream() -> tuple[list[Batch], Batch]:
+    """Coded training batches and a later probe batch (all ids already known)."""
+    featurizer = Featurizer()
+    coded = batches(featurizer, planted_stream(3000, seed=1))
+    probe = featurizer.batch(planted_stream(64, seed=2, t0=1.7e9 + 10**6))
+    return coded, probe
+
+
+NAMES = sorted(registry.MODELS)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_learns_the_planted_pattern(name: str) -> None:
+    events = planted_stream(6000, seed=3)
+    evaluator = Evaluator(k=K, window=10**9)
+    models = {"pop": registry.create("pop", seed=0), name: registry.create(name, seed=0)}
+    run(events, models, Featurizer(), evaluator, batch_size=16)
+    recall = {n: evaluator.summary(n)["recall"] for n in models}
+    if name == "pop":
+        # Zipf within clusters: popularity beats a random ranking of ~N_ITEMS candidates.
+        assert recall["pop"] > 2 * K / N_ITEMS, recall
+    else:
+        assert recall[name] > recall["pop"] + 0.15, recall
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_keys_and_changes(name: str, stream) -> None:
+    coded, _ = stream
+    model = registry.create(name, seed=0)
+    for batch in coded[:5]:
+        model.learn(batch)
+    state = model.export_state()
+    assert set(state) == set(model.tables)
+    changes = model.drain_changes()
+    assert set(changes) <= set(model.tables)
+    for table, rows in changes.items():
+        if rows is not None and len(rows):
+            assert model.tables[table] != "blob"
+            assert rows.min() >= 0 and rows.max() < len(state[table])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_export_import_round_trip(name: str, stream) -> None:
+    coded, probe = stream
+    rows = np.arange(len(probe))
+    model = registry.create(name, seed=0)
+    for batch in coded[:60]:
+        model.learn(batch)
+    clone = registry.create(name, seed=0)
+    clone.import_state(copy_state(model))
+    assert_same(clone.score(probe, rows), model.score(probe, rows))
+    for batch in coded[60:]:  # learning on from the imported state stays identical too
+        model.learn(batch)
+        clone.learn(batch)
+    assert_same(clone.score(probe, rows), model.score(probe, rows))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_import_of_shorter_tables(name: str, stream) -> None:
+    coded, probe = stream
+    model = registry.create(name, seed=0)
+    model.learn(coded[0])
+    clone = registry.create(name, seed=0)
+    clone.import_state(copy_state(model))  # fewer users and items than the later batches need
+    for batch in coded[1:20]:
+        clone.learn(batch)
+    scores = clone.score(probe, np.arange(len(probe)))
+    assert scores.shape == (len(probe), probe.n_items) and np.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_same_seed_same_result(name: str, stream) -> None:
+    coded, probe = stream
+    a, b = registry.create(name, seed=7), registry.create(name, seed=7)
+    for batch in coded[:40]:
+        a.learn(batch)
+        b.learn(batch)
+    rows = np.arange(len(probe))
+    assert_same(a.score(probe, rows), b.score(probe, rows))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unseen_ids(name: str) -> None:
+    featurizer = Featurizer()
+    model = registry.create(name, seed=0)
+    for batch in batches(featurizer, planted_stream(1000, seed=4)):
+        model.learn(batch)
+    fresh = featurizer.batch(planted_stream(40, seed=5, user_offset=10_000, item_offset=10_000, t0=1.8e9))
+    rows = np.arange(len(fresh))
+    scores = model.score(fresh, rows)
+    assert scores.shape == (len(fresh), fresh.n_items) and np.isfinite(scores).all()
+    model.learn(fresh)
+    lookup = featurizer.query("nobody", {"device": "fridge"}, 1.8e9)
+    scores = model.score(lookup, np.array([0]))
+    assert scores.shape == (1, lookup.n_items) and np.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forget(name: str) -> None:
+    featurizer = Featurizer()
+    model = registry.create(name, seed=0)
+    old = planted_stream(1500, seed=6, t0=1.0e9)
+    for batch in batches(featurizer, old):
+        model.learn(batch)
+    # Users u0..u49 and items i0..i59 come back later; the rest go idle and expire.
+    later = [e for e in planted_stream(800, seed=7, t0=2.0e9) if int(e.user_id[1:]) < 50 and int(e.item_id[1:]) < 60]
+    for batch in batches(featurizer, later):
+        model.learn(batch)
+    cutoff = 1.5e9
+    expired = {
+        "user": featurizer.users.expire(cutoff), "item": featurizer.items.expire(cutoff),
+        "session": featurizer.sessions.expire(cutoff), "context": featurizer.contexts.expire(cutoff),
+    }
+    assert len(expired["user"]) and len(expired["item"])
+    for kind, ids in expired.items():
+        model.forget(kind, ids)
+    # A forgotten user is answered like a user never seen.
+    gone = int(expired["user"][0])
+    probe = featurizer.query(None, {}, 2.1e9)
+    as_gone = Batch(np.array([gone]), *[getattr(probe, f) for f in ("items", "sessions", "event_types", "weights", "ts", "values", "context")],
+                    probe.n_users, probe.n_items, probe.n_sessions, probe.n_context)
+    assert_same(model.score(as_gone, np.array([0])), model.score(probe, np.array([0])))
+    # Freed rows are handed out again and learn like new ids.
+    newcomers = planted_stream(300, seed=8, user_offset=20_000, item_offset=20_000, t0=2.2e9)
+    coded = featurizer.batch(newcomers)
+    assert set(expired["user"].tolist()) & set(coded.users.tolist())
+    model.learn(coded)
+    scores = model.score(coded, np.arange(len(coded)))
+    assert np.isfinite(scores).all()
