@@ -10,6 +10,10 @@ from stream_app.errors import ConfigError
 
 MODELS: dict[str, str] = {
     "pop": "models.popularity:Popularity",
+    "mf": "models.mf:MF",
+    "gru": "models.gru:GRU4Rec",
+    "markov": "models.markov:Markov",
+    "sknn": "models.sknn:SessionKNN",
 }
 
 

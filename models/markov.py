@@ -1,0 +1,198 @@
+"""First-order Markov chain over items, decayed over time, with a popularity fallback.
+
+The last item of a session predicts the next one:
+
+    score(j | last) = c(last -> j) / c(last -> *) + pop_weight * pop(j) / pop(*)
+
+Transition counts are kept per source item in at most `max_successors` slots
+(an "item" table of successor ids and one of their counts); when a row is full
+a new successor replaces the weakest one. Counts decay with `half_life`, kept
+as `weight * 2 ** ((ts - t0) / half_life)` like `Popularity`, so decay costs
+nothing per event; `t0` moves forward, and everything is rescaled, when the
+exponent gets large. Per-session state is the session's last item.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from models.base import Batch, Model, TableKind
+from models.rows import RowTable
+
+_MAX_EXPONENT = 60.0
+
+
+@njit(cache=True)
+def _add_transitions(succ, count, src, dst, w):  # pragma: no cover - numba
+    """Add weight w[e] to src[e] -> dst[e] (dst coded item + 1); a full row replaces its weakest slot."""
+    m = succ.shape[1]
+    for e in range(len(src)):
+        s, d = src[e], dst[e]
+        free = -1
+        weakest = 0
+        done = False
+        for k in range(m):
+            if succ[s, k] == d:
+                count[s, k] += w[e]
+                done = True
+                break
+            if succ[s, k] <= 0:
+                if free < 0:
+                    free = k
+            elif count[s, k] < count[s, weakest] or succ[s, weakest] <= 0:
+                weakest = k
+        if not done:
+            k = free if free >= 0 else weakest
+            succ[s, k] = d
+            count[s, k] = w[e]
+
+
+class Markov(Model):
+    """Decayed item -> next-item transition counts, popularity for the rest."""
+
+    name = "markov"
+    query = "session"
+    tables: dict[str, TableKind] = {
+        "succ": "item",  # [n_items, max_successors] successor item id + 1, 0 = empty slot
+        "succ_count": "item",  # [n_items, max_successors] their decayed counts
+        "count": "item",  # [n_items, 1] decayed popularity
+        "last": "session",  # [n_sessions, 1] last item of the session + 1, 0 = none
+        "meta": "blob",  # [[t0]]
+    }
+
+    def __init__(self, half_life: float = 365 * 86400.0, max_successors: int = 200, pop_weight: float = 0.01, seed: int = 0):
+        self.half_life = half_life
+        self.max_successors = max_successors
+        self.pop_weight = pop_weight
+        self.seed = seed
+        # ids are stored + 1 so that an all-zero row (what a store fills in for rows it
+        # never saw) means "empty"
+        self._succ = RowTable(max_successors, np.float64, 0.0)
+        self._succ_count = RowTable(max_successors, np.float64, 0.0)
+        self._count = RowTable(1, np.float64, 0.0)
+        self._last = RowTable(1, np.float64, 0.0)
+        self._t0: float | None = None
+        self._changed_items: set[int] = set()
+        self._changed_sessions: set[int] = set()
+        self._all_items_changed = False
+
+    # -- helpers -------------------------------------------------------------------------
+    def _growth(self, ts: np.ndarray) -> np.ndarray:
+        if self._t0 is None:
+            self._t0 = float(ts.min())
+        exponent = (ts - self._t0) / self.half_life
+        if exponent.max() > _MAX_EXPONENT:
+            shift = float(ts.max()) - self._t0
+            factor = 2.0 ** (-shift / self.half_life)
+            self._count.data[:] *= factor
+            self._succ_count.data[:] *= factor
+            self._t0 += shift
+            self._all_items_changed = True
+            exponent = (ts - self._t0) / self.half_life
+        return np.exp2(exponent)
+
+    def _prev_items(self, batch: Batch) -> np.ndarray:
+        """For each event, the session's item before it (earlier batch rows first, then state)."""
+        n_sessions = self._last.n
+        last = self._last.data[:, 0]
+        prev = np.full(len(batch), -1, np.int64)
+        running: dict[int, int] = {}
+        for j, (s, i) in enumerate(zip(batch.sessions.tolist(), batch.items.tolist())):
+            p = running.get(s)
+            if p is None:
+                p = int(last[s]) - 1 if 0 <= s < n_sessions else -1
+            prev[j] = p
+            if i >= 0:
+                running[s] = i
+        return prev
+
+    # -- Model ---------------------------------------------------------------------------
+    def learn(self, batch: Batch) -> None:
+        keep = batch.items >= 0
+        if not keep.any():
+            return
+        if not keep.all():
+            batch = batch.take(keep)
+        self._succ.ensure(batch.n_items)
+        self._succ_count.ensure(batch.n_items)
+        count = self._count.ensure(batch.n_items)
+        self._last.ensure(max(batch.n_sessions, int(batch.sessions.max()) + 1))
+        prev = self._prev_items(batch)
+        w = batch.weights * self._growth(batch.ts)
+        np.add.at(count[:, 0], batch.items, w)
+        has = prev >= 0
+        if has.any():
+            succ = self._succ.data
+            _add_transitions(succ, self._succ_count.data, prev[has], batch.items[has].astype(np.float64) + 1.0, w[has])
+            self._changed_items.update(prev[has].tolist())
+        self._changed_items.update(batch.items.tolist())
+        # the last row of each session in the batch wins
+        sessions, first_from_end = np.unique(batch.sessions[::-1], return_index=True)
+        self._last.data[sessions, 0] = batch.items[len(batch) - 1 - first_from_end] + 1
+        self._changed_sessions.update(batch.sessions.tolist())
+
+    def score(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
+        n = batch.n_items
+        count = self._count.ensure(n)[:, 0]
+        total = count.sum()
+        base = self.pop_weight * (count / total if total > 0 else count)
+        out = np.repeat(base[None, :], len(rows), axis=0)  # [R, n_items]
+        prev = self._prev_items(batch)[rows]
+        succ = self._succ.ensure(n)
+        succ_count = self._succ_count.ensure(n)
+        for r, p in enumerate(prev.tolist()):
+            if p < 0:
+                continue
+            ids = succ[p] - 1
+            ok = (ids >= 0) & (ids < n)
+            c = succ_count[p][ok]
+            tot = c.sum()
+            if tot > 0:
+                out[r, ids[ok].astype(np.int64)] += c / tot
+        return out
+
+    def export_state(self) -> dict[str, np.ndarray]:
+        return {
+            "succ": self._succ.data,
+            "succ_count": self._succ_count.data,
+            "count": self._count.data,
+            "last": self._last.data,
+            "meta": np.array([[math.nan if self._t0 is None else self._t0]]),
+        }
+
+    def import_state(self, state: dict[str, np.ndarray]) -> None:
+        self._succ.load(state["succ"])
+        self._succ_count.load(state["succ_count"])
+        self._count.load(state["count"])
+        self._last.load(state["last"])
+        t0 = float(np.asarray(state["meta"]).ravel()[0])
+        self._t0 = None if math.isnan(t0) else t0
+        self._changed_items.clear()
+        self._changed_sessions.clear()
+        self._all_items_changed = False
+
+    def drain_changes(self) -> dict[str, np.ndarray | None]:
+        items = np.arange(self._count.n) if self._all_items_changed else np.fromiter(self._changed_items, np.int64)
+        sessions = np.fromiter(self._changed_sessions, np.int64)
+        self._changed_items.clear()
+        self._changed_sessions.clear()
+        self._all_items_changed = False
+        return {"succ": items, "succ_count": items, "count": items, "last": sessions, "meta": None}
+
+    def forget(self, kind: TableKind, ids: np.ndarray) -> None:
+        ids = np.asarray(ids, np.int64)
+        if kind == "item":
+            self._succ.reset(ids)
+            self._succ_count.reset(ids)
+            self._count.reset(ids)
+            # transitions *into* a forgotten item would point at whoever gets its row next
+            succ = self._succ.data
+            stale = np.isin(succ, ids.astype(np.float64) + 1.0)
+            succ[stale] = 0.0
+            self._succ_count.data[stale] = 0.0
+            self._all_items_changed = True
+        elif kind == "session":
+            self._last.reset(ids)

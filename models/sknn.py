@@ -1,0 +1,212 @@
+"""Session-kNN: the next item is what recent similar sessions went on to contain.
+
+For a session with recent items q_1..q_m (the last `query_len`, later ones
+weighted more: w_p = p / m), candidate neighbours are the `sample_size` most
+recently active other sessions that share an item with it (found through an
+item -> recent sessions index). A candidate n has similarity
+
+    sim(n) = sum over q_p in n of w_p / sqrt(|n|)
+
+and the `k` most similar vote for their items with weight sim(n);
+popularity (`pop_weight` times the item's share) breaks ties and covers
+sessions without neighbours.
+
+State: each session's last `max_session_len` distinct items (a "session"
+table whose column 0 is a recency stamp), item counts (an "item" table) and
+a stamp counter (blob). The item index is derived from the session table and
+rebuilt on import.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from models.base import Batch, Model, TableKind
+from models.rows import RowTable
+
+
+class SessionKNN(Model):
+    """Session-based k nearest neighbours (V-SkNN flavour) over recent sessions."""
+
+    name = "sknn"
+    query = "session"
+    tables: dict[str, TableKind] = {
+        "items": "session",  # [n_sessions, 1 + max_session_len]: stamp (0 = empty), then item ids + 1, 0 pads, newest last
+        "count": "item",  # [n_items, 1] event counts
+        "meta": "blob",  # [[stamp counter]]
+    }
+
+    def __init__(self, k: int = 100, sample_size: int = 1000, max_session_len: int = 100, query_len: int = 10,
+                 sessions_per_item: int = 1000, pop_weight: float = 1e-3, seed: int = 0):
+        self.k = k
+        self.sample_size = sample_size
+        self.max_session_len = max_session_len
+        self.query_len = query_len
+        self.sessions_per_item = sessions_per_item
+        self.pop_weight = pop_weight
+        self.seed = seed
+        self._items = RowTable(1 + max_session_len, np.float64, 0.0)  # ids + 1: a zero row is empty
+        self._count = RowTable(1, np.float64, 0.0)
+        self._stamp = 0
+        self._index: dict[int, dict[int, None]] = {}  # item -> sessions holding it, least recent first
+        self._changed_items: set[int] = set()
+        self._changed_sessions: set[int] = set()
+
+    # -- helpers -------------------------------------------------------------------------
+    def _row(self, s: int) -> np.ndarray:
+        return self._items.data[s] if 0 <= s < self._items.n else np.zeros(1 + self.max_session_len)
+
+    def _index_add(self, item: int, s: int) -> None:
+        sessions = self._index.get(item)
+        if sessions is None:
+            sessions = self._index[item] = {}
+        sessions.pop(s, None)
+        sessions[s] = None
+        if len(sessions) > self.sessions_per_item:
+            del sessions[next(iter(sessions))]
+
+    def _append(self, s: int, item: int) -> None:
+        """Add `item` to session `s` (moving it to the end when already there).
+
+        Every item of the session then moves `s` to the end of its index entry, so each
+        entry is ordered by session stamp and holds the `sessions_per_item` most recently
+        active sessions containing the item: the same index `import_state` rebuilds.
+        """
+        row = self._items.data[s]
+        self._stamp += 1
+        row[0] = self._stamp
+        seq = row[1:]
+        code = item + 1
+        hit = np.flatnonzero(seq == code)
+        if len(hit):
+            seq[hit[0] :] = np.append(seq[hit[0] + 1 :], code)
+        else:
+            dropped = int(seq[0]) - 1
+            seq[:-1] = seq[1:]
+            seq[-1] = code
+            if dropped >= 0:
+                idx = self._index.get(dropped)
+                if idx is not None:
+                    idx.pop(s, None)
+        for i in (seq[seq > 0] - 1).astype(np.int64).tolist():
+            self._index_add(i, s)
+
+    def _query_items(self, batch: Batch, rows: np.ndarray) -> list[np.ndarray]:
+        """Each row's session items so far (state, then this batch's earlier rows), oldest first."""
+        want = {int(r) for r in rows.tolist()}
+        extra: dict[int, list[int]] = {}
+        out: dict[int, np.ndarray] = {}
+        for j, (s, i) in enumerate(zip(batch.sessions.tolist(), batch.items.tolist())):
+            if j in want:
+                seq = self._row(s)[1:]
+                seq = (seq[seq > 0] - 1).astype(np.int64)
+                more = extra.get(s)
+                if more:
+                    seq = np.concatenate([seq[~np.isin(seq, more)], np.array(more[-self.max_session_len :], np.int64)])
+                out[j] = seq
+            if i >= 0:
+                lst = extra.setdefault(s, [])
+                if i in lst:
+                    lst.remove(i)
+                lst.append(i)
+        return [out[int(r)] for r in rows.tolist()]
+
+    # -- Model ---------------------------------------------------------------------------
+    def learn(self, batch: Batch) -> None:
+        keep = batch.items >= 0
+        if not keep.any():
+            return
+        if not keep.all():
+            batch = batch.take(keep)
+        count = self._count.ensure(batch.n_items)
+        self._items.ensure(max(batch.n_sessions, int(batch.sessions.max()) + 1))
+        np.add.at(count[:, 0], batch.items, batch.weights.astype(np.float64))
+        for s, i in zip(batch.sessions.tolist(), batch.items.tolist()):
+            self._append(s, i)
+        self._changed_items.update(batch.items.tolist())
+        self._changed_sessions.update(batch.sessions.tolist())
+
+    def score(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
+        n = batch.n_items
+        count = self._count.ensure(n)[:, 0]
+        total = count.sum()
+        base = self.pop_weight * (count / total if total > 0 else count)
+        out = np.repeat(base[None, :], len(rows), axis=0)  # [R, n_items]
+        table = self._items.data
+        for r, (row, seq) in enumerate(zip(rows.tolist(), self._query_items(batch, rows))):
+            q = seq[-self.query_len :]
+            if len(q) == 0:
+                continue
+            me = int(batch.sessions[row])
+            cand: set[int] = set()
+            for i in q.tolist():
+                cand.update(self._index.get(i, ()))
+            cand.discard(me)
+            if not cand:
+                continue
+            cand_arr = np.sort(np.fromiter(cand, np.int64, len(cand)))
+            if len(cand_arr) > self.sample_size:
+                stamps = table[cand_arr, 0]
+                cand_arr = cand_arr[np.argpartition(-stamps, self.sample_size)[: self.sample_size]]
+            m = table[cand_arr, 1:] - 1  # [C, L] item ids, -1 pads
+            w = np.arange(1, len(q) + 1, dtype=np.float64) / len(q)  # [m]
+            present = (m[:, :, None] == q[None, None, :]).any(axis=1)  # [C, m]
+            length = (m >= 0).sum(axis=1)
+            sim = (present @ w) / np.sqrt(np.maximum(length, 1))  # [C]
+            if len(sim) > self.k:
+                top = np.argpartition(-sim, self.k)[: self.k]
+                m, sim = m[top], sim[top]
+            ids = m.astype(np.int64)
+            ok = (ids >= 0) & (ids < n)
+            votes = np.broadcast_to(sim[:, None], ids.shape)[ok]
+            out[r] += np.bincount(ids[ok], weights=votes, minlength=n)[:n]
+        return out
+
+    def export_state(self) -> dict[str, np.ndarray]:
+        return {"items": self._items.data, "count": self._count.data, "meta": np.array([[float(self._stamp)]])}
+
+    def import_state(self, state: dict[str, np.ndarray]) -> None:
+        items = np.asarray(state["items"], np.float64)
+        if items.shape[1] > 1 + self.max_session_len:  # keep the newest items
+            items = np.concatenate([items[:, :1], items[:, -self.max_session_len :]], axis=1)
+        elif items.shape[1] < 1 + self.max_session_len:  # right-align: pads go first
+            pad = np.zeros((len(items), 1 + self.max_session_len - items.shape[1]))
+            items = np.concatenate([items[:, :1], pad, items[:, 1:]], axis=1)
+        self._items.load(items)
+        self._count.load(state["count"])
+        self._stamp = int(np.asarray(state["meta"]).ravel()[0])
+        self._index = {}
+        data = self._items.data
+        for s in np.argsort(data[:, 0], kind="stable").tolist():
+            if data[s, 0] <= 0:
+                continue
+            for i in (data[s, 1:][data[s, 1:] > 0] - 1).astype(np.int64).tolist():
+                self._index_add(i, s)
+        self._changed_items.clear()
+        self._changed_sessions.clear()
+
+    def drain_changes(self) -> dict[str, np.ndarray | None]:
+        items = np.fromiter(self._changed_items, np.int64)
+        sessions = np.fromiter(self._changed_sessions, np.int64)
+        self._changed_items.clear()
+        self._changed_sessions.clear()
+        return {"items": sessions, "count": items, "meta": None}
+
+    def forget(self, kind: TableKind, ids: np.ndarray) -> None:
+        ids = np.asarray(ids, np.int64)
+        if kind == "session":
+            ids = ids[(ids >= 0) & (ids < self._items.n)]
+            for s in ids.tolist():
+                seq = self._items.data[s, 1:]
+                for i in (seq[seq > 0] - 1).astype(np.int64).tolist():
+                    idx = self._index.get(i)
+                    if idx is not None:
+                        idx.pop(s, None)
+            self._items.reset(ids)
+        elif kind == "item":
+            self._count.reset(ids)
+            for i in ids.tolist():
+                for s in self._index.pop(i, {}):
+                    seq = self._items.data[s, 1:]
+                    seq[seq == i + 1] = 0.0
+                    self._changed_sessions.add(s)
