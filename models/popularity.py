@@ -114,3 +114,7 @@ class Popularity(Model):
         if kind == "item":
             self._count.reset(ids)
             self._ctx.reset(ids)
+        elif kind == "context":
+            data = self._ctx.data
+            data[:, ids[ids < data.shape[1]]] = 0.0
+            self._all_changed = True
