@@ -133,7 +133,7 @@ class Featurizer:
         if event.session_id is not None:
             return "s:" + event.session_id
         key, last = self.open_sessions.get(event.user_id, ("", -math.inf))
-        if event.ts - last > self.session_gap:
+        if not key or event.ts - last > self.session_gap:
             key = f"u:{event.user_id}:{int(event.ts)}"
         self.open_sessions[event.user_id] = (key, max(event.ts, last))
         return key

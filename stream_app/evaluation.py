@@ -27,7 +27,9 @@ def ranks(scores: np.ndarray, true_items: np.ndarray, mask: np.ndarray) -> tuple
     r = np.arange(len(true_items))
     true_scores = scores[r, true_items]  # [R]
     beats = (scores >= true_scores[:, None]) & mask  # [R, n_items]
-    return beats.sum(axis=1) - 1, mask.sum(axis=1)
+    n_candidates = mask.sum(axis=1)
+    # A NaN true score beats nothing: rank it last, a miss, rather than first.
+    return np.where(np.isnan(true_scores), n_candidates - 1, beats.sum(axis=1) - 1), n_candidates
 
 
 def event_metrics(rank: np.ndarray, n_candidates: np.ndarray, k: int) -> dict[str, np.ndarray]:

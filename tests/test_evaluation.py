@@ -122,3 +122,20 @@ def test_sampling_evaluates_about_the_requested_share():
     run(events, {"hash": HashScores()}, Featurizer(time_features=False), evaluator, 50)
     s = evaluator.summary("hash")
     assert 0.15 * len(events) < s["evaluated"] + s["cold_start"] < 0.35 * len(events)
+
+
+def test_a_nan_score_for_the_true_item_is_a_miss():
+    from stream_app.evaluation import ranks
+
+    scores = np.array([[0.5, np.nan, 0.1], [np.nan, np.nan, np.nan]])
+    mask = np.ones_like(scores, bool)
+    rank, n = ranks(scores, np.array([1, 0]), mask)
+    assert rank.tolist() == [2, 2] and n.tolist() == [3, 3]
+
+
+def test_an_infinite_session_gap_keeps_each_user_in_one_session():
+    f = Featurizer(session_gap=math.inf)
+    events = [SimpleNamespace(user_id=u, item_id="i", event_type="click", ts=t, session_id=None, value=None, context={})
+              for u, t in (("a", 1.0), ("b", 2.0), ("a", 1e9))]
+    sessions = f.batch(events).sessions.tolist()
+    assert sessions[0] == sessions[2] != sessions[1]
