@@ -269,7 +269,7 @@ def demo(
     input: Optional[Path] = typer.Option(None, "--input", help="replay this file instead of a synthetic stream"),
     format: str = typer.Option("auto", "--format", help="auto|jsonl|csv|movielens"),
     events: int = typer.Option(30_000, "--events", min=1, help="how many events to replay"),
-    models: str = typer.Option("pop", "--models", help="models the worker runs"),
+    models: str = typer.Option("pop,mf,gru,markov", "--models", help="models the worker runs"),
     rate: Optional[float] = typer.Option(None, "--rate", help="events per second (default: as fast as possible)"),
     batch_size: int = typer.Option(256, "--batch-size", min=1),
     keep_running: bool = typer.Option(False, "--keep-running", help="leave broker and Redis up afterwards"),

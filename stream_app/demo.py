@@ -45,7 +45,7 @@ def run_demo(
     input: Path | None = None,
     format: str = "auto",
     n_events: int = 30_000,
-    models: str = "pop",
+    models: str = "pop,mf,gru,markov",
     rate: float | None = None,
     batch_size: int = 256,
     keep_running: bool = False,
@@ -90,7 +90,7 @@ def run_demo(
         rows = latest_by_model(read_records(settings, timeout=3.0))
         console.print(table(rows, f"final metrics per model (k=20, batch {batch_size}, {stats.sent:,} events)"))
         if api_port:
-            _show_lookup(api_port, names[0])
+            _show_lookup(api_port, "mf" if "mf" in names else names[0])
         return rows
     finally:
         for proc in [worker, *helpers]:
