@@ -56,6 +56,13 @@ class Batch:
             self.n_users, self.n_items, self.n_sessions, self.n_context, self.time_columns,
         )
 
+    def with_items(self) -> "Batch | None":
+        """The rows that carry an item (lookup rows have item -1), or None when none does."""
+        keep = self.items >= 0
+        if keep.all():
+            return self
+        return self.take(keep) if keep.any() else None
+
     @property
     def event_context(self) -> np.ndarray:  # [B, C - time_columns]
         """The context columns that came with the events (no time features)."""

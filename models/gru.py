@@ -330,11 +330,9 @@ class GRU4Rec(Model):
         return out.numpy()
 
     def learn(self, batch: Batch) -> None:
-        keep = batch.items >= 0
-        if not keep.any():
+        batch = batch.with_items()
+        if batch is None:
             return
-        if not keep.all():
-            batch = batch.take(keep)
         fw = self._forward(batch)
         examples = np.flatnonzero(fw["pre_win"][:, -1] >= 0)
         if len(examples):

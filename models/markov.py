@@ -14,15 +14,14 @@ exponent gets large. Per-session state is the session's last item.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 from numba import njit
 
 from models.base import Batch, Model, TableKind
+from models.decay import DecayClock
 from models.rows import RowTable
 
-_MAX_EXPONENT = 60.0
 
 
 @njit(cache=True)
@@ -74,25 +73,19 @@ class Markov(Model):
         self._succ_count = RowTable(max_successors, np.float64, 0.0)
         self._count = RowTable(1, np.float64, 0.0)
         self._last = RowTable(1, np.float64, 0.0)
-        self._t0: float | None = None
+        self._clock = DecayClock(half_life)
         self._changed_items: set[int] = set()
         self._changed_sessions: set[int] = set()
         self._all_items_changed = False
 
     # -- helpers -------------------------------------------------------------------------
     def _growth(self, ts: np.ndarray) -> np.ndarray:
-        if self._t0 is None:
-            self._t0 = float(ts.min())
-        exponent = (ts - self._t0) / self.half_life
-        if exponent.max() > _MAX_EXPONENT:
-            shift = float(ts.max()) - self._t0
-            factor = 2.0 ** (-shift / self.half_life)
-            self._count.data[:] *= factor
-            self._succ_count.data[:] *= factor
-            self._t0 += shift
+        weights, rescale = self._clock.weights(ts)
+        if rescale is not None:
+            self._count.data[:] *= rescale
+            self._succ_count.data[:] *= rescale
             self._all_items_changed = True
-            exponent = (ts - self._t0) / self.half_life
-        return np.exp2(exponent)
+        return weights
 
     def _prev_items(self, batch: Batch) -> np.ndarray:
         """For each event, the session's item before it (earlier batch rows first, then state)."""
@@ -111,11 +104,9 @@ class Markov(Model):
 
     # -- Model ---------------------------------------------------------------------------
     def learn(self, batch: Batch) -> None:
-        keep = batch.items >= 0
-        if not keep.any():
+        batch = batch.with_items()
+        if batch is None:
             return
-        if not keep.all():
-            batch = batch.take(keep)
         self._succ.ensure(batch.n_items)
         self._succ_count.ensure(batch.n_items)
         count = self._count.ensure(batch.n_items)
@@ -160,7 +151,7 @@ class Markov(Model):
             "succ_count": self._succ_count.data,
             "count": self._count.data,
             "last": self._last.data,
-            "meta": np.array([[math.nan if self._t0 is None else self._t0]]),
+            "meta": self._clock.export(),
         }
 
     def import_state(self, state: dict[str, np.ndarray]) -> None:
@@ -168,8 +159,7 @@ class Markov(Model):
         self._succ_count.load(state["succ_count"])
         self._count.load(state["count"])
         self._last.load(state["last"])
-        t0 = float(np.asarray(state["meta"]).ravel()[0])
-        self._t0 = None if math.isnan(t0) else t0
+        self._clock.load(state["meta"])
         self._changed_items.clear()
         self._changed_sessions.clear()
         self._all_items_changed = False

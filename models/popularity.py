@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
 from models.base import Batch, Model, TableKind
+from models.decay import DecayClock
 from models.rows import RowTable
 
-_MAX_EXPONENT = 60.0  # rescale the growing weights before float32 (Redis) would overflow
 
 
 class Popularity(Model):
@@ -39,23 +38,17 @@ class Popularity(Model):
         self.seed = seed
         self._count = RowTable(1)  # [n_items, 1]
         self._ctx = RowTable(1)  # [n_items, n_context]
-        self._t0: float | None = None
+        self._clock = DecayClock(half_life)
         self._changed: set[int] = set()
         self._all_changed = False
 
     def _growth(self, ts: np.ndarray) -> np.ndarray:
-        if self._t0 is None:
-            self._t0 = float(ts.min())
-        exponent = (ts - self._t0) / self.half_life
-        if exponent.max() > _MAX_EXPONENT:
-            shift = float(ts.max()) - self._t0
-            factor = 2.0 ** (-shift / self.half_life)
-            self._count.data[:] *= factor
-            self._ctx.data[:] *= factor
-            self._t0 += shift
+        weights, rescale = self._clock.weights(ts)
+        if rescale is not None:
+            self._count.data[:] *= rescale
+            self._ctx.data[:] *= rescale
             self._all_changed = True
-            exponent = (ts - self._t0) / self.half_life
-        return np.exp2(exponent)
+        return weights
 
     def learn(self, batch: Batch) -> None:
         if len(batch) == 0:
@@ -94,14 +87,13 @@ class Popularity(Model):
         return {
             "count": self._count.data,
             "ctx_count": self._ctx.data,
-            "meta": np.array([[math.nan if self._t0 is None else self._t0]]),
+            "meta": self._clock.export(),
         }
 
     def import_state(self, state: dict[str, np.ndarray]) -> None:
         self._count.load(state["count"])
         self._ctx.load(state["ctx_count"])
-        t0 = float(np.asarray(state["meta"]).ravel()[0])
-        self._t0 = None if math.isnan(t0) else t0
+        self._clock.load(state["meta"])
         self._changed.clear()
 
     def drain_changes(self) -> dict[str, np.ndarray | None]:

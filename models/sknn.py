@@ -113,11 +113,9 @@ class SessionKNN(Model):
 
     # -- Model ---------------------------------------------------------------------------
     def learn(self, batch: Batch) -> None:
-        keep = batch.items >= 0
-        if not keep.any():
+        batch = batch.with_items()
+        if batch is None:
             return
-        if not keep.all():
-            batch = batch.take(keep)
         count = self._count.ensure(batch.n_items)
         self._items.ensure(max(batch.n_sessions, int(batch.sessions.max()) + 1))
         np.add.at(count[:, 0], batch.items, batch.weights.astype(np.float64))
