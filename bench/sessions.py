@@ -24,40 +24,23 @@ the stream's own events.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.features import Featurizer
+from models.features import Featurizer, RawEvent
 from models.registry import create
+from producers.readers import read_events
 from stream_app.evaluation import Evaluator, run
 
 DEFAULT_INPUT = "../shared/data/ml-latest-small/ratings.csv"
 
 
-@dataclass(frozen=True)
-class Ev:
-    """A minimal event (the featurizer's EventLike), cheaper than the pydantic Event."""
-
-    user_id: str
-    item_id: str
-    event_type: str
-    ts: float
-    session_id: str | None = None
-    value: float | None = None
-    context: dict = field(default_factory=dict)
-
-
-def load_ratings(path: str, limit: int | None = None) -> list[Ev]:
-    """MovieLens ratings.csv (userId,movieId,rating,timestamp) as click events in time order."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    events = [Ev(r["userId"], r["movieId"], "click", float(r["timestamp"]), None, float(r["rating"])) for r in rows]
-    events.sort(key=lambda e: e.ts)  # stable: ties keep file order
+def load_ratings(path: str, limit: int | None = None) -> list:
+    """MovieLens ratings as click events in time order, via the project's reader."""
+    events = list(read_events(path, "movielens", sort_by_time=True))
     return events[:limit] if limit else events
 
 
@@ -82,7 +65,7 @@ def synthetic(n_events: int = 60_000, n_items: int = 2_000, n_topics: int = 20, 
         t = float(rng.uniform(0, span))
         item = int(rng.choice(members[topic], p=probs[topic]))
         for _ in range(length):
-            out.append(Ev(user, f"i{item}", "click", t, f"s{s}"))
+            out.append(RawEvent(user, f"i{item}", "click", t, f"s{s}"))
             t += float(rng.exponential(30.0)) + 1.0
             if rng.random() < p_next:
                 item = int(successor[item])

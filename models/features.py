@@ -28,6 +28,19 @@ class EventLike(Protocol):
     context: Mapping[str, Any]
 
 
+@dataclass(frozen=True)
+class RawEvent:
+    """A plain `EventLike` for offline streams and tests (no validation, cheap to build)."""
+
+    user_id: str
+    item_id: str
+    event_type: str
+    ts: float
+    session_id: str | None = None
+    value: float | None = None
+    context: Mapping[str, Any] = field(default_factory=dict)
+
+
 class Vocab:
     """String id -> dense row, growing; idle ids can be expired and their rows reused."""
 

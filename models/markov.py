@@ -20,7 +20,7 @@ from numba import njit
 
 from models.base import Batch, Model, TableKind
 from models.decay import DecayClock
-from models.rows import RowTable
+from models.rows import RowTable, shares
 
 
 
@@ -127,10 +127,7 @@ class Markov(Model):
 
     def score(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
         n = batch.n_items
-        count = self._count.ensure(n)[:, 0]
-        total = count.sum()
-        base = self.pop_weight * (count / total if total > 0 else count)
-        out = np.repeat(base[None, :], len(rows), axis=0)  # [R, n_items]
+        out = shares(self._count, n, len(rows), self.pop_weight)  # [R, n_items]
         prev = self._prev_items(batch)[rows]
         succ = self._succ.ensure(n)
         succ_count = self._succ_count.ensure(n)

@@ -7,7 +7,7 @@ import numpy as np
 
 from models.base import Batch, Model, TableKind
 from models.decay import DecayClock
-from models.rows import RowTable
+from models.rows import RowTable, shares
 
 
 
@@ -64,10 +64,7 @@ class Popularity(Model):
 
     def score(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
         n = batch.n_items
-        count = self._count.ensure(n)[:, 0]
-        total = count.sum()
-        base = count / total if total > 0 else count.copy()
-        out = np.repeat(base[None, :], len(rows), axis=0)  # [R, n_items]
+        out = shares(self._count, n, len(rows))  # [R, n_items]
         if self.context_weight and self._ctx.n:
             ctx = self._ctx.ensure(n)
             col_total = ctx.sum(axis=0)  # [n_context]

@@ -46,3 +46,11 @@ class RowTable:
     def reset(self, ids: np.ndarray) -> None:
         ids = ids[ids < self.n]
         self._buf[ids] = self.fill
+
+
+def shares(counts: RowTable, n_rows: int, n_queries: int, weight: float = 1.0) -> np.ndarray:  # [n_queries, n_rows]
+    """`weight` times each row's share of the total count (first column), repeated per query."""
+    count = counts.ensure(n_rows)[:, 0]
+    total = count.sum()
+    base = weight * (count / total if total > 0 else count)
+    return np.repeat(base[None, :], n_queries, axis=0)

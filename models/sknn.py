@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from models.base import Batch, Model, TableKind
-from models.rows import RowTable
+from models.rows import RowTable, shares
 
 
 class SessionKNN(Model):
@@ -126,10 +126,7 @@ class SessionKNN(Model):
 
     def score(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
         n = batch.n_items
-        count = self._count.ensure(n)[:, 0]
-        total = count.sum()
-        base = self.pop_weight * (count / total if total > 0 else count)
-        out = np.repeat(base[None, :], len(rows), axis=0)  # [R, n_items]
+        out = shares(self._count, n, len(rows), self.pop_weight)  # [R, n_items]
         table = self._items.data
         for r, (row, seq) in enumerate(zip(rows.tolist(), self._query_items(batch, rows))):
             q = seq[-self.query_len :]

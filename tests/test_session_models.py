@@ -4,29 +4,17 @@ vocabulary growth, and hidden states that include earlier rows of the batch."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 import torch
 
-from models.features import Featurizer
+from models.features import Featurizer, RawEvent
 from models.registry import create
 
 torch.set_num_threads(1)
 
 SESSION_MODELS = ("gru", "markov", "sknn")
-
-
-@dataclass(frozen=True)
-class Ev:
-    user_id: str
-    item_id: str
-    event_type: str
-    ts: float
-    session_id: str | None = None
-    value: float | None = None
-    context: dict = field(default_factory=dict)
 
 
 def planted_stream(n_events: int = 4000, n_items: int = 40, p_next: float = 0.9, seed: int = 0):
@@ -41,7 +29,7 @@ def planted_stream(n_events: int = 4000, n_items: int = 40, p_next: float = 0.9,
         t = float(rng.uniform(0, n_events))
         item = int(rng.integers(n_items))
         for _ in range(int(rng.integers(3, 9))):
-            events.append(Ev(f"u{s % 50}", f"i{item}", "click", t, f"s{s}"))
+            events.append(RawEvent(f"u{s % 50}", f"i{item}", "click", t, f"s{s}"))
             t += float(rng.uniform(1, 5))
             item = int(succ[item]) if rng.random() < p_next else int(rng.integers(n_items))
         s += 1
@@ -70,7 +58,7 @@ def test_planted_next_item_in_top5(name, stream):
     n_items = len(succ)
     for a in range(n_items):
         # a fresh session: its first item is `a`; row 1's state includes row 0
-        b = feat.batch([Ev("q", f"i{a}", "click", 1e6 + a, f"probe{a}"), Ev("q", f"i{succ[a]}", "click", 1e6 + a + 1, f"probe{a}")])
+        b = feat.batch([RawEvent("q", f"i{a}", "click", 1e6 + a, f"probe{a}"), RawEvent("q", f"i{succ[a]}", "click", 1e6 + a + 1, f"probe{a}")])
         scores = model.score(b, np.array([1]))[0]
         want = feat.items.get(f"i{succ[a]}")
         top5 = np.argsort(-scores, kind="stable")[:5]
@@ -97,7 +85,7 @@ def test_restart_continuity(name, stream):
         model.learn(b)
         restored.learn(b)
     last = tail[-1]
-    q = feat.batch([Ev(last.user_id, last.item_id, "click", last.ts + 1, last.session_id)])
+    q = feat.batch([RawEvent(last.user_id, last.item_id, "click", last.ts + 1, last.session_id)])
     top_a = np.argsort(-model.score(q, np.array([0]))[0], kind="stable")[:10]
     top_b = np.argsort(-restored.score(q, np.array([0]))[0], kind="stable")[:10]
     np.testing.assert_array_equal(top_a, top_b)
