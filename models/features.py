@@ -47,7 +47,7 @@ class Vocab:
     def __init__(self) -> None:
         self.index: dict[str, int] = {}
         self.names: list[str | None] = []
-        self.last_seen: list[float] = []
+        self._seen = np.zeros(16)  # [capacity] stream time each row was last seen
         self._free: list[int] = []
         self._new: dict[str, int] = {}
         self._removed: set[str] = set()
@@ -57,6 +57,10 @@ class Vocab:
 
     def __contains__(self, key: str) -> bool:
         return key in self.index
+
+    @property
+    def last_seen(self) -> np.ndarray:  # [len(self)]
+        return self._seen[: len(self.names)]
 
     def get(self, key: str) -> int:
         """The row of `key`, or -1 when unknown."""
@@ -69,29 +73,44 @@ class Vocab:
             if self._free:
                 row = self._free.pop()
                 self.names[row] = key
-                self.last_seen[row] = ts
             else:
                 row = len(self.names)
                 self.names.append(key)
-                self.last_seen.append(ts)
+                if row == len(self._seen):
+                    self._seen = np.concatenate([self._seen, np.zeros(row)])
+            self._seen[row] = ts
             self.index[key] = row
             self._new[key] = row
             self._removed.discard(key)
-        elif ts > self.last_seen[row]:
-            self.last_seen[row] = ts
+        elif ts > self._seen[row]:
+            self._seen[row] = ts
         return row
+
+    def add_many(self, keys: list[str | None], ts: np.ndarray) -> np.ndarray:
+        """Rows of `keys` (None codes as -1), adding unknown ones in order; `ts`: [len(keys)]."""
+        get = self.index.get
+        rows = [-1 if k is None else get(k, -2) for k in keys]
+        if -2 in rows:  # unknown ids: added one by one, so a repeated new id gets one row
+            for j, row in enumerate(rows):
+                if row == -2:
+                    rows[j] = self.add(keys[j], float(ts[j]))  # type: ignore[arg-type]
+        out = np.array(rows, np.int64)
+        known = out >= 0
+        np.maximum.at(self._seen, out[known], ts[known])
+        return out
 
     def expire(self, older_than: float) -> np.ndarray:
         """Free every id last seen before `older_than`; returns their rows."""
-        stale = [r for r, (n, t) in enumerate(zip(self.names, self.last_seen)) if n is not None and t < older_than]
-        for row in stale:
+        live = np.array([n is not None for n in self.names], bool)
+        stale = np.flatnonzero(live & (self.last_seen < older_than))
+        for row in stale.tolist():
             name = self.names[row]
             del self.index[name]  # type: ignore[index]
             self.names[row] = None
             self._new.pop(name, None)  # type: ignore[arg-type]
             self._removed.add(name)  # type: ignore[arg-type]
-        self._free.extend(stale)
-        return np.asarray(stale, dtype=np.int64)
+        self._free.extend(stale.tolist())
+        return stale.astype(np.int64)
 
     def drain(self) -> tuple[dict[str, int], set[str]]:
         """Names added (name -> row) and names expired since the last call, for persistence."""
@@ -110,7 +129,7 @@ class Vocab:
         self.names = [None] * size
         for name, row in mapping.items():
             self.names[row] = name
-        self.last_seen = [0.0] * size
+        self._seen = np.zeros(max(size, 16))
         self._free = [r for r, n in enumerate(self.names) if n is None]
         self._new, self._removed = {}, set()
 
@@ -140,6 +159,7 @@ class Featurizer:
 
     def __post_init__(self) -> None:
         self._weight = dict(self.event_weights)
+        self._explicit_cache: dict[tuple, tuple[str | None, ...]] = {}
 
     def session_key(self, event: EventLike) -> str:
         """The session an event belongs to: its `session_id`, or the user's current run."""
@@ -154,36 +174,51 @@ class Featurizer:
     def context_keys(self, context: Mapping[str, Any], ts: float) -> list[str | None]:
         """The context row as `key=value` strings: the event's own context padded with
         None to `max_context` entries, then the time features (hour of day, day of week)."""
-        keys: list[str | None] = [f"{k}={_norm(v)}" for k, v in list(context.items())[: self.max_context]]
-        keys.extend([None] * (self.max_context - len(keys)))
+        keys = list(self._explicit(context))
         if self.time_features:
             day, second = divmod(int(ts), 86400)
             keys.append(_HOURS[second // 3600])
             keys.append(_DAYS[(day + 3) % 7])  # 1970-01-01 was a Thursday (Monday = 0)
         return keys
 
-    def batch(self, events: Iterable[EventLike]) -> Batch:
-        """Code `events` (adding new ids to the vocabularies) into a batch."""
-        events = list(events)
-        users, items, sessions, ts, values, rows = [], [], [], [], [], []
-        add_user, add_item, add_session, add_context = self.users.add, self.items.add, self.sessions.add, self.contexts.add
-        for e in events:
-            t = e.ts
-            users.append(add_user(e.user_id, t))
-            items.append(add_item(e.item_id, t))
-            sessions.append(add_session(self.session_key(e), t))
-            ts.append(t)
-            values.append(math.nan if e.value is None else e.value)
-            rows.append([-1 if key is None else add_context(key, t) for key in self.context_keys(e.context, t)])
-        kinds = [e.event_type for e in events]
-        return self._wrap(
-            np.array(users, np.int64), np.array(items, np.int64), np.array(sessions, np.int64),
-            np.array([EVENT_CODE[k] for k in kinds], np.int8),
-            np.array([self._weight.get(k, 1.0) for k in kinds], np.float32),
-            np.array(ts, np.float64), np.array(values, np.float32),
-            np.array(rows, np.int64).reshape(len(events), self.max_context + (2 if self.time_features else 0)),
-        )
+    def _explicit(self, context: Mapping[str, Any]) -> tuple[str | None, ...]:
+        """The event's own context as `max_context` `key=value` strings (None-padded), cached by content."""
+        key = tuple([(k, v, v.__class__) for k, v in context.items()])  # the class keeps True apart from 1
+        keys = self._explicit_cache.get(key)
+        if keys is None:
+            keys = tuple(f"{k}={_norm(v)}" for k, v in list(context.items())[: self.max_context])
+            keys += (None,) * (self.max_context - len(keys))
+            if len(self._explicit_cache) >= 65536:  # high-cardinality context values: keep the cache bounded
+                self._explicit_cache.clear()
+            self._explicit_cache[key] = keys
+        return keys
 
+    def batch(self, events: Iterable[EventLike]) -> Batch:
+        """Code `events` (adding new ids to the vocabularies, in stream order) into a batch."""
+        events = list(events)
+        n = len(events)
+        ts = np.array([e.ts for e in events], np.float64)  # [B]
+        users = self.users.add_many([e.user_id for e in events], ts)
+        items = self.items.add_many([e.item_id for e in events], ts)
+        sessions = self.sessions.add_many([self.session_key(e) for e in events], ts)
+        columns = [self._explicit(e.context) for e in events]  # [B] tuples of max_context
+        width = self.max_context
+        if self.time_features:
+            day, second = np.divmod(ts.astype(np.int64), 86400)
+            hours, days = (second // 3600).tolist(), ((day + 3) % 7).tolist()  # 1970-01-01 was a Thursday
+            columns = [c + (_HOURS[h], _DAYS[d]) for c, h, d in zip(columns, hours, days)]
+            width += 2
+        flat = [k for c in columns for k in c]
+        context = self.contexts.add_many(flat, np.repeat(ts, width)).reshape(n, width)  # [B, C]
+        kinds = [e.event_type for e in events]
+        weight = self._weight
+        return self._wrap(
+            users, items, sessions,
+            np.array([EVENT_CODE[k] for k in kinds], np.int8),
+            np.array([weight.get(k, 1.0) for k in kinds], np.float32),
+            ts, np.array([math.nan if e.value is None else e.value for e in events], np.float32),
+            context,
+        )
 
     def query(self, user_id: str | None, context: Mapping[str, Any], ts: float, session_id: str | None = None) -> Batch:
         """A one-row batch (item -1) for a lookup; unknown ids and context values code as -1."""

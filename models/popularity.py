@@ -66,15 +66,18 @@ class Popularity(Model):
         n = batch.n_items
         out = shares(self._count, n, len(rows))  # [R, n_items]
         if self.context_weight and self._ctx.n:
-            ctx = self._ctx.ensure(n)
+            ctx = self._ctx.ensure(n)  # [n_items, n_context]
             col_total = ctx.sum(axis=0)  # [n_context]
-            context = self._context(batch)
-            for r, row in enumerate(rows):
-                cols = context[row]
-                cols = cols[(cols >= 0) & (cols < ctx.shape[1])]
-                cols = cols[col_total[cols] > 0]
-                if len(cols):
-                    out[r] += self.context_weight * (ctx[:, cols] / col_total[cols]).mean(axis=1)
+            context = self._context(batch)[rows]  # [R, C]
+            valid = (context >= 0) & (context < ctx.shape[1])
+            cols = np.where(valid, context, 0)
+            valid &= col_total[cols] > 0
+            # mean over each query's context values of i's share there, as one product over the values used
+            used, where = np.unique(cols[valid], return_inverse=True)  # [U], [n valid]
+            mix = np.zeros((len(rows), len(used)))  # [R, U]
+            r = np.nonzero(valid)[0]
+            np.add.at(mix, (r, where), 1.0 / valid.sum(axis=1)[r])
+            out += self.context_weight * (mix @ (ctx[:, used] / col_total[used]).T)
         return out
 
     def _context(self, batch: Batch) -> np.ndarray:  # [B, C']

@@ -101,6 +101,9 @@ def worker(
     models: str = ModelsOpt,
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="max events per micro-batch"),
     max_wait_ms: int = typer.Option(200, "--max-wait-ms", min=1, help="max wait for a batch to fill"),
+    commit_max: int = typer.Option(
+        2048, "--commit-max", min=1, help="max events per Redis commit (a backlog is learned in micro-batches, committed together)"
+    ),
     sample_rate: float = typer.Option(0.1, "--sample-rate", min=0.0, max=1.0, help="share of events evaluated"),
     k: int = typer.Option(20, "--k", min=1, help="cut-off of recall@k and friends"),
     group: Optional[str] = typer.Option(None, "--group", help="consumer group [env STREAMREC_CONSUMER_GROUP]"),
@@ -126,7 +129,7 @@ def worker(
     try:
         config = WorkerConfig(
             models=tuple(parse_names(models)), batch_size=batch_size, max_wait_ms=max_wait_ms,
-            sample_rate=sample_rate, k=k, idle_expiry=idle_expiry,
+            commit_max=commit_max, sample_rate=sample_rate, k=k, idle_expiry=idle_expiry,
         )
         Worker(
             settings(kafka_bootstrap=bootstrap, redis_url=redis_url, consumer_group=group, events_topic=topic,

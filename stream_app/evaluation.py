@@ -105,31 +105,33 @@ class Evaluator:
         n = len(batch)
         if len(self._known) < batch.n_items:
             self._known = np.concatenate([self._known, np.zeros(batch.n_items - len(self._known), bool)])
-        sampled = self._rng.random(n) < self.sample_rate
+        sampled = (self._rng.random(n) < self.sample_rate).tolist()
         # Bookkeeping in stream order: the candidate mask of row j sees exactly rows < j.
         masks: dict[str, list[tuple[int, np.ndarray]]] = {"user": [], "session": []}
-        queries = {"user": batch.users, "session": batch.sessions}
-        kinds = {m.query for m in models.values()}
-        for j in range(n):
-            item = int(batch.items[j])
-            item_known = bool(self._known[item])
-            for kind in kinds:
-                q = int(queries[kind][j])
-                seen = self._seen[kind].get(q)
-                if sampled[j] and item_known and seen is not None:
-                    mask = self._known.copy()
+        known = self._known
+        items = batch.items.tolist()
+        for kind in {m.query for m in models.values()}:
+            queries = (batch.users if kind == "user" else batch.sessions).tolist()
+            seen_by, chosen = self._seen[kind], masks[kind]
+            new_items: set[int] = set()  # items first seen in this batch, before row j
+            for j, (q, item) in enumerate(zip(queries, items)):
+                seen = seen_by.get(q)
+                if seen is None:
+                    seen = seen_by[q] = set()
+                elif sampled[j] and (known[item] or item in new_items):
+                    mask = known.copy()
+                    mask[list(new_items)] = True
                     if self.exclude_seen:
                         mask[list(seen)] = False
                     mask[item] = True
-                    masks[kind].append((j, mask))
-                if seen is None:
-                    seen = self._seen[kind][q] = set()
+                    chosen.append((j, mask))
                 seen.add(item)
-            self._known[item] = True
+                new_items.add(item)
+        known[items] = True
         self.events_seen += n
         for name, model in models.items():
             chosen = masks[model.query]
-            self.cold_start[name] = self.cold_start.get(name, 0) + int(sampled.sum()) - len(chosen)
+            self.cold_start[name] = self.cold_start.get(name, 0) + sum(sampled) - len(chosen)
             if not chosen:
                 continue
             rows = np.array([j for j, _ in chosen])

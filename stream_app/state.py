@@ -13,10 +13,12 @@ write after the new owner took over.
 from __future__ import annotations
 
 import io
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
+import orjson
 import redis
 
 from models.base import Model
@@ -69,10 +71,17 @@ class Keys:
     def tag(self) -> str:
         return f"{{{self.prefix}:{self.topic}:{self.partition}}}"
 
-    def __getattr__(self, name: str) -> str:  # offset, epoch, owner, applied, dedup, version, history, open_sessions
-        if name.startswith("_"):
-            raise AttributeError(name)
+    def _key(self, name: str) -> str:
         return f"{self.tag}:{name}"
+
+    offset = property(lambda self: self._key("offset"), doc="next offset of `events` to read")
+    epoch = property(lambda self: self._key("epoch"), doc="claims so far; a claim's value is its fencing token")
+    owner = property(lambda self: self._key("owner"), doc="fencing token of the current owner")
+    applied = property(lambda self: self._key("applied"), doc="events applied")
+    version = property(lambda self: self._key("version"), doc="commits so far")
+    dedup = property(lambda self: self._key("dedup"), doc="list: JSON array of event ids per commit")
+    history = property(lambda self: self._key("history"), doc="hash: user row -> int32 (item, type) pairs")
+    open_sessions = property(lambda self: self._key("open_sessions"), doc="hash: user id -> 'session|last ts'")
 
     def vocab(self, kind: str) -> str:
         return f"{self.tag}:vocab:{kind}"
@@ -107,7 +116,7 @@ class Changes:
     vocab_new: dict[str, dict[str, int]]
     vocab_removed: dict[str, set[str]]
     open_sessions: dict[str, tuple[str, float]]
-    dedup: dict[str, int]  # event_id -> offset
+    dedup: list[str]  # event ids applied in this commit
     history: dict[int, bytes]  # user row -> int32 (item row, event type) pairs
     tables: list[tuple[str, str, str, np.ndarray | None, np.ndarray]]  # model, table, kind, ids (None: blob), values
     expired: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> rows freed this batch
@@ -122,6 +131,8 @@ class PartitionStore:
         self.dedup_window = dedup_window
         self.session_ttl = max(1, int(session_ttl))
         self.token = 0
+        self._dedup_sizes: deque[int] = deque()  # ids in each entry of the dedup list, oldest first
+        self._script = None  # the registered `_FENCED_WRITE`
         self.tables: dict[str, dict[str, str]] = {}  # model -> table -> kind, known after `load`
 
     def claim(self) -> int:
@@ -150,7 +161,7 @@ class PartitionStore:
             applied=int(c.get(k.applied) or 0),
             vocabs=vocabs,
             open_sessions=opened,
-            dedup=[m.decode() for m in c.zrange(k.dedup, 0, -1)],
+            dedup=self._load_dedup(),
             history=history,
         )
         for name, model in models.items():
@@ -174,63 +185,121 @@ class PartitionStore:
                 snap.models[name] = state
         return snap
 
+    def _load_dedup(self) -> list[str]:
+        entries = [orjson.loads(raw) for raw in self.client.lrange(self.keys.dedup, 0, -1)]
+        self._dedup_sizes = deque(len(ids) for ids in entries)
+        return [i for ids in entries for i in ids]
+
+    def _dedup_trim(self, added: int) -> int:
+        """How many of the oldest dedup entries to drop after adding one of `added` ids, keeping
+        at least `dedup_window` ids."""
+        sizes = list(self._dedup_sizes) + [added]
+        total, drop = sum(sizes), 0
+        while drop < len(sizes) - 1 and total - sizes[drop] >= self.dedup_window:
+            total -= sizes[drop]
+            drop += 1
+        return drop
+
     def commit(self, changes: Changes) -> int:
         """Write one batch's changes and the next offset atomically; returns the new version.
 
         Raises FencedError when another worker owns the partition now.
         """
         k = self.keys
-        with self.client.pipeline(transaction=True) as pipe:
-            try:
-                pipe.watch(k.owner)
-                owner = pipe.get(k.owner)
-                if owner is None or int(owner) != self.token:
-                    raise FencedError(f"partition {k.partition} of {k.topic} is owned by token {owner!r}, not {self.token}")
-                pipe.multi()
-                self._write(pipe, changes)
-                result = pipe.execute()
-            except redis.WatchError:
-                raise FencedError(f"partition {k.partition} of {k.topic} was claimed by another worker") from None
-        return int(result[-1])
+        drop = self._dedup_trim(len(changes.dedup)) if changes.dedup else 0
+        writes = _Writes()
+        self._write(writes, changes, drop)
+        if self._script is None:
+            self._script = self.client.register_script(_FENCED_WRITE)
+        try:
+            version = self._script(keys=[k.owner, *writes.keys], args=[self.token, *writes.args])
+        except redis.ResponseError as exc:
+            if str(exc).startswith("FENCED"):
+                raise FencedError(
+                    f"partition {k.partition} of {k.topic} is owned by token {str(exc).split()[-1]}, not {self.token}"
+                ) from None
+            raise
+        if changes.dedup:
+            self._dedup_sizes.append(len(changes.dedup))
+            for _ in range(drop):
+                self._dedup_sizes.popleft()
+        return int(version)
 
-    def _write(self, pipe: redis.client.Pipeline, ch: Changes) -> None:
+    def _write(self, w: "_Writes", ch: Changes, dedup_drop: int) -> None:
         k = self.keys
         for kind, names in ch.vocab_new.items():
-            if names:
-                pipe.hset(k.vocab(kind), mapping=names)
+            w.hset(k.vocab(kind), names)
         for kind, names in ch.vocab_removed.items():
-            if names:
-                pipe.hdel(k.vocab(kind), *names)
-        if ch.open_sessions:
-            pipe.hset(k.open_sessions, mapping={u: f"{key}|{ts!r}" for u, (key, ts) in ch.open_sessions.items()})
+            w.fields("HDEL", k.vocab(kind), list(names))
+        w.hset(k.open_sessions, {u: f"{key}|{ts!r}" for u, (key, ts) in ch.open_sessions.items()})
         if ch.dedup:
-            pipe.zadd(k.dedup, ch.dedup)
-            pipe.zremrangebyrank(k.dedup, 0, -self.dedup_window - 1)
-        if ch.history:
-            pipe.hset(k.history, mapping=ch.history)
+            w.call("RPUSH", k.dedup, orjson.dumps(ch.dedup))
+            if dedup_drop:
+                w.call("LTRIM", k.dedup, dedup_drop, -1)
+        w.hset(k.history, ch.history)
         for model, table, kind, ids, values in ch.tables:
             key = k.table(model, table)
             if ids is None:
-                pipe.set(key, pack_blob(values))
+                w.call("SET", key, pack_blob(values))
             elif kind == "session":
                 for r, row in zip(ids.tolist(), values.astype(np.float32)):
-                    pipe.set(k.session_row(model, table, r), row.tobytes(), ex=self.session_ttl)
-            elif len(ids):
+                    w.call("SET", k.session_row(model, table, r), row.tobytes(), "EX", self.session_ttl)
+            else:
                 rows = values.astype(np.float32)
-                pipe.hset(key, mapping={str(r): row.tobytes() for r, row in zip(ids.tolist(), rows)})
+                w.hset(key, {r: row.tobytes() for r, row in zip(ids.tolist(), rows)})
         for kind, rows in ch.expired.items():
-            fields = [str(r) for r in rows.tolist()]
+            fields = rows.tolist()
             if kind == "user":
-                pipe.hdel(k.history, *fields)
+                w.fields("HDEL", k.history, fields)
             for model, tables in self.tables.items():
                 for table, table_kind in tables.items():
                     if table_kind == kind == "session":
-                        pipe.delete(*(k.session_row(model, table, r) for r in rows.tolist()))
+                        for r in fields:
+                            w.call("DEL", k.session_row(model, table, r))
                     elif table_kind == kind:
-                        pipe.hdel(k.table(model, table), *fields)
-        pipe.set(k.offset, ch.next_offset)
-        pipe.incrby(k.applied, ch.applied)
-        pipe.incr(k.version)
+                        w.fields("HDEL", k.table(model, table), fields)
+        w.call("SET", k.offset, ch.next_offset)
+        w.call("INCRBY", k.applied, ch.applied)
+        w.call("INCR", k.version)
+
+
+# One round trip, atomic, fenced: KEYS[1] is `owner`, ARGV[1] the caller's token; then per write
+# ARGV holds m (the command and its arguments), the index of its key in KEYS, the command, its arguments.
+_FENCED_WRITE = """
+local owner = redis.call('GET', KEYS[1])
+if owner ~= ARGV[1] then return redis.error_reply('FENCED ' .. tostring(owner)) end
+local i, result = 2, nil
+while i <= #ARGV do
+  local m = tonumber(ARGV[i])
+  result = redis.call(ARGV[i + 2], KEYS[tonumber(ARGV[i + 1])], unpack(ARGV, i + 3, i + 1 + m))
+  i = i + 2 + m
+end
+return result
+"""
+_MAX_ARGS = 4000  # per command: Lua's unpack() takes about 8000 values at most
+
+
+class _Writes:
+    """Commands for `_FENCED_WRITE`: every key is declared in KEYS (cluster-safe)."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.args: list = []
+        self._index: dict[str, int] = {}
+
+    def call(self, command: str, key: str, *args) -> None:
+        index = self._index.get(key)
+        if index is None:
+            self.keys.append(key)
+            index = self._index[key] = len(self.keys) + 1  # KEYS[1] is the owner key
+        self.args += (len(args) + 1, index, command, *args)
+
+    def fields(self, command: str, key: str, values: list) -> None:
+        for start in range(0, len(values), _MAX_ARGS):
+            self.call(command, key, *values[start : start + _MAX_ARGS])
+
+    def hset(self, key: str, mapping: dict) -> None:
+        self.fields("HSET", key, [x for pair in mapping.items() for x in pair])
 
 
 def applied_total(client: redis.Redis, prefix: str, topic: str, partitions: Iterable[int]) -> int:

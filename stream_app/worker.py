@@ -42,8 +42,9 @@ class WorkerConfig:
     """How a worker batches, evaluates and reports."""
 
     models: tuple[str, ...] = ("pop",)
-    batch_size: int = 256
+    batch_size: int = 256  # events per micro-batch: evaluated, then learned
     max_wait_ms: int = 200
+    commit_max: int = 2048  # events per poll and Redis commit at most: a backlog commits several micro-batches at once
     sample_rate: float = 0.1
     k: int = 20
     window: int = 10_000
@@ -69,7 +70,7 @@ class Shard:
         self.history: dict[int, deque] = {}
         self.offset: int | None = None
         self.version = 0
-        self.last_ts: list[float] = []  # event times of the last committed batch (freshness)
+        self.last_ts = np.zeros(0)  # event times of the last committed batch (freshness)
         self._expired_at = -float("inf")
 
     def resume(self) -> int | None:
@@ -115,42 +116,30 @@ class Shard:
         return freed
 
     def process(self, messages: list[Any], dead_letter: Callable[[Any, str], None]) -> int:
-        """Evaluate, learn and commit one batch of records; returns events applied."""
-        events: list[Event] = []
-        new_ids: dict[str, int] = {}
-        for msg in messages:
-            try:
-                event = decode(msg.value)
-            except InvalidEvent as exc:
-                dead_letter(msg, str(exc))
-                continue
-            if event.event_id is not None:
-                if event.event_id in self.dedup or event.event_id in new_ids:
-                    continue
-                new_ids[event.event_id] = msg.offset
-            events.append(event)
+        """Evaluate and learn `messages` in micro-batches of `batch_size`, then commit them in one
+        atomic Redis write; returns events applied."""
+        events, new_ids = self._decode(messages, dead_letter)
         f = self.featurizer
-        changes_tables: list = []
-        if events:
-            batch = f.batch(events)
+        size = self.config.batch_size
+        touched: dict[int, deque] = {}
+        for start in range(0, len(events), size):
+            batch = f.batch(events[start : start + size])
             self.evaluator.evaluate(batch, self.models)
             for model in self.models.values():
                 model.learn(batch)
-            touched = {}
             for u, i, t in zip(batch.users.tolist(), batch.items.tolist(), batch.event_types.tolist()):
-                touched[u] = h = self.history.setdefault(u, deque(maxlen=2 * HISTORY))
+                touched[u] = h = self.history.get(u) or self.history.setdefault(u, deque(maxlen=2 * HISTORY))
                 h.append(i)  # flat (item, event type) pairs
                 h.append(t)
-            history = {u: array("i", h).tobytes() for u, h in touched.items()}
-            for name, model in self.models.items():
-                state = model.export_state()
-                for table, ids in model.drain_changes().items():
-                    values = state[table] if ids is None else state[table][ids]
-                    changes_tables.append((name, table, model.tables[table], ids, values))
-            opened = {e.user_id: f.open_sessions[e.user_id] for e in events if e.session_id is None}
-            expired = self._expire(float(batch.ts.max()))
-        else:
-            history, opened, expired = {}, {}, {}
+        tables: list = []
+        for name, model in self.models.items():
+            state = model.export_state()
+            for table, ids in model.drain_changes().items():
+                values = state[table] if ids is None else state[table][ids]
+                tables.append((name, table, model.tables[table], ids, values))
+        ts = np.array([e.ts for e in events], np.float64)  # [n]
+        opened = {e.user_id: f.open_sessions[e.user_id] for e in events if e.session_id is None}
+        expired = self._expire(float(ts.max())) if len(ts) else {}
         vocab_new, vocab_removed = {}, {}
         for kind, vocab in (("user", f.users), ("item", f.items), ("session", f.sessions), ("context", f.contexts)):
             vocab_new[kind], vocab_removed[kind] = vocab.drain()
@@ -160,19 +149,37 @@ class Shard:
             vocab_new=vocab_new,
             vocab_removed=vocab_removed,
             open_sessions=opened,
-            dedup=new_ids,
-            history=history,
-            tables=changes_tables,
+            dedup=list(new_ids),
+            history={u: array("i", h).tobytes() for u, h in touched.items() if u in self.history},
+            tables=tables,
             expired=expired,
         )
         self.version = self.store.commit(changes)
         self.offset = changes.next_offset
-        self.last_ts = [e.ts for e in events]
-        for event_id in new_ids:
-            self.dedup[event_id] = None
+        self.last_ts = ts
+        self.dedup.update(new_ids)
         while len(self.dedup) > self.config.dedup_window:
             self.dedup.popitem(last=False)
         return len(events)
+
+    def _decode(self, messages: list[Any], dead_letter: Callable[[Any, str], None]) -> tuple[list[Event], dict[str, None]]:
+        """Valid, not yet seen events of `messages` in order (dead letters for the rest), and their new ids."""
+        events: list[Event] = []
+        new_ids: dict[str, None] = {}
+        seen = self.dedup
+        for msg in messages:
+            try:
+                event = decode(msg.value)
+            except InvalidEvent as exc:
+                dead_letter(msg, str(exc))
+                continue
+            event_id = event.event_id
+            if event_id is not None:
+                if event_id in seen or event_id in new_ids:
+                    continue
+                new_ids[event_id] = None
+            events.append(event)
+        return events, new_ids
 
 
 class Worker:
@@ -228,7 +235,7 @@ class Worker:
         s = self.settings
         self.consumer = kafka.group_consumer(
             s.kafka_client, s.kafka_bootstrap, s.consumer_group, s.events_topic, self.assign, self.revoke,
-            self.config.batch_size, self.config.max_wait_ms,
+            self.config.commit_max, self.config.max_wait_ms,
         )
         previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -239,7 +246,7 @@ class Worker:
         idle_since = time.monotonic()
         try:
             while self.running:
-                polled = self.consumer.poll(self.config.batch_size, self.config.max_wait_ms / 1000)
+                polled = self.consumer.poll(self.config.commit_max, self.config.max_wait_ms / 1000)
                 if polled or self.started_at is None:  # idle time counts from the first assignment
                     idle_since = time.monotonic()
                     for partition, messages in polled.items():
@@ -267,7 +274,7 @@ class Worker:
             self.sender.flush()  # dead letters of earlier batches are on Kafka before we move the offset
             self.applied += shard.process(messages, self.dead_letter)
             now = time.time()
-            self.freshness.extend(now - ts for ts in shard.last_ts)
+            self.freshness.extend((now - shard.last_ts).tolist())
             self.sender.flush()
         except FencedError as exc:
             log.warning("dropping partition %s: %s", partition, exc)
