@@ -1,13 +1,13 @@
 """Model state, vocabularies and Kafka offsets in Redis, written exactly once per micro-batch.
 
 Every key of one partition shares the hash tag `{<prefix>:<topic>:<partition>}`,
-so a partition's keys live in one cluster slot and one MULTI/EXEC can change
-them atomically. See README "Redis key layout".
+so a partition's keys live in one cluster slot and one Lua script can change
+them atomically, in one round trip. See README "Redis key layout".
 
 Fencing: claiming a partition increments its `epoch` and stores the result
-as `owner`; every commit WATCHes `owner` and aborts (FencedError) when it is
-not this worker's token any more, so a worker that lost a partition cannot
-write after the new owner took over.
+as `owner`; every commit's script first compares `owner` with this worker's
+token and writes nothing (FencedError) when it differs, so a worker that lost
+a partition cannot write after the new owner took over.
 """
 
 from __future__ import annotations
