@@ -3,8 +3,10 @@
 Run: `streamrec bench` (or `python -m bench.pipeline`). Starts the embedded
 broker and Redis when none answers, produces a synthetic stream to a fresh
 topic, then measures in one run:
-- the raw consume rate of a bare kafka-python consumer (the baseline);
-- the worker's end-to-end events/s (Kafka in -> models updated -> Redis written);
+- the raw consume rate of a bare kafka-python consumer (the baseline: the better of a run
+  before and one after the workers);
+- the worker's end-to-end events/s (Kafka in -> models updated -> Redis written), with each
+  client, as one process and as `worker --processes N` (one group member per process);
 - freshness: seconds from an event's `ts` (its produce time) until its batch is committed to Redis.
 Writes JSON and a markdown table under bench/results/.
 """
@@ -14,6 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -25,6 +30,7 @@ from producers.producer import EventProducer
 from producers.synthetic import SyntheticConfig, generate
 from stream_app import embedded, kafka
 from stream_app.settings import Settings
+from stream_app.state import Keys, applied_total, connect
 from stream_app.worker import Worker, WorkerConfig
 
 RESULTS = Path(__file__).parent / "results"
@@ -53,6 +59,30 @@ def worker_rate(settings: Settings, config: WorkerConfig, n: int) -> tuple[float
     return worker.applied / seconds, list(worker.freshness)
 
 
+def processes_rate(settings: Settings, config: WorkerConfig, n: int, processes: int) -> float:
+    """End-to-end events/s of `streamrec worker --processes N` over `n` events: from the moment every
+    partition is claimed until Redis counts `n` applied events."""
+    redis = connect(settings.redis_url)
+    partitions = range(settings.events_partitions)
+    owners = [Keys(settings.key_prefix, settings.events_topic, p).owner for p in partitions]
+    command = [sys.executable, "-m", "stream_app.cli", "worker", "--processes", str(processes),
+               "--models", ",".join(config.models), "--batch-size", str(config.batch_size),
+               "--commit-max", str(config.commit_max), "--sample-rate", str(config.sample_rate)]
+    proc = subprocess.Popen(command, env=settings.environ(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not all(redis.exists(k) for k in owners):
+            if proc.poll() is not None:
+                raise RuntimeError(f"`{' '.join(command)}` exited with {proc.returncode}")
+            time.sleep(0.005)
+        start = time.perf_counter()
+        while applied_total(redis, settings.key_prefix, settings.events_topic, partitions) < n:
+            time.sleep(0.005)
+        return n / (time.perf_counter() - start)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
 def measure_freshness(settings: Settings, config: WorkerConfig, n: int, rate: float) -> list[float]:
     """Freshness samples of a worker that has joined its group before the paced producer starts."""
     worker = Worker(settings, config)
@@ -73,7 +103,7 @@ def produce_paced(settings: Settings, n: int, rate: float, seed: int) -> None:
             ahead = start + j / rate - time.monotonic()
             if ahead > 0:
                 time.sleep(ahead)
-            producer.send(event.model_copy(update={"ts": time.time(), "event_id": None}))
+            producer.send(event.replace(ts=time.time(), event_id=None))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -83,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--sample-rate", type=float, default=0.1)
     parser.add_argument("--fresh-rate", type=float, default=2000.0, help="events/s of the freshness run")
+    parser.add_argument("--processes", type=int, default=2, help="worker processes of the multi-process runs")
     parser.add_argument("--fresh-client", default="kafka-python", choices=kafka.CLIENTS)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -97,13 +128,19 @@ def main(argv: list[str] | None = None) -> dict:
         for event in generate(SyntheticConfig(), args.events, seed=1):
             producer.send(event)
 
-    raw = raw_consume_rate(settings, settings.events_topic, args.events)
+    raw_before = raw_consume_rate(settings, settings.events_topic, args.events)
     config = WorkerConfig(models=tuple(args.models.split(",")), batch_size=args.batch_size, sample_rate=args.sample_rate)
-    e2e = {}
-    for client in kafka.CLIENTS:  # each in its own group and key space, over the same events
+    e2e, multi = {}, {}
+    for client in kafka.CLIENTS:  # each run in its own group and key space, over the same events
         run_settings = settings.with_(kafka_client=client, consumer_group=f"bench-{run}-{client}",
                                       key_prefix=f"bench-{run}-{client}")
         e2e[client], _ = worker_rate(run_settings, config, args.events)
+        multi[client] = processes_rate(
+            run_settings.with_(consumer_group=f"bench-{run}-{client}-p", key_prefix=f"bench-{run}-{client}-p"),
+            config, args.events, args.processes,
+        )
+
+    raw = max(raw_before, raw_consume_rate(settings, settings.events_topic, args.events))  # the conservative baseline
 
     fresh = settings.with_(events_topic=f"bench-fresh-{run}", consumer_group=f"bench-fresh-{run}",
                            kafka_client=args.fresh_client)
@@ -119,6 +156,9 @@ def main(argv: list[str] | None = None) -> dict:
         "raw_consume_events_per_s": round(raw),
         "worker_events_per_s": {c: round(r) for c, r in e2e.items()},
         "ratio": {c: round(r / raw, 3) for c, r in e2e.items()},
+        "processes": args.processes, "partitions": settings.events_partitions, "commit_max": config.commit_max,
+        "worker_processes_events_per_s": {c: round(r) for c, r in multi.items()},
+        "processes_ratio": {c: round(r / raw, 3) for c, r in multi.items()},
         "freshness_rate_events_per_s": args.fresh_rate,
         "freshness_p50_s": round(float(np.percentile(lat, 50)), 4), "freshness_p99_s": round(float(np.percentile(lat, 99)), 4),
     }
@@ -130,6 +170,11 @@ def main(argv: list[str] | None = None) -> dict:
         + "".join(
             f"| worker end to end on {c} ({args.models}, batch {args.batch_size}, {args.sample_rate:.0%} evaluated)"
             f" | {result['worker_events_per_s'][c]:,} events/s (ratio to raw {result['ratio'][c]:.2f}) |\n"
+            for c in kafka.CLIENTS
+        )
+        + "".join(
+            f"| {args.processes} worker processes on {settings.events_partitions} partitions, {c}"
+            f" | {result['worker_processes_events_per_s'][c]:,} events/s (ratio to raw {result['processes_ratio'][c]:.2f}) |\n"
             for c in kafka.CLIENTS
         )
         + f"| freshness ({args.fresh_client}) at {args.fresh_rate:,.0f} events/s, p50 / p99 | {result['freshness_p50_s']:.3f} s / {result['freshness_p99_s']:.3f} s |\n"

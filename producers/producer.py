@@ -35,7 +35,7 @@ def to_event(event: Event | dict[str, Any]) -> Event:
     """A complete, valid event from an `Event` or a dict (ids and time filled); raises `InvalidEvent`."""
     if isinstance(event, Event):
         if event.event_id is None:
-            return event.model_copy(update={"event_id": uuid.uuid4().hex})
+            return event.replace(event_id=uuid.uuid4().hex)
         return event
     return prepare(event)
 

@@ -8,12 +8,14 @@ naming the field and the rule, e.g.
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal, Union
 
+import msgspec
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from stream_app.errors import InvalidEvent
 
@@ -22,101 +24,125 @@ MAX_MESSAGE_BYTES = 64 * 1024
 MAX_CONTEXT_KEYS = 32
 MAX_ID_CHARS = 256
 
-Number = Union[StrictInt, StrictFloat]
-ContextValue = Union[StrictBool, StrictInt, StrictFloat, StrictStr]
-Id = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_CHARS)]
+# NaN and +-inf fail these bounds, so only finite floats pass.
+Finite = Annotated[float, msgspec.Meta(ge=-1.7976931348623157e308, le=1.7976931348623157e308)]
+Number = Union[int, Finite]
+ContextValue = Union[bool, int, Finite, str]
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
 
 
-class Event(BaseModel):
-    """One user event. Frozen; build it with `Event(...)` or `decode(raw)`."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+class Event(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One user event. Frozen; build it with `from_dict(...)` or `decode(raw)`, which validate
+    (calling `Event(...)` directly does not: keep that for trusted code such as the generator)."""
 
     user_id: Id
     item_id: Id
     event_type: Literal["click", "purchase", "favorite"]
     ts: Number
-    event_id: Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_CHARS)] | None = None
-    session_id: Id | None = None
-    value: Number | None = None
-    context: Annotated[dict[StrictStr, ContextValue], Field(max_length=MAX_CONTEXT_KEYS)] = Field(
-        default_factory=dict
-    )
+    event_id: Union[Id, None] = None
+    session_id: Union[Id, None] = None
+    value: Union[Number, None] = None
+    context: Annotated[dict[str, ContextValue], msgspec.Meta(max_length=MAX_CONTEXT_KEYS)] = {}
+
+    def replace(self, **changes: Any) -> "Event":
+        """A copy with `changes` applied (not validated)."""
+        return msgspec.structs.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field by name (absent optional fields as None)."""
+        return msgspec.structs.asdict(self)
 
 
-def _rule(err: dict[str, Any]) -> InvalidEvent:
-    """Turn one pydantic error into our field + rule message."""
-    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "union"))]
-    # Union branches add their type name to the location; keep the field path only.
-    loc = [p for p in loc if p not in {"int", "float", "str", "bool"}]
-    field = ".".join(loc)
-    kind, got = err["type"], err.get("input")
-    if kind == "missing":
-        return InvalidEvent(field, "is required")
-    if kind == "extra_forbidden":
-        return InvalidEvent(field, "is not a field of the event schema (put extra attributes under context)")
+_DECODER = msgspec.json.Decoder(Event)
+_IDS = ("user_id", "item_id", "event_id", "session_id")
+_AT = re.compile(r"`\$\.(\w+)")  # the field in "... - at `$.ts`" or "... at `key` in `$.context`"
+
+
+def _type(value: Any) -> str:
+    return type(value).__name__
+
+
+def _explain(data: dict, error: str) -> InvalidEvent:
+    """Name the field and the rule that `data` breaks; `error` is msgspec's account of it."""
+    if error.startswith("Object missing required field"):
+        return InvalidEvent(error.split("`")[1], "is required")
+    if error.startswith("Object contains unknown field"):
+        return InvalidEvent(error.split("`")[1], "is not a field of the event schema (put extra attributes under context)")
+    at = _AT.search(error)
+    field = at.group(1) if at else ""
+    got = data.get(field)
     if field == "event_type":
         return InvalidEvent(field, f"must be one of {', '.join(EVENT_TYPES)} (got {got!r})")
-    if kind == "string_too_short":
-        return InvalidEvent(field, "must not be empty")
-    if kind == "string_too_long":
+    if field in _IDS:
+        if not isinstance(got, str):
+            return InvalidEvent(field, f"must be a string (got {_type(got)} {got!r:.60})")
+        if not got:
+            return InvalidEvent(field, "must not be empty")
         return InvalidEvent(field, f"must be at most {MAX_ID_CHARS} characters (got {len(got)})")
-    if field.endswith(".[key]"):
-        return InvalidEvent("context", f"keys must be strings (got {type(got).__name__} {got!r:.60})")
-    if kind == "dict_type" and field == "context":
-        return InvalidEvent(field, f"must be an object (got {type(got).__name__})")
-    if kind == "string_type":
-        return InvalidEvent(field, f"must be a string (got {type(got).__name__} {got!r:.60})")
-    if kind == "string_unicode":
-        return InvalidEvent(field, "must be valid Unicode text (got a string with lone surrogates)")
-    if kind == "too_long" and field == "context":
-        return InvalidEvent(field, f"must have at most {MAX_CONTEXT_KEYS} keys (got {len(got)})")
-    if kind == "finite_number":
-        return InvalidEvent(field, f"must be a finite number (got {got!r})")
     if field in ("ts", "value"):
-        return InvalidEvent(field, f"must be a finite number (got {type(got).__name__} {got!r:.60})")
-    if field == "context" or field.startswith("context."):
-        return InvalidEvent(field, f"must be a string, number or bool (got {type(got).__name__})")
-    return InvalidEvent(field, f"{err['msg'].lower()} (got {type(got).__name__} {got!r:.60})")
+        return _not_finite(field, got)
+    if field == "context":
+        if not isinstance(got, dict):
+            return InvalidEvent(field, f"must be an object (got {_type(got)})")
+        for key, value in got.items():
+            if not isinstance(key, str):
+                return InvalidEvent(field, f"keys must be strings (got {_type(key)} {key!r:.60})")
+            if isinstance(value, float) and not math.isfinite(value):
+                return _not_finite(f"context.{key}", value)
+            if not isinstance(value, (bool, int, float, str)):
+                return InvalidEvent(f"context.{key}", f"must be a string, number or bool (got {_type(value)})")
+        return InvalidEvent(field, f"must have at most {MAX_CONTEXT_KEYS} keys (got {len(got)})")
+    return InvalidEvent(field, f"{error} (got {_type(got)} {got!r:.60})")
+
+
+def _not_finite(field: str, got: Any) -> InvalidEvent:
+    if isinstance(got, float):
+        return InvalidEvent(field, f"must be a finite number (got {got!r})")
+    return InvalidEvent(field, f"must be a finite number (got {_type(got)} {got!r:.60})")
 
 
 def _validate(data: Any) -> Event:
     if not isinstance(data, dict):
-        raise InvalidEvent("", f"an event must be a JSON object (got {type(data).__name__})")
+        raise InvalidEvent("", f"an event must be a JSON object (got {_type(data)})")
     try:
-        return Event.model_validate(data)
-    except ValidationError as exc:
-        errors = exc.errors()
-        # A union field reports one error per branch; a non-finite float is the telling one.
-        first = errors[0]
-        finite = [e for e in errors if e["type"] == "finite_number" and e["loc"][:-1] == first["loc"][:-1]]
-        raise _rule(finite[0] if finite else first) from None
+        return msgspec.convert(data, Event, strict=True)
+    except msgspec.ValidationError as exc:
+        raise _explain(data, str(exc)) from None
 
 
 def decode(raw: bytes) -> Event:
     """Parse and validate one Kafka message; raises `InvalidEvent` on anything bad."""
     if len(raw) > MAX_MESSAGE_BYTES:
         raise InvalidEvent("", f"message must be at most {MAX_MESSAGE_BYTES} bytes (got {len(raw)})")
-    try:  # fast path: pydantic parses and validates in one pass
-        return Event.model_validate_json(raw)
-    except ValidationError:
-        pass  # the slower path below finds the field and rule to report
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        _name_the_field(raw)
-        raise InvalidEvent("", f"message must be UTF-8 JSON without NaN/Infinity ({exc})") from None
-    return _validate(data)
-
-
-def _name_the_field(raw: bytes) -> None:
-    """On a JSON error, retry with the lenient stdlib parser (NaN, Infinity, lone surrogates):
-    when that parses, validation names the field at fault (`ts must be a finite number (got nan)`)."""
+    try:  # fast path: msgspec parses and validates in one pass
+        return _DECODER.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError) as exc:
+        error = str(exc)
+    # Slow path, to name the field and the rule: the lenient stdlib parser keeps NaN, Infinity,
+    # 1e400 (as inf) and lone surrogates, so validation can say `ts must be a finite number (got nan)`.
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
-        return
-    _validate(data)  # raises InvalidEvent naming the field; returning means no field to name
+        raise InvalidEvent("", f"message must be UTF-8 JSON without NaN/Infinity ({error})") from None
+    event = _validate(data)
+    for name in _IDS:
+        if not _utf8(getattr(event, name)):
+            raise InvalidEvent(name, "must be valid Unicode text (got a string with lone surrogates)")
+    for key, value in event.context.items():
+        if not (_utf8(key) and _utf8(value)):
+            raise InvalidEvent(f"context.{key}", "must be valid Unicode text (got a string with lone surrogates)")
+    # What still gets here parses leniently but not strictly, e.g. a repeated key (the stdlib keeps the last).
+    raise InvalidEvent("", f"message must be strict UTF-8 JSON ({error})")
+
+
+def _utf8(value: Any) -> bool:
+    if not isinstance(value, str):
+        return True
+    try:
+        value.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def from_dict(data: Any) -> Event:
@@ -132,7 +158,7 @@ def encode(event: Event) -> bytes:
     strings) or not encodable (an integer beyond 64 bits).
     """
     try:
-        raw = orjson.dumps(event.model_dump(exclude_none=True, exclude_defaults=False))
+        raw = orjson.dumps({k: v for k, v in event.to_dict().items() if v is not None})
     except orjson.JSONEncodeError as exc:
         raise InvalidEvent("", f"event cannot be encoded as JSON ({exc})") from None
     if len(raw) > MAX_MESSAGE_BYTES:

@@ -115,6 +115,9 @@ def worker(
     client: Optional[str] = typer.Option(
         None, "--client", help="Kafka client library: kafka-python or confluent [env STREAMREC_KAFKA_CLIENT]"
     ),
+    processes: int = typer.Option(
+        1, "--processes", min=1, help="group members to run, one process each (up to one per partition and core)"
+    ),
     bootstrap: Optional[str] = Bootstrap,
     redis_url: Optional[str] = RedisUrl,
 ) -> None:
@@ -122,7 +125,7 @@ def worker(
     import logging
 
     from models.registry import parse_names
-    from stream_app.worker import Worker, WorkerConfig
+    from stream_app.worker import Worker, WorkerConfig, run_processes
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
@@ -131,11 +134,12 @@ def worker(
             models=tuple(parse_names(models)), batch_size=batch_size, max_wait_ms=max_wait_ms,
             commit_max=commit_max, sample_rate=sample_rate, k=k, idle_expiry=idle_expiry,
         )
-        Worker(
-            settings(kafka_bootstrap=bootstrap, redis_url=redis_url, consumer_group=group, events_topic=topic,
-                     kafka_client=client),
-            config,
-        ).run(max_idle=max_idle)
+        conf = settings(kafka_bootstrap=bootstrap, redis_url=redis_url, consumer_group=group, events_topic=topic,
+                        kafka_client=client)
+        if processes == 1:
+            Worker(conf, config).run(max_idle=max_idle)
+        elif run_processes(conf, config, processes, max_idle):
+            raise typer.Exit(1)
     except StreamrecError as exc:
         fail(exc)
 

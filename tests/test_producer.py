@@ -57,7 +57,7 @@ def test_send_fills_ids_and_time_keys_by_user_and_closes() -> None:
     with EventProducer("127.0.0.1:9", "ev", sender=rec) as producer:
         sent = producer.send(click("ü-1", context={"device": "ios"}))
         kept = producer.send(prepare(click("u2"), now=5.0))
-        bare = producer.send(prepare(click("u3"), now=6.0).model_copy(update={"event_id": None}))
+        bare = producer.send(prepare(click("u3"), now=6.0).replace(event_id=None))
     assert rec.closed == 1 and producer.sent == 3
     (topic, raw, key), *_ = rec.messages
     assert topic == "ev" and key == "ü-1".encode("utf-8")

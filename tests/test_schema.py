@@ -81,7 +81,7 @@ def test_valid_events_round_trip(data: dict) -> None:
     back = decode(raw)
     assert back == event
     assert encode(back) == raw  # types survive too (True stays a bool, 1.0 stays a float)
-    assert orjson.loads(raw) == {k: v for k, v in event.model_dump().items() if v is not None}
+    assert orjson.loads(raw) == {k: v for k, v in event.to_dict().items() if v is not None}
 
 
 @given(event_dicts())
