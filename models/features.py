@@ -208,8 +208,14 @@ class Featurizer:
             hours, days = (second // 3600).tolist(), ((day + 3) % 7).tolist()  # 1970-01-01 was a Thursday
             columns = [c + (_HOURS[h], _DAYS[d]) for c, h, d in zip(columns, hours, days)]
             width += 2
-        flat = [k for c in columns for k in c]
-        context = self.contexts.add_many(flat, np.repeat(ts, width)).reshape(n, width)  # [B, C]
+        # Code each distinct context row once (first-appearance order, so new ids get the rows
+        # they would get event by event); each keeps the latest time of the events that carry it.
+        distinct: dict[tuple, int] = {}
+        which = np.array([distinct.setdefault(c, len(distinct)) for c in columns], np.int64)  # [B]
+        latest = np.full(len(distinct), -np.inf)
+        np.maximum.at(latest, which, ts)
+        flat = [k for c in distinct for k in c]
+        context = self.contexts.add_many(flat, np.repeat(latest, width)).reshape(-1, width)[which]  # [B, C]
         kinds = [e.event_type for e in events]
         weight = self._weight
         return self._wrap(

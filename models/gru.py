@@ -93,15 +93,16 @@ def _gru_step(xg, h, w_hh, b_hh, gh, out):  # pragma: no cover - numba
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _gru_scan(xg, inv, items, h, h_back, win, emb, w_ih, b_ih, w_hh, b_hh, pre_h, pre_h_back, pre_win):  # pragma: no cover - numba
+def _gru_scan(xg, inv, items, h, h_back, win, k, emb, w_ih, b_ih, w_hh, b_hh, pre_h, pre_h_back, pre_win):  # pragma: no cover - numba
     """Rows in stream order: record each row's session state, then step it with the row's item.
 
-    xg [B, 3H] = W_ih x + b_ih of each row. Per session (updated in place): h [U, H], the
-    window of its last k items win [U, k] (-1 pads, newest last) and h_back [U, H], the state
-    before the window's first item; an item leaving the window advances h_back through it.
+    xg [B, 3H] = W_ih x + b_ih of each row. Per session (updated in place): h [U, H], its last
+    L items win [U, L] (-1 pads, newest last), whose last k are the BPTT window, and h_back
+    [U, H], the state before that window's first item; an item leaving the window advances
+    h_back through it.
     """
     H = h.shape[1]
-    k = win.shape[1]
+    L = win.shape[1]
     gh = np.empty(3 * H, np.float32)
     new = np.empty(H, np.float32)
     xo = np.empty(3 * H, np.float32)
@@ -112,7 +113,7 @@ def _gru_scan(xg, inv, items, h, h_back, win, emb, w_ih, b_ih, w_hh, b_hh, pre_h
         pre_win[j] = win[u]
         if items[j] < 0:
             continue
-        old = win[u, 0]
+        old = win[u, L - k]
         if old >= 0:  # the window is full: its oldest item leaves it
             for g in range(3 * H):
                 acc = b_ih[g]
@@ -121,9 +122,9 @@ def _gru_scan(xg, inv, items, h, h_back, win, emb, w_ih, b_ih, w_hh, b_hh, pre_h
                 xo[g] = acc
             _gru_step(xo, h_back[u], w_hh, b_hh, gh, new)
             h_back[u] = new
-        for p in range(k - 1):
+        for p in range(L - 1):
             win[u, p] = win[u, p + 1]
-        win[u, k - 1] = items[j]
+        win[u, L - 1] = items[j]
         _gru_step(xg[j], h[u], w_hh, b_hh, gh, new)
         h[u] = new
 
@@ -139,17 +140,18 @@ class GRU4Rec(Model):
         "item_bias": "item",  # [n_items, 1]
         "item_acc": "item",  # [n_items, embedding + out width + 1] Adagrad accumulators
         "item_count": "item",  # [n_items, 1] weighted event counts (negative sampling)
-        "session": "session",  # [n_sessions, 1 + bptt + 2 * hidden]: stamp, last bptt items + 1, h, h_back (all 0: none)
+        "session": "session",  # [n_sessions, 1 + L + 2 * hidden]: stamp, last L items + 1, h, h_back (all 0: none)
         "weights": "blob",  # [2, n_weights]: GRU (+ projection) weights; Adagrad accumulators
         "meta": "blob",  # [1, 3 + rng bytes]: stamp counter, events learned, batches learned, rng state
     }
 
     def __init__(self, hidden: int = 100, embedding: int = 64, negatives: int = 1024, alpha: float = 0.5,
                  loss: str = "bpr-max", logq: float = 1.0, bpreg: float = 1.0, shared_embedding: bool = False,
-                 bptt: int = 4, lr: float = 0.05, acc_init: float = 0.0, init_std: float = 0.1,
+                 bptt: int = 4, mean_items: int = 20, lr: float = 0.05, acc_init: float = 0.0, init_std: float = 0.1,
                  update_bias: float = 0.0, max_sessions: int = 100_000, threads: int | None = None, seed: int = 0):
         """`alpha`: negative sampling exponent on (count + 1); `logq`: weight of the logQ
-        correction (loss "ce"); `bpreg`: BPR-max score regularisation; `acc_init`: Adagrad's
+        correction (loss "ce"); `bpreg`: BPR-max score regularisation; `mean_items`: the session's
+        last items whose mean embedding adds `m . emb[j]` to the scores (0: off); `acc_init`: Adagrad's
         initial accumulator; `init_std`: new item rows; `update_bias`: initial bias of the GRU
         update gate; `max_sessions`: live hidden states kept (LRU); `threads`: when set,
         `torch.set_num_threads` (process-wide)."""
@@ -167,9 +169,11 @@ class GRU4Rec(Model):
         self.acc_init = acc_init
         self.init_std = init_std
         self.update_bias = update_bias
-        if bptt < 1:
-            raise ValueError(f"bptt must be >= 1 (got {bptt})")
+        if bptt < 1 or mean_items < 0:
+            raise ValueError(f"bptt must be >= 1 and mean_items >= 0 (got {bptt}, {mean_items})")
         self.bptt = bptt
+        self.mean_items = mean_items
+        self._keep = max(bptt, mean_items)  # L: items kept per session
         self.max_sessions = max_sessions
         self.threads = threads
         self.seed = seed
@@ -203,7 +207,7 @@ class GRU4Rec(Model):
         self._count = torch.zeros(0)
         self._pow = torch.zeros(0)  # (count + 1) ** alpha, the sampling weights
         # sessions
-        self._sess = RowTable(1 + bptt + 2 * H, np.float64, 0.0)
+        self._sess = RowTable(1 + self._keep + 2 * H, np.float64, 0.0)
         self._lru: OrderedDict[int, None] = OrderedDict()
         self._stamp = 0
         self._events = 0
@@ -252,8 +256,8 @@ class GRU4Rec(Model):
 
     # -- sessions ------------------------------------------------------------------------
     def _gather_sessions(self, sessions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """h, h_back [U, H] float32 and the item window [U, bptt] of each session (zeros/-1 when unknown)."""
-        H, k = self.hidden, self.bptt
+        """h, h_back [U, H] float32 and the last items [U, L] of each session (zeros/-1 when unknown)."""
+        H, k = self.hidden, self._keep
         rows = np.zeros((len(sessions), 1 + k + 2 * H))
         ok = (sessions >= 0) & (sessions < self._sess.n)
         if ok.any():
@@ -266,7 +270,7 @@ class GRU4Rec(Model):
         return np.ascontiguousarray(t[:, :H]), np.ascontiguousarray(t[:, H:]), np.ascontiguousarray(win)
 
     def _store_sessions(self, sessions: np.ndarray, h: np.ndarray, h_back: np.ndarray, win: np.ndarray) -> None:
-        H, k = self.hidden, self.bptt
+        H, k = self.hidden, self._keep
         self._sess.ensure(int(sessions.max()) + 1)
         data = self._sess.data
         stamps = self._stamp + 1 + np.arange(len(sessions))
@@ -307,8 +311,8 @@ class GRU4Rec(Model):
         B, H = len(batch), self.hidden
         pre_h = np.empty((B, H), np.float32)
         pre_h_back = np.empty((B, H), np.float32)
-        pre_win = np.empty((B, self.bptt), np.int64)
-        _gru_scan(xg, inv.astype(np.int64), items, h, h_back, win, self._emb.numpy(), w["w_ih"].numpy(), w["b_ih"].numpy(),
+        pre_win = np.empty((B, self._keep), np.int64)
+        _gru_scan(xg, inv.astype(np.int64), items, h, h_back, win, self.bptt, self._emb.numpy(), w["w_ih"].numpy(), w["b_ih"].numpy(),
                   w["w_hh"].numpy(), w["b_hh"].numpy(), pre_h, pre_h_back, pre_win)
         out = {"uniq": uniq, "h": h, "h_back": h_back, "win": win, "pre_h": pre_h, "pre_h_back": pre_h_back, "pre_win": pre_win}
         self._cache = (batch, self._version, out)
@@ -318,16 +322,24 @@ class GRU4Rec(Model):
     def score(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
         fw = self._forward(batch)
         n = batch.n_items
+        rows = np.asarray(rows, np.int64)
         with torch.no_grad():
-            h = torch.from_numpy(fw["pre_h"][np.asarray(rows, np.int64)])
+            h = torch.from_numpy(fw["pre_h"][rows])  # [R, H]
             if self.shared_embedding:
                 w = self._dense(self._w.detach())
-                q = torch.tanh(h @ w["proj"].T + w["proj_b"])
-                out = q @ self._emb[:n].T
+                out = torch.tanh(h @ w["proj"].T + w["proj_b"]) @ self._emb[:n].T
             else:
                 out = h @ self._out[:n].T
+            if self.mean_items:
+                win = torch.from_numpy(fw["pre_win"][rows])
+                out += self._session_mean(self._emb[win.clamp(min=0)], win >= 0) @ self._emb[:n].T
             out += self._bias[:n, 0]
-        return out.numpy()
+        return out.numpy()  # [R, n]
+
+    def _session_mean(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Mean of the last `mean_items` embeddings x [R, L, E] where valid [R, L] (zeros when none)."""
+        x, valid = x[:, -self.mean_items :], valid[:, -self.mean_items :].to(x.dtype)
+        return (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1.0)  # [R, E]
 
     def learn(self, batch: Batch) -> None:
         batch = batch.with_items()
@@ -361,33 +373,33 @@ class GRU4Rec(Model):
             cand = tgt
         # windows are right-aligned: column p holds an item for the rows whose window reaches back that far
         first = int((windows >= 0).any(axis=0).argmax())
-        windows = windows[:, first:]
+        windows = windows[:, first:]  # [B, W]
+        W = windows.shape[1]
         valid = torch.from_numpy(windows >= 0)
         inp = torch.from_numpy(np.where(windows >= 0, windows, windows[:, -1:]).ravel())  # pads: any valid id
         n_in = len(inp)
-        shared = self.shared_embedding
-        if shared:
-            u_all, inv_all = torch.unique(torch.cat([inp, cand]), return_inverse=True)
-            emb_rows = self._emb[u_all].requires_grad_(True)
-            x_all = emb_rows[inv_all[:n_in]]
-            o_ids, o_inv = u_all, inv_all[n_in:]
-            out_rows = emb_rows
-        else:
-            u_in, inv_in = torch.unique(inp, return_inverse=True)
-            emb_rows = self._emb[u_in].requires_grad_(True)
-            x_all = emb_rows[inv_in]
-            o_ids, o_inv = torch.unique(cand, return_inverse=True)
-            out_rows = self._out[o_ids].requires_grad_(True)
+        cand_emb_needed = self.shared_embedding or self.mean_items > 0
+        e_ids, e_inv = torch.unique(torch.cat([inp, cand]) if cand_emb_needed else inp, return_inverse=True)
+        emb_rows = self._emb[e_ids].requires_grad_(True)
+        x_all = emb_rows[e_inv[:n_in]].view(B, W, -1)  # [B, W, E]
+        o_ids, o_inv = torch.unique(cand, return_inverse=True)
         bias_rows = self._bias[o_ids].requires_grad_(True)
         w = self._dense(self._w)
-        x_all = x_all.view(B, windows.shape[1], -1)
         h = h_back
-        for p in range(windows.shape[1]):  # truncated BPTT through the window
+        for p in range(max(0, W - self.bptt), W):  # truncated BPTT through the window
             step = torch._VF.gru_cell(x_all[:, p], h, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"])
             h = step if bool(valid[:, p].all()) else torch.where(valid[:, p, None], step, h)
-        if shared:
-            h = torch.tanh(h @ w["proj"].T + w["proj_b"])
-        logits = h @ out_rows[o_inv].T + bias_rows[o_inv, 0]  # [B, C]
+        if self.shared_embedding:
+            cand_emb = emb_rows[e_inv[n_in:]]  # [C, E]
+            logits = torch.tanh(h @ w["proj"].T + w["proj_b"]) @ cand_emb.T
+        else:
+            out_rows = self._out[o_ids].requires_grad_(True)
+            logits = h @ out_rows[o_inv].T
+            if self.mean_items:
+                cand_emb = emb_rows[e_inv[n_in:]]
+        if self.mean_items:
+            logits = logits + self._session_mean(x_all, valid) @ cand_emb.T
+        logits = logits + bias_rows[o_inv, 0]  # [B, C]
         own = torch.arange(B)
         dup = cand[None, :] == tgt[:, None]
         dup[own, own] = False
@@ -414,6 +426,7 @@ class GRU4Rec(Model):
             return
         loss = (loss * wt).sum() / wt.sum()
         self._w.grad = None
+        shared = self.shared_embedding
         params = [self._w, emb_rows, bias_rows] + ([] if shared else [out_rows])
         grads = torch.autograd.grad(loss, params)
         lr, eps = self.lr, 1e-10
@@ -422,11 +435,12 @@ class GRU4Rec(Model):
             self._w_acc += g * g
             self._w -= lr * g / (self._w_acc.sqrt() + eps)
             E, D = self.embedding, self._out_width
-            self._sparse_step(self._emb, emb_rows, grads[1], u_all if shared else u_in, 0, E)
+            self._sparse_step(self._emb, emb_rows, grads[1], e_ids, 0, E)
             self._sparse_step(self._bias, bias_rows, grads[2], o_ids, E + D, E + D + 1)
             if not shared:
                 self._sparse_step(self._out, out_rows, grads[3], o_ids, E, E + D)
         self._changed_items.update(o_ids.tolist())
+        self._changed_items.update(e_ids.tolist())
 
     def _sparse_step(self, table: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, ids: torch.Tensor, a: int, b: int) -> None:
         acc = self._acc[ids, a:b] + grad * grad
@@ -493,7 +507,7 @@ class GRU4Rec(Model):
         if len(meta) > 3:
             self._gen.set_state(torch.from_numpy(meta[3:].astype(np.uint8)))
         sess = np.asarray(state["session"], np.float64)
-        width = 1 + self.bptt + 2 * self.hidden
+        width = 1 + self._keep + 2 * self.hidden
         if sess.shape[1] != width:  # another hidden size: the states are useless, keep none
             sess = np.zeros((len(sess), width))
         self._sess.load(sess)
