@@ -105,29 +105,38 @@ class Evaluator:
         n = len(batch)
         if len(self._known) < batch.n_items:
             self._known = np.concatenate([self._known, np.zeros(batch.n_items - len(self._known), bool)])
-        sampled = (self._rng.random(n) < self.sample_rate).tolist()
-        # Bookkeeping in stream order: the candidate mask of row j sees exactly rows < j.
-        masks: dict[str, list[tuple[int, np.ndarray]]] = {"user": [], "session": []}
-        known = self._known
-        items = batch.items.tolist()
+        sampled = self._rng.random(n) < self.sample_rate  # [B]
+        items = batch.items
+        # Row j's item is in the catalogue if it was seen before the batch or earlier in it.
+        first = np.full(batch.n_items, n)
+        np.minimum.at(first, items, np.arange(n))
+        rankable = (sampled & (self._known[items] | (first[items] < np.arange(n)))).tolist()  # [B]
+        # Bookkeeping in stream order: row j's candidates reflect exactly rows < j.
+        chosen: dict[str, list[tuple[int, list[int]]]] = {"user": [], "session": []}  # row, query's seen items
+        item_list = items.tolist()
         for kind in {m.query for m in models.values()}:
             queries = (batch.users if kind == "user" else batch.sessions).tolist()
-            seen_by, chosen = self._seen[kind], masks[kind]
-            new_items: set[int] = set()  # items first seen in this batch, before row j
-            for j, (q, item) in enumerate(zip(queries, items)):
+            seen_by, rows = self._seen[kind], chosen[kind]
+            for j, (q, item) in enumerate(zip(queries, item_list)):
                 seen = seen_by.get(q)
                 if seen is None:
-                    seen = seen_by[q] = set()
-                elif sampled[j] and (known[item] or item in new_items):
-                    mask = known.copy()
-                    mask[list(new_items)] = True
-                    if self.exclude_seen:
-                        mask[list(seen)] = False
-                    mask[item] = True
-                    chosen.append((j, mask))
+                    seen_by[q] = {item}
+                    continue
+                if rankable[j]:
+                    rows.append((j, list(seen)))
                 seen.add(item)
-                new_items.add(item)
-        known[items] = True
+        masks: dict[str, list[tuple[int, np.ndarray]]] = {}
+        for kind, rows in chosen.items():
+            masks[kind] = []
+            for j, seen in rows:
+                mask = self._known.copy()  # [n_items]
+                mask[items[:j]] = True
+                if self.exclude_seen:
+                    mask[seen] = False
+                mask[items[j]] = True
+                masks[kind].append((j, mask))
+        self._known[items] = True
+        sampled = sampled.tolist()
         self.events_seen += n
         for name, model in models.items():
             chosen = masks[model.query]

@@ -44,7 +44,9 @@ def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+            remaining_ms = max(500, int((deadline - time.monotonic()) * 1000))
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000,
+                                     bootstrap_timeout_ms=min(remaining_ms, 5000))
             admin.list_topics()
             admin.close()
             return
@@ -57,7 +59,8 @@ def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
 def ensure_topics(bootstrap: str, partitions: dict[str, int], timeout: float = 30.0) -> None:
     """Create the topics that do not exist yet (name -> partition count)."""
     try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000),
+                                 bootstrap_timeout_ms=int(timeout * 1000))
     except KafkaError as exc:
         raise _unreachable(bootstrap, exc) from None
     try:
@@ -296,8 +299,11 @@ class Sender:
             self.flush()
         finally:
             if self._producer is not None:
-                self._producer.close(timeout=10)
-                self._producer = None
+                producer, self._producer = self._producer, None
+                try:
+                    producer.close(timeout=10)
+                except KafkaError:  # the broker is gone; flush() has already said what was lost
+                    pass
 
     def __enter__(self) -> "Sender":
         return self

@@ -213,13 +213,13 @@ class Worker:
             self.shards[partition] = shard
         if partitions and self.started_at is None:
             self.started_at = time.monotonic()
-        log.info("assigned %s", partitions)
+        log.info("%s assigned %s", self.config.worker_id, partitions)
         return starts
 
     def revoke(self, partitions: list[int]) -> None:
         for partition in partitions:
             self.shards.pop(partition, None)
-        log.info("revoked %s", partitions)
+        log.info("%s revoked %s", self.config.worker_id, partitions)
 
     def dead_letter(self, msg: Any, reason: str) -> None:
         try:

@@ -157,6 +157,35 @@ def test_two_workers_split_partitions_and_apply_every_event_once(topics, tmp_pat
     assert all(assigned), f"a worker never got a partition: {assigned}"
 
 
+def test_processes_option_runs_group_members_that_split_the_partitions(topics, tmp_path):
+    n = produce(topics, events(20000, seed=3, users=1000))
+    log = tmp_path / "p.log"
+    proc = _worker_process(topics, log, "--processes", "2", "--max-idle", "6")
+    try:
+        assert proc.wait(timeout=180) == 0, log.read_text()[-2000:]
+    finally:
+        proc.kill()
+    assert applied(topics) == n
+    owners = {line.split(" assigned ")[0].split()[-1] for line in log.read_text().splitlines()
+              if " assigned [" in line and "assigned []" not in line}
+    assert len(owners) == 2, f"expected two member processes with partitions, got {owners}"
+    records = read_topic(topics, topics.metrics_topic)
+    assert len({r["worker"] for r in records}) == 2
+
+
+def test_dedup_window_is_trimmed_by_whole_commits_and_survives_a_reload(topics):
+    client = connect(topics.redis_url)
+    keys = Keys(topics.key_prefix, topics.events_topic, 0)
+    store = PartitionStore(client, keys, dedup_window=10)
+    store.claim()
+    for c in range(6):  # commits of 4 ids: the window of 10 needs the last 3 of them
+        store.commit(Changes(c + 1, 4, {}, {}, {}, [f"e{c}-{j}" for j in range(4)], {}, []))
+    assert client.llen(keys.dedup) == 3
+    again = PartitionStore(client, keys, dedup_window=10)
+    again.claim()
+    assert again.load({}).dedup == [f"e{c}-{j}" for c in (3, 4, 5) for j in range(4)]
+
+
 def test_a_fenced_worker_cannot_commit(topics):
     client = connect(topics.redis_url)
     keys = Keys(topics.key_prefix, topics.events_topic, 0)
