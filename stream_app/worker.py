@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 import orjson
+from threadpoolctl import threadpool_limits
 
 from models.base import Model
 from models.features import Featurizer
@@ -234,6 +235,9 @@ class Worker:
     def run(self, max_idle: float | None = None, stop_after: int | None = None) -> None:
         """Consume until stopped (SIGTERM/SIGINT), idle for `max_idle` s, or `stop_after` applied events."""
         s = self.settings
+        # One BLAS thread: workers scale by processes (--processes), and BLAS threads spinning against
+        # each other on a busy machine made MF scoring 3-4x slower here.
+        threadpool_limits(1, user_api="blas")
         self.consumer = kafka.group_consumer(
             s.kafka_client, s.kafka_bootstrap, s.consumer_group, s.events_topic, self.assign, self.revoke,
             self.config.commit_max, self.config.max_wait_ms,
