@@ -51,12 +51,15 @@ def raw_consume_rate(settings: Settings, topic: str, n: int) -> float:
     return got / seconds
 
 
-def worker_rate(settings: Settings, config: WorkerConfig, n: int) -> tuple[float, list[float]]:
-    """End-to-end events/s of one worker over `n` events, and its freshness samples."""
+def worker_rate(settings: Settings, config: WorkerConfig, n: int) -> tuple[float, dict[str, float]]:
+    """End-to-end events/s of one worker over `n` events, and its µs per event in each step
+    (`consume` is the rest: polling Kafka and the loop around the steps)."""
     worker = Worker(settings, config)
     worker.run(stop_after=n)
     seconds = time.monotonic() - worker.started_at
-    return worker.applied / seconds, list(worker.freshness)
+    steps = {step: 1e6 * s / worker.applied for step, s in worker.seconds.items()}
+    steps["consume"] = 1e6 * seconds / worker.applied - sum(steps.values())
+    return worker.applied / seconds, steps
 
 
 def processes_rate(settings: Settings, config: WorkerConfig, n: int, processes: int) -> float:
@@ -130,11 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     raw_before = raw_consume_rate(settings, settings.events_topic, args.events)
     config = WorkerConfig(models=tuple(args.models.split(",")), batch_size=args.batch_size, sample_rate=args.sample_rate)
-    e2e, multi = {}, {}
+    e2e, steps, multi = {}, {}, {}
     for client in kafka.CLIENTS:  # each run in its own group and key space, over the same events
         run_settings = settings.with_(kafka_client=client, consumer_group=f"bench-{run}-{client}",
                                       key_prefix=f"bench-{run}-{client}")
-        e2e[client], _ = worker_rate(run_settings, config, args.events)
+        e2e[client], steps[client] = worker_rate(run_settings, config, args.events)
         multi[client] = processes_rate(
             run_settings.with_(consumer_group=f"bench-{run}-{client}-p", key_prefix=f"bench-{run}-{client}-p"),
             config, args.events, args.processes,
@@ -157,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         "worker_events_per_s": {c: round(r) for c, r in e2e.items()},
         "ratio": {c: round(r / raw, 3) for c, r in e2e.items()},
         "processes": args.processes, "partitions": settings.events_partitions, "commit_max": config.commit_max,
+        "worker_us_per_event": {c: {k: round(v, 2) for k, v in st.items()} for c, st in steps.items()},
         "worker_processes_events_per_s": {c: round(r) for c, r in multi.items()},
         "processes_ratio": {c: round(r / raw, 3) for c, r in multi.items()},
         "freshness_rate_events_per_s": args.fresh_rate,
@@ -178,6 +182,11 @@ def main(argv: list[str] | None = None) -> dict:
             for c in kafka.CLIENTS
         )
         + f"| freshness ({args.fresh_client}) at {args.fresh_rate:,.0f} events/s, p50 / p99 | {result['freshness_p50_s']:.3f} s / {result['freshness_p99_s']:.3f} s |\n"
+    )
+    table += (
+        "\n| one worker process, µs per event | " + " | ".join(steps[kafka.CLIENTS[0]]) + " |\n"
+        + "|---|" + "---:|" * len(steps[kafka.CLIENTS[0]]) + "\n"
+        + "".join(f"| {c} | " + " | ".join(f"{v:.1f}" for v in steps[c].values()) + " |\n" for c in kafka.CLIENTS)
     )
     (args.out / "pipeline.md").write_text(table)
     print(table)

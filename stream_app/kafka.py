@@ -91,6 +91,9 @@ def consumer(bootstrap: str, group_id: str | None, **overrides: Any) -> KafkaCon
         heartbeat_interval_ms=1000,
         max_poll_records=2000,
         fetch_max_wait_ms=100,
+        # kafka-python fetches a partition again only once its last fetch is consumed: bigger fetches,
+        # fewer stalls (+8% raw consume here, more for the worker, whose processing starves the IO thread).
+        max_partition_fetch_bytes=4 << 20,
         client_id="streamrec",
     )
     config.update(overrides)
@@ -201,8 +204,15 @@ class _ConfluentGroup:
         self._consumer.subscribe([topic], on_assign=assign, on_revoke=revoke, on_lost=revoke)
 
     def poll(self, max_records: int, timeout: float) -> dict[int, list]:
+        # What is queued now, without waiting for `max_records` (consume() with a timeout would wait
+        # for all of them); only when nothing is queued, wait up to `timeout` for the first message.
+        messages = self._consumer.consume(num_messages=max_records, timeout=0)
+        if not messages:
+            first = self._consumer.poll(timeout)
+            if first is not None:
+                messages = [first, *self._consumer.consume(num_messages=max_records - 1, timeout=0)]
         out: dict[int, list] = {}
-        for msg in self._consumer.consume(num_messages=max_records, timeout=timeout):
+        for msg in messages:
             if msg.error() is not None:
                 if msg.error().code() == self._ck.KafkaError._PARTITION_EOF:
                     continue

@@ -37,6 +37,14 @@ from stream_app.state import Changes, Keys, PartitionStore, connect
 
 log = logging.getLogger("streamrec.worker")
 HISTORY = 50  # recent (item, event type) pairs kept per user for exclusion and reasons
+STEPS = ("decode", "featurize", "evaluate", "learn", "history", "commit")  # of `Shard.process`, timed
+
+
+def _tick(clock: dict[str, float], step: str, since: float) -> float:
+    """Add the time since `since` to `step`; returns now."""
+    now = time.perf_counter()
+    clock[step] += now - since
+    return now
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,7 @@ class WorkerConfig:
 class Shard:
     """One partition's models, vocabularies, evaluator and dedup window."""
 
-    def __init__(self, store: PartitionStore, config: WorkerConfig):
+    def __init__(self, store: PartitionStore, config: WorkerConfig, seconds: dict[str, float] | None = None):
         self.store = store
         self.config = config
         self.featurizer = Featurizer(session_gap=config.session_gap)
@@ -74,6 +82,7 @@ class Shard:
         self.version = 0
         self.last_ts = np.zeros(0)  # event times of the last committed batch (freshness)
         self._expired_at = -float("inf")
+        self.seconds = dict.fromkeys(STEPS, 0.0) if seconds is None else seconds  # wall time per step
 
     def resume(self) -> int | None:
         """Claim the partition and load its state; returns the offset to seek to."""
@@ -120,19 +129,26 @@ class Shard:
     def process(self, messages: list[Any], dead_letter: Callable[[Any, str], None]) -> int:
         """Evaluate and learn `messages` in micro-batches of `batch_size`, then commit them in one
         atomic Redis write; returns events applied."""
+        clock = self.seconds
+        t = time.perf_counter()
         events, new_ids = self._decode(messages, dead_letter)
+        t = _tick(clock, "decode", t)
         f = self.featurizer
         size = self.config.batch_size
         touched: dict[int, deque] = {}
         for start in range(0, len(events), size):
             batch = f.batch(events[start : start + size])
+            t = _tick(clock, "featurize", t)
             self.evaluator.evaluate(batch, self.models)
+            t = _tick(clock, "evaluate", t)
             for model in self.models.values():
                 model.learn(batch)
-            for u, i, t in zip(batch.users.tolist(), batch.items.tolist(), batch.event_types.tolist()):
+            t = _tick(clock, "learn", t)
+            for u, i, e in zip(batch.users.tolist(), batch.items.tolist(), batch.event_types.tolist()):
                 touched[u] = h = self.history.get(u) or self.history.setdefault(u, deque(maxlen=2 * HISTORY))
                 h.append(i)  # flat (item, event type) pairs
-                h.append(t)
+                h.append(e)
+            t = _tick(clock, "history", t)
         tables: list = []
         for name, model in self.models.items():
             state = model.export_state()
@@ -157,6 +173,7 @@ class Shard:
             expired=expired,
         )
         self.version = self.store.commit(changes)
+        _tick(clock, "commit", t)
         self.offset = changes.next_offset
         self.last_ts = ts
         self.dedup.update(new_ids)
@@ -200,6 +217,7 @@ class Worker:
         self.dead = 0
         self.started_at: float | None = None  # first assignment (monotonic)
         self.freshness: deque[float] = deque(maxlen=200_000)  # seconds from event ts to its Redis commit
+        self.seconds = dict.fromkeys(STEPS, 0.0)  # wall time per step of `Shard.process`, all shards
         self._evaluated_at_report = 0
         self._reported_at = time.monotonic()
 
@@ -209,7 +227,7 @@ class Worker:
         for partition in partitions:
             keys = Keys(self.settings.key_prefix, self.settings.events_topic, partition)
             store = PartitionStore(self.redis, keys, self.config.dedup_window, self.config.session_gap)
-            shard = Shard(store, self.config)
+            shard = Shard(store, self.config, self.seconds)
             starts[partition] = shard.resume()
             self.shards[partition] = shard
         if partitions and self.started_at is None:
