@@ -25,7 +25,15 @@ Freshness: with a worker running and the server answering, events of new
 users are produced one at a time; the time from produce to the first answer
 whose reasons point at that event's item is the freshness of one event.
 
-Writes bench/results/lookup.json and lookup.md.
+Session lookups (`--models gru,pop`, or any session model first): the events
+carry a `session_id` (sessions of ~SESSION_LEN events, interleaved, each of one
+user), the worker writes every session's hidden state to Redis, and the
+requests are `GET /recommendations?session_id=S&model=gru` for live sessions
+(no unknown ones), so each answer runs the GRU from the session's state as the
+server read it from Redis. Freshness is not measured there (session answers
+carry no item reasons).
+
+Writes bench/results/lookup.json and lookup.md (sessions_lookup.* for session lookups).
 """
 
 from __future__ import annotations
@@ -56,26 +64,34 @@ RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ("ios", "android", "web")
 GOAL_OPEN_RATE, GOAL_P99_MS, GOAL_CLIENTS, GOAL_RPS = 500.0, 10.0, 16, 1000.0
+SESSION_LEN = 10  # mean events per session in the session workload
 # models/registry.py does not list MF yet (models/mf.py is being written): the benchmark registers it in its own
 # processes, and in the server's through this sitecustomize (uvicorn's worker processes start fresh interpreters).
 MF_SHIM = 'from models import registry\nregistry.MODELS.setdefault("mf", "models.mf:MF")\n'
 
 
-def make_events(n: int, items: int, users: int, seed: int) -> list:
+def make_events(n: int, items: int, users: int, seed: int, sessions: int = 0) -> list:
+    """Zipf items, every item seen at least once; with `sessions`, each event belongs to one of them
+    (session s, user s % users) and carries its `session_id`."""
     rng = np.random.default_rng(seed)
     zipf = rng.zipf(1.2, n) % items
-    item_ids = np.where(np.arange(n) < items, np.arange(n), zipf)  # every item is seen at least once
-    user_ids = rng.integers(0, users, n)
+    item_ids = np.where(np.arange(n) < items, np.arange(n), zipf)
+    session_ids = rng.integers(0, sessions, n) if sessions else np.full(n, -1)
+    user_ids = session_ids % users if sessions else rng.integers(0, users, n)
     devices = rng.integers(0, len(DEVICES), n)
     types = rng.choice(3, n, p=[0.8, 0.1, 0.1])
     t0 = time.time() - n * 0.01
     names = ("click", "purchase", "favorite")
     return [prepare({"user_id": f"u{u}", "item_id": f"i{i}", "event_type": names[t], "ts": t0 + j * 0.01,
-                     "context": {"device": DEVICES[d]}})
-            for j, (u, i, d, t) in enumerate(zip(user_ids.tolist(), item_ids.tolist(), devices.tolist(), types.tolist()))]
+                     "context": {"device": DEVICES[d]}, **({"session_id": f"s{s}"} if s >= 0 else {})})
+            for j, (u, i, s, d, t) in enumerate(zip(user_ids.tolist(), item_ids.tolist(), session_ids.tolist(),
+                                                    devices.tolist(), types.tolist()))]
 
 
-def params(rng: random.Random, users: int) -> dict:
+def params(rng: random.Random, users: int, sessions: int = 0) -> dict:
+    """A user lookup (80% known users), or with `sessions` a lookup of a live session."""
+    if sessions:
+        return {"session_id": f"s{rng.randrange(sessions)}", "k": "20", "context.device": rng.choice(DEVICES)}
     user = f"u{rng.randrange(users)}" if rng.random() < 0.8 else f"new-{rng.randrange(10**9)}"
     return {"user_id": user, "k": "20", "context.device": rng.choice(DEVICES)}
 
@@ -244,10 +260,11 @@ class Server:
         self.log.close()
 
 
-def measure(server: Server, args, model: str, users: int, items: int) -> dict:
+def measure(server: Server, args, model: str, users: int, items: int, sessions: int) -> dict:
     rng = random.Random(0)
     host, port = "127.0.0.1", server.port
-    recs = [encode_get(host, port, "/recommendations", {**params(rng, users), "model": model}) for _ in range(4096)]
+    recs = [encode_get(host, port, "/recommendations", {**params(rng, users, sessions), "model": model})
+            for _ in range(4096)]
     similar = [encode_get(host, port, f"/items/i{min(int(rng.paretovariate(1.0)), items - 1)}/similar", {"k": "20"})
                for _ in range(1024)]
 
@@ -335,7 +352,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--items", type=int, default=20_000)
     parser.add_argument("--users", type=int, default=20_000)
     parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--models", default="mf,pop", help="models the worker runs and the API serves (first one is queried)")
+    parser.add_argument("--models", default="mf,pop", help="models the worker runs and the API serves (first one is "
+                        "queried; a session model first, e.g. gru,pop, measures session lookups)")
     parser.add_argument("--workers", default="1,2", help="server worker-process counts to measure")
     parser.add_argument("--baseline", default=None,
                         help="also measure this git revision's server (popularity), e.g. HEAD before a change")
@@ -352,8 +370,10 @@ def main(argv: list[str] | None = None) -> dict:
         registry.MODELS["mf"] = "models.mf:MF"
         (tmp / "shim").mkdir()
         (tmp / "shim" / "sitecustomize.py").write_text(MF_SHIM)
-    result: dict = {"bench": "lookup", "models": list(models), "items": args.items, "users": args.users,
-                    "events": args.events, "host": platform.node(), "python": platform.python_version(),
+    query = registry.create(models[0]).query
+    sessions = args.events // SESSION_LEN if query == "session" else 0
+    result: dict = {"bench": "lookup", "query": query, "models": list(models), "items": args.items,
+                    "users": args.users, "events": args.events, **({"sessions": sessions} if sessions else {}), "host": platform.node(), "python": platform.python_version(),
                     "cpus": os.cpu_count(), "load_average_at_start": list(os.getloadavg()),
                     "http": _http_stack()}
     if shim:
@@ -369,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
         kafka.ensure_topics(settings.kafka_bootstrap, embedded.topic_partitions(settings))
         print(f"producing {args.events} events over {args.items} items ...", flush=True)
         with kafka.Sender(settings.kafka_bootstrap, config={"linger_ms": 20}) as sender:
-            for e in make_events(args.events, args.items, args.users, seed=0):
+            for e in make_events(args.events, args.items, args.users, seed=0, sessions=sessions):
                 sender.send(settings.events_topic, encode(e), key=e.user_id.encode())
         print(f"worker learning with {','.join(models)} ...", flush=True)
         started = time.perf_counter()
@@ -408,7 +428,7 @@ def main(argv: list[str] | None = None) -> dict:
             server = Server(run_env, serve_models, workers, tmp / f"serve-{len(runs)}.log", cwd=cwd)
             try:
                 server.wait_ready()
-                got = measure(server, args, model, args.users, args.items)
+                got = measure(server, args, model, args.users, args.items, sessions)
             finally:
                 if name != f"{configs[0][0]}":
                     server.stop()
@@ -416,10 +436,11 @@ def main(argv: list[str] | None = None) -> dict:
             if name == configs[0][0]:
                 first_server = server
         result["runs"] = runs
-        print("freshness ...", flush=True)
         try:
-            result["freshness"] = freshness(settings, env, first_server, ",".join(models),
-                                            args.freshness_samples, tmp)
+            if not sessions:
+                print("freshness ...", flush=True)
+                result["freshness"] = freshness(settings, env, first_server, ",".join(models),
+                                                args.freshness_samples, tmp)
         finally:
             first_server.stop()
     result["goals"] = _goals(runs, args)
@@ -456,8 +477,11 @@ def _goals(runs: list[dict], args) -> dict:
 
 def _write(result: dict, args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lookup.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# Lookup benchmark ({', '.join(result['models'])}; {result['items']} items, "
+    stem = "sessions_lookup" if result["query"] == "session" else "lookup"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    what = (f"session lookups of {result['sessions']} live sessions" if result["query"] == "session"
+            else "user lookups")
+    lines = [f"# Lookup benchmark ({what}; {', '.join(result['models'])}; {result['items']} items, "
              f"{result['items_per_shard']} per shard" + (f", {result['factors']} factors" if "factors" in result else "")
              + f"; {result['cpus']} CPUs, load average {result['load_average_at_start'][0]:.1f} at start; "
              f"{result['http']})", ""]
@@ -484,7 +508,7 @@ def _write(result: dict, args) -> None:
                       f"histogram {f['histogram_ms']}."]
     lines += ["", f"Shard rebuild from Redis (load + prepare): {result['shard_reload_ms']} ms.", ""]
     text = "\n".join(lines)
-    (args.out / "lookup.md").write_text(text)
+    (args.out / f"{stem}.md").write_text(text)
     print(text)
 
 

@@ -8,7 +8,7 @@ topic, then measures in one run:
 - the worker's end-to-end events/s (Kafka in -> models updated -> Redis written), with each
   client, as one process and as `worker --processes N` (one group member per process);
 - freshness: seconds from an event's `ts` (its produce time) until its batch is committed to Redis.
-Writes JSON and a markdown table under bench/results/.
+Writes JSON and a markdown table under bench/results/ (`pipeline.*` for pop, `pipeline-<models>.*` otherwise).
 """
 
 from __future__ import annotations
@@ -62,12 +62,14 @@ def worker_rate(settings: Settings, config: WorkerConfig, n: int) -> tuple[float
     return worker.applied / seconds, steps
 
 
-def processes_rate(settings: Settings, config: WorkerConfig, n: int, processes: int) -> float:
-    """End-to-end events/s of `streamrec worker --processes N` over `n` events: from the moment every
-    partition is claimed until Redis counts `n` applied events."""
+def processes_rate(settings: Settings, config: WorkerConfig, n: int, processes: int) -> tuple[float, int]:
+    """End-to-end events/s of `streamrec worker --processes N` over `n` events, from the moment every
+    partition is claimed until Redis counts `n` applied events; and how many partitions changed
+    hands during that time (a rebalance, which the rate then includes)."""
     redis = connect(settings.redis_url)
     partitions = range(settings.events_partitions)
-    owners = [Keys(settings.key_prefix, settings.events_topic, p).owner for p in partitions]
+    keys = [Keys(settings.key_prefix, settings.events_topic, p) for p in partitions]
+    owners = [k.owner for k in keys]
     command = [sys.executable, "-m", "stream_app.cli", "worker", "--processes", str(processes),
                "--models", ",".join(config.models), "--batch-size", str(config.batch_size),
                "--commit-max", str(config.commit_max), "--sample-rate", str(config.sample_rate)]
@@ -77,10 +79,11 @@ def processes_rate(settings: Settings, config: WorkerConfig, n: int, processes: 
             if proc.poll() is not None:
                 raise RuntimeError(f"`{' '.join(command)}` exited with {proc.returncode}")
             time.sleep(0.005)
-        start = time.perf_counter()
+        start, epochs = time.perf_counter(), [int(redis.get(k.epoch)) for k in keys]
         while applied_total(redis, settings.key_prefix, settings.events_topic, partitions) < n:
             time.sleep(0.005)
-        return n / (time.perf_counter() - start)
+        rate = n / (time.perf_counter() - start)
+        return rate, sum(int(redis.get(k.epoch)) - e for k, e in zip(keys, epochs))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -133,12 +136,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     raw_before = raw_consume_rate(settings, settings.events_topic, args.events)
     config = WorkerConfig(models=tuple(args.models.split(",")), batch_size=args.batch_size, sample_rate=args.sample_rate)
-    e2e, steps, multi = {}, {}, {}
+    e2e, steps, multi, handovers = {}, {}, {}, {}
     for client in kafka.CLIENTS:  # each run in its own group and key space, over the same events
         run_settings = settings.with_(kafka_client=client, consumer_group=f"bench-{run}-{client}",
                                       key_prefix=f"bench-{run}-{client}")
         e2e[client], steps[client] = worker_rate(run_settings, config, args.events)
-        multi[client] = processes_rate(
+        multi[client], handovers[client] = processes_rate(
             run_settings.with_(consumer_group=f"bench-{run}-{client}-p", key_prefix=f"bench-{run}-{client}-p"),
             config, args.events, args.processes,
         )
@@ -163,11 +166,13 @@ def main(argv: list[str] | None = None) -> dict:
         "worker_us_per_event": {c: {k: round(v, 2) for k, v in st.items()} for c, st in steps.items()},
         "worker_processes_events_per_s": {c: round(r) for c, r in multi.items()},
         "processes_ratio": {c: round(r / raw, 3) for c, r in multi.items()},
+        "processes_handovers": handovers,
         "freshness_rate_events_per_s": args.fresh_rate,
         "freshness_p50_s": round(float(np.percentile(lat, 50)), 4), "freshness_p99_s": round(float(np.percentile(lat, 99)), 4),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
+    name = "pipeline" if args.models == "pop" else "pipeline-" + args.models.replace(",", "-")
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     table = (
         "| measure | value |\n|---|---|\n"
         f"| raw kafka-python consume | {result['raw_consume_events_per_s']:,} events/s |\n"
@@ -188,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
         + "|---|" + "---:|" * len(steps[kafka.CLIENTS[0]]) + "\n"
         + "".join(f"| {c} | " + " | ".join(f"{v:.1f}" for v in steps[c].values()) + " |\n" for c in kafka.CLIENTS)
     )
-    (args.out / "pipeline.md").write_text(table)
+    (args.out / f"{name}.md").write_text(table)
     print(table)
     return result
 

@@ -339,6 +339,9 @@ class GRU4Rec(Model):
     def _session_mean(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Mean of the last `mean_items` embeddings x [R, L, E] where valid [R, L] (zeros when none)."""
         x, valid = x[:, -self.mean_items :], valid[:, -self.mean_items :].to(x.dtype)
+        import os
+        if os.environ.get("GRU_RECENCY"):
+            valid = valid.cumsum(1) * valid
         return (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1.0)  # [R, E]
 
     def learn(self, batch: Batch) -> None:
