@@ -104,6 +104,9 @@ def worker(
     commit_max: int = typer.Option(
         2048, "--commit-max", min=1, help="max events per Redis commit (a backlog is learned in micro-batches, committed together)"
     ),
+    commit_interval_ms: int = typer.Option(
+        100, "--commit-interval-ms", min=0, help="a busy stream commits to Redis at most this often (an idle one at once)"
+    ),
     sample_rate: float = typer.Option(0.1, "--sample-rate", min=0.0, max=1.0, help="share of events evaluated"),
     k: int = typer.Option(20, "--k", min=1, help="cut-off of recall@k and friends"),
     group: Optional[str] = typer.Option(None, "--group", help="consumer group [env STREAMREC_CONSUMER_GROUP]"),
@@ -132,7 +135,7 @@ def worker(
     try:
         config = WorkerConfig(
             models=tuple(parse_names(models)), batch_size=batch_size, max_wait_ms=max_wait_ms,
-            commit_max=commit_max, sample_rate=sample_rate, k=k, idle_expiry=idle_expiry,
+            commit_max=commit_max, commit_interval_ms=commit_interval_ms, sample_rate=sample_rate, k=k, idle_expiry=idle_expiry,
         )
         conf = settings(kafka_bootstrap=bootstrap, redis_url=redis_url, consumer_group=group, events_topic=topic,
                         kafka_client=client)

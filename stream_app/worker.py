@@ -30,7 +30,7 @@ from models.features import Featurizer
 from models.registry import create, parse_names
 from producers.schema import Event, decode
 from stream_app import kafka
-from stream_app.errors import FencedError, InvalidEvent, ServiceError
+from stream_app.errors import FencedError, InvalidEvent, ServiceError, StreamrecError
 from stream_app.evaluation import Evaluator, restore, summary
 from stream_app.settings import Settings
 from stream_app.state import Changes, Keys, PartitionStore, connect
@@ -55,6 +55,7 @@ class WorkerConfig:
     batch_size: int = 256  # events per micro-batch: evaluated, then learned
     max_wait_ms: int = 200
     commit_max: int = 2048  # events per poll and Redis commit at most: a backlog commits several micro-batches at once
+    commit_interval_ms: int = 100  # a busy stream commits at most this often (an idle one at once)
     sample_rate: float = 0.1
     k: int = 20
     window: int = 10_000
@@ -65,6 +66,19 @@ class WorkerConfig:
     idle_expiry: float | None = None  # users and items idle this long (stream time, s) are expired; None: never
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     seed: int = 0
+
+
+@dataclass
+class _Pending:
+    """What a shard has learned since its last commit."""
+
+    events: int = 0
+    next_offset: int | None = None
+    since: float | None = None  # when the first of them was learned (monotonic)
+    ids: dict[str, None] = field(default_factory=dict)  # new event ids, in order
+    touched: set[int] = field(default_factory=set)  # user rows whose history changed
+    ts: list[float] = field(default_factory=list)  # event times
+    opened: dict[str, tuple[str, float]] = field(default_factory=dict)  # implicit sessions now open
 
 
 class Shard:
@@ -78,9 +92,11 @@ class Shard:
         self.evaluator = Evaluator(config.k, config.window, config.sample_rate, seed=config.seed + store.keys.partition)
         self.dedup: OrderedDict[str, None] = OrderedDict()
         self.history: dict[int, deque] = {}
-        self.offset: int | None = None
+        self.offset: int | None = None  # next offset to learn
+        self.committed: int | None = None  # next offset to learn after a restart (in Redis)
+        self.pending = _Pending()
         self.version = 0
-        self.last_ts = np.zeros(0)  # event times of the last committed batch (freshness)
+        self.last_ts = np.zeros(0)  # event times of the last commit (freshness)
         self._expired_at = -float("inf")
         self.seconds = dict.fromkeys(STEPS, 0.0) if seconds is None else seconds  # wall time per step
 
@@ -101,7 +117,7 @@ class Shard:
             np.fromiter(f.items.index.values(), np.int64, len(f.items.index)),
             {u: h[:, 0] for u, h in snap.history.items()},
         )
-        self.offset = snap.offset
+        self.offset = self.committed = snap.offset
         return snap.offset
 
     def _expire(self, now: float) -> dict[str, np.ndarray]:
@@ -127,15 +143,14 @@ class Shard:
         return freed
 
     def process(self, messages: list[Any], dead_letter: Callable[[Any, str], None]) -> int:
-        """Evaluate and learn `messages` in micro-batches of `batch_size`, then commit them in one
-        atomic Redis write; returns events applied."""
-        clock = self.seconds
+        """Evaluate and learn `messages` in micro-batches of `batch_size`; `commit` makes them
+        durable. Returns the events learned."""
+        clock, pending = self.seconds, self.pending
         t = time.perf_counter()
         events, new_ids = self._decode(messages, dead_letter)
         t = _tick(clock, "decode", t)
         f = self.featurizer
         size = self.config.batch_size
-        touched: dict[int, deque] = {}
         for start in range(0, len(events), size):
             batch = f.batch(events[start : start + size])
             t = _tick(clock, "featurize", t)
@@ -145,41 +160,60 @@ class Shard:
                 model.learn(batch)
             t = _tick(clock, "learn", t)
             for u, i, e in zip(batch.users.tolist(), batch.items.tolist(), batch.event_types.tolist()):
-                touched[u] = h = self.history.get(u) or self.history.setdefault(u, deque(maxlen=2 * HISTORY))
+                h = self.history.get(u) or self.history.setdefault(u, deque(maxlen=2 * HISTORY))
                 h.append(i)  # flat (item, event type) pairs
                 h.append(e)
+            pending.touched.update(batch.users.tolist())
             t = _tick(clock, "history", t)
+        if pending.since is None:
+            pending.since = time.monotonic()
+        pending.next_offset = messages[-1].offset + 1
+        pending.events += len(events)
+        pending.ids.update(new_ids)
+        pending.ts.extend(e.ts for e in events)
+        pending.opened.update((e.user_id, f.open_sessions[e.user_id]) for e in events if e.session_id is None)
+        self.offset = pending.next_offset
+        self.dedup.update(new_ids)
+        while len(self.dedup) > self.config.dedup_window:
+            self.dedup.popitem(last=False)
+        return len(events)
+
+    def commit(self) -> int:
+        """Write everything learned since the last commit, with the next offset, in one atomic
+        Redis write; returns the events committed."""
+        pending, f = self.pending, self.featurizer
+        if pending.next_offset is None:
+            return 0
+        t = time.perf_counter()
         tables: list = []
         for name, model in self.models.items():
             state = model.export_state()
             for table, ids in model.drain_changes().items():
                 values = state[table] if ids is None else state[table][ids]
                 tables.append((name, table, model.tables[table], ids, values))
-        ts = np.array([e.ts for e in events], np.float64)  # [n]
-        opened = {e.user_id: f.open_sessions[e.user_id] for e in events if e.session_id is None}
+        ts = np.array(pending.ts, np.float64)  # [n]
         expired = self._expire(float(ts.max())) if len(ts) else {}
         vocab_new, vocab_removed = {}, {}
         for kind, vocab in (("user", f.users), ("item", f.items), ("session", f.sessions), ("context", f.contexts)):
             vocab_new[kind], vocab_removed[kind] = vocab.drain()
+        history = self.history
         changes = Changes(
-            next_offset=messages[-1].offset + 1,
-            applied=len(events),
+            next_offset=pending.next_offset,
+            applied=pending.events,
             vocab_new=vocab_new,
             vocab_removed=vocab_removed,
-            open_sessions=opened,
-            dedup=list(new_ids),
-            history={u: array("i", h).tobytes() for u, h in touched.items() if u in self.history},
+            open_sessions=pending.opened,
+            dedup=list(pending.ids),
+            history={u: array("i", history[u]).tobytes() for u in pending.touched if u in history},
             tables=tables,
             expired=expired,
         )
         self.version = self.store.commit(changes)
-        _tick(clock, "commit", t)
-        self.offset = changes.next_offset
+        self.committed = pending.next_offset
         self.last_ts = ts
-        self.dedup.update(new_ids)
-        while len(self.dedup) > self.config.dedup_window:
-            self.dedup.popitem(last=False)
-        return len(events)
+        self.pending = _Pending()
+        _tick(self.seconds, "commit", t)
+        return changes.applied
 
     def _decode(self, messages: list[Any], dead_letter: Callable[[Any, str], None]) -> tuple[list[Event], dict[str, None]]:
         """Valid, not yet seen events of `messages` in order (dead letters for the rest), and their new ids."""
@@ -236,8 +270,14 @@ class Worker:
         return starts
 
     def revoke(self, partitions: list[int]) -> None:
+        """Commit what the revoked partitions have learned, then let them go."""
         for partition in partitions:
-            self.shards.pop(partition, None)
+            shard = self.shards.pop(partition, None)
+            if shard is not None:
+                try:
+                    self._commit(shard)
+                except (StreamrecError, OSError, ConnectionError) as exc:  # the next owner re-reads it
+                    log.warning("partition %s revoked before its last commit (%s)", partition, exc)
         log.info("%s revoked %s", self.config.worker_id, partitions)
 
     def dead_letter(self, msg: Any, reason: str) -> None:
@@ -272,11 +312,11 @@ class Worker:
                 polled = self.consumer.poll(self.config.commit_max, self.config.max_wait_ms / 1000)
                 if polled or self.started_at is None:  # idle time counts from the first assignment
                     idle_since = time.monotonic()
-                    for partition, messages in polled.items():
-                        self._process(partition, messages)
-                    self._commit_kafka()
                 elif max_idle is not None and time.monotonic() - idle_since > max_idle:
                     break
+                for partition, messages in polled.items():
+                    self._guarded(partition, self._learn, partition, messages)
+                self._commit_due(idle=not polled)
                 self._maybe_report()
                 if stop_after is not None and self.applied >= stop_after:
                     break
@@ -285,7 +325,7 @@ class Worker:
                 signal.signal(sig, handler)
             self.close()
 
-    def _process(self, partition: int, messages: list) -> None:
+    def _learn(self, partition: int, messages: list) -> None:
         shard = self.shards.get(partition)
         if shard is None:
             return  # revoked while the batch was in flight; the new owner re-reads it
@@ -293,24 +333,41 @@ class Worker:
             messages = [m for m in messages if m.offset >= shard.offset]
             if not messages:
                 return
+        shard.process(messages, self.dead_letter)
+
+    def _commit_due(self, idle: bool) -> None:
+        """Commit the shards whose learning is due in Redis: all of them when the stream is idle,
+        else those with `commit_max` events pending or pending for `commit_interval_ms`."""
+        now = time.monotonic()
+        interval = self.config.commit_interval_ms / 1000
+        due = [p for p, s in self.shards.items() if s.pending.since is not None and (
+            idle or s.pending.events >= self.config.commit_max or now - s.pending.since >= interval)]
+        for partition in due:
+            self._guarded(partition, self._commit, self.shards[partition])
+        if due:
+            self._commit_kafka()
+
+    def _commit(self, shard: Shard) -> None:
+        self.sender.flush()  # dead letters are on Kafka before the offset moves past them
+        self.applied += shard.commit()
+        self.freshness.extend((time.time() - shard.last_ts).tolist())
+
+    def _guarded(self, partition: int, action: Callable, *args: Any) -> None:
+        """Run `action`; a fenced partition is dropped, one whose Redis or Kafka failed is reloaded."""
         try:
-            self.sender.flush()  # dead letters of earlier batches are on Kafka before we move the offset
-            self.applied += shard.process(messages, self.dead_letter)
-            now = time.time()
-            self.freshness.extend((now - shard.last_ts).tolist())
-            self.sender.flush()
+            action(*args)
         except FencedError as exc:
             log.warning("dropping partition %s: %s", partition, exc)
             self.shards.pop(partition, None)
         except (ServiceError, OSError, ConnectionError) as exc:
-            log.error("batch on partition %s not committed (%s); reloading it from Redis", partition, exc)
+            log.error("partition %s not committed (%s); reloading it from Redis", partition, exc)
             time.sleep(1.0)
             self.shards.pop(partition, None)
             self.consumer.seek(partition, self.assign([partition])[partition])
 
     def _commit_kafka(self) -> None:
         """Commit consumed offsets to Kafka, for lag monitoring only (Redis holds the truth)."""
-        self.consumer.commit({p: s.offset for p, s in self.shards.items() if s.offset is not None})
+        self.consumer.commit({p: s.committed for p, s in self.shards.items() if s.committed is not None})
 
     def metric_records(self) -> list[dict]:
         """One DESIGN.md metric record per model, pooled over this worker's partitions."""
@@ -344,6 +401,11 @@ class Worker:
 
     def close(self) -> None:
         try:
+            for partition, shard in list(self.shards.items()):
+                try:
+                    self._commit(shard)
+                except (StreamrecError, OSError, ConnectionError) as exc:  # the next owner re-reads it
+                    log.warning("partition %s closed before its last commit (%s)", partition, exc)
             self._maybe_report(force=True)
             self.sender.close()
         finally:

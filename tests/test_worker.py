@@ -200,6 +200,21 @@ def test_a_fenced_worker_cannot_commit(topics):
     assert int(client.get(keys.offset)) == 9 and int(client.get(keys.applied)) == 9
 
 
+def test_learning_reaches_redis_only_at_commit_and_several_polls_commit_as_one(topics):
+    client = connect(topics.redis_url)
+    keys = Keys(topics.key_prefix, topics.events_topic, 0)
+    shard = Shard(PartitionStore(client, keys), WorkerConfig(models=("pop",)))
+    shard.resume()
+    records = [kafka.Record(topics.events_topic, 0, j, None, encode(e)) for j, e in enumerate(events(300))]
+    for start in (0, 100, 200):  # three polls
+        assert shard.process(records[start : start + 100], lambda msg, reason: pytest.fail(reason)) == 100
+    assert client.get(keys.applied) is None and client.get(keys.offset) is None
+    assert shard.commit() == 300 and shard.commit() == 0
+    assert int(client.get(keys.applied)) == 300 and int(client.get(keys.offset)) == 300
+    assert int(client.get(keys.version)) == 1
+    assert client.hlen(keys.table("pop", "count")) == len(shard.featurizer.items)
+
+
 def test_idle_sessions_users_and_items_expire_in_memory_and_in_redis(topics):
     """A long stream of short-lived users keeps the vocabularies bounded, and Redis forgets the expired rows."""
     client = connect(topics.redis_url)
@@ -215,6 +230,7 @@ def test_idle_sessions_users_and_items_expire_in_memory_and_in_redis(topics):
             batch.append(kafka.Record(topics.events_topic, 0, offset, None, encode(e)))
             offset += 1
         shard.process(batch, lambda msg, reason: pytest.fail(reason))
+        shard.commit()
         f = shard.featurizer
         live.append((f.users.live(), f.items.live(), f.sessions.live(), len(f.users), len(f.items)))
     users_live, items_live, sessions_live, user_rows, item_rows = live[-1]
