@@ -55,7 +55,8 @@ class WorkerConfig:
     batch_size: int = 256  # events per micro-batch: evaluated, then learned
     max_wait_ms: int = 200
     commit_max: int = 2048  # events per poll and Redis commit at most: a backlog commits several micro-batches at once
-    commit_interval_ms: int = 100  # a busy stream commits at most this often (an idle one at once)
+    commit_interval_ms: int = 100  # a busy stream's learning reaches Redis within this (an idle one's at once)
+    commit_share: float = 0.1  # ... and sooner when commits are cheap: they may take this share of the time
     sample_rate: float = 0.1
     k: int = 20
     window: int = 10_000
@@ -95,6 +96,7 @@ class Shard:
         self.offset: int | None = None  # next offset to learn
         self.committed: int | None = None  # next offset to learn after a restart (in Redis)
         self.pending = _Pending()
+        self.commit_seconds = 0.0  # how long the last commit took
         self.version = 0
         self.last_ts = np.zeros(0)  # event times of the last commit (freshness)
         self._expired_at = -float("inf")
@@ -212,7 +214,7 @@ class Shard:
         self.committed = pending.next_offset
         self.last_ts = ts
         self.pending = _Pending()
-        _tick(self.seconds, "commit", t)
+        self.commit_seconds = _tick(self.seconds, "commit", t) - t
         return changes.applied
 
     def _decode(self, messages: list[Any], dead_letter: Callable[[Any, str], None]) -> tuple[list[Event], dict[str, None]]:
@@ -336,12 +338,13 @@ class Worker:
         shard.process(messages, self.dead_letter)
 
     def _commit_due(self, idle: bool) -> None:
-        """Commit the shards whose learning is due in Redis: all of them when the stream is idle,
-        else those with `commit_max` events pending or pending for `commit_interval_ms`."""
-        now = time.monotonic()
-        interval = self.config.commit_interval_ms / 1000
+        """Commit the shards whose learning is due in Redis: all of them when the stream is idle, else
+        those with `commit_max` events pending, or pending for `commit_interval_ms` or for long enough
+        that committing takes at most `commit_share` of the time (its last commit's duration / share)."""
+        now, c = time.monotonic(), self.config
         due = [p for p, s in self.shards.items() if s.pending.since is not None and (
-            idle or s.pending.events >= self.config.commit_max or now - s.pending.since >= interval)]
+            idle or s.pending.events >= c.commit_max
+            or now - s.pending.since >= min(c.commit_interval_ms / 1000, s.commit_seconds / c.commit_share))]
         for partition in due:
             self._guarded(partition, self._commit, self.shards[partition])
         if due:
