@@ -87,7 +87,8 @@ def run_demo(
         _wait_learned(settings, redis, stats.sent, worker)
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=30)
-        rows = latest_by_model(read_records(settings, timeout=3.0))
+        ours = f"{socket.gethostname()}-{worker.pid}"  # the worker's id (WorkerConfig.worker_id)
+        rows = latest_by_model({k: r for k, r in read_records(settings, timeout=3.0).items() if k[0] == ours})
         console.print(table(rows, f"final metrics per model (k=20, batch {batch_size}, {stats.sent:,} events)"))
         if api_port:
             _show_lookup(api_port, "mf" if "mf" in names else names[0])
