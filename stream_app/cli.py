@@ -19,6 +19,8 @@ app = typer.Typer(
 
 Bootstrap = typer.Option(None, "--bootstrap", help="Kafka bootstrap servers [env STREAMREC_KAFKA_BOOTSTRAP]")
 RedisUrl = typer.Option(None, "--redis-url", help="Redis URL [env STREAMREC_REDIS_URL]")
+FormatOpt = typer.Option("auto", "--format", help="auto|jsonl|csv|movielens")
+RateOpt = typer.Option(None, "--rate", help="events per second (default: as fast as possible)")
 
 
 def settings(**overrides: object) -> Settings:
@@ -70,9 +72,9 @@ def down(bootstrap: Optional[str] = Bootstrap, redis_url: Optional[str] = RedisU
 @app.command()
 def produce(
     input: Optional[Path] = typer.Option(None, "--input", help="replay this file"),
-    format: str = typer.Option("auto", "--format", help="auto|jsonl|csv|movielens"),
+    format: str = FormatOpt,
     synthetic: bool = typer.Option(False, "--synthetic", help="generate a seeded synthetic stream"),
-    rate: Optional[float] = typer.Option(None, "--rate", help="events per second (default: as fast as possible)"),
+    rate: Optional[float] = RateOpt,
     limit: Optional[int] = typer.Option(None, "--limit", help="stop after N events"),
     topic: Optional[str] = typer.Option(None, "--topic", help="topic [env STREAMREC_EVENTS_TOPIC]"),
     seed: int = typer.Option(0, "--seed", help="seed of the synthetic stream"),
@@ -199,7 +201,7 @@ def serve(
 @app.command()
 def evaluate(
     input: Path = typer.Option(..., "--input", help="events file (jsonl, csv or MovieLens)"),
-    format: str = typer.Option("auto", "--format", help="auto|jsonl|csv|movielens"),
+    format: str = FormatOpt,
     model: str = typer.Option("pop", "--model", "--models", help="model name(s), comma-separated"),
     k: int = typer.Option(20, "--k", min=1),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="events learned together (1: freshest)"),
@@ -277,10 +279,10 @@ def monitor(
 @app.command()
 def demo(
     input: Optional[Path] = typer.Option(None, "--input", help="replay this file instead of a synthetic stream"),
-    format: str = typer.Option("auto", "--format", help="auto|jsonl|csv|movielens"),
+    format: str = FormatOpt,
     events: int = typer.Option(30_000, "--events", min=1, help="how many events to replay"),
     models: str = typer.Option("pop,mf,gru,markov", "--models", help="models the worker runs"),
-    rate: Optional[float] = typer.Option(None, "--rate", help="events per second (default: as fast as possible)"),
+    rate: Optional[float] = RateOpt,
     batch_size: int = typer.Option(256, "--batch-size", min=1),
     keep_running: bool = typer.Option(False, "--keep-running", help="leave broker and Redis up afterwards"),
 ) -> None:

