@@ -296,7 +296,7 @@ def demo(
         fail(exc)
 
 
-BENCHES = ("pipeline", "quality", "sessions", "lookup")
+BENCHES = ("pipeline", "quality", "sessions", "lookup", "memory")
 
 
 @app.command()
