@@ -370,6 +370,8 @@ class Worker:
 
     def _commit_kafka(self) -> None:
         """Commit consumed offsets to Kafka, for lag monitoring only (Redis holds the truth)."""
+        if self.consumer is None:  # not consuming (shards driven directly)
+            return
         self.consumer.commit({p: s.committed for p, s in self.shards.items() if s.committed is not None})
 
     def metric_records(self) -> list[dict]:

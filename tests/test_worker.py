@@ -215,6 +215,32 @@ def test_learning_reaches_redis_only_at_commit_and_several_polls_commit_as_one(t
     assert client.hlen(keys.table("pop", "count")) == len(shard.featurizer.items)
 
 
+def test_commits_wait_while_busy_but_not_past_the_interval_and_go_at_once_when_idle(topics):
+    worker = Worker(topics, WorkerConfig(models=("pop",), commit_interval_ms=100, commit_share=0.1))
+    worker.assign([0])
+    shard = worker.shards[0]
+    records = [kafka.Record(topics.events_topic, 0, j, None, encode(e)) for j, e in enumerate(events(40))]
+    shard.process(records[:20], lambda msg, reason: pytest.fail(reason))
+    shard.commit_seconds = 0.002  # a cheap commit may go after 20 ms ...
+    worker._commit_due(idle=False)
+    assert shard.pending.events == 20, "committed at once while busy"
+    shard.pending.since -= 0.03
+    worker._commit_due(idle=False)
+    assert shard.pending.events == 0 and worker.applied == 20
+    shard.process(records[20:30], lambda msg, reason: pytest.fail(reason))
+    shard.commit_seconds = 1.0  # ... a costly one waits, but never past the interval
+    shard.pending.since -= 0.05
+    worker._commit_due(idle=False)
+    assert shard.pending.events == 10
+    shard.pending.since -= 0.06
+    worker._commit_due(idle=False)
+    assert worker.applied == 30
+    shard.process(records[30:], lambda msg, reason: pytest.fail(reason))
+    worker._commit_due(idle=True)  # nothing more came: commit now
+    assert worker.applied == 40 == int(connect(topics.redis_url).get(shard.store.keys.applied))
+    worker.sender.close()
+
+
 def test_idle_sessions_users_and_items_expire_in_memory_and_in_redis(topics):
     """A long stream of short-lived users keeps the vocabularies bounded, and Redis forgets the expired rows."""
     client = connect(topics.redis_url)
