@@ -485,27 +485,13 @@ def limit_blas_threads(n: int = 1) -> None:
     On a small, busy machine a multi-threaded OpenBLAS turns a 0.15 ms [20k x 64] mat-vec into
     ~10 ms of spinning threads; a server gets its parallelism from requests and worker processes.
     """
-    import ctypes
     import os
 
+    from threadpoolctl import threadpool_limits
+
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
-    try:
-        with open("/proc/self/maps") as maps:
-            libs = {line.split()[-1] for line in maps if "blas" in line.lower() and ".so" in line}
-    except OSError:
-        return
-    for lib in libs:
-        try:
-            handle = ctypes.CDLL(lib)
-        except OSError:
-            continue
-        for symbol in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
-                       "scipy_openblas_set_num_threads", "openblas_set_num_threads"):
-            fn = getattr(handle, symbol, None)
-            if fn is not None:
-                fn(ctypes.c_int(n))
-                break
+        os.environ[var] = str(n)  # for a BLAS loaded later
+    threadpool_limits(n, user_api="blas")  # for the one loaded now
 
 
 class ModelCache:
