@@ -1,6 +1,7 @@
 """Session-model benchmark: prequential recall@20 / MRR@20 and learning speed.
 
     python -m bench.sessions [--input ratings.csv] [--batch-size 1,256] [--models pop,markov,sknn,gru] [--json]
+                             [--out bench/results]
 
 Two streams:
 
@@ -18,7 +19,7 @@ Two streams:
 Every figure is prequential (the DESIGN evaluation protocol), ranked per
 session with already-seen items excluded, at the stated batch size. Learning
 speed (events/s of `learn` alone) is measured for the GRU at batch 256 on
-the stream's own events.
+the stream's own events. Writes `sessions.json` and `sessions.md` to `--out`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -36,6 +38,7 @@ from producers.readers import read_events
 from stream_app.evaluation import Evaluator, run
 
 DEFAULT_INPUT = "../shared/data/ml-latest-small/ratings.csv"
+RESULTS = Path(__file__).parent / "results"
 
 
 def load_ratings(path: str, limit: int | None = None) -> list:
@@ -45,7 +48,7 @@ def load_ratings(path: str, limit: int | None = None) -> list:
 
 
 def synthetic(n_events: int = 60_000, n_items: int = 2_000, n_topics: int = 20, p_next: float = 0.5,
-              mean_len: float = 8.0, n_users: int = 3_000, seed: int = 0) -> list[Ev]:
+              mean_len: float = 8.0, n_users: int = 3_000, seed: int = 0) -> list[RawEvent]:
     """Interleaved sessions with planted item -> successor transitions and a per-session topic."""
     rng = np.random.default_rng(seed)
     topic_of = rng.integers(0, n_topics, n_items)
@@ -55,7 +58,7 @@ def synthetic(n_events: int = 60_000, n_items: int = 2_000, n_topics: int = 20, 
         p = 1.0 / np.arange(1, len(m) + 1) ** 0.8
         probs.append(p / p.sum())
     successor = rng.permutation(n_items)  # planted: item i -> successor[i]
-    out: list[Ev] = []
+    out: list[RawEvent] = []
     span = n_events * 2.0  # seconds; ~hundreds of sessions open at once
     s = 0
     while len(out) < n_events:
@@ -152,6 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--params", default="{}", help='JSON {"gru": {"hidden": 100, ...}}')
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="directory for sessions.json and sessions.md")
     args = ap.parse_args(argv)
     import torch
 
@@ -180,7 +184,28 @@ def main(argv=None) -> int:
                 print(f"{sname:10s} gru learn speed at batch 256: {eps:,.0f} events/s", flush=True)
     if args.json:
         print(json.dumps(result, indent=1))
+    write(result, args.out)
     return 0
+
+
+def write(result: dict, out: Path) -> None:
+    """sessions.json, and sessions.md: recall@20 / MRR@20 per stream, model and batch size, and GRU speed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sessions.json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = ["# Session models: prequential recall@20 / MRR@20 (python -m bench.sessions)", ""]
+    for sname, models in result["quality"].items():
+        sizes = sorted({int(b) for r in models.values() for b in r})
+        lines += [f"## {sname}", "", "| model | " + " | ".join(f"recall@20, batch {b} | MRR@20, batch {b}" for b in sizes) + " |",
+                  "|---|" + "---:|" * (2 * len(sizes))]
+        for name, by_batch in models.items():
+            cells = [f"{by_batch[str(b)]['recall']:.4f} | {by_batch[str(b)]['mrr']:.4f}" if str(b) in by_batch else "- | -"
+                     for b in sizes]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        speed = result["speed"].get(sname)
+        if speed:
+            lines += ["", f"GRU learning alone at batch {speed['batch']}: {speed['learn_events_per_s']:,.0f} events/s."]
+        lines.append("")
+    (out / "sessions.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -1,28 +1,51 @@
 """GRU4Rec for streams: a GRU over each session's items, trained one micro-batch at a time.
 
 Model. item embedding (dim `embedding`) -> GRU cell (dim `hidden`) -> scores
-against output item vectors: `h . out[j] + bias[j]` (separate output table,
-dim `hidden`), or with `shared_embedding=True`, `tanh(P h + p) . emb[j] + bias[j]`
-(the input embeddings reused as output vectors, P a `hidden -> embedding`
-projection). Separate tables measured better: recall@20 0.214 vs 0.206 on the
-first 30k MovieLens events at batch 1, 0.529 vs 0.458 on 40k synthetic events
-at batch 16 (bench/sessions.py streams).
+against output item vectors, plus a skip term around the GRU:
+
+    score(j) = h . out[j] + m . emb[j] + bias[j]
+
+where `out` is a separate output table (dim `hidden`) and `m` the mean input
+embedding of the session's last `mean_items` items. The GRU learns order
+(what follows what); the skip term learns co-occurrence (what belongs
+together) directly, one step from the embeddings, which a GRU picks up slowly
+in one pass. With `shared_embedding=True` the first term is
+`tanh(P h + p) . emb[j]` (input embeddings reused as output vectors, P a
+`hidden -> embedding` projection); separate tables measured better (recall@20
+0.214 vs 0.206 on the first 30k MovieLens events at batch 1, 0.529 vs 0.458 on
+40k synthetic events at batch 16, before the skip term).
 
 Learning (session-parallel, truncated BPTT). Each session keeps `h` (its
-hidden state after its last item), its last `bptt` items (the window) and
-`h_back`, the state before the window's first item. An event (session s,
-item i) is a training example: from `h_back`, GRU steps through the window
-(with gradients) give `h`, which should rank i first; so the GRU weights, the
-window items' embeddings and the output vectors all learn. `bptt=1` is
-GRU4Rec's one-step truncation; longer windows let the recurrent weights learn
-what to carry (MovieLens recall@20 on the first 30k events at batch 1: 0.214
-with 1, 0.232 with 3, 0.237 with 6, no better with 10 or 20; the default 4
-keeps learning above 10k events/s at batch 256). Candidates are the batch's
-targets plus `negatives` items sampled by popularity^`alpha`; the loss is
-BPR-max (`loss="bpr-max"`, default) or sampled-softmax cross-entropy with logQ
+hidden state after its last item), its last L = max(`bptt`, `mean_items`)
+items, and `h_back`, the state before the last `bptt` items (the window). An
+event (session s, item i) is a training example: from `h_back`, GRU steps
+through the window (with gradients) give `h`, which with the mean of the last
+`mean_items` embeddings should rank i first; so the GRU weights, the session
+items' embeddings and the output vectors all learn. `bptt=1` is GRU4Rec's
+one-step truncation; longer windows let the recurrent weights learn what to
+carry (MovieLens recall@20 on the first 30k events at batch 1: 0.214 with 1,
+0.232 with 3, 0.237 with 6, no better with 10 or 20; the default 4 keeps
+learning above 10k events/s at batch 256). Candidates are the batch's targets
+plus `negatives` items sampled by (count + 1)^`alpha`; the loss is BPR-max
+(`loss="bpr-max"`, default) or sampled-softmax cross-entropy with logQ
 correction (`loss="ce"`); BPR-max measured better (synthetic 0.529 vs 0.463,
-MovieLens MRR@20 0.044 vs 0.040 at equal recall). Updates are Adagrad, per touched row for the item
-tables, so new items just add rows (and accumulator rows).
+MovieLens MRR@20 0.044 vs 0.040 at equal recall). Updates are Adagrad, per
+touched row for the item tables (so new items just add rows and accumulator
+rows), with step `emb_lr` for the embeddings and `lr` for the rest.
+
+Measured (bench/sessions.py streams, recall@20 at batch 16 unless stated; the
+skip term over the last 20 items, uniform negatives and a doubled embedding
+step were each measured on both streams, then kept together): synthetic 0.566
+before -> 0.612 with the skip term (window mean 4 items 0.601, 10 0.610, 50
+0.612; recency-weighted mean 0.617 vs uniform 0.622; sum / sqrt(n) 0.617;
+the skip through a learned `embedding -> hidden` projection instead 0.572)
+-> 0.622 with `alpha` 0 (0.5: 0.612, 0.25: 0.619) -> 0.626 with `emb_lr`
+0.1 (3x: 0.603); MovieLens 0.139 -> 0.171 (skip, `alpha` 0.25) -> 0.173
+(`alpha` 0) -> 0.183 (`emb_lr` 0.1). No better: `lr` 0.035/0.08/0.1,
+`init_std` 0.05/0.07/0.2, `bpreg` 0.25/0.5, 2048 negatives, a larger
+output or bias step. At batch 1, the defaults give synthetic 0.621 (0.563
+before; session-kNN 0.619) and MovieLens 0.192 (0.143 before); the skip term
+costs ~15% of the learning speed.
 
 Hidden states advance with the weights as they stand before the batch: the
 input half of the GRU is one batched matmul, the recurrent half a numba scan
@@ -32,7 +55,7 @@ of the batch. Only the weights lag by one batch.
 
 State tables: `item_emb`, `item_out`, `item_bias`, `item_acc` (Adagrad
 accumulators of the three, side by side), `item_count` (for sampling) are
-"item" tables; `session` rows are `[stamp, window items + 1, h, h_back]`
+"item" tables; `session` rows are `[stamp, last L items + 1, h, h_back]`
 (an all-zero row = no state; beyond `max_sessions` live states the least
 recently used is dropped); `weights` (the GRU and projection weights with
 their accumulators) and `meta` (counters and the sampler's RNG state) are
@@ -145,13 +168,15 @@ class GRU4Rec(Model):
         "meta": "blob",  # [1, 3 + rng bytes]: stamp counter, events learned, batches learned, rng state
     }
 
-    def __init__(self, hidden: int = 100, embedding: int = 64, negatives: int = 1024, alpha: float = 0.5,
+    def __init__(self, hidden: int = 100, embedding: int = 64, negatives: int = 1024, alpha: float = 0.0,
                  loss: str = "bpr-max", logq: float = 1.0, bpreg: float = 1.0, shared_embedding: bool = False,
-                 bptt: int = 4, mean_items: int = 20, lr: float = 0.05, acc_init: float = 0.0, init_std: float = 0.1,
-                 update_bias: float = 0.0, max_sessions: int = 100_000, threads: int | None = None, seed: int = 0):
+                 bptt: int = 4, mean_items: int = 20, lr: float = 0.05, emb_lr: float = 0.1, acc_init: float = 0.0,
+                 init_std: float = 0.1, update_bias: float = 0.0, max_sessions: int = 100_000,
+                 threads: int | None = None, seed: int = 0):
         """`alpha`: negative sampling exponent on (count + 1); `logq`: weight of the logQ
-        correction (loss "ce"); `bpreg`: BPR-max score regularisation; `mean_items`: the session's
-        last items whose mean embedding adds `m . emb[j]` to the scores (0: off); `acc_init`: Adagrad's
+        correction (loss "ce"); `bpreg`: BPR-max score regularisation; `mean_items`: how many of
+        the session's last items the skip term averages (0: no skip term); `lr`, `emb_lr`: Adagrad
+        steps (GRU weights, output vectors and biases; item embeddings); `acc_init`: Adagrad's
         initial accumulator; `init_std`: new item rows; `update_bias`: initial bias of the GRU
         update gate; `max_sessions`: live hidden states kept (LRU); `threads`: when set,
         `torch.set_num_threads` (process-wide)."""
@@ -166,6 +191,7 @@ class GRU4Rec(Model):
         self.bpreg = bpreg
         self.shared_embedding = shared_embedding
         self.lr = lr
+        self.emb_lr = emb_lr
         self.acc_init = acc_init
         self.init_std = init_std
         self.update_bias = update_bias
@@ -339,9 +365,6 @@ class GRU4Rec(Model):
     def _session_mean(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Mean of the last `mean_items` embeddings x [R, L, E] where valid [R, L] (zeros when none)."""
         x, valid = x[:, -self.mean_items :], valid[:, -self.mean_items :].to(x.dtype)
-        import os
-        if os.environ.get("GRU_RECENCY"):
-            valid = valid.cumsum(1) * valid
         return (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1.0)  # [R, E]
 
     def learn(self, batch: Batch) -> None:
@@ -438,17 +461,19 @@ class GRU4Rec(Model):
             self._w_acc += g * g
             self._w -= lr * g / (self._w_acc.sqrt() + eps)
             E, D = self.embedding, self._out_width
-            self._sparse_step(self._emb, emb_rows, grads[1], e_ids, 0, E)
-            self._sparse_step(self._bias, bias_rows, grads[2], o_ids, E + D, E + D + 1)
+            self._sparse_step(self._emb, emb_rows, grads[1], e_ids, 0, E, self.emb_lr)
+            self._sparse_step(self._bias, bias_rows, grads[2], o_ids, E + D, E + D + 1, lr)
             if not shared:
-                self._sparse_step(self._out, out_rows, grads[3], o_ids, E, E + D)
+                self._sparse_step(self._out, out_rows, grads[3], o_ids, E, E + D, lr)
         self._changed_items.update(o_ids.tolist())
         self._changed_items.update(e_ids.tolist())
 
-    def _sparse_step(self, table: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, ids: torch.Tensor, a: int, b: int) -> None:
+    def _sparse_step(self, table: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, ids: torch.Tensor, a: int, b: int,
+                     lr: float) -> None:
+        """Adagrad on rows `ids` of `table`, accumulators in columns a:b of `item_acc`."""
         acc = self._acc[ids, a:b] + grad * grad
         self._acc[ids, a:b] = acc
-        table[ids] = rows.detach() - self.lr * grad / (acc.sqrt() + 1e-10)
+        table[ids] = rows.detach() - lr * grad / (acc.sqrt() + 1e-10)
 
     # -- state ---------------------------------------------------------------------------
     def export_state(self) -> dict[str, np.ndarray]:

@@ -23,7 +23,7 @@ def planted_stream(n_events: int = 4000, n_items: int = 40, p_next: float = 0.9,
     Returns the events (time order) and `succ`."""
     rng = np.random.default_rng(seed)
     succ = rng.permutation(n_items)
-    events: list[Ev] = []
+    events: list[RawEvent] = []
     s = 0
     while len(events) < n_events:
         t = float(rng.uniform(0, n_events))
@@ -130,21 +130,25 @@ def test_gru_state_includes_earlier_rows_of_batch(stream):
         cell.weight_hh.copy_(w["w_hh"])
         cell.bias_ih.copy_(w["b_ih"])
         cell.bias_hh.copy_(w["b_hh"])
-    emb = model.export_state()["item_emb"]
-    out = model.export_state()["item_out"]
-    bias = model.export_state()["item_bias"][:, 0]
+    state = model.export_state()
+    emb, out, bias = state["item_emb"], state["item_out"], state["item_bias"][:, 0]
+    kept = state["session"][:, 1 : state["session"].shape[1] - 2 * model.hidden]  # last items + 1, newest last
     h: dict[int, torch.Tensor] = {}
+    seen: dict[int, list[int]] = {}
     repeats = 0
     for j in rows:
         s, i = int(b.sessions[j]), int(b.items[j])
         if s not in h:
             h[s] = torch.from_numpy(model.hidden_state(s))[None, :]
+            seen[s] = [int(x) - 1 for x in kept[s] if x > 0] if s < len(kept) else []
         else:
             repeats += 1
-        want = h[s][0].numpy() @ out[: b.n_items].T + bias[: b.n_items]
+        mean = emb[seen[s][-model.mean_items :]].mean(0) if seen[s] else np.zeros(model.embedding)
+        want = (h[s][0].numpy() @ out[: b.n_items].T + mean @ emb[: b.n_items].T + bias[: b.n_items])
         np.testing.assert_allclose(got[j], want, rtol=1e-4, atol=1e-4)
         with torch.no_grad():
             h[s] = cell(torch.from_numpy(emb[i])[None, :], h[s])
+        seen[s].append(i)
     assert repeats > 0  # the batch did have sessions with several rows
 
 
