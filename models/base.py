@@ -113,3 +113,7 @@ class Model(ABC):
     @abstractmethod
     def forget(self, kind: TableKind, ids: np.ndarray) -> None:
         """Reset the rows of expired `kind` ids; the vocabulary will hand them out again."""
+
+    def session_items(self, session: int) -> np.ndarray:
+        """Items this model remembers of a session, oldest first (none for user models)."""
+        return np.zeros(0, np.int64)

@@ -572,6 +572,11 @@ class GRU4Rec(Model):
         self._version += 1
         self._cache = None
 
+    def session_items(self, session: int) -> np.ndarray:
+        """The session's last `max(bptt, mean_items)` items, oldest first."""
+        _, _, win = self._gather_sessions(np.array([session], np.int64))
+        return win[0][win[0] >= 0]
+
     def hidden_state(self, session: int) -> np.ndarray:
         """The session's current hidden state (zeros when it has none)."""
         h, _, _ = self._gather_sessions(np.array([session], np.int64))

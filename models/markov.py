@@ -87,6 +87,11 @@ class Markov(Model):
             self._all_items_changed = True
         return weights
 
+    def session_items(self, session: int) -> np.ndarray:
+        """The session's last item (all this model keeps of it)."""
+        last = int(self._last.data[session, 0]) - 1 if 0 <= session < self._last.n else -1
+        return np.array([last] if last >= 0 else [], np.int64)
+
     def _prev_items(self, batch: Batch) -> np.ndarray:
         """For each event, the session's item before it (earlier batch rows first, then state)."""
         n_sessions = self._last.n

@@ -56,6 +56,11 @@ class SessionKNN(Model):
     def _row(self, s: int) -> np.ndarray:
         return self._items.data[s] if 0 <= s < self._items.n else np.zeros(1 + self.max_session_len)
 
+    def session_items(self, session: int) -> np.ndarray:
+        """The session's last `max_session_len` distinct items, oldest first."""
+        seq = self._row(session)[1:]
+        return (seq[seq > 0] - 1).astype(np.int64)
+
     def _index_add(self, item: int, s: int) -> None:
         sessions = self._index.get(item)
         if sessions is None:
@@ -98,8 +103,7 @@ class SessionKNN(Model):
         out: dict[int, np.ndarray] = {}
         for j, (s, i) in enumerate(zip(batch.sessions.tolist(), batch.items.tolist())):
             if j in want:
-                seq = self._row(s)[1:]
-                seq = (seq[seq > 0] - 1).astype(np.int64)
+                seq = self.session_items(s)
                 more = extra.get(s)
                 if more:
                     seq = np.concatenate([seq[~np.isin(seq, more)], np.array(more[-self.max_session_len :], np.int64)])

@@ -173,15 +173,17 @@ class Recommender:
         used, m = self._pick(view, model)
         items: list[dict] = []
         if m is not None:
+            exclude = None
             if m.query == "session" and found:
                 batch = query_batch(view, None, context, time.time(), session_id=session_id)
                 reason: dict = {"kind": "session", "session_id": session_id}
+                exclude = m.session_items(int(batch.sessions[0]))  # next items: not the ones already in it
             else:  # a user model (or an unknown session): what is popular in this context
                 batch = query_batch(view, None, context, time.time())
                 reason = _popular(context)
                 if m.query != "session":
                     reason["note"] = f"{used} ranks for users, not sessions; answered by popularity in context"
-            idx, scores = view.rank(used, m, batch, k)
+            idx, scores = view.rank(used, m, batch, k, exclude)
             items = [{"item_id": view.item_names[i], "score": s, "reason": reason}
                      for i, s in zip(idx.tolist(), scores.tolist())]
         return {"user_id": None, "session_id": session_id, "model": model, "model_version": view.version,

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from producers.schema import encode, prepare
 from stream_app import embedded, kafka
-from stream_app.api import create_app
+from stream_app.api import Recommender, create_app
 from stream_app.client import ApiError, RecommenderClient
 from stream_app.state import Keys, connect
 from stream_app.worker import Worker, WorkerConfig
@@ -324,7 +324,7 @@ import numpy as np  # noqa: E402
 
 from models.base import Batch, Model  # noqa: E402
 from models.features import Featurizer  # noqa: E402
-from stream_app.serving import AnnIndex, EmbeddingScorer, PopScorer, ShardView, top_k  # noqa: E402
+from stream_app.serving import AnnIndex, EmbeddingScorer, ModelCache, PopScorer, ShardView, top_k  # noqa: E402
 
 
 def _batch(users, items, contexts, n_users, n_items, n_ctx, width=4):
@@ -493,3 +493,20 @@ def test_serve_with_two_worker_processes(planted, tmp_path):
         proc.terminate()
         proc.wait(20)
         log.close()
+
+
+@pytest.mark.parametrize("model", ["gru", "sknn", "markov"])
+def test_session_lookup_leaves_out_the_items_already_in_the_session(topics, model):
+    events = [prepare({"user_id": f"u{j % 7}", "item_id": f"I{j % 30}", "event_type": "click",
+                       "session_id": f"s{j % 5}", "ts": T0 + j}) for j in range(200)]
+    produce(topics, events)
+    Worker(topics, WorkerConfig(models=("pop", model))).run(max_idle=3)
+    cache = ModelCache(topics, ("pop", model), background=False)
+    cache.refresh()
+    answer = Recommender(cache).for_session("s0", k=13, model=model, context={})
+    in_session = {e.item_id for e in events if e.session_id == "s0"}
+    shown = {i["item_id"] for i in answer["items"]}
+    view = cache.shard(answer["partition"])
+    remembered = {view.item_names[i] for i in view.models[model].session_items(view.featurizer.sessions.get("s:s0"))}
+    assert remembered and remembered <= in_session
+    assert shown and not shown & remembered, f"{model} recommended items the session already has"
