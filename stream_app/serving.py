@@ -39,7 +39,7 @@ from models.registry import create
 from stream_app.errors import ServiceError
 from stream_app.kafka import partition_for
 from stream_app.settings import Settings
-from stream_app.state import KINDS, Keys, rows_to_array, unpack_blob
+from stream_app.state import KINDS, Keys, rows_to_array, session_rows, unpack_blob
 
 EVENT_STRENGTH = {"click": 1, "favorite": 2, "purchase": 3}
 ITEM_VECTOR_TABLES = ("item", "item_emb")  # item-embedding tables of known models, tried in order
@@ -57,21 +57,6 @@ def redis_client(url: str, timeout: float = 1.0) -> redis.Redis:
 @lru_cache(maxsize=65536)
 def user_partition(user_id: str, n: int) -> int:
     return partition_for(user_id.encode("utf-8"), n)
-
-
-def _rows_to_array(fields: dict[bytes, bytes]) -> np.ndarray:
-    """`state.rows_to_array`, vectorised: one frombuffer over all rows when they have the same width."""
-    if not fields:
-        return np.zeros((0, 1), np.float32)
-    values = list(fields.values())
-    width = len(values[0])
-    if width == 0 or width % 4 or any(len(v) != width for v in values):
-        return rows_to_array(fields)
-    rows = np.fromiter(map(int, fields.keys()), np.int64, len(values))
-    data = np.frombuffer(b"".join(values), np.float32).reshape(len(values), width // 4)
-    out = np.zeros((int(rows.max()) + 1, width // 4), np.float32)
-    out[rows] = data
-    return out
 
 
 @dataclass
@@ -669,15 +654,9 @@ class ModelCache:
                 if raw is not None:
                     states[name][table] = unpack_blob(raw)
             elif raw:
-                states[name][table] = _rows_to_array(raw)
+                states[name][table] = rows_to_array(raw)
         for name, table in session_tables:
-            pattern = k.table(name, table).replace("{", "\\{").replace("}", "\\}") + ":*"
-            fields = {}
-            for skey in self._call(lambda: list(self.client.scan_iter(match=pattern, count=1000))):
-                raw = self._call(self.client.get, skey)
-                if raw is not None:
-                    fields[skey.rsplit(b":", 1)[1]] = raw
-            states[name][table] = _rows_to_array(fields)
+            states[name][table] = rows_to_array(self._call(session_rows, self.client, k, name, table))
         f = Featurizer()
         for kind, vocab in zip(KINDS, (f.users, f.items, f.sessions, f.contexts)):
             vocab.restore(vocabs[kind])

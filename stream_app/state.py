@@ -52,11 +52,32 @@ def rows_to_array(fields: dict[bytes, bytes]) -> np.ndarray:
     """Hash of row -> float32 bytes into a dense `[max_row + 1, max_width]` array (zeros elsewhere)."""
     if not fields:
         return np.zeros((0, 1), np.float32)
-    rows = {int(k): np.frombuffer(v, np.float32) for k, v in fields.items()}
-    out = np.zeros((max(rows) + 1, max(len(v) for v in rows.values())), np.float32)
-    for r, v in rows.items():
-        out[r, : len(v)] = v
+    values = list(fields.values())
+    rows = np.fromiter(map(int, fields.keys()), np.int64, len(values))
+    width = len(values[0])
+    if width and width % 4 == 0 and all(len(v) == width for v in values):  # one frombuffer for all rows
+        data = np.frombuffer(b"".join(values), np.float32).reshape(len(values), width // 4)
+    else:  # rows of several widths: pad the narrower ones
+        width = max(len(v) for v in values) // 4 * 4
+        data = np.zeros((len(values), width // 4), np.float32)
+        for j, v in enumerate(values):
+            data[j, : len(v) // 4] = np.frombuffer(v, np.float32, len(v) // 4)
+    out = np.zeros((int(rows.max()) + 1, data.shape[1]), np.float32)
+    out[rows] = data
     return out
+
+
+def session_rows(client: redis.Redis, keys: "Keys", model: str, table: str) -> dict[bytes, bytes]:
+    """Row -> float32 bytes of every live session row of a model's table (SCAN, then MGET in chunks)."""
+    pattern = keys.table(model, table).replace("{", "\\{").replace("}", "\\}") + ":*"
+    names = list(client.scan_iter(match=pattern, count=1000))
+    rows = {}
+    for start in range(0, len(names), 1000):
+        chunk = names[start : start + 1000]
+        for name, raw in zip(chunk, client.mget(chunk)):
+            if raw is not None:  # expired since the scan
+                rows[name.rsplit(b":", 1)[1]] = raw
+    return rows
 
 
 @dataclass(frozen=True)
@@ -173,12 +194,7 @@ class PartitionStore:
                     if raw is not None:
                         state[table] = unpack_blob(raw)
                 elif kind == "session":
-                    fields = {}
-                    for skey in c.scan_iter(match=key.replace("{", "\\{").replace("}", "\\}") + ":*", count=1000):
-                        raw = c.get(skey)
-                        if raw is not None:
-                            fields[skey.rsplit(b":", 1)[1]] = raw
-                    state[table] = rows_to_array(fields)
+                    state[table] = rows_to_array(session_rows(c, k, name, table))
                 else:
                     state[table] = rows_to_array(c.hgetall(key))
             if len(state) == len(model.tables):
