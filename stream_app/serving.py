@@ -340,6 +340,11 @@ class ShardView:
 
     def prepare(self) -> "ShardView":
         """Precompute scorers, item vectors and co-occurrence (call before the view is shared)."""
+        # One query per model now, so that tables a model grows lazily to the vocabulary's size
+        # (GRU, MF) grow here and not under concurrent requests.
+        warm = self.featurizer.query(None, {}, time.time())
+        for model in self.models.values():
+            model.score(warm, np.zeros(1, np.int64))
         for name, model in self.models.items():
             scorer = PopScorer.of(model, self.valid_items) if getattr(model, "name", "") == "pop" else None
             if scorer is None:
