@@ -114,6 +114,15 @@ class Model(ABC):
     def forget(self, kind: TableKind, ids: np.ndarray) -> None:
         """Reset the rows of expired `kind` ids; the vocabulary will hand them out again."""
 
+    def evicted(self, kind: TableKind, ids: np.ndarray) -> np.ndarray:
+        """Ids among `ids` whose `kind` rows this model dropped from memory but its store keeps
+        (a bounded LRU); the caller reads them back with `import_rows`. None by default."""
+        return np.zeros(0, np.int64)
+
+    def import_rows(self, table: str, ids: np.ndarray, values: np.ndarray) -> None:
+        """Take back rows of `table` that `evicted` named, as the store holds them (zeros: none kept)."""
+        raise NotImplementedError(f"{type(self).__name__} evicts nothing, so it takes no rows back")
+
     def session_items(self, session: int) -> np.ndarray:
         """Items this model remembers of a session, oldest first (none for user models)."""
         return np.zeros(0, np.int64)

@@ -235,6 +235,8 @@ class GRU4Rec(Model):
         # sessions
         self._sess = RowTable(1 + self._keep + 2 * H, np.float64, 0.0)
         self._lru: OrderedDict[int, None] = OrderedDict()
+        self._retiring: set[int] = set()  # beyond max_sessions: dropped once their last change is drained
+        self._evicted: set[int] = set()  # dropped from memory; their state lives on in the store
         self._stamp = 0
         self._events = 0
         self._batches = 0
@@ -308,10 +310,18 @@ class GRU4Rec(Model):
         for s in sessions.tolist():
             self._lru.pop(s, None)
             self._lru[s] = None
+            self._retiring.discard(s)
         self._changed_sessions.update(sessions.tolist())
         while len(self._lru) > self.max_sessions:
-            old, _ = self._lru.popitem(last=False)
-            data[old] = 0.0
+            self._retiring.add(self._lru.popitem(last=False)[0])
+
+    def _retire(self) -> None:
+        """Drop the states beyond `max_sessions` whose latest change has been drained (so stored)."""
+        done = [s for s in self._retiring if s not in self._changed_sessions]
+        if done:
+            self._sess.reset(np.array(done, np.int64))
+            self._evicted.update(done)
+            self._retiring.difference_update(done)
 
     # -- the sequential pass -------------------------------------------------------------
     def _forward(self, batch: Batch) -> dict:
@@ -382,6 +392,7 @@ class GRU4Rec(Model):
         touched = torch.unique(it)
         self._pow[touched] = (self._count[touched] + 1.0) ** self.alpha
         self._store_sessions(fw["uniq"], fw["h"], fw["h_back"], fw["win"])
+        self._retire()
         self._changed_items.update(batch.items.tolist())
         self._events += len(batch)
         self._batches += 1
@@ -541,7 +552,9 @@ class GRU4Rec(Model):
         self._sess.load(sess)
         live = np.flatnonzero(sess[:, 0] > 0)
         live = live[np.argsort(sess[live, 0], kind="stable")]
-        if len(live) > self.max_sessions:
+        self._evicted = set(live[: -self.max_sessions].tolist()) if len(live) > self.max_sessions else set()
+        self._retiring = set()
+        if self._evicted:
             self._sess.reset(live[: -self.max_sessions])
             live = live[-self.max_sessions :]
         self._lru = OrderedDict((int(s), None) for s in live)
@@ -569,6 +582,32 @@ class GRU4Rec(Model):
             self._sess.reset(ids)
             for s in ids.tolist():
                 self._lru.pop(s, None)
+            self._retiring.difference_update(ids.tolist())
+            self._evicted.difference_update(ids.tolist())
+        self._version += 1
+        self._cache = None
+
+    def evicted(self, kind: TableKind, ids: np.ndarray) -> np.ndarray:
+        """Sessions among `ids` whose state this model dropped (beyond `max_sessions`) but the store keeps."""
+        if kind != "session" or not self._evicted:
+            return np.zeros(0, np.int64)
+        return np.array([s for s in ids.tolist() if s in self._evicted], np.int64)
+
+    def import_rows(self, table: str, ids: np.ndarray, values: np.ndarray) -> None:
+        """Take back evicted session states read from the store (`values`: their stored rows, zeros
+        for a state the store no longer has: that session starts afresh)."""
+        if table != "session" or not len(ids):
+            return
+        width = self._sess.width
+        rows = np.zeros((len(ids), width))
+        rows[:, : min(width, values.shape[1])] = values[:, :width]
+        self._sess.ensure(int(ids.max()) + 1)
+        self._sess.data[ids] = rows
+        for s in ids.tolist():
+            self._evicted.discard(s)
+            self._lru[s] = None
+        while len(self._lru) > self.max_sessions:
+            self._retiring.add(self._lru.popitem(last=False)[0])
         self._version += 1
         self._cache = None
 

@@ -201,6 +201,15 @@ class PartitionStore:
                 snap.models[name] = state
         return snap
 
+    def session_rows_of(self, model: str, table: str, rows: np.ndarray) -> np.ndarray:
+        """The stored session rows `[len(rows), width]` (one MGET); zeros where none is stored."""
+        k = self.keys
+        raw = self.client.mget([k.session_row(model, table, r) for r in rows.tolist()])
+        stored = rows_to_array({str(j).encode(): v for j, v in enumerate(raw) if v is not None})
+        out = np.zeros((len(rows), stored.shape[1]), np.float32)
+        out[: len(stored)] = stored
+        return out
+
     def _load_dedup(self) -> list[str]:
         entries = [orjson.loads(raw) for raw in self.client.lrange(self.keys.dedup, 0, -1)]
         self._dedup_sizes = deque(len(ids) for ids in entries)

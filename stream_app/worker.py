@@ -155,6 +155,7 @@ class Shard:
         size = self.config.batch_size
         for start in range(0, len(events), size):
             batch = f.batch(events[start : start + size])
+            self._refill(batch)
             t = _tick(clock, "featurize", t)
             self.evaluator.evaluate(batch, self.models)
             t = _tick(clock, "evaluate", t)
@@ -179,6 +180,18 @@ class Shard:
         while len(self.dedup) > self.config.dedup_window:
             self.dedup.popitem(last=False)
         return len(events)
+
+    def _refill(self, batch) -> None:
+        """Give models back, from Redis, the session states of this batch that their LRU dropped."""
+        sessions = None
+        for name, model in self.models.items():
+            for table, kind in model.tables.items():
+                if kind != "session":
+                    continue
+                sessions = np.unique(batch.sessions) if sessions is None else sessions
+                rows = model.evicted(kind, sessions)
+                if len(rows):
+                    model.import_rows(table, rows, self.store.session_rows_of(name, table, rows))
 
     def commit(self) -> int:
         """Write everything learned since the last commit, with the next offset, in one atomic

@@ -162,9 +162,15 @@ def test_gru_drain_changes_and_lru():
     assert set(changes) == set(type(model).tables)
     assert set(changes["session"].tolist()) == set(b.sessions.tolist())
     assert changes["weights"] is None
+    held = model.export_state()["session"][:, 0] > 0
+    assert held.sum() > 5  # states beyond max_sessions stay until their last change is stored
+    step = feat.batch(events[100:101])
+    model.learn(step)  # ... which the drain above stands for
     live = model.export_state()["session"][:, 0] > 0
     assert live.sum() == 5  # only the 5 most recently used sessions keep a state
-    assert model.drain_changes()["session"].size == 0
+    dropped = np.flatnonzero(held[: len(live)] & ~live)
+    assert set(model.evicted("session", np.arange(len(live))).tolist()) == set(dropped.tolist())
+    assert model.drain_changes()["session"].tolist() == step.sessions.tolist()
 
 
 @pytest.mark.parametrize("name", SESSION_MODELS)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import orjson
 import pytest
 
@@ -266,3 +267,35 @@ def test_idle_sessions_users_and_items_expire_in_memory_and_in_redis(topics):
     assert client.hlen(keys.history) <= users_live
     assert client.hlen(keys.table("pop", "count")) <= item_rows
     assert int(client.get(keys.applied)) == 4800
+
+
+def test_gru_sessions_dropped_by_its_lru_come_back_from_redis(topics):
+    """A GRU holding 2 sessions in memory learns 6 interleaved sessions exactly as one holding all of them."""
+    from models.features import Featurizer
+    from models.gru import GRU4Rec
+
+    stream = [prepare({"user_id": f"u{j % 6}", "item_id": f"i{(j * 7 + j // 6) % 23}", "event_type": "click",
+                       "session_id": f"s{j % 6}", "ts": 1.7e9 + j}) for j in range(240)]
+    records = [kafka.Record(topics.events_topic, 0, j, None, encode(e)) for j, e in enumerate(stream)]
+    client = connect(topics.redis_url)
+    shard = Shard(PartitionStore(client, Keys(topics.key_prefix, topics.events_topic, 0)),
+                  WorkerConfig(models=("gru",), batch_size=4, sample_rate=0.0))
+    shard.models["gru"] = GRU4Rec(max_sessions=2, seed=0)
+    shard.resume()
+    unbounded, forgetful = GRU4Rec(seed=0), GRU4Rec(max_sessions=2, seed=0)
+    featurizer = Featurizer()
+    for start in range(0, len(records), 4):
+        shard.process(records[start : start + 4], lambda msg, reason: pytest.fail(reason))
+        shard.commit()
+        batch = featurizer.batch(stream[start : start + 4])
+        for model in (unbounded, forgetful):
+            model.learn(batch)
+            model.drain_changes()  # as a commit does: only then may the LRU drop a session
+    bounded = shard.models["gru"]
+    assert len(bounded._lru) <= 3 and bounded._evicted, "the LRU never dropped a session: the test proves nothing"
+    def gap(model) -> float:  # largest weight difference to the unbounded model
+        return max(float(np.abs(model.export_state()[t] - unbounded.export_state()[t]).max()) for t in ("weights", "item_emb"))
+
+    # Float rounding alone (a few 1e-6 over the stream) against what lost states cost (about 1).
+    assert gap(bounded) < 1e-4, "a session restored from Redis did not continue where it stopped"
+    assert gap(forgetful) > 0.1, "forgetting sessions changed nothing: the stream cannot tell"
