@@ -8,7 +8,8 @@ adds hour and day of week), replayed in timestamp order (stable sort) through
 models learn the rating as target and rank every item by `predict_one`, which
 is slow, so they (and, for comparison, every other model) are also evaluated
 on a sample of about `--river-sample` events in a second run. The speed part
-times `MF.learn` alone against River `FunkMF.learn_one` on the same events.
+times `MF.learn` alone (its defaults, 64 factors) against River
+`FunkMF.learn_one` (64 factors) on the same events.
 """
 
 from __future__ import annotations
@@ -98,15 +99,15 @@ def evaluate(events: list[Event], names: list[str], batch_size: int, sample_rate
 
 
 def learn_speed(events: list[Event], batch_size: int = 256, repeats: int = 3) -> dict[str, float]:
-    """Events/s of `MF.learn` (64 factors, 8 negatives) and of River `FunkMF.learn_one` (64 factors)
+    """Events/s of `MF.learn` (its defaults, 64 factors) and of River `FunkMF.learn_one` (64 factors)
     over `events`, each the best of `repeats` passes from a fresh model (the machine may be shared)."""
     featurizer = Featurizer()
     batches = [featurizer.batch(events[s : s + batch_size]) for s in range(0, len(events), batch_size)]
     pairs = [(b.users.tolist(), b.items.tolist(), b.values.tolist()) for b in batches]
-    MF(dim=64, n_negatives=8).learn(batches[0])  # compile (or load the cache) outside the clock
+    MF(dim=64).learn(batches[0])  # compile (or load the cache) outside the clock
 
     def mf_pass() -> float:
-        mf = MF(dim=64, n_negatives=8)
+        mf = MF(dim=64)
         start = time.perf_counter()
         for batch in batches:
             mf.learn(batch)

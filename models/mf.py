@@ -2,12 +2,20 @@
 
 score(u, ctx, i) = (U[u] + mean of C[c] over the event's context values c) . V[i] + b[i]
 
-Each positive event is contrasted with sampled negatives (uniform over the
-items so far, or drawn from a ring of recent positives, i.e. in proportion to
-recent popularity) under a BPR loss scaled by the event-type weight. Each
-negative item steps as it is scored; the event's own rows (user, context
-values, positive item) then take one step on the gradient summed over the
-negatives. Vectors step with a per-row adaptive rate (RMSprop, one
+Each positive event is contrasted with sampled negatives under a BPR loss
+scaled by the event-type weight. A negative is the highest-scoring of
+`negative_pool` candidates (harder negatives carry more gradient), each drawn
+uniformly over the items so far (or from a ring of recent positives, i.e. in
+proportion to recent popularity); an invalid draw (the event's own item, a
+freed row) is drawn again. Optionally (`seen_bits`) only among the items the
+user has not interacted with yet, as rankings only ever order unseen items:
+a per-user seen filter, a bitset indexed by a hash of the item id (no false
+negatives; an unseen item taken for seen is just not drawn). Measured on
+MovieLens at batch 1 it trades recall@20 0.143 -> 0.138 for AUC 0.872 -> 0.875,
+at 0.88x learning speed and 684 bytes per user, so it is off by default. Each negative
+item steps as it is scored; the event's own rows (user, context values,
+positive item) then take one step on the gradient summed over the negatives.
+Vectors step with a per-row adaptive rate (RMSprop, one
 accumulator per row), item biases with plain SGD. A compiled loop walks the
 batch in order, so each event is learned after the previous one. An id's row
 only trains once the id has been seen `admit` times; users without a trained
@@ -28,6 +36,9 @@ from models.rows import RowTable
 _STATE = np.uint8(1)  # sightings or accumulator
 _VECTOR = np.uint8(2)
 _BIAS = np.uint8(4)
+_SEEN = np.uint8(8)  # the user's seen filter
+_ALL = _STATE | _VECTOR | _BIAS | _SEEN
+_SEEN_BITS_PER_WORD = 24  # a float32 holds integers below 2 ** 24 exactly
 _KINDS = ("user", "item", "context")
 # Reassociation lets the dot products and row updates vectorise; NaN/inf semantics stay exact.
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
@@ -46,6 +57,32 @@ def _uniform(rng):
     """A float in [0, 1) from the counter-based stream whose state is rng[0]."""
     rng[0] = rng[0] + np.uint64(1)
     return (_splitmix(rng[0]) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+
+
+@njit(cache=True)
+def _seen_bit(j, n_bits):
+    """The filter bit of item j: a hash of j mapped to [0, n_bits) by a multiply (no division)."""
+    h = _splitmix(np.uint64(j)) >> np.uint64(32)
+    return int((h * np.uint64(n_bits)) >> np.uint64(32))
+
+
+@njit(cache=True)
+def _seen(seen, u, j, n_bits):
+    """Whether item j's bit is set in user u's seen filter (seen: [n_users, words] float32 integers)."""
+    b = _seen_bit(j, n_bits)
+    return (int(seen[u, b // _SEEN_BITS_PER_WORD]) >> (b % _SEEN_BITS_PER_WORD)) & 1 == 1
+
+
+@njit(cache=True)
+def _mark_seen(seen, u, j, n_bits):
+    """Set item j's bit in user u's seen filter; False when it was set already."""
+    b = _seen_bit(j, n_bits)
+    w = int(seen[u, b // _SEEN_BITS_PER_WORD])
+    bit = 1 << (b % _SEEN_BITS_PER_WORD)
+    if w & bit:
+        return False
+    seen[u, b // _SEEN_BITS_PER_WORD] = np.float32(w | bit)
+    return True
 
 
 @njit(cache=True)
@@ -100,9 +137,9 @@ def _step(M, r, a, x, l2, state, lr, decay, eps):
 
 
 @njit(cache=True, fastmath=_FAST)
-def _learn(users, items, weights, context, U, user_state, V, item_bias, item_state, C, ctx_state,
+def _learn(users, items, weights, context, U, user_state, user_seen, V, item_bias, item_state, C, ctx_state,
            recent, cursor, rng, user_dirty, item_dirty, ctx_dirty,
-           n_negatives, popular_share, admit, lr, negative_lr, l2, bias_lr, decay, eps):
+           n_negatives, negative_pool, seen_bits, popular_share, admit, lr, negative_lr, l2, bias_lr, decay, eps):
     """Learn the events in order; see the module docstring."""
     dim = U.shape[1]
     n_items = V.shape[0]
@@ -110,6 +147,7 @@ def _learn(users, items, weights, context, U, user_state, V, item_bias, item_sta
     q = np.empty(dim, np.float32)  # the event's user + context vector
     g_neg = np.empty(dim, np.float32)  # sum over negatives of g * V[j]
     g_q = np.empty(dim, np.float32)  # the gradient of q, summed over negatives
+    pool = np.empty(max(negative_pool, 1), np.int64)  # a negative's candidates
     l2_32 = np.float32(l2)
     for e in range(len(items)):
         u, i, w = users[e], items[e], weights[e]
@@ -145,18 +183,42 @@ def _learn(users, items, weights, context, U, user_state, V, item_bias, item_sta
         g_sum = 0.0
         n_used = 0
         for _ in range(n_negatives):
-            if popular_share > 0.0 and cursor[0] > 0 and _uniform(rng) < popular_share:
-                j = recent[int(_uniform(rng) * min(cursor[0], n_recent))]
-            else:
-                j = int(_uniform(rng) * n_items)
-            if j < 0 or j >= n_items or j == i or item_state[j, 0] == 0.0:  # 0: a freed row, or not learned yet
-                continue
+            # Up to negative_pool valid candidates within 4 * negative_pool draws; failing any, one the seen
+            # filter rejected (a user who has seen every item still learns). The highest-scoring is the negative.
+            n_pool = 0
+            spare = -1
+            for _ in range(4 * negative_pool):
+                if popular_share > 0.0 and cursor[0] > 0 and _uniform(rng) < popular_share:
+                    c = recent[int(_uniform(rng) * min(cursor[0], n_recent))]
+                else:
+                    c = int(_uniform(rng) * n_items)
+                if c < 0 or c >= n_items or c == i or item_state[c, 0] == 0.0:  # 0: a freed row, or not learned yet
+                    continue
+                if seen_bits > 0 and _seen(user_seen, u, c, seen_bits):
+                    spare = c
+                    continue
+                pool[n_pool] = c
+                n_pool += 1
+                if n_pool == negative_pool:
+                    break
+            if n_pool == 0:
+                if spare < 0:
+                    continue
+                pool[0] = spare
+                n_pool = 1
+            j = -1
+            dot = np.float32(0.0)  # q . V[j]
+            vv = np.float32(0.0)  # V[j] . V[j]
+            for p in range(n_pool):
+                c = pool[p]
+                d = np.float32(0.0)
+                cc = np.float32(0.0)
+                for k in range(dim):
+                    d += q[k] * V[c, k]
+                    cc += V[c, k] * V[c, k]
+                if p == 0 or d + item_bias[c, 0] > dot + item_bias[j, 0]:
+                    j, dot, vv = c, d, cc
             n_used += 1
-            dot = np.float32(0.0)
-            vv = np.float32(0.0)
-            for k in range(dim):
-                dot += q[k] * V[j, k]
-                vv += V[j, k] * V[j, k]
             x = min(s_i - dot - item_bias[j, 0], np.float32(50.0))  # s_i - s_j
             g = w / (np.float32(1.0) + np.exp(x))  # -dloss/ds_i of the BPR loss -log sigmoid(s_i - s_j)
             g_sum += g
@@ -176,6 +238,8 @@ def _learn(users, items, weights, context, U, user_state, V, item_bias, item_sta
             else:
                 for k in range(dim):
                     g_neg[k] += g32 * V[j, k]
+        if seen_bits > 0 and _mark_seen(user_seen, u, i, seen_bits):
+            user_dirty[u] |= _SEEN
         recent[cursor[0] % n_recent] = i
         cursor[0] += 1
         if cursor[0] >= 2 * n_recent:  # keep the cursor small (exact as float32); position and fill stay the same
@@ -218,8 +282,12 @@ def _learn(users, items, weights, context, U, user_state, V, item_bias, item_sta
 class MF(Model):
     """Implicit-feedback matrix factorisation with context embeddings (see the module docstring).
 
-    dim: factors. n_negatives: negatives per event; popular_share: the share
-    of them drawn from the last `recent_size` positives (the rest uniform).
+    dim: factors. n_negatives: negatives per event, each the highest-scoring
+    of `negative_pool` candidates; popular_share: the share of candidates
+    drawn from the last `recent_size` positives (the rest uniform).
+    seen_bits: bits of each user's seen filter (0: none, so a user's own
+    items may be drawn); a freed item row handed to a new item may look seen
+    to users of the old one, and is then not drawn for them.
     lr, negative_lr, decay, eps: the per-row adaptive step, lr (the event's
     rows) or negative_lr (negative items) / sqrt(eps + running mean of squared
     gradients, kept with `decay`); l2: weight decay of the vectors, per
@@ -234,6 +302,7 @@ class MF(Model):
     tables: dict[str, TableKind] = {
         "user": "user",  # [n_users, dim]
         "user_state": "user",  # [n_users, 2] sightings, accumulator
+        "user_seen": "user",  # [n_users, ceil(seen_bits / 24)] seen-filter bits, 24 per value
         "item": "item",  # [n_items, dim]
         "item_bias": "item",  # [n_items, 1]
         "item_state": "item",  # [n_items, 2] sightings, accumulator
@@ -250,9 +319,11 @@ class MF(Model):
         self,
         dim: int = 64,
         n_negatives: int = 8,
+        negative_pool: int = 1,
+        seen_bits: int = 0,
         popular_share: float = 0.0,
         lr: float = 0.02,
-        negative_lr: float = 0.01,
+        negative_lr: float = 0.006,
         decay: float = 0.99,
         eps: float = 1e-4,
         l2: float = 0.06,
@@ -266,6 +337,8 @@ class MF(Model):
     ):
         self.dim = dim
         self.n_negatives = n_negatives
+        self.negative_pool = negative_pool
+        self.seen_bits = seen_bits
         self.popular_share = popular_share
         self.lr = lr
         self.negative_lr = negative_lr
@@ -280,6 +353,7 @@ class MF(Model):
         self._pop = Popularity(half_life=pop_half_life, context_weight=pop_context_weight, seed=seed)
         self._user = RowTable(dim, np.float32)
         self._user_state = RowTable(2, np.float32)
+        self._user_seen = RowTable(max(1, -(-seen_bits // _SEEN_BITS_PER_WORD)), np.float32)
         self._item = RowTable(dim, np.float32)
         self._item_bias = RowTable(1, np.float32)
         self._item_state = RowTable(2, np.float32)
@@ -293,13 +367,15 @@ class MF(Model):
 
     def _rows(self, kind: str) -> tuple[RowTable, ...]:
         if kind == "user":
-            return self._user, self._user_state, self._dirty["user"]
+            return self._user, self._user_state, self._user_seen, self._dirty["user"]
         if kind == "item":
             return self._item, self._item_bias, self._item_state, self._dirty["item"]
         return self._ctx, self._ctx_state, self._dirty["context"]
 
     def _ensure(self, n_users: int, n_items: int, n_context: int) -> None:
         old = self._item.n
+        if n_users <= self._user.n and n_items <= old and n_context <= self._ctx.n:
+            return  # the common case; a kind's tables always have the same length
         for kind, n in zip(_KINDS, (n_users, n_items, n_context)):
             tables = self._rows(kind)
             if n > tables[0].n:
@@ -316,12 +392,12 @@ class MF(Model):
         self._ensure(batch.n_users, batch.n_items, batch.n_context)
         _learn(
             batch.users, batch.items, batch.weights, batch.context,
-            self._user.data, self._user_state.data, self._item.data, self._item_bias.data,
+            self._user.data, self._user_state.data, self._user_seen.data, self._item.data, self._item_bias.data,
             self._item_state.data, self._ctx.data, self._ctx_state.data,
             self._recent, self._cursor, self._rng,
             self._dirty["user"].data[:, 0], self._dirty["item"].data[:, 0], self._dirty["context"].data[:, 0],
-            self.n_negatives, self.popular_share, self.admit, self.lr, self.negative_lr, self.l2, self.bias_lr,
-            self.decay, self.eps,
+            self.n_negatives, self.negative_pool, self.seen_bits, self.popular_share, self.admit,
+            self.lr, self.negative_lr, self.l2, self.bias_lr, self.decay, self.eps,
         )
         self._pop.learn(batch)
         self._learned = True
@@ -351,6 +427,7 @@ class MF(Model):
         return {
             "user": self._user.data,
             "user_state": self._user_state.data,
+            "user_seen": self._user_seen.data,
             "item": self._item.data,
             "item_bias": self._item_bias.data,
             "item_state": self._item_state.data,
@@ -364,8 +441,8 @@ class MF(Model):
         }
 
     def import_state(self, state: dict[str, np.ndarray]) -> None:
-        for name, table in (("user", self._user), ("user_state", self._user_state), ("item", self._item),
-                            ("item_bias", self._item_bias), ("item_state", self._item_state),
+        for name, table in (("user", self._user), ("user_state", self._user_state), ("user_seen", self._user_seen),
+                            ("item", self._item), ("item_bias", self._item_bias), ("item_state", self._item_state),
                             ("context", self._ctx), ("context_state", self._ctx_state)):
             table.load(np.asarray(state[name])[:, : table.width])
         # Columns missing from narrower item vectors, and rows missing from shorter ones, start as for new items.
@@ -389,7 +466,8 @@ class MF(Model):
 
     def drain_changes(self) -> dict[str, np.ndarray | None]:
         out: dict[str, np.ndarray | None] = {}
-        for kind, vector, extra in (("user", "user", {}), ("item", "item", {"item_bias": _BIAS}), ("context", "context", {})):
+        for kind, vector, extra in (("user", "user", {"user_seen": _SEEN}), ("item", "item", {"item_bias": _BIAS}),
+                                    ("context", "context", {})):
             flags = self._dirty[kind].data[:, 0]
             out[vector] = np.flatnonzero(flags & _VECTOR)
             for name, bit in extra.items():
@@ -415,4 +493,4 @@ class MF(Model):
             _init_items(self._item.data, ids, 0, self.seed, self.init_scale)
             self._recent[np.isin(self._recent, ids)] = -1
             self._pop.forget(kind, ids)
-        self._dirty[kind].data[ids, 0] |= _STATE | _VECTOR | _BIAS
+        self._dirty[kind].data[ids, 0] |= _ALL

@@ -208,3 +208,23 @@ def test_import_of_ragged_tables() -> None:
     np.testing.assert_array_equal(loaded["item"][5:], fresh_items(clone, np.arange(5, 13)))
     clone.learn(batch)
     assert np.isfinite(clone.score(batch, np.arange(len(batch)))).all()
+
+
+@pytest.mark.parametrize("pool", [1, 2])
+def test_negatives_skip_the_users_own_items(pool: int) -> None:
+    """A user's items are never drawn as that user's negatives while unseen ones remain."""
+    featurizer, model = Featurizer(), MF(negative_pool=pool, seen_bits=4096, seed=0)
+    model.learn(featurizer.batch([Ev(f"b{n % 5}", f"i{n % 40}", ts=1.7e9 + n) for n in range(200)]))
+    model.learn(featurizer.batch([Ev("u", f"i{n}", ts=1.7e9 + 300 + n) for n in range(20)]))
+    own = np.array([featurizer.items.get(f"i{n}") for n in range(20)])
+    bits = model.export_state()["user_seen"][featurizer.users.get("u")]
+    assert 0 < sum(bin(int(word)).count("1") for word in bits) <= 20  # one bit per item (collisions merge)
+    before = copy_state(model)
+    model.learn(featurizer.batch([Ev("u", "i0", ts=1.7e9 + 400)]))
+    changed = _row_changes(before["item"], model.export_state()["item"])
+    assert changed and changed <= {int(own[0])} | set(range(len(featurizer.items))) - set(own.tolist())
+    # without the filter the same draws would step some of the user's items
+    unfiltered = MF(negative_pool=pool, seen_bits=0, seed=0)
+    unfiltered.import_state({k: v for k, v in before.items() if k != "user_seen"} | {"user_seen": np.zeros((0, 1))})
+    unfiltered.learn(featurizer.batch([Ev("u", "i0", ts=1.7e9 + 500)] * 20))
+    assert _row_changes(before["item"], unfiltered.export_state()["item"]) & set(own[1:].tolist())
