@@ -19,13 +19,15 @@ Two streams:
 Every figure is prequential (the DESIGN evaluation protocol), ranked per
 session with already-seen items excluded, at the stated batch size. Learning
 speed (events/s of `learn` alone) is measured for the GRU at batch 256 on
-the stream's own events. Writes `sessions.json` and `sessions.md` to `--out`.
+the stream's own events, with one torch thread and with one per core. Writes
+`sessions.json` and `sessions.md` to `--out`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -178,10 +180,15 @@ def main(argv=None) -> int:
                     print(f"{sname:10s} {name:7s} batch={b:4d} recall@20={r['recall']:.4f} mrr@20={r['mrr']:.4f} "
                           f"evaluated={r['evaluated']} {r['seconds']:.0f}s", flush=True)
         if "gru" in names:
-            eps = learn_speed(events, "gru", 256, gap, params.get("gru"))
-            result["speed"][sname] = {"model": "gru", "batch": 256, "learn_events_per_s": eps}
-            if not args.json:
-                print(f"{sname:10s} gru learn speed at batch 256: {eps:,.0f} events/s", flush=True)
+            by_threads = {}
+            for threads in sorted({1, os.cpu_count() or 1}):  # one core (a worker process per core), all cores
+                torch.set_num_threads(threads)
+                by_threads[str(threads)] = learn_speed(events, "gru", 256, gap, params.get("gru"))
+                if not args.json:
+                    print(f"{sname:10s} gru learn speed at batch 256, {threads} torch thread(s): "
+                          f"{by_threads[str(threads)]:,.0f} events/s", flush=True)
+            torch.set_num_threads(1)
+            result["speed"][sname] = {"model": "gru", "batch": 256, "learn_events_per_s_by_threads": by_threads}
     if args.json:
         print(json.dumps(result, indent=1))
     write(result, args.out)
@@ -203,7 +210,9 @@ def write(result: dict, out: Path) -> None:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         speed = result["speed"].get(sname)
         if speed:
-            lines += ["", f"GRU learning alone at batch {speed['batch']}: {speed['learn_events_per_s']:,.0f} events/s."]
+            rates = ", ".join(f"{eps:,.0f} events/s with {t} torch thread(s)"
+                              for t, eps in speed["learn_events_per_s_by_threads"].items())
+            lines += ["", f"GRU learning alone at batch {speed['batch']}: {rates}."]
         lines.append("")
     (out / "sessions.md").write_text("\n".join(lines))
 
