@@ -176,9 +176,7 @@ class Featurizer:
         None to `max_context` entries, then the time features (hour of day, day of week)."""
         keys = list(self._explicit(context))
         if self.time_features:
-            day, second = divmod(int(ts), 86400)
-            keys.append(_HOURS[second // 3600])
-            keys.append(_DAYS[(day + 3) % 7])  # 1970-01-01 was a Thursday (Monday = 0)
+            keys.extend(_time_keys(np.array([ts]))[0])
         return keys
 
     def _explicit(self, context: Mapping[str, Any]) -> tuple[str | None, ...]:
@@ -204,9 +202,7 @@ class Featurizer:
         columns = [self._explicit(e.context) for e in events]  # [B] tuples of max_context
         width = self.max_context
         if self.time_features:
-            day, second = np.divmod(ts.astype(np.int64), 86400)
-            hours, days = (second // 3600).tolist(), ((day + 3) % 7).tolist()  # 1970-01-01 was a Thursday
-            columns = [c + (_HOURS[h], _DAYS[d]) for c, h, d in zip(columns, hours, days)]
+            columns = [c + t for c, t in zip(columns, _time_keys(ts))]
             width += 2
         # Code each distinct context row once (first-appearance order, so new ids get the rows
         # they would get event by event); each keeps the latest time of the events that carry it.
@@ -240,6 +236,13 @@ class Featurizer:
             *columns, len(self.users), len(self.items), len(self.sessions), len(self.contexts),
             2 if self.time_features else 0,
         )
+
+
+def _time_keys(ts: np.ndarray) -> list[tuple[str, str]]:
+    """The hour-of-day and day-of-week context keys of each time in `ts` ([B] seconds)."""
+    day, second = np.divmod(ts.astype(np.int64), 86400)
+    days = ((day + 3) % 7).tolist()  # 1970-01-01 was a Thursday (Monday = 0)
+    return [(_HOURS[h], _DAYS[d]) for h, d in zip((second // 3600).tolist(), days)]
 
 
 def _norm(value: Any) -> str:

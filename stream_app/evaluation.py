@@ -136,11 +136,10 @@ class Evaluator:
                 mask[items[j]] = True
                 masks[kind].append((j, mask))
         self._known[items] = True
-        sampled = sampled.tolist()
         self.events_seen += n
         for name, model in models.items():
             chosen = masks[model.query]
-            self.cold_start[name] = self.cold_start.get(name, 0) + sum(sampled) - len(chosen)
+            self.cold_start[name] = self.cold_start.get(name, 0) + int(sampled.sum()) - len(chosen)
             if not chosen:
                 continue
             rows = np.array([j for j, _ in chosen])

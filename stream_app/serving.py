@@ -470,10 +470,10 @@ def _item_vectors(model: Model | None, n_items: int) -> np.ndarray | None:
 
 
 def limit_blas_threads(n: int = 1) -> None:
-    """Make BLAS single-threaded in a serving process (before or after numpy is imported).
+    """Make BLAS single-threaded in a serving or stream-worker process (before or after numpy is imported).
 
     On a small, busy machine a multi-threaded OpenBLAS turns a 0.15 ms [20k x 64] mat-vec into
-    ~10 ms of spinning threads; a server gets its parallelism from requests and worker processes.
+    ~10 ms of spinning threads; servers and workers get their parallelism from processes.
     """
     import os
 

@@ -23,7 +23,6 @@ from typing import Any, Callable
 
 import numpy as np
 import orjson
-from threadpoolctl import threadpool_limits
 
 from models.base import Model
 from models.features import Featurizer
@@ -32,6 +31,7 @@ from producers.schema import Event, decode
 from stream_app import kafka
 from stream_app.errors import FencedError, InvalidEvent, ServiceError, StreamrecError
 from stream_app.evaluation import Evaluator, restore, summary
+from stream_app.serving import limit_blas_threads
 from stream_app.settings import Settings
 from stream_app.state import Changes, Keys, PartitionStore, connect
 
@@ -162,11 +162,12 @@ class Shard:
             for model in self.models.values():
                 model.learn(batch)
             t = _tick(clock, "learn", t)
-            for u, i, e in zip(batch.users.tolist(), batch.items.tolist(), batch.event_types.tolist()):
+            users = batch.users.tolist()
+            for u, i, e in zip(users, batch.items.tolist(), batch.event_types.tolist()):
                 h = self.history.get(u) or self.history.setdefault(u, deque(maxlen=2 * HISTORY))
                 h.append(i)  # flat (item, event type) pairs
                 h.append(e)
-            pending.touched.update(batch.users.tolist())
+            pending.touched.update(users)
             t = _tick(clock, "history", t)
         if pending.since is None:
             pending.since = time.monotonic()
@@ -289,10 +290,7 @@ class Worker:
         for partition in partitions:
             shard = self.shards.pop(partition, None)
             if shard is not None:
-                try:
-                    self._commit(shard)
-                except (StreamrecError, OSError, ConnectionError) as exc:  # the next owner re-reads it
-                    log.warning("partition %s revoked before its last commit (%s)", partition, exc)
+                self._last_commit(partition, shard, "revoked")
         log.info("%s revoked %s", self.config.worker_id, partitions)
 
     def dead_letter(self, msg: Any, reason: str) -> None:
@@ -310,7 +308,7 @@ class Worker:
         s = self.settings
         # One BLAS thread: workers scale by processes (--processes), and BLAS threads spinning against
         # each other on a busy machine made MF scoring 3-4x slower here.
-        threadpool_limits(1, user_api="blas")
+        limit_blas_threads(1)
         self.consumer = kafka.group_consumer(
             s.kafka_client, s.kafka_bootstrap, s.consumer_group, s.events_topic, self.assign, self.revoke,
             self.config.commit_max, self.config.max_wait_ms,
@@ -368,6 +366,13 @@ class Worker:
         self.applied += shard.commit()
         self.freshness.extend((time.time() - shard.last_ts).tolist())
 
+    def _last_commit(self, partition: int, shard: Shard, why: str) -> None:
+        """Commit a partition this worker is giving up; on failure the next owner re-reads what it learned."""
+        try:
+            self._commit(shard)
+        except (StreamrecError, OSError, ConnectionError) as exc:
+            log.warning("partition %s %s before its last commit (%s)", partition, why, exc)
+
     def _guarded(self, partition: int, action: Callable, *args: Any) -> None:
         """Run `action`; a fenced partition is dropped, one whose Redis or Kafka failed is reloaded."""
         try:
@@ -420,10 +425,7 @@ class Worker:
     def close(self) -> None:
         try:
             for partition, shard in list(self.shards.items()):
-                try:
-                    self._commit(shard)
-                except (StreamrecError, OSError, ConnectionError) as exc:  # the next owner re-reads it
-                    log.warning("partition %s closed before its last commit (%s)", partition, exc)
+                self._last_commit(partition, shard, "closed")
             self._maybe_report(force=True)
             self.sender.close()
         finally:
