@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, Iterable, Mapping, Protocol
 
 import numpy as np
@@ -88,12 +89,12 @@ class Vocab:
 
     def add_many(self, keys: list[str | None], ts: np.ndarray) -> np.ndarray:
         """Rows of `keys` (None codes as -1), adding unknown ones in order; `ts`: [len(keys)]."""
-        get = self.index.get
-        rows = [-1 if k is None else get(k, -2) for k in keys]
-        if -2 in rows:  # unknown ids: added one by one, so a repeated new id gets one row
+        rows = list(map(self.index.get, keys, repeat(-2)))
+        if -2 in rows:  # None, or unknown ids: added one by one, so a repeated new id gets one row
             for j, row in enumerate(rows):
                 if row == -2:
-                    rows[j] = self.add(keys[j], float(ts[j]))  # type: ignore[arg-type]
+                    key = keys[j]
+                    rows[j] = -1 if key is None else self.add(key, float(ts[j]))
         out = np.array(rows, np.int64)
         known = out >= 0
         np.maximum.at(self._seen, out[known], ts[known])
@@ -181,7 +182,7 @@ class Featurizer:
 
     def _explicit(self, context: Mapping[str, Any]) -> tuple[str | None, ...]:
         """The event's own context as `max_context` `key=value` strings (None-padded), cached by content."""
-        key = tuple([(k, v, v.__class__) for k, v in context.items()])  # the class keeps True apart from 1
+        key = (tuple(context.items()), tuple(map(type, context.values())))  # the types keep True apart from 1
         keys = self._explicit_cache.get(key)
         if keys is None:
             keys = tuple(f"{k}={_norm(v)}" for k, v in list(context.items())[: self.max_context])
@@ -198,19 +199,19 @@ class Featurizer:
         ts = np.array([e.ts for e in events], np.float64)  # [B]
         users = self.users.add_many([e.user_id for e in events], ts)
         items = self.items.add_many([e.item_id for e in events], ts)
-        sessions = self.sessions.add_many([self.session_key(e) for e in events], ts)
-        columns = [self._explicit(e.context) for e in events]  # [B] tuples of max_context
-        width = self.max_context
-        if self.time_features:
-            columns = [c + t for c, t in zip(columns, _time_keys(ts))]
-            width += 2
+        sessions = self.sessions.add_many(
+            [self.session_key(e) if (s := e.session_id) is None else "s:" + s for e in events], ts)
+        explicit = [self._explicit(e.context) for e in events]  # [B] tuples of max_context
+        # [B] context rows: the explicit keys and the time keys
+        columns = list(zip(explicit, _time_keys(ts))) if self.time_features else list(zip(explicit))
+        width = self.max_context + 2 * self.time_features
         # Code each distinct context row once (first-appearance order, so new ids get the rows
         # they would get event by event); each keeps the latest time of the events that carry it.
         distinct: dict[tuple, int] = {}
         which = np.array([distinct.setdefault(c, len(distinct)) for c in columns], np.int64)  # [B]
         latest = np.full(len(distinct), -np.inf)
         np.maximum.at(latest, which, ts)
-        flat = [k for c in distinct for k in c]
+        flat = [k for row in distinct for part in row for k in part]
         context = self.contexts.add_many(flat, np.repeat(latest, width)).reshape(-1, width)[which]  # [B, C]
         kinds = [e.event_type for e in events]
         weight = self._weight

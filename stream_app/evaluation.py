@@ -52,11 +52,13 @@ class Window:
     rows: deque = field(default_factory=deque)
     sums: np.ndarray = field(default_factory=lambda: np.zeros(4))
 
-    def add(self, values: np.ndarray) -> None:  # values: [4] recall, auc, mrr, ndcg
-        self.rows.append(values)
-        self.sums += values
-        if len(self.rows) > self.size:
-            self.sums -= self.rows.popleft()
+    def add(self, values: np.ndarray) -> None:  # values: [R, 4] (or [4]) recall, auc, mrr, ndcg
+        values = np.atleast_2d(values)
+        self.rows.extend(values)
+        self.sums += values.sum(axis=0)
+        excess = len(self.rows) - self.size
+        if excess > 0:
+            self.sums -= np.sum([self.rows.popleft() for _ in range(excess)], axis=0)
 
     def summary(self) -> dict[str, float]:
         return pooled([self])
@@ -112,46 +114,47 @@ class Evaluator:
         np.minimum.at(first, items, np.arange(n))
         rankable = (sampled & (self._known[items] | (first[items] < np.arange(n)))).tolist()  # [B]
         # Bookkeeping in stream order: row j's candidates reflect exactly rows < j.
-        chosen: dict[str, list[tuple[int, list[int]]]] = {"user": [], "session": []}  # row, query's seen items
         item_list = items.tolist()
+        in_batch = np.flatnonzero(first < n)  # items of the batch
+        masks: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # query kind -> rows [R], candidates [R, n_items]
         for kind in {m.query for m in models.values()}:
             queries = (batch.users if kind == "user" else batch.sessions).tolist()
-            seen_by, rows = self._seen[kind], chosen[kind]
+            seen_by = self._seen[kind]
+            chosen: list[int] = []  # rows evaluated
+            n_seen: list[int] = []  # how many items each one's query had seen
+            seen_items: list[int] = []  # those items, one row after the other
             for j, (q, item) in enumerate(zip(queries, item_list)):
                 seen = seen_by.get(q)
                 if seen is None:
                     seen_by[q] = {item}
                     continue
                 if rankable[j]:
-                    rows.append((j, list(seen)))
+                    chosen.append(j)
+                    n_seen.append(len(seen))
+                    seen_items.extend(seen)
                 seen.add(item)
-        masks: dict[str, list[tuple[int, np.ndarray]]] = {}
-        for kind, rows in chosen.items():
-            masks[kind] = []
-            for j, seen in rows:
-                mask = self._known.copy()  # [n_items]
-                mask[items[:j]] = True
-                if self.exclude_seen:
-                    mask[seen] = False
-                mask[items[j]] = True
-                masks[kind].append((j, mask))
+            rows = np.array(chosen, np.int64)
+            mask = np.repeat(self._known[None, :], len(rows), axis=0)  # the catalogue before the batch...
+            mask[:, in_batch] |= first[in_batch][None, :] < rows[:, None]  # ... and earlier in it
+            if self.exclude_seen:
+                mask[np.repeat(np.arange(len(rows)), n_seen), seen_items] = False
+            mask[np.arange(len(rows)), items[rows]] = True
+            masks[kind] = rows, mask
         self._known[items] = True
         self.events_seen += n
         for name, model in models.items():
-            chosen = masks[model.query]
-            self.cold_start[name] = self.cold_start.get(name, 0) + int(sampled.sum()) - len(chosen)
-            if not chosen:
+            rows, mask = masks[model.query]
+            self.cold_start[name] = self.cold_start.get(name, 0) + int(sampled.sum()) - len(rows)
+            if not len(rows):
                 continue
-            rows = np.array([j for j, _ in chosen])
-            mask = np.stack([m for _, m in chosen])  # [R, n_items]
             scores = model.score(batch, rows)  # [R, n_items]
             rank, n_cand = ranks(scores, batch.items[rows], mask)
             per_event = event_metrics(rank, n_cand, self.k)
             values = np.stack([per_event[m] for m in ("recall", "auc", "mrr", "ndcg")], axis=1)  # [R, 4]
-            window = self._window(name, self.windows)
-            for r, row in enumerate(rows):
-                window.add(values[r])
-                self._window((name, EVENT_TYPES[batch.event_types[row]]), self.by_type).add(values[r])
+            self._window(name, self.windows).add(values)
+            types = batch.event_types[rows]  # [R]
+            for code in set(types.tolist()):
+                self._window((name, EVENT_TYPES[code]), self.by_type).add(values[types == code])
             self.evaluated[name] = self.evaluated.get(name, 0) + len(rows)
 
     def forget(self, kind: str, ids: np.ndarray) -> None:

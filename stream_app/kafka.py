@@ -12,9 +12,12 @@ producers flush on close and retry a full buffer, and serialisation stays in
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
+
+import numpy as np
 
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
@@ -24,7 +27,7 @@ from kafka.structs import OffsetAndMetadata
 from stream_app.errors import ServiceError
 
 __all__ = [
-    "CLIENTS", "GroupConsumer", "KafkaError", "Record", "Sender", "TopicPartition",
+    "CLIENTS", "GroupConsumer", "KafkaError", "Messages", "Record", "Sender", "TopicPartition",
     "consumer", "ensure_topics", "group_consumer", "group_lag", "partition_for", "wait_for_broker",
 ]
 
@@ -114,6 +117,52 @@ class Record:
     value: bytes
 
 
+def _as_record(msg: Any) -> Record:
+    return Record(msg.topic, msg.partition, msg.offset, msg.key, msg.value)
+
+
+class Messages:
+    """Consecutive messages of one partition, in offset order, whatever client read them.
+
+    `values` is the message payloads; a whole `Record` is made only on demand
+    (`record(j)`, e.g. for a dead letter), as making one per message costs
+    more than the rest of the consume path.
+    """
+
+    __slots__ = ("partition", "values", "_native", "_record")
+
+    def __init__(self, partition: int, values: list[bytes], native: list, record: Callable[[Any], Record]):
+        self.partition = partition
+        self.values = values
+        self._native = native  # the client's message objects, parallel to values
+        self._record = record  # native message -> Record
+
+    @classmethod
+    def of(cls, records: list) -> "Messages":
+        """From objects with the attributes of `Record` (a `Record`, kafka-python's `ConsumerRecord`)."""
+        return cls(records[0].partition, [r.value for r in records], records, _as_record)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def record(self, j: int) -> Record:
+        return self._record(self._native[j])
+
+    @property
+    def first_offset(self) -> int:
+        return self.record(0).offset
+
+    @property
+    def next_offset(self) -> int:
+        """The offset after the last message."""
+        return self.record(len(self.values) - 1).offset + 1
+
+    def since(self, offset: int) -> "Messages":
+        """The messages at `offset` or later."""
+        j = bisect.bisect_left(range(len(self.values)), offset, key=lambda j: self.record(j).offset)
+        return Messages(self.partition, self.values[j:], self._native[j:], self._record)
+
+
 OnAssign = Callable[[list[int]], dict[int, "int | None"]]  # partitions -> where to start (None: beginning)
 OnRevoke = Callable[[list[int]], None]
 
@@ -125,7 +174,7 @@ class GroupConsumer(Protocol):
     to start each from; `commit` stores offsets in Kafka only for lag tools.
     """
 
-    def poll(self, max_records: int, timeout: float) -> dict[int, list]: ...  # partition -> records in order
+    def poll(self, max_records: int, timeout: float) -> list[Messages]: ...  # at most one per partition
 
     def seek(self, partition: int, offset: int | None) -> None: ...  # None: the beginning
 
@@ -158,10 +207,9 @@ class _KafkaPythonGroup:
         else:
             self._consumer.seek(tp, offset)
 
-    def poll(self, max_records: int, timeout: float) -> dict[int, list]:
-        # kafka-python's ConsumerRecord has the attributes of Record already.
+    def poll(self, max_records: int, timeout: float) -> list[Messages]:
         polled = self._consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_records)
-        return {tp.partition: records for tp, records in polled.items()}
+        return [Messages.of(records) for records in polled.values() if records]
 
     def commit(self, offsets: dict[int, int]) -> None:
         if not offsets:
@@ -175,6 +223,10 @@ class _KafkaPythonGroup:
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
+
+
+def _confluent_record(msg: Any) -> Record:
+    return Record(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value())
 
 
 class _ConfluentGroup:
@@ -203,23 +255,37 @@ class _ConfluentGroup:
 
         self._consumer.subscribe([topic], on_assign=assign, on_revoke=revoke, on_lost=revoke)
 
-    def poll(self, max_records: int, timeout: float) -> dict[int, list]:
+    def poll(self, max_records: int, timeout: float) -> list[Messages]:
         # What is queued now, without waiting for `max_records` (consume() with a timeout would wait
         # for all of them); only when nothing is queued, wait up to `timeout` for the first message.
         messages = self._consumer.consume(num_messages=max_records, timeout=0)
         if not messages:
             first = self._consumer.poll(timeout)
-            if first is not None:
-                messages = [first, *self._consumer.consume(num_messages=max_records - 1, timeout=0)]
-        out: dict[int, list] = {}
-        for msg in messages:
-            if msg.error() is not None:
-                if msg.error().code() == self._ck.KafkaError._PARTITION_EOF:
-                    continue
-                raise ServiceError(f"Kafka consumer error: {msg.error()}")
-            partition = msg.partition()
-            out.setdefault(partition, []).append(Record(msg.topic(), partition, msg.offset(), msg.key(), msg.value()))
-        return out
+            if first is None:
+                return []
+            messages = [first, *self._consumer.consume(num_messages=max_records - 1, timeout=0)]
+        failed = [m for m in messages if m.error() is not None]
+        if failed:
+            for msg in failed:
+                if msg.error().code() != self._ck.KafkaError._PARTITION_EOF:
+                    raise ServiceError(f"Kafka consumer error: {msg.error()}")
+            messages = [m for m in messages if m.error() is None]
+        # Messages come in runs of one partition (one fetch each): split at the run ends, then join runs.
+        partitions = [m.partition() for m in messages]
+        values = [m.value() for m in messages]
+        column = np.array(partitions)
+        ends = (np.flatnonzero(column[1:] != column[:-1]) + 1).tolist() + [len(messages)]
+        out: dict[int, Messages] = {}
+        start = 0
+        for end in ends:
+            partition, run = partitions[start], out.get(partitions[start])
+            if run is None:
+                out[partition] = Messages(partition, values[start:end], messages[start:end], _confluent_record)
+            else:
+                run.values += values[start:end]
+                run._native += messages[start:end]
+            start = end
+        return list(out.values())
 
     def seek(self, partition: int, offset: int | None) -> None:
         start = self._ck.OFFSET_BEGINNING if offset is None else offset

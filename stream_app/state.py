@@ -253,15 +253,15 @@ class PartitionStore:
     def _write(self, w: "_Writes", ch: Changes, dedup_drop: int) -> None:
         k = self.keys
         for kind, names in ch.vocab_new.items():
-            w.hset(k.vocab(kind), names)
+            w.hset(k.vocab(kind), list(names), list(map(str, names.values())))
         for kind, names in ch.vocab_removed.items():
             w.fields("HDEL", k.vocab(kind), list(names))
-        w.hset(k.open_sessions, {u: f"{key}|{ts!r}" for u, (key, ts) in ch.open_sessions.items()})
+        w.hset(k.open_sessions, list(ch.open_sessions), [f"{key}|{ts!r}" for key, ts in ch.open_sessions.values()])
         if ch.dedup:
             w.call("RPUSH", k.dedup, orjson.dumps(ch.dedup))
             if dedup_drop:
                 w.call("LTRIM", k.dedup, dedup_drop, -1)
-        w.hset(k.history, ch.history)
+        w.hset(k.history, list(ch.history), list(ch.history.values()))
         for model, table, kind, ids, values in ch.tables:
             key = k.table(model, table)
             if ids is None:
@@ -270,8 +270,7 @@ class PartitionStore:
                 for r, row in zip(ids.tolist(), values.astype(np.float32)):
                     w.call("SET", k.session_row(model, table, r), row.tobytes(), "EX", self.session_ttl)
             else:
-                rows = values.astype(np.float32)
-                w.hset(key, {r: row.tobytes() for r, row in zip(ids.tolist(), rows)})
+                w.hset(key, ids.tolist(), values.astype(np.float32))
         for kind, rows in ch.expired.items():
             fields = rows.tolist()
             if kind == "user":
@@ -290,13 +289,46 @@ class PartitionStore:
 
 # One round trip, atomic, fenced: KEYS[1] is `owner`, ARGV[1] the caller's token; then per write
 # ARGV holds m (the command and its arguments), the index of its key in KEYS, the command, its arguments.
+# `HSET*` is HSET with packed arguments (fields blob, its spec, values blob, its spec; see `_pack`).
 _FENCED_WRITE = """
+local function split(blob, spec)
+  local out, pos = {}, 1
+  if string.sub(spec, 1, 1) == '*' then
+    local w = tonumber(string.sub(spec, 2))
+    for j = 1, #blob / w do
+      out[j] = string.sub(blob, pos, pos + w - 1)
+      pos = pos + w
+    end
+  elseif spec == '' then
+    for token in string.gmatch(blob, '%S+') do out[#out + 1] = token end
+  else
+    for len in string.gmatch(spec, '%d+') do
+      local n = tonumber(len)
+      out[#out + 1] = string.sub(blob, pos, pos + n - 1)
+      pos = pos + n
+    end
+  end
+  return out
+end
 local owner = redis.call('GET', KEYS[1])
 if owner ~= ARGV[1] then return redis.error_reply('FENCED ' .. tostring(owner)) end
 local i, result = 2, nil
 while i <= #ARGV do
-  local m = tonumber(ARGV[i])
-  result = redis.call(ARGV[i + 2], KEYS[tonumber(ARGV[i + 1])], unpack(ARGV, i + 3, i + 1 + m))
+  local m, key = tonumber(ARGV[i]), KEYS[tonumber(ARGV[i + 1])]
+  if ARGV[i + 2] == 'HSET*' then
+    local fields, values = split(ARGV[i + 3], ARGV[i + 4]), split(ARGV[i + 5], ARGV[i + 6])
+    local args = {}
+    for j = 1, #fields do
+      args[#args + 1] = fields[j]
+      args[#args + 1] = values[j]
+      if #args >= 4000 or j == #fields then
+        result = redis.call('HSET', key, unpack(args))
+        args = {}
+      end
+    end
+  else
+    result = redis.call(ARGV[i + 2], key, unpack(ARGV, i + 3, i + 1 + m))
+  end
   i = i + 2 + m
 end
 return result
@@ -323,8 +355,28 @@ class _Writes:
         for start in range(0, len(values), _MAX_ARGS):
             self.call(command, key, *values[start : start + _MAX_ARGS])
 
-    def hset(self, key: str, mapping: dict) -> None:
-        self.fields("HSET", key, [x for pair in mapping.items() for x in pair])
+    def hset(self, key: str, fields: list, values: list | np.ndarray) -> None:
+        """HSET `fields` (ints or strings) to `values` (strings or bytes, or the rows of a 2-D
+        array), sent as one packed argument each that the script splits: per-field arguments
+        cost the client more than the rest of the commit."""
+        if not len(fields):
+            return
+        self.call("HSET*", key, *_pack(fields), *_pack(values))
+
+
+def _pack(parts: list | np.ndarray) -> tuple[bytes, str]:
+    """Parts as one blob and the spec `_FENCED_WRITE` splits it by: `*w` (all w bytes long),
+    '' (whitespace-separated tokens) or the space-separated byte lengths."""
+    if isinstance(parts, np.ndarray):
+        width = parts.shape[1] * parts.itemsize
+        if width:
+            return parts.tobytes(), f"*{width}"
+        parts = [b""] * len(parts)
+    elif isinstance(parts[0], int):
+        return " ".join(map(str, parts)).encode(), ""
+    if isinstance(parts[0], str):
+        parts = [p.encode() for p in parts]
+    return b"".join(parts), " ".join(map(str, map(len, parts)))
 
 
 def applied_total(client: redis.Redis, prefix: str, topic: str, partitions: Iterable[int]) -> int:

@@ -17,7 +17,7 @@ import os
 import signal
 import socket
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -91,8 +91,9 @@ class Shard:
         self.featurizer = Featurizer(session_gap=config.session_gap)
         self.models: dict[str, Model] = {name: create(name, seed=config.seed) for name in config.models}
         self.evaluator = Evaluator(config.k, config.window, config.sample_rate, seed=config.seed + store.keys.partition)
-        self.dedup: OrderedDict[str, None] = OrderedDict()
-        self.history: dict[int, deque] = {}
+        self.dedup: dict[str, None] = {}  # event ids of the dedup window, oldest first
+        self._dedup_parts: deque[dict[str, None]] = deque()  # the ids of `dedup` in insertion runs, oldest first
+        self.history: dict[int, array] = {}  # user row -> (item, event type) pairs, the last HISTORY after a commit
         self.offset: int | None = None  # next offset to learn
         self.committed: int | None = None  # next offset to learn after a restart (in Redis)
         self.pending = _Pending()
@@ -112,8 +113,9 @@ class Shard:
         f.open_sessions.update(snap.open_sessions)
         for name, state in snap.models.items():
             self.models[name].import_state(state)
-        self.dedup = OrderedDict.fromkeys(snap.dedup)
-        self.history = {u: deque(h.ravel().tolist(), maxlen=2 * HISTORY) for u, h in snap.history.items()}
+        self.dedup = dict.fromkeys(snap.dedup)
+        self._dedup_parts = deque(dict.fromkeys(snap.dedup[s : s + 4096]) for s in range(0, len(snap.dedup), 4096))
+        self.history = {u: array("i", h.ravel().tobytes()) for u, h in snap.history.items()}
         restore(
             self.evaluator,
             np.fromiter(f.items.index.values(), np.int64, len(f.items.index)),
@@ -144,7 +146,7 @@ class Shard:
             self.history.pop(user, None)
         return freed
 
-    def process(self, messages: list[Any], dead_letter: Callable[[Any, str], None]) -> int:
+    def process(self, messages: kafka.Messages, dead_letter: Callable[[kafka.Record, str], None]) -> int:
         """Evaluate and learn `messages` in micro-batches of `batch_size`; `commit` makes them
         durable. Returns the events learned."""
         clock, pending = self.seconds, self.pending
@@ -162,24 +164,31 @@ class Shard:
             for model in self.models.values():
                 model.learn(batch)
             t = _tick(clock, "learn", t)
-            users = batch.users.tolist()
+            users, history = batch.users.tolist(), self.history
             for u, i, e in zip(users, batch.items.tolist(), batch.event_types.tolist()):
-                h = self.history.get(u) or self.history.setdefault(u, deque(maxlen=2 * HISTORY))
+                h = history.get(u)
+                if h is None:
+                    h = history[u] = array("i")
                 h.append(i)  # flat (item, event type) pairs
                 h.append(e)
             pending.touched.update(users)
             t = _tick(clock, "history", t)
         if pending.since is None:
             pending.since = time.monotonic()
-        pending.next_offset = messages[-1].offset + 1
+        pending.next_offset = messages.next_offset
         pending.events += len(events)
         pending.ids.update(new_ids)
-        pending.ts.extend(e.ts for e in events)
+        pending.ts += [e.ts for e in events]
         pending.opened.update((e.user_id, f.open_sessions[e.user_id]) for e in events if e.session_id is None)
         self.offset = pending.next_offset
-        self.dedup.update(new_ids)
-        while len(self.dedup) > self.config.dedup_window:
-            self.dedup.popitem(last=False)
+        if new_ids:
+            self.dedup.update(new_ids)
+            self._dedup_parts.append(new_ids)
+            # Drop the oldest runs while `dedup_window` ids remain (a plain dict: OrderedDict costs 3x more).
+            parts = self._dedup_parts
+            while len(self.dedup) - len(parts[0]) >= self.config.dedup_window:
+                for event_id in parts.popleft():
+                    del self.dedup[event_id]
         return len(events)
 
     def _refill(self, batch) -> None:
@@ -213,6 +222,10 @@ class Shard:
         for kind, vocab in (("user", f.users), ("item", f.items), ("session", f.sessions), ("context", f.contexts)):
             vocab_new[kind], vocab_removed[kind] = vocab.drain()
         history = self.history
+        for u in pending.touched:
+            h = history.get(u)
+            if h is not None and len(h) > 2 * HISTORY:
+                del h[: len(h) - 2 * HISTORY]
         changes = Changes(
             next_offset=pending.next_offset,
             applied=pending.events,
@@ -220,7 +233,7 @@ class Shard:
             vocab_removed=vocab_removed,
             open_sessions=pending.opened,
             dedup=list(pending.ids),
-            history={u: array("i", history[u]).tobytes() for u in pending.touched if u in history},
+            history={u: history[u].tobytes() for u in pending.touched if u in history},
             tables=tables,
             expired=expired,
         )
@@ -231,17 +244,22 @@ class Shard:
         self.commit_seconds = _tick(self.seconds, "commit", t) - t
         return changes.applied
 
-    def _decode(self, messages: list[Any], dead_letter: Callable[[Any, str], None]) -> tuple[list[Event], dict[str, None]]:
+    def _decode(self, messages: kafka.Messages, dead_letter: Callable[[kafka.Record, str], None]
+                ) -> tuple[list[Event], dict[str, None]]:
         """Valid, not yet seen events of `messages` in order (dead letters for the rest), and their new ids."""
-        events: list[Event] = []
-        new_ids: dict[str, None] = {}
-        seen = self.dedup
-        for msg in messages:
+        valid: list[Event] = []
+        for j, raw in enumerate(messages.values):
             try:
-                event = decode(msg.value)
+                valid.append(decode(raw))
             except InvalidEvent as exc:
-                dead_letter(msg, str(exc))
-                continue
+                dead_letter(messages.record(j), str(exc))
+        new_ids = dict.fromkeys([e.event_id for e in valid])
+        seen = self.dedup
+        if len(new_ids) == len(valid) and None not in new_ids and seen.keys().isdisjoint(new_ids):
+            return valid, new_ids  # the common case: every id new, and given once
+        events: list[Event] = []
+        new_ids = {}
+        for event in valid:
             event_id = event.event_id
             if event_id is not None:
                 if event_id in seen or event_id in new_ids:
@@ -293,9 +311,9 @@ class Worker:
                 self._last_commit(partition, shard, "revoked")
         log.info("%s revoked %s", self.config.worker_id, partitions)
 
-    def dead_letter(self, msg: Any, reason: str) -> None:
+    def dead_letter(self, msg: kafka.Record, reason: str) -> None:
         try:
-            raw, encoding = msg.value.decode("utf-8"), "utf-8"
+            raw, encoding = (msg.value or b"").decode("utf-8"), "utf-8"
         except UnicodeDecodeError:
             raw, encoding = base64.b64encode(msg.value).decode(), "base64"
         record = {"reason": reason, "topic": msg.topic, "partition": msg.partition, "offset": msg.offset,
@@ -327,8 +345,8 @@ class Worker:
                     idle_since = time.monotonic()
                 elif max_idle is not None and time.monotonic() - idle_since > max_idle:
                     break
-                for partition, messages in polled.items():
-                    self._guarded(partition, self._learn, partition, messages)
+                for messages in polled:
+                    self._guarded(messages.partition, self._learn, messages)
                 self._commit_due(idle=not polled)
                 self._maybe_report()
                 if stop_after is not None and self.applied >= stop_after:
@@ -338,13 +356,13 @@ class Worker:
                 signal.signal(sig, handler)
             self.close()
 
-    def _learn(self, partition: int, messages: list) -> None:
-        shard = self.shards.get(partition)
+    def _learn(self, messages: kafka.Messages) -> None:
+        shard = self.shards.get(messages.partition)
         if shard is None:
             return  # revoked while the batch was in flight; the new owner re-reads it
-        if shard.offset is not None and messages[0].offset != shard.offset:
-            messages = [m for m in messages if m.offset >= shard.offset]
-            if not messages:
+        if shard.offset is not None and messages.first_offset != shard.offset:
+            messages = messages.since(shard.offset)
+            if not len(messages):
                 return
         shard.process(messages, self.dead_letter)
 

@@ -10,7 +10,7 @@ import pytest
 
 from stream_app import embedded
 from stream_app.errors import ServiceError
-from stream_app.kafka import KafkaError, Sender, consumer, ensure_topics
+from stream_app.kafka import CLIENTS, KafkaError, Messages, Record, Sender, consumer, ensure_topics, group_consumer
 from stream_app.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -54,6 +54,49 @@ def test_round_trip_with_keys_keeps_order_per_key(topics: Settings) -> None:
     assert received == sent  # every message, with its key, in send order per key
     assert all(len(p) == 1 for p in partitions.values())  # one user, one partition
     assert len({p for ps in partitions.values() for p in ps}) == topics.events_partitions  # both used
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_group_consumer_polls_each_partition_as_one_run_in_offset_order(topics: Settings, client: str) -> None:
+    keys = [b"a", b"b", b"c", b"d"]  # both partitions get some
+    with Sender(topics.kafka_bootstrap) as sender:
+        for seq in range(2000):
+            sender.send(topics.events_topic, b"%d" % seq, keys[seq % 4])
+    assigned: list[int] = []
+
+    def on_assign(partitions: list[int]) -> dict[int, int | None]:
+        assigned.extend(partitions)
+        return {p: None for p in partitions}
+
+    group = group_consumer(client, topics.kafka_bootstrap, topics.consumer_group, topics.events_topic,
+                           on_assign, lambda partitions: None, max_records=300)
+    by_partition: dict[int, list[Record]] = defaultdict(list)
+    deadline = time.monotonic() + 30
+    try:
+        while sum(map(len, by_partition.values())) < 2000 and time.monotonic() < deadline:
+            polled = group.poll(300, 0.5)
+            assert len({m.partition for m in polled}) == len(polled)  # one run per partition
+            for messages in polled:
+                records = [messages.record(j) for j in range(len(messages))]
+                assert [r.value for r in records] == messages.values
+                assert messages.first_offset == records[0].offset and messages.next_offset == records[-1].offset + 1
+                by_partition[messages.partition].extend(records)
+    finally:
+        group.close()
+    assert sorted(assigned) == list(range(topics.events_partitions))
+    assert sorted(int(r.value) for rs in by_partition.values() for r in rs) == list(range(2000))
+    for partition, records in by_partition.items():
+        assert all(r.partition == partition and r.topic == topics.events_topic for r in records)
+        assert [r.offset for r in records] == list(range(len(records)))  # every offset once, in order
+        assert sorted(records, key=lambda r: int(r.value)) == records  # in produce order
+
+
+def test_messages_since_drops_what_comes_before_an_offset() -> None:
+    records = [Record("t", 3, offset, None, b"%d" % offset) for offset in (5, 6, 8, 9)]  # 7: a gap
+    messages = Messages.of(records)
+    assert messages.partition == 3 and (messages.first_offset, messages.next_offset) == (5, 10)
+    assert messages.since(7).values == [b"8", b"9"] and messages.since(8).first_offset == 8
+    assert len(messages.since(10)) == 0 and messages.since(0).values == messages.values
 
 
 def test_consumer_group_commits_and_resumes(topics: Settings) -> None:

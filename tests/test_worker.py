@@ -35,7 +35,7 @@ def produce(settings, raw_events) -> int:
     n = 0
     with kafka.Sender(settings.kafka_bootstrap) as sender:
         for e in raw_events:
-            if isinstance(e, bytes):
+            if e is None or isinstance(e, bytes):  # None: a tombstone
                 sender.send(settings.events_topic, e, key=b"poison")
             else:
                 sender.send(settings.events_topic, encode(e), key=e.user_id.encode())
@@ -75,8 +75,10 @@ def test_every_event_applied_once_and_metrics_published(topics, client):
     assert set(last["by_event_type"]) <= {"click", "favorite", "purchase"}
 
 
-def test_poison_messages_go_to_dead_letters_and_valid_ones_behind_them_are_learned(topics):
-    poison = [
+@pytest.mark.parametrize("client", kafka.CLIENTS)
+def test_poison_messages_go_to_dead_letters_and_valid_ones_behind_them_are_learned(topics, client):
+    topics = topics.with_(kafka_client=client)
+    poison = [None,
         b"{not json", b'{"user_id": "u", "item_id": "i", "event_type": "click", "ts": "yesterday"}',
         b'{"user_id": "u", "item_id": "i", "event_type": "click", "ts": NaN}',
         b'{"user_id": "u", "item_id": "i", "event_type": "teleport", "ts": 1}', b"\xff\xfe\x00",
@@ -90,7 +92,7 @@ def test_poison_messages_go_to_dead_letters_and_valid_ones_behind_them_are_learn
     dead = read_topic(topics, topics.dlq_topic)
     assert len(dead) == len(poison)
     reasons = " | ".join(d["reason"] for d in dead)
-    for fragment in ("JSON", "ts must be a finite number", "event_type must be one of", "at most 65536 bytes"):
+    for fragment in ("JSON", "ts must be a finite number", "event_type must be one of", "at most 65536 bytes", "tombstone"):
         assert fragment in reasons
     assert {d["topic"] for d in dead} == {topics.events_topic}
     assert all({"reason", "topic", "partition", "offset", "raw"} <= set(d) for d in dead)
@@ -208,7 +210,7 @@ def test_learning_reaches_redis_only_at_commit_and_several_polls_commit_as_one(t
     shard.resume()
     records = [kafka.Record(topics.events_topic, 0, j, None, encode(e)) for j, e in enumerate(events(300))]
     for start in (0, 100, 200):  # three polls
-        assert shard.process(records[start : start + 100], lambda msg, reason: pytest.fail(reason)) == 100
+        assert shard.process(kafka.Messages.of(records[start : start + 100]), lambda msg, reason: pytest.fail(reason)) == 100
     assert client.get(keys.applied) is None and client.get(keys.offset) is None
     assert shard.commit() == 300 and shard.commit() == 0
     assert int(client.get(keys.applied)) == 300 and int(client.get(keys.offset)) == 300
@@ -221,14 +223,14 @@ def test_commits_wait_while_busy_but_not_past_the_interval_and_go_at_once_when_i
     worker.assign([0])
     shard = worker.shards[0]
     records = [kafka.Record(topics.events_topic, 0, j, None, encode(e)) for j, e in enumerate(events(40))]
-    shard.process(records[:20], lambda msg, reason: pytest.fail(reason))
+    shard.process(kafka.Messages.of(records[:20]), lambda msg, reason: pytest.fail(reason))
     shard.commit_seconds = 0.002  # a cheap commit may go after 20 ms ...
     worker._commit_due(idle=False)
     assert shard.pending.events == 20, "committed at once while busy"
     shard.pending.since -= 0.03
     worker._commit_due(idle=False)
     assert shard.pending.events == 0 and worker.applied == 20
-    shard.process(records[20:30], lambda msg, reason: pytest.fail(reason))
+    shard.process(kafka.Messages.of(records[20:30]), lambda msg, reason: pytest.fail(reason))
     shard.commit_seconds = 1.0  # ... a costly one waits, but never past the interval
     shard.pending.since -= 0.05
     worker._commit_due(idle=False)
@@ -236,7 +238,7 @@ def test_commits_wait_while_busy_but_not_past_the_interval_and_go_at_once_when_i
     shard.pending.since -= 0.06
     worker._commit_due(idle=False)
     assert worker.applied == 30
-    shard.process(records[30:], lambda msg, reason: pytest.fail(reason))
+    shard.process(kafka.Messages.of(records[30:]), lambda msg, reason: pytest.fail(reason))
     worker._commit_due(idle=True)  # nothing more came: commit now
     assert worker.applied == 40 == int(connect(topics.redis_url).get(shard.store.keys.applied))
     worker.sender.close()
@@ -256,7 +258,7 @@ def test_idle_sessions_users_and_items_expire_in_memory_and_in_redis(topics):
                          "ts": 1.7e9 + hour * 3600 + j})
             batch.append(kafka.Record(topics.events_topic, 0, offset, None, encode(e)))
             offset += 1
-        shard.process(batch, lambda msg, reason: pytest.fail(reason))
+        shard.process(kafka.Messages.of(batch), lambda msg, reason: pytest.fail(reason))
         shard.commit()
         f = shard.featurizer
         live.append((f.users.live(), f.items.live(), f.sessions.live(), len(f.users), len(f.items)))
@@ -285,7 +287,7 @@ def test_gru_sessions_dropped_by_its_lru_come_back_from_redis(topics):
     unbounded, forgetful = GRU4Rec(seed=0), GRU4Rec(max_sessions=2, seed=0)
     featurizer = Featurizer()
     for start in range(0, len(records), 4):
-        shard.process(records[start : start + 4], lambda msg, reason: pytest.fail(reason))
+        shard.process(kafka.Messages.of(records[start : start + 4]), lambda msg, reason: pytest.fail(reason))
         shard.commit()
         batch = featurizer.batch(stream[start : start + 4])
         for model in (unbounded, forgetful):
