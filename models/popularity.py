@@ -37,9 +37,9 @@ class Popularity(Model):
         self.time_context = time_context
         self.seed = seed
         self._count = RowTable(1)  # [n_items, 1]
-        self._ctx = RowTable(1)  # [n_items, n_context]
+        self._ctx = RowTable(1)  # [n_items, context values up to the highest counted]
         self._clock = DecayClock(half_life)
-        self._changed: set[int] = set()
+        self._changed = RowTable(1, bool)  # [n_items, 1] counts changed since the last drain
         self._all_changed = False
 
     def _growth(self, ts: np.ndarray) -> np.ndarray:
@@ -54,13 +54,17 @@ class Popularity(Model):
         if len(batch) == 0:
             return
         count = self._count.ensure(batch.n_items)
-        ctx = self._ctx.ensure(batch.n_items, max(batch.n_context, 1))
+        ctx = self._ctx.ensure(batch.n_items)
         w = batch.weights * self._growth(batch.ts)  # [B]
         np.add.at(count[:, 0], batch.items, w)
-        context = self._context(batch)
+        context = self._context(batch)  # [B, C']
         rows, cols = np.nonzero(context >= 0)
-        np.add.at(ctx, (batch.items[rows], context[rows, cols]), w[rows])
-        self._changed.update(batch.items.tolist())
+        if len(rows):  # none without event context (time context off)
+            values = context[rows, cols]
+            # Only as wide as the context values counted so far: those of events, not of time.
+            ctx = self._ctx.ensure(batch.n_items, int(values.max()) + 1)
+            np.add.at(ctx, (batch.items[rows], values), w[rows])
+        self._changed.ensure(batch.n_items)[batch.items, 0] = True
 
     def score(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
         n = batch.n_items
@@ -94,11 +98,12 @@ class Popularity(Model):
         self._count.load(state["count"])
         self._ctx.load(state["ctx_count"])
         self._clock.load(state["meta"])
-        self._changed.clear()
+        self._changed.data[:] = False
 
     def drain_changes(self) -> dict[str, np.ndarray | None]:
-        ids = np.arange(self._count.n) if self._all_changed else np.fromiter(self._changed, np.int64)
-        self._changed.clear()
+        changed = self._changed.data[:, 0]
+        ids = np.arange(self._count.n) if self._all_changed else np.flatnonzero(changed)
+        changed[:] = False
         self._all_changed = False
         return {"count": ids, "ctx_count": ids, "meta": None}
 
