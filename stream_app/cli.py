@@ -104,7 +104,7 @@ def worker(
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="max events per micro-batch"),
     max_wait_ms: int = typer.Option(200, "--max-wait-ms", min=1, help="max wait for a batch to fill"),
     commit_max: int = typer.Option(
-        2048, "--commit-max", min=1, help="max events per Redis commit (a backlog is learned in micro-batches, committed together)"
+        8192, "--commit-max", min=1, help="max events per Redis commit (a backlog is learned in micro-batches, committed together)"
     ),
     commit_interval_ms: int = typer.Option(
         100, "--commit-interval-ms", min=0, help="a busy stream commits to Redis at most this often (an idle one at once)"

@@ -34,3 +34,16 @@ def test_older_events_weigh_less_after_a_half_life():
     scores = pop.score(f.query(None, {}, 20.0), np.array([0]))[0]
     old, new = scores[f.items.get("old")], scores[f.items.get("new")]
     assert np.isclose(new / old, 2.0)  # 2 events two half-lives ago = 0.5 of one event now
+
+
+def test_context_table_is_only_as_wide_as_the_context_values_it_counts():
+    f, pop = Featurizer(), Popularity()  # hour and day are context values too, but popularity counts only device
+    pop.learn(f.batch([event("u", "a", "ios", 1.0), event("u", "b", "web", 2.0)]))
+    width = max(f.contexts.get("device=ios"), f.contexts.get("device=web")) + 1
+    for hour in range(1, 48):  # new hours and days take the context rows after the devices
+        pop.learn(f.batch([event("u", "a", "ios", 3600.0 * hour)]))
+    assert len(f.contexts) >= width + 20
+    assert pop.export_state()["ctx_count"].shape[1] == width
+    plain = Popularity()
+    plain.learn(f.batch([SimpleNamespace(**{**vars(event("u", "a", "ios", 5.0)), "context": {}})]))
+    assert plain.export_state()["ctx_count"].shape[1] == 1  # nothing counted: one empty column
