@@ -10,6 +10,7 @@ seeks to the stored offset; Kafka commits are made for lag monitoring only.
 from __future__ import annotations
 
 import base64
+import gc
 from array import array
 import logging
 import multiprocessing
@@ -327,6 +328,10 @@ class Worker:
         # One BLAS thread: workers scale by processes (--processes), and BLAS threads spinning against
         # each other on a busy machine made MF scoring 3-4x slower here.
         limit_blas_threads(1)
+        # Rarer garbage collections: the clients allocate objects per message, and with a shard's state in
+        # memory every collection has much to walk (kafka-python: ~10% of the per-event cost, measured).
+        thresholds = gc.get_threshold()
+        gc.set_threshold(50_000, 20, 20)
         self.consumer = kafka.group_consumer(
             s.kafka_client, s.kafka_bootstrap, s.consumer_group, s.events_topic, self.assign, self.revoke,
             self.config.commit_max, self.config.max_wait_ms,
@@ -354,6 +359,7 @@ class Worker:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            gc.set_threshold(*thresholds)
             self.close()
 
     def _learn(self, messages: kafka.Messages) -> None:
