@@ -100,7 +100,8 @@ def evaluate(events: list[Event], names: list[str], batch_size: int, sample_rate
 
 def learn_speed(events: list[Event], batch_size: int = 256, repeats: int = 3) -> dict[str, float]:
     """Events/s of `MF.learn` (its defaults, 64 factors) and of River `FunkMF.learn_one` (64 factors)
-    over `events`, each the best of `repeats` passes from a fresh model (the machine may be shared)."""
+    over `events`, each the best of `repeats` passes from a fresh model, the two alternated (the machine
+    may be shared)."""
     featurizer = Featurizer()
     batches = [featurizer.batch(events[s : s + batch_size]) for s in range(0, len(events), batch_size)]
     pairs = [(b.users.tolist(), b.items.tolist(), b.values.tolist()) for b in batches]
@@ -121,8 +122,9 @@ def learn_speed(events: list[Event], batch_size: int = 256, repeats: int = 3) ->
                 funk.learn_one(user=u, item=i, y=y)
         return time.perf_counter() - start
 
-    mf_rate = len(events) / min(mf_pass() for _ in range(repeats))
-    river_rate = len(events) / min(river_pass() for _ in range(repeats))
+    # Alternate the two, so that both see the same moments of a shared machine.
+    mf_times, river_times = zip(*[(mf_pass(), river_pass()) for _ in range(repeats)])
+    mf_rate, river_rate = len(events) / min(mf_times), len(events) / min(river_times)
     return {"batch": batch_size, "mf_events_per_s": mf_rate, "river_funk_events_per_s": river_rate, "ratio": mf_rate / river_rate}
 
 

@@ -46,7 +46,7 @@ _ALL = _STATE | _VECTOR | _BIAS | _SEEN
 _SEEN_BITS_PER_WORD = 24  # a float32 holds integers below 2 ** 24 exactly
 _KINDS = ("user", "item", "context")
 # Reassociation lets the dot products and row updates vectorise; NaN/inf semantics stay exact.
-_FAST = {"reassoc", "contract", "nsz", "arcp"}
+_FAST = {"reassoc", "contract", "nsz", "arcp", "afn"}
 
 
 @njit(cache=True)

@@ -58,8 +58,8 @@ class Popularity(Model):
         w = batch.weights * self._growth(batch.ts)  # [B]
         np.add.at(count[:, 0], batch.items, w)
         context = self._context(batch)  # [B, C']
-        rows, cols = np.nonzero(context >= 0)
-        if len(rows):  # none without event context (time context off)
+        if context.size and context.max() >= 0:  # none when events carry no context (time context off)
+            rows, cols = np.nonzero(context >= 0)
             values = context[rows, cols]
             # Only as wide as the context values counted so far: those of events, not of time.
             ctx = self._ctx.ensure(batch.n_items, int(values.max()) + 1)
