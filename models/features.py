@@ -199,8 +199,7 @@ class Featurizer:
         ts = np.array([e.ts for e in events], np.float64)  # [B]
         users = self.users.add_many([e.user_id for e in events], ts)
         items = self.items.add_many([e.item_id for e in events], ts)
-        sessions = self.sessions.add_many(
-            [self.session_key(e) if (s := e.session_id) is None else "s:" + s for e in events], ts)
+        sessions = self.sessions.add_many([self.session_key(e) for e in events], ts)
         explicit = [self._explicit(e.context) for e in events]  # [B] tuples of max_context
         # [B] context rows: the explicit keys and the time keys
         columns = list(zip(explicit, _time_keys(ts))) if self.time_features else list(zip(explicit))

@@ -72,29 +72,29 @@ def _below(rng, n):
 
 
 @njit(cache=True)
-def _seen_bit(j, n_bits):
-    """The filter bit of item j: a hash of j mapped to [0, n_bits) by a multiply (no division)."""
+def _seen_slot(j, n_bits):
+    """Where item j's filter bit is in a user's seen row: (word, bit mask). The bit is a hash of j
+    mapped to [0, n_bits) by a multiply (no division)."""
     h = (np.uint64(j) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)  # Fibonacci hashing
-    return int((h * np.uint64(n_bits)) >> np.uint64(32))
+    b = int((h * np.uint64(n_bits)) >> np.uint64(32))
+    return b // _SEEN_BITS_PER_WORD, 1 << (b % _SEEN_BITS_PER_WORD)
 
 
 @njit(cache=True)
 def _seen(seen, u, j, n_bits):
     """Whether item j's bit is set in user u's seen filter (seen: [n_users, words] float32 integers)."""
-    b = np.uint64(_seen_bit(j, n_bits))
-    word = np.uint64(seen[u, b // np.uint64(_SEEN_BITS_PER_WORD)])
-    return (word >> (b % np.uint64(_SEEN_BITS_PER_WORD))) & np.uint64(1) == np.uint64(1)
+    word, bit = _seen_slot(j, n_bits)
+    return int(seen[u, word]) & bit != 0
 
 
 @njit(cache=True)
 def _mark_seen(seen, u, j, n_bits):
     """Set item j's bit in user u's seen filter; False when it was set already."""
-    b = _seen_bit(j, n_bits)
-    w = int(seen[u, b // _SEEN_BITS_PER_WORD])
-    bit = 1 << (b % _SEEN_BITS_PER_WORD)
+    word, bit = _seen_slot(j, n_bits)
+    w = int(seen[u, word])
     if w & bit:
         return False
-    seen[u, b // _SEEN_BITS_PER_WORD] = np.float32(w | bit)
+    seen[u, word] = np.float32(w | bit)
     return True
 
 

@@ -275,17 +275,14 @@ class _ConfluentGroup:
         values = [m.value() for m in messages]
         column = np.array(partitions)
         ends = (np.flatnonzero(column[1:] != column[:-1]) + 1).tolist() + [len(messages)]
-        out: dict[int, Messages] = {}
+        runs: dict[int, tuple[list, list]] = {}  # partition -> its values, its messages
         start = 0
         for end in ends:
-            partition, run = partitions[start], out.get(partitions[start])
-            if run is None:
-                out[partition] = Messages(partition, values[start:end], messages[start:end], _confluent_record)
-            else:
-                run.values += values[start:end]
-                run._native += messages[start:end]
+            run_values, run_messages = runs.setdefault(partitions[start], ([], []))
+            run_values += values[start:end]
+            run_messages += messages[start:end]
             start = end
-        return list(out.values())
+        return [Messages(p, v, m, _confluent_record) for p, (v, m) in runs.items()]
 
     def seek(self, partition: int, offset: int | None) -> None:
         start = self._ck.OFFSET_BEGINNING if offset is None else offset

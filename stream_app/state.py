@@ -299,8 +299,6 @@ local function split(blob, spec)
       out[j] = string.sub(blob, pos, pos + w - 1)
       pos = pos + w
     end
-  elseif spec == '' then
-    for token in string.gmatch(blob, '%S+') do out[#out + 1] = token end
   else
     for len in string.gmatch(spec, '%d+') do
       local n = tonumber(len)
@@ -365,15 +363,15 @@ class _Writes:
 
 
 def _pack(parts: list | np.ndarray) -> tuple[bytes, str]:
-    """Parts as one blob and the spec `_FENCED_WRITE` splits it by: `*w` (all w bytes long),
-    '' (whitespace-separated tokens) or the space-separated byte lengths."""
+    """Parts as one blob and the spec `_FENCED_WRITE` splits it by: `*w` (all w bytes long)
+    or the space-separated byte lengths."""
     if isinstance(parts, np.ndarray):
         width = parts.shape[1] * parts.itemsize
         if width:
             return parts.tobytes(), f"*{width}"
         parts = [b""] * len(parts)
     elif isinstance(parts[0], int):
-        return " ".join(map(str, parts)).encode(), ""
+        parts = list(map(str, parts))
     if isinstance(parts[0], str):
         parts = [p.encode() for p in parts]
     return b"".join(parts), " ".join(map(str, map(len, parts)))

@@ -222,11 +222,12 @@ class Shard:
         vocab_new, vocab_removed = {}, {}
         for kind, vocab in (("user", f.users), ("item", f.items), ("session", f.sessions), ("context", f.contexts)):
             vocab_new[kind], vocab_removed[kind] = vocab.drain()
-        history = self.history
+        history = {}  # user row -> its last HISTORY pairs, for the users this commit touched
         for u in pending.touched:
-            h = history.get(u)
-            if h is not None and len(h) > 2 * HISTORY:
-                del h[: len(h) - 2 * HISTORY]
+            h = self.history.get(u)
+            if h is not None:  # None: expired since
+                del h[: -2 * HISTORY]
+                history[u] = h.tobytes()
         changes = Changes(
             next_offset=pending.next_offset,
             applied=pending.events,
@@ -234,7 +235,7 @@ class Shard:
             vocab_removed=vocab_removed,
             open_sessions=pending.opened,
             dedup=list(pending.ids),
-            history={u: history[u].tobytes() for u in pending.touched if u in history},
+            history=history,
             tables=tables,
             expired=expired,
         )
