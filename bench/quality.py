@@ -98,7 +98,7 @@ def evaluate(events: list[Event], names: list[str], batch_size: int, sample_rate
     return out
 
 
-def learn_speed(events: list[Event], batch_size: int = 256, repeats: int = 3) -> dict[str, float]:
+def learn_speed(events: list[Event], batch_size: int = 256, repeats: int = 5) -> dict[str, float]:
     """Events/s of `MF.learn` (its defaults, 64 factors) and of River `FunkMF.learn_one` (64 factors)
     over `events`, each the best of `repeats` passes from a fresh model, the two alternated (the machine
     may be shared)."""

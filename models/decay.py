@@ -21,15 +21,19 @@ class DecayClock:
         self.half_life = half_life
         self.t0: float | None = None
 
-    def weights(self, ts: np.ndarray) -> tuple[np.ndarray, float | None]:
-        """Growth weights of events at `ts` [B], and the rescale factor (None: no rescale)."""
+    def advance(self, ts: np.ndarray) -> float | None:
+        """Make `t0` ready for events at `ts` [B]; returns the rescale factor (None: no rescale)."""
         if self.t0 is None:
             self.t0 = float(ts.min())
-        rescale = None
-        if (float(ts.max()) - self.t0) / self.half_life > _MAX_EXPONENT:
-            shift = float(ts.max()) - self.t0
-            rescale = 2.0 ** (-shift / self.half_life)
-            self.t0 += shift
+        shift = float(ts.max()) - self.t0
+        if shift / self.half_life <= _MAX_EXPONENT:
+            return None
+        self.t0 += shift
+        return 2.0 ** (-shift / self.half_life)
+
+    def weights(self, ts: np.ndarray) -> tuple[np.ndarray, float | None]:
+        """Growth weights of events at `ts` [B], and the rescale factor (None: no rescale)."""
+        rescale = self.advance(ts)
         return np.exp2((ts - self.t0) / self.half_life), rescale
 
     def export(self) -> np.ndarray:  # [1, 1]

@@ -58,17 +58,15 @@ def _splitmix(x):
 
 
 @njit(cache=True)
-def _uniform(rng):
-    """A float in [0, 1) from the counter-based stream whose state is rng[0]."""
-    rng[0] = rng[0] + np.uint64(1)
-    return (_splitmix(rng[0]) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+def _uniform(x):
+    """A float in [0, 1): draw number x of a counter-based stream."""
+    return (_splitmix(x) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
 
 
 @njit(cache=True)
-def _below(rng, n):
-    """An integer in [0, n) from the counter-based stream whose state is rng[0] (a multiply, no division)."""
-    rng[0] = rng[0] + np.uint64(1)
-    return np.int64(((_splitmix(rng[0]) >> np.uint64(32)) * np.uint64(n)) >> np.uint64(32))
+def _below(x, n):
+    """An integer in [0, n): draw number x of a counter-based stream (a multiply, no division)."""
+    return np.int64(((_splitmix(x) >> np.uint64(32)) * np.uint64(n)) >> np.uint64(32))
 
 
 @njit(cache=True)
@@ -133,7 +131,7 @@ def _rate(state, r, g2, lr, decay, eps):
     return np.float32(lr) / np.sqrt(np.float32(eps) + acc)
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST, inline="always")
 def _step(M, r, a, x, l2, state, lr, decay, eps):
     """M[r] += rate * (a * x - l2 * M[r]); False when that gradient is 0 (nothing changes)."""
     dim = M.shape[1]
@@ -158,20 +156,24 @@ def _learn(users, items, weights, context, U, user_state, user_seen, V, item_bia
     dim = U.shape[1]
     n_items = V.shape[0]
     n_recent = len(recent)
+    n_slots = context.shape[1]  # context values are read in place: a row view per event would cost a reference count
     q = np.empty(dim, np.float32)  # the event's user + context vector
     g_neg = np.empty(dim, np.float32)  # sum over negatives of g * V[j]
     g_q = np.empty(dim, np.float32)  # the gradient of q, summed over negatives
-    l2_32 = np.float32(l2)
+    inv_dim = np.float32(1.0 / dim)
+    # The RNG counter and ring cursor stay in registers (stored back at the end): in their arrays, the row
+    # stores in between would make every draw wait for a reload.
+    draw, pos, one = rng[0], cursor[0], np.uint64(1)
     neg_flags = _VECTOR | _STATE | (_BIAS if bias_lr > 0.0 else np.uint8(0))  # a negative's changes
     for e in range(len(items)):
         u, i, w = users[e], items[e], weights[e]
-        ctx = context[e]
         user_state[u, 0] += 1.0
         item_state[i, 0] += 1.0
         user_dirty[u] |= _STATE
         item_dirty[i] |= _STATE
         n_ctx = 0
-        for c in ctx:
+        for t in range(n_slots):
+            c = context[e, t]
             if c >= 0:
                 ctx_state[c, 0] += 1.0
                 ctx_dirty[c] |= _STATE
@@ -182,7 +184,8 @@ def _learn(users, items, weights, context, U, user_state, user_seen, V, item_bia
             g_neg[k] = 0.0
         if n_ctx:
             share = np.float32(1.0 / n_ctx)
-            for c in ctx:
+            for t in range(n_slots):
+                c = context[e, t]
                 if c >= 0 and ctx_state[c, 0] >= admit:
                     for k in range(dim):
                         q[k] += share * C[c, k]
@@ -194,7 +197,7 @@ def _learn(users, items, weights, context, U, user_state, user_seen, V, item_bia
             qq += q[k] * q[k]
             vv_i += V[i, k] * V[i, k]
         s_i = qv + item_bias[i, 0]
-        g_sum = 0.0
+        g_sum = np.float32(0.0)
         n_used = 0
         for _ in range(n_negatives):
             # Candidates are scored as drawn: up to negative_pool valid ones within 4 * negative_pool draws,
@@ -208,10 +211,12 @@ def _learn(users, items, weights, context, U, user_state, user_seen, V, item_bia
             vv = np.float32(0.0)  # V[j] . V[j]
             s_j = np.float32(-np.inf)  # q . V[j] + b[j]
             for _ in range(4 * negative_pool):
-                if popular_share > 0.0 and cursor[0] > 0 and _uniform(rng) < popular_share:
-                    c = recent[int(_uniform(rng) * min(cursor[0], n_recent))]
-                else:
-                    c = _below(rng, n_items)
+                popular = False
+                if popular_share > 0.0 and pos > 0:
+                    draw += one
+                    popular = _uniform(draw) < popular_share
+                draw += one
+                c = recent[int(_uniform(draw) * min(pos, n_recent))] if popular else _below(draw, n_items)
                 if c < 0 or c >= n_items or c == i or item_state[c, 0] == 0.0:  # 0: a freed row, or not learned yet
                     continue
                 if seen_bits > 0 and _seen(user_seen, u, c, seen_bits):
@@ -243,59 +248,59 @@ def _learn(users, items, weights, context, U, user_state, user_seen, V, item_bia
             x = min(s_i - s_j, np.float32(50.0))
             g = w / (np.float32(1.0) + np.exp(x))  # -dloss/ds_i of the BPR loss -log sigmoid(s_i - s_j)
             g_sum += g
-            g32 = np.float32(g)
             if item_state[j, 0] >= admit:
                 # gradient of V[j]: -g q - l2 V[j]; its squared norm from the dot products at hand
-                g2 = (g32 * g32 * qq + 2 * g32 * l2_32 * dot + l2_32 * l2_32 * vv) / dim
+                g2 = (g * (g * qq + (l2 + l2) * dot) + l2 * l2 * vv) * inv_dim
                 rate = _rate(item_state, j, g2, negative_lr, decay, eps)
                 for k in range(dim):
                     v = V[j, k]
-                    g_neg[k] += g32 * v
-                    V[j, k] = v - rate * (g32 * q[k] + l2_32 * v)
+                    g_neg[k] += g * v
+                    V[j, k] = v - rate * (g * q[k] + l2 * v)
                 item_dirty[j] |= neg_flags
                 item_bias[j, 0] -= bias_lr * g  # bias_lr 0: no change
             else:
                 for k in range(dim):
-                    g_neg[k] += g32 * V[j, k]
+                    g_neg[k] += g * V[j, k]
         if seen_bits > 0 and _mark_seen(user_seen, u, i, seen_bits):
             user_dirty[u] |= _SEEN
-        recent[cursor[0] % n_recent] = i
-        cursor[0] += 1
-        if cursor[0] >= 2 * n_recent:  # keep the cursor small (exact as float32); position and fill stay the same
-            cursor[0] -= n_recent
+        recent[pos % n_recent] = i
+        pos += 1
+        if pos >= 2 * n_recent:  # keep the cursor small (exact as float32); position and fill stay the same
+            pos -= n_recent
         if n_used == 0:
             continue
         # The event's own rows take one step on the gradient summed over its negatives (L2 summed alike).
-        g32 = np.float32(g_sum)
         l2_sum = np.float32(l2 * n_used)
         gg = np.float32(0.0)
         gu = np.float32(0.0)
         uu = np.float32(0.0)
         for k in range(dim):
-            gk = g32 * V[i, k] - g_neg[k]
+            gk = g_sum * V[i, k] - g_neg[k]
             g_q[k] = gk
             gg += gk * gk
             gu += gk * U[u, k]
             uu += U[u, k] * U[u, k]
         if user_state[u, 0] >= admit:
             # gradient of U[u]: g_q - l2_sum U[u]
-            rate = _rate(user_state, u, (gg - 2 * l2_sum * gu + l2_sum * l2_sum * uu) / dim, lr, decay, eps)
+            rate = _rate(user_state, u, (gg - (l2_sum + l2_sum) * gu + l2_sum * l2_sum * uu) * inv_dim, lr, decay, eps)
             for k in range(dim):
                 U[u, k] += rate * (g_q[k] - l2_sum * U[u, k])
             user_dirty[u] |= _VECTOR
-        for c in ctx:
+        for t in range(n_slots):
+            c = context[e, t]
             if c >= 0 and ctx_state[c, 0] >= admit and _step(C, c, 1.0 / n_ctx, g_q, l2_sum, ctx_state, lr, decay, eps):
                 ctx_dirty[c] |= _VECTOR
         if item_state[i, 0] >= admit:
             # gradient of V[i]: g_sum q - l2_sum V[i]
-            g2 = (g32 * g32 * qq - 2 * g32 * l2_sum * qv + l2_sum * l2_sum * vv_i) / dim
+            g2 = (g_sum * (g_sum * qq - (l2_sum + l2_sum) * qv) + l2_sum * l2_sum * vv_i) * inv_dim
             rate = _rate(item_state, i, g2, lr, decay, eps)
             for k in range(dim):
-                V[i, k] += rate * (g32 * q[k] - l2_sum * V[i, k])
+                V[i, k] += rate * (g_sum * q[k] - l2_sum * V[i, k])
             item_dirty[i] |= _VECTOR
             if bias_lr > 0.0:
                 item_bias[i, 0] += bias_lr * g_sum
                 item_dirty[i] |= _BIAS
+    rng[0], cursor[0] = draw, pos
 
 
 class MF(Model):
@@ -375,6 +380,8 @@ class MF(Model):
         self.admit = admit
         self.recent_size = recent_size
         self.seed = seed
+        # float32, as the rows are: float64 constants would turn the loop's arithmetic into conversions
+        self._steps = tuple(np.float32(v) for v in (lr, negative_lr, l2, bias_lr, decay, eps))
         self._pop = Popularity(half_life=pop_half_life, context_weight=pop_context_weight, seed=seed)
         self._user = RowTable(dim, np.float32)
         self._user_state = RowTable(2, np.float32)
@@ -424,7 +431,7 @@ class MF(Model):
             self.n_negatives, self.negative_pool,
             self._hard,
             self.seen_bits, self.popular_share, self.admit,
-            self.lr, self.negative_lr, self.l2, self.bias_lr, self.decay, self.eps,
+            *self._steps,
         )
         self._pop.learn(batch)
         self._learned = True

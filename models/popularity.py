@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
-
 import numpy as np
+from numba import njit
 
 from models.base import Batch, Model, TableKind
 from models.decay import DecayClock
 from models.rows import RowTable, shares
 
+
+@njit(cache=True)
+def _count(count, ctx, changed, items, weights, ts, t0, half_life, context):
+    """count[i] += w and ctx[i, c] += w for each event's item i and context values c (-1 pads), where
+    w = weight * 2 ** ((ts - t0) / half_life); marks i changed. When a context value is beyond ctx's
+    width, counts nothing and returns the width needed (else 0)."""
+    widest = 0
+    for c in context.ravel():
+        widest = max(widest, c + 1)
+    if widest > ctx.shape[1]:
+        return widest
+    for e in range(len(items)):
+        i = items[e]
+        w = weights[e] * 2.0 ** ((ts[e] - t0) / half_life)
+        count[i, 0] += w
+        changed[i, 0] = True
+        for t in range(context.shape[1]):
+            c = context[e, t]
+            if c >= 0:
+                ctx[i, c] += w
+    return 0
 
 
 class Popularity(Model):
@@ -42,29 +63,21 @@ class Popularity(Model):
         self._changed = RowTable(1, bool)  # [n_items, 1] counts changed since the last drain
         self._all_changed = False
 
-    def _growth(self, ts: np.ndarray) -> np.ndarray:
-        weights, rescale = self._clock.weights(ts)
+    def learn(self, batch: Batch) -> None:
+        if len(batch) == 0:
+            return
+        rescale = self._clock.advance(batch.ts)
         if rescale is not None:
             self._count.data[:] *= rescale
             self._ctx.data[:] *= rescale
             self._all_changed = True
-        return weights
-
-    def learn(self, batch: Batch) -> None:
-        if len(batch) == 0:
-            return
-        count = self._count.ensure(batch.n_items)
-        ctx = self._ctx.ensure(batch.n_items)
-        w = batch.weights * self._growth(batch.ts)  # [B]
-        np.add.at(count[:, 0], batch.items, w)
-        context = self._context(batch)  # [B, C']
-        if context.size and context.max() >= 0:  # none when events carry no context (time context off)
-            rows, cols = np.nonzero(context >= 0)
-            values = context[rows, cols]
-            # Only as wide as the context values counted so far: those of events, not of time.
-            ctx = self._ctx.ensure(batch.n_items, int(values.max()) + 1)
-            np.add.at(ctx, (batch.items[rows], values), w[rows])
-        self._changed.ensure(batch.n_items)[batch.items, 0] = True
+        n = batch.n_items
+        rest = (self._changed.ensure(n), batch.items, batch.weights, batch.ts, self._clock.t0, self.half_life,
+                self._context(batch))
+        # The context table is only as wide as the context values counted so far: those of events, not of time.
+        width = _count(self._count.ensure(n), self._ctx.ensure(n), *rest)
+        if width:
+            _count(self._count.data, self._ctx.ensure(n, width), *rest)
 
     def score(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
         n = batch.n_items

@@ -8,17 +8,15 @@ import numpy as np
 class RowTable:
     """A 2-D float array whose row count (and optionally width) grows on demand.
 
-    `data` is the live `[n, d]` view; capacity doubles so growth is amortised.
+    `data` is the live `[n, d]` view (kept, not rebuilt per access: models pass it to
+    compiled loops per batch); capacity doubles so growth is amortised.
     """
 
     def __init__(self, width: int, dtype: type = np.float64, fill: float = 0.0):
         self._buf = np.full((16, width), fill, dtype)
         self.n = 0
         self.fill = fill
-
-    @property
-    def data(self) -> np.ndarray:  # [n, d]
-        return self._buf[: self.n]
+        self.data = self._buf[:0]  # [n, d]
 
     @property
     def width(self) -> int:
@@ -32,7 +30,10 @@ class RowTable:
             new = np.full((max(n_rows, 2 * rows if n_rows > rows else rows), width), self.fill, self._buf.dtype)
             new[:rows, :cols] = self._buf
             self._buf = new
+        elif n_rows <= self.n:
+            return self.data
         self.n = max(self.n, n_rows)
+        self.data = self._buf[: self.n]
         return self.data
 
     def load(self, values: np.ndarray) -> None:
@@ -40,6 +41,7 @@ class RowTable:
         values = np.asarray(values)
         self.n = 0
         self._buf[:] = self.fill
+        self.data = self._buf[:0]
         self.ensure(len(values), values.shape[1] if values.ndim == 2 else 1)
         self._buf[: len(values), : values.shape[1]] = values
 
