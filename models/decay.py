@@ -5,15 +5,22 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numba import njit
 
 _MAX_EXPONENT = 60.0  # move t0 forward before weights overflow float32 (Redis rows)
+
+
+@njit(cache=True)
+def growth(ts, t0, half_life):
+    """`2 ** ((ts - t0) / half_life)`, the weight of an event at `ts` (a time, or an array of them)."""
+    return np.exp2((ts - t0) / half_life)
 
 
 class DecayClock:
     """Weights events by `2 ** ((ts - t0) / half_life)`, so older counts shrink relative to new ones.
 
     Every stored count decays alike, so nothing is touched per event; when the
-    exponent grows large, `t0` moves forward and `weights` returns the factor
+    exponent grows large, `t0` moves forward and `advance` (or `weights`) returns the factor
     by which the caller must rescale all its counts.
     """
 
@@ -34,7 +41,7 @@ class DecayClock:
     def weights(self, ts: np.ndarray) -> tuple[np.ndarray, float | None]:
         """Growth weights of events at `ts` [B], and the rescale factor (None: no rescale)."""
         rescale = self.advance(ts)
-        return np.exp2((ts - self.t0) / self.half_life), rescale
+        return growth(ts, self.t0, self.half_life), rescale
 
     def export(self) -> np.ndarray:  # [1, 1]
         return np.array([[math.nan if self.t0 is None else self.t0]])

@@ -6,30 +6,22 @@ import numpy as np
 from numba import njit
 
 from models.base import Batch, Model, TableKind
-from models.decay import DecayClock
+from models.decay import DecayClock, growth
 from models.rows import RowTable, shares
 
 
 @njit(cache=True)
 def _count(count, ctx, changed, items, weights, ts, t0, half_life, context):
-    """count[i] += w and ctx[i, c] += w for each event's item i and context values c (-1 pads), where
-    w = weight * 2 ** ((ts - t0) / half_life); marks i changed. When a context value is beyond ctx's
-    width, counts nothing and returns the width needed (else 0)."""
-    widest = 0
-    for c in context.ravel():
-        widest = max(widest, c + 1)
-    if widest > ctx.shape[1]:
-        return widest
+    """count[i] += w and ctx[i, c] += w for each event's item i and context values c (-1 pads), where w is
+    its weight times its growth; marks i changed. ctx must be wider than every context value."""
     for e in range(len(items)):
-        i = items[e]
-        w = weights[e] * 2.0 ** ((ts[e] - t0) / half_life)
+        i, w = items[e], weights[e] * growth(ts[e], t0, half_life)
         count[i, 0] += w
         changed[i, 0] = True
         for t in range(context.shape[1]):
             c = context[e, t]
             if c >= 0:
                 ctx[i, c] += w
-    return 0
 
 
 class Popularity(Model):
@@ -72,12 +64,11 @@ class Popularity(Model):
             self._ctx.data[:] *= rescale
             self._all_changed = True
         n = batch.n_items
-        rest = (self._changed.ensure(n), batch.items, batch.weights, batch.ts, self._clock.t0, self.half_life,
-                self._context(batch))
+        context = self._context(batch)  # [B, C']
         # The context table is only as wide as the context values counted so far: those of events, not of time.
-        width = _count(self._count.ensure(n), self._ctx.ensure(n), *rest)
-        if width:
-            _count(self._count.data, self._ctx.ensure(n, width), *rest)
+        width = int(context.max()) + 1 if context.size else 0
+        _count(self._count.ensure(n), self._ctx.ensure(n, width), self._changed.ensure(n), batch.items,
+               batch.weights, batch.ts, self._clock.t0, self.half_life, context)
 
     def score(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
         n = batch.n_items
