@@ -48,15 +48,13 @@ def measure(name: str, n_ids: int, batch: int) -> dict:
     featurizer, model = Featurizer(), create(name, seed=0)
     evaluator = Evaluator(sample_rate=0.0)
     warm = featurizer.batch([RawEvent("warm-user", "warm-item", "click", 1.7e9)])  # imports and compiles
-    evaluator.evaluate(warm, {name: model})
-    model.learn(warm)
+    evaluator.step(warm, {name: model})
     gc.collect()
     before = process.memory_info().rss
     start = time.perf_counter()
     for events in stream(n_ids, batch):
         b = featurizer.batch(events)
-        evaluator.evaluate(b, {name: model})
-        model.learn(b)
+        evaluator.step(b, {name: model})
     seconds = time.perf_counter() - start
     gc.collect()
     grown = process.memory_info().rss - before

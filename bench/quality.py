@@ -1,15 +1,18 @@
-"""Prequential quality of the models on MovieLens ratings, beside popularity and River's `reco` models.
+"""Prequential quality of the models, beside popularity and River's `reco` models.
 
     python -m bench.quality [--input ratings.csv] [--batch-size 1,256] [--models pop,mf,...] [--json OUT]
 
-Every rating is a `click` event (value = rating, no context; the Featurizer
-adds hour and day of week), replayed in timestamp order (stable sort) through
-`stream_app.evaluation.run` with `Evaluator(k=20, window=10**9)`. River's
-models learn the rating as target and rank every item by `predict_one`, which
-is slow, so they (and, for comparison, every other model) are also evaluated
-on a sample of about `--river-sample` events in a second run. The speed part
-times `MF.learn` alone (its defaults, 64 factors) against River
-`FunkMF.learn_one` (64 factors) on the same events.
+Two streams: MovieLens (every rating a `click` event, value = rating, no
+context; the Featurizer adds hour and day of week), replayed in timestamp
+order (stable sort), and the project's synthetic stream (`producers.synthetic`,
+sessions with device effects and re-views). Each runs through
+`stream_app.evaluation.run` under both protocols in one pass: seen items
+excluded (repeats not ranked) and included (repeats ranked). River's models
+(MovieLens only: they learn the rating as target) rank every item by
+`predict_one`, which is slow, so they (and, for comparison, every other
+model) are also evaluated on a sample of about `--river-sample` events in a
+second run. The speed part times `MF.learn` alone (its defaults, 64 factors)
+against River `FunkMF.learn_one` (64 factors) on the same events.
 """
 
 from __future__ import annotations
@@ -23,27 +26,21 @@ from typing import Callable
 import numpy as np
 from river import optim, reco
 
+from bench.streams import MOVIELENS, PROTOCOLS, movielens, synthetic
 from models.base import Batch, Model, TableKind
 from models.features import Featurizer
 from models.mf import MF
 from models.popularity import Popularity
-from producers.readers import read_events
 from producers.schema import Event
 from stream_app.evaluation import Evaluator, run
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_INPUT = ROOT / "../shared/data/ml-latest-small/ratings.csv"
-
-
-def read_ratings(path: str | Path) -> list[Event]:
-    """MovieLens ratings as click events (value = rating) in time order, via the project's reader."""
-    return list(read_events(path, "movielens", sort_by_time=True))
 
 
 class RiverRanker(Model):
     """A River `reco` model behind the Model interface: learns ratings, ranks every item by `predict_one`."""
 
     query = "user"
+    sequential = True  # learn_one, event by event
     tables: dict[str, TableKind] = {}
 
     def __init__(self, name: str, river_model: reco.base.Ranker):
@@ -83,18 +80,19 @@ MODELS: dict[str, Callable[[], Model]] = {
 }
 
 
-def evaluate(events: list[Event], names: list[str], batch_size: int, sample_rate: float = 1.0) -> dict[str, dict]:
-    """Prequential metrics of the named models, replayed together at `batch_size`."""
+def evaluate(events: list[Event], names: list[str], batch_size: int, sample_rate: float = 1.0) -> list[dict]:
+    """Prequential metrics of the named models under both protocols, replayed together at `batch_size`."""
     models = {name: MODELS[name]() for name in names}
-    evaluator = Evaluator(k=20, window=10**9, sample_rate=sample_rate)
+    evaluators = {p: Evaluator(k=20, window=10**9, sample_rate=sample_rate, exclude_seen=ex) for p, ex in PROTOCOLS.items()}
     start = time.perf_counter()
-    run(events, models, Featurizer(), evaluator, batch_size=batch_size)
+    run(events, models, Featurizer(), list(evaluators.values()), batch_size=batch_size)
     seconds = time.perf_counter() - start
-    out = {}
-    for name in names:
-        s = evaluator.summary(name)
-        out[name] = {k: s.get(k) for k in ("recall", "auc", "mrr", "evaluated", "cold_start")}
-        out[name].update(batch=batch_size, sampled=sample_rate < 1.0, run_seconds=round(seconds, 1))
+    out = []
+    for protocol, evaluator in evaluators.items():
+        for name in names:
+            s = evaluator.summary(name)
+            out.append({"model": name, "protocol": protocol, **{k: s.get(k) for k in ("recall", "auc", "mrr", "evaluated", "cold_start", "repeat")},
+                        "batch": batch_size, "sampled": sample_rate < 1.0, "run_seconds": round(seconds, 1)})
     return out
 
 
@@ -130,16 +128,18 @@ def learn_speed(events: list[Event], batch_size: int = 256, repeats: int = 5) ->
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", default=str(DEFAULT_INPUT), help="MovieLens ratings.csv")
+    parser.add_argument("--input", default=str(MOVIELENS), help="MovieLens ratings.csv")
     parser.add_argument("--batch-size", default="1,256", help="comma-separated batch sizes")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--river-sample", type=int, default=2000, help="events evaluated in the sampled run")
+    parser.add_argument("--synthetic-events", type=int, default=60_000, help="events of the synthetic stream")
     parser.add_argument("--no-speed", action="store_true", help="skip the learning-speed comparison")
     parser.add_argument("--json", metavar="OUT", default=str(Path(__file__).parent / "results" / "quality.json"),
                         help="write the results as JSON here")
     args = parser.parse_args(argv)
 
-    events = read_ratings(args.input)
+    events = movielens(args.input)
+    streams = {"movielens": events, "synthetic": synthetic(args.synthetic_events)}
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = set(names) - set(MODELS)
     if unknown:
@@ -147,20 +147,20 @@ def main(argv: list[str] | None = None) -> dict:
     full = [n for n in names if not n.startswith("river-")]
     results: list[dict] = []
     for batch_size in [int(b) for b in args.batch_size.split(",")]:
-        if full:
-            for name, r in evaluate(events, full, batch_size).items():
-                results.append({"model": name, **r})
+        for stream, stream_events in streams.items():
+            if full:
+                results += [{"stream": stream, **r} for r in evaluate(stream_events, full, batch_size)]
         if len(full) < len(names):
             rate = min(1.0, args.river_sample / len(events))
-            for name, r in evaluate(events, names, batch_size, rate).items():
-                results.append({"model": name, **r})
+            results += [{"stream": "movielens", **r} for r in evaluate(events, names, batch_size, rate)]
 
-    print(f"\n{len(events)} events from {args.input}; recall/MRR at k=20\n")
-    print("| model | batch | sampled | recall@20 | AUC | MRR@20 | evaluated | cold start | run s |")
-    print("|---|---:|:---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\nMovieLens: {len(events)} events from {args.input}; synthetic: {len(streams['synthetic'])} events; k=20\n")
+    print("| stream | protocol | model | batch | sampled | recall@20 | AUC | MRR@20 | evaluated | cold start | repeat | run s |")
+    print("|---|---|---|---:|:---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['model']} | {r['batch']} | {'yes' if r['sampled'] else 'no'} | {r['recall']:.4f} | {r['auc']:.4f} "
-              f"| {r['mrr']:.4f} | {r['evaluated']} | {r['cold_start']} | {r['run_seconds']} |")
+        print(f"| {r['stream']} | {r['protocol']} | {r['model']} | {r['batch']} | {'yes' if r['sampled'] else 'no'} "
+              f"| {r['recall']:.4f} | {r['auc']:.4f} | {r['mrr']:.4f} | {r['evaluated']} | {r['cold_start']} "
+              f"| {r['repeat']} | {r['run_seconds']} |")
     out: dict = {"input": str(args.input), "events": len(events), "k": 20, "results": results}
     if not args.no_speed:
         speed = learn_speed(events)

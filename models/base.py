@@ -19,6 +19,7 @@ import numpy as np
 TableKind = Literal["user", "item", "session", "context", "blob"]
 EVENT_TYPES: tuple[str, ...] = ("click", "purchase", "favorite")
 EVENT_CODE: dict[str, int] = {name: code for code, name in enumerate(EVENT_TYPES)}
+_FIRST = np.zeros(1, np.int64)
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,6 +82,9 @@ class Model(ABC):
     name: ClassVar[str]
     query: ClassVar[Literal["user", "session"]] = "user"
     tables: ClassVar[dict[str, TableKind]]
+    # True when the model learns event by event, so that learning a batch in any split leaves
+    # the same state; `learn_scored` then scores each event just before learning it.
+    sequential: ClassVar[bool] = False
 
     @abstractmethod
     def learn(self, batch: Batch) -> None:
@@ -93,6 +97,30 @@ class Model(ABC):
         Uses the model as it stood before learning `batch`; session state
         includes the batch's events that come before each row.
         """
+
+    def learn_scored(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
+        """Learn `batch`, and return what `score` gives the events at `rows` (ascending), each
+        as the model stood just before learning that event: prequential order.  # [R, n_items]
+
+        A model that learns per batch scores every row before learning the batch, so its
+        weights lag by up to one batch. A sequential model learns the batch in segments split
+        at `rows` and scores each row alone in between; models with a compiled loop override
+        this to score inside it. Either way the model ends as `learn(batch)` leaves it.
+        """
+        if not self.sequential:
+            scores = self.score(batch, rows)
+            self.learn(batch)
+            return scores
+        out = np.empty((len(rows), batch.n_items))
+        start = 0
+        for r, j in enumerate(rows.tolist()):
+            if j > start:
+                self.learn(batch.take(slice(start, j)))
+            out[r] = self.score(batch.take(slice(j, j + 1)), _FIRST)[0]
+            start = j
+        if start < len(batch):
+            self.learn(batch.take(slice(start, None)))
+        return out
 
     @abstractmethod
     def export_state(self) -> dict[str, np.ndarray]:

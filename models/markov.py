@@ -54,6 +54,7 @@ class Markov(Model):
 
     name = "markov"
     query = "session"
+    sequential = True
     tables: dict[str, TableKind] = {
         "succ": "item",  # [n_items, max_successors] successor item id + 1, 0 = empty slot
         "succ_count": "item",  # [n_items, max_successors] their decayed counts
@@ -129,6 +130,10 @@ class Markov(Model):
         sessions, first_from_end = np.unique(batch.sessions[::-1], return_index=True)
         self._last.data[sessions, 0] = batch.items[len(batch) - 1 - first_from_end] + 1
         self._changed_sessions.update(batch.sessions.tolist())
+
+    def learn_scored(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
+        self._growth(batch.ts)  # the clock moves once per batch, as in `learn`, not once per segment
+        return super().learn_scored(batch, rows)
 
     def score(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
         n = batch.n_items

@@ -150,9 +150,19 @@ def _step(M, r, a, x, l2, state, lr, decay, eps):
 
 @njit(cache=True, fastmath=_FAST)
 def _learn(users, items, weights, context, U, user_state, user_seen, V, item_bias, item_state, C, ctx_state,
-           recent, cursor, rng, user_dirty, item_dirty, ctx_dirty,
+           recent, cursor, rng, user_dirty, item_dirty, ctx_dirty, probe,
            n_negatives, negative_pool, hard, seen_bits, popular_share, admit, lr, negative_lr, l2, bias_lr, decay, eps):
-    """Learn the events in order; see the module docstring."""
+    """Learn the events in order; see the module docstring.
+
+    probe = (score_at [B] or [0], Q [R, d], trained [R], log_epoch [L], log_item [L], log_row [L, d + 1], n_log [1]):
+    event e with score_at[e] = r >= 0 is scored first, as the model stands then: its query vector goes to
+    Q[r], whether its user has a trained row to trained[r]. Each later change to an item row logs the row
+    as it was (vector, then bias) with epoch r + 1, so `_rewind` can score rows 0..r with it.
+    """
+    score_at, Q, trained, log_epoch, log_item, log_row, n_log_out = probe
+    scoring = len(score_at) > 0
+    epoch = 0  # scored rows passed so far
+    n_log = 0
     dim = U.shape[1]
     n_items = V.shape[0]
     n_recent = len(recent)
@@ -167,6 +177,11 @@ def _learn(users, items, weights, context, U, user_state, user_seen, V, item_bia
     neg_flags = _VECTOR | _STATE | (_BIAS if bias_lr > 0.0 else np.uint8(0))  # a negative's changes
     for e in range(len(items)):
         u, i, w = users[e], items[e], weights[e]
+        if scoring and score_at[e] >= 0:
+            r = score_at[e]
+            _query(users[e : e + 1], context[e : e + 1], U, user_state, C, ctx_state, admit, Q[r : r + 1])
+            trained[r] = user_state[u, 0] >= admit
+            epoch = r + 1
         user_state[u, 0] += 1.0
         item_state[i, 0] += 1.0
         user_dirty[u] |= _STATE
@@ -249,6 +264,8 @@ def _learn(users, items, weights, context, U, user_state, user_seen, V, item_bia
             g = w / (np.float32(1.0) + np.exp(x))  # -dloss/ds_i of the BPR loss -log sigmoid(s_i - s_j)
             g_sum += g
             if item_state[j, 0] >= admit:
+                if epoch:
+                    n_log = _log_item(V, item_bias, j, epoch, log_epoch, log_item, log_row, n_log)
                 # gradient of V[j]: -g q - l2 V[j]; its squared norm from the dot products at hand
                 g2 = (g * (g * qq + (l2 + l2) * dot) + l2 * l2 * vv) * inv_dim
                 rate = _rate(item_state, j, g2, negative_lr, decay, eps)
@@ -291,6 +308,8 @@ def _learn(users, items, weights, context, U, user_state, user_seen, V, item_bia
             if c >= 0 and ctx_state[c, 0] >= admit and _step(C, c, 1.0 / n_ctx, g_q, l2_sum, ctx_state, lr, decay, eps):
                 ctx_dirty[c] |= _VECTOR
         if item_state[i, 0] >= admit:
+            if epoch:
+                n_log = _log_item(V, item_bias, i, epoch, log_epoch, log_item, log_row, n_log)
             # gradient of V[i]: g_sum q - l2_sum V[i]
             g2 = (g_sum * (g_sum * qq - (l2_sum + l2_sum) * qv) + l2_sum * l2_sum * vv_i) * inv_dim
             rate = _rate(item_state, i, g2, lr, decay, eps)
@@ -301,6 +320,36 @@ def _learn(users, items, weights, context, U, user_state, user_seen, V, item_bia
                 item_bias[i, 0] += bias_lr * g_sum
                 item_dirty[i] |= _BIAS
     rng[0], cursor[0] = draw, pos
+    n_log_out[0] = n_log
+
+
+@njit(cache=True, inline="always")
+def _log_item(V, item_bias, j, epoch, log_epoch, log_item, log_row, n_log):
+    """Append item j's row as it is now (vector, bias) to the log with `epoch`; returns the new length."""
+    dim = V.shape[1]
+    log_epoch[n_log] = epoch
+    log_item[n_log] = j
+    for k in range(dim):
+        log_row[n_log, k] = V[j, k]
+    log_row[n_log, dim] = item_bias[j, 0]
+    return n_log + 1
+
+
+@njit(cache=True, fastmath=_FAST)
+def _rewind(S, Q, log_epoch, log_item, log_row, n_log):
+    """Scores S [R, n] of the final rows, turned into each scored row's own time: for an item changed
+    after row r was scored, row r takes the row as logged at its first change after r. Walking the log
+    backwards, the earliest such entry is written last."""
+    dim = Q.shape[1]
+    for t in range(n_log - 1, -1, -1):
+        j = log_item[t]
+        if j >= S.shape[1]:
+            continue
+        for r in range(log_epoch[t]):
+            s = log_row[t, dim]
+            for k in range(dim):
+                s += Q[r, k] * log_row[t, k]
+            S[r, j] = s
 
 
 class MF(Model):
@@ -325,6 +374,7 @@ class MF(Model):
 
     name = "mf"
     query = "user"
+    sequential = True
     tables: dict[str, TableKind] = {
         "user": "user",  # [n_users, dim]
         "user_state": "user",  # [n_users, 2] sightings, accumulator
@@ -396,6 +446,10 @@ class MF(Model):
         self._cursor = np.zeros(1, np.int64)
         self._rng = np.array([_splitmix(np.uint64(seed))], np.uint64)
         self._learned = False
+        # `learn`'s probe: nothing scored (the same types as `learn_scored`'s, so one compiled loop serves both)
+        self._no_probe = (np.zeros(0, np.int64), np.zeros((0, dim), np.float32), np.zeros(0, np.bool_),
+                          np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, dim + 1), np.float32),
+                          np.zeros(1, np.int64))
 
     def _rows(self, kind: str) -> tuple[RowTable, ...]:
         if kind == "user":
@@ -421,6 +475,32 @@ class MF(Model):
     def learn(self, batch: Batch) -> None:
         if len(batch) == 0:
             return
+        self._run(batch, self._no_probe)
+        self._pop.learn(batch)
+
+    def learn_scored(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
+        """`learn`, scoring the events at `rows` inside the compiled loop, each just before it is learned."""
+        if len(rows) == 0:
+            self.learn(batch)
+            return np.zeros((0, batch.n_items), np.float32)
+        score_at = np.full(len(batch), -1, np.int64)
+        score_at[rows] = np.arange(len(rows))
+        q = np.empty((len(rows), self.dim), np.float32)  # [R, d]
+        trained = np.zeros(len(rows), np.bool_)
+        size = len(batch) * (self.n_negatives + 1)  # item rows changed at most
+        log = (np.empty(size, np.int64), np.empty(size, np.int64), np.empty((size, self.dim + 1), np.float32))
+        n_log = np.zeros(1, np.int64)
+        self._run(batch, (score_at, q, trained, *log, n_log))
+        n = batch.n_items
+        out = q @ self._item.data[:n].T + self._item_bias.data[:n, 0]  # [R, n_items], with the items as they end
+        _rewind(out, q, *log, int(n_log[0]))
+        if trained.all():
+            self._pop.learn(batch)
+        else:
+            out[~trained] = self._pop.learn_scored(batch, rows[~trained])
+        return out
+
+    def _run(self, batch: Batch, probe: tuple) -> None:
         self._ensure(batch.n_users, batch.n_items, batch.n_context)
         _learn(
             batch.users, batch.items, batch.weights, batch.context,
@@ -428,12 +508,12 @@ class MF(Model):
             self._item_state.data, self._ctx.data, self._ctx_state.data,
             self._recent, self._cursor, self._rng,
             self._dirty["user"].data[:, 0], self._dirty["item"].data[:, 0], self._dirty["context"].data[:, 0],
+            probe,
             self.n_negatives, self.negative_pool,
             self._hard,
             self.seen_bits, self.popular_share, self.admit,
             *self._steps,
         )
-        self._pop.learn(batch)
         self._learned = True
 
     def query_embeddings(self, batch: Batch, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

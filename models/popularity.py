@@ -40,6 +40,7 @@ class Popularity(Model):
     """
 
     name = "pop"
+    sequential = True
     tables: dict[str, TableKind] = {"count": "item", "ctx_count": "item", "meta": "blob"}
 
     def __init__(
@@ -55,20 +56,28 @@ class Popularity(Model):
         self._changed = RowTable(1, bool)  # [n_items, 1] counts changed since the last drain
         self._all_changed = False
 
-    def learn(self, batch: Batch) -> None:
-        if len(batch) == 0:
-            return
-        rescale = self._clock.advance(batch.ts)
+    def _advance(self, ts: np.ndarray) -> None:
+        """Make the clock ready for events at `ts`, rescaling the counts when it moves."""
+        rescale = self._clock.advance(ts)
         if rescale is not None:
             self._count.data[:] *= rescale
             self._ctx.data[:] *= rescale
             self._all_changed = True
+
+    def learn(self, batch: Batch) -> None:
+        if len(batch) == 0:
+            return
+        self._advance(batch.ts)
         n = batch.n_items
         context = self._context(batch)  # [B, C']
         # The context table is only as wide as the context values counted so far: those of events, not of time.
         width = int(context.max()) + 1 if context.size else 0
         _count(self._count.ensure(n), self._ctx.ensure(n, width), self._changed.ensure(n), batch.items,
                batch.weights, batch.ts, self._clock.t0, self.half_life, context)
+
+    def learn_scored(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
+        self._advance(batch.ts)  # the clock moves once per batch, as in `learn`, not once per segment
+        return super().learn_scored(batch, rows)
 
     def score(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
         n = batch.n_items

@@ -30,6 +30,7 @@ class SessionKNN(Model):
 
     name = "sknn"
     query = "session"
+    sequential = True
     tables: dict[str, TableKind] = {
         "items": "session",  # [n_sessions, 1 + max_session_len]: stamp (0 = empty), then item ids + 1, 0 pads, newest last
         "count": "item",  # [n_items, 1] event counts

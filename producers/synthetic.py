@@ -29,6 +29,9 @@ What is planted (all of it in `World`):
   one) and a fixed location. Each device prefers its own item cluster
   (`World.device_cluster`), see the fresh pick. Location has no planted effect:
   a control a context-aware model should learn to ignore.
+* **Re-views.** A click re-views an item the session already clicked (one of
+  them, uniformly) with probability `p_review`, as real clickstreams do (a
+  fifth or so of their events); it is then no fresh pick and no transition.
 * **Funnel.** Every click may be followed in the same session by a
   `favorite` of the same item (probability `p_favorite`) and a favorite by a
   `purchase` (probability `p_purchase_given_favorite`). Purchases carry
@@ -52,7 +55,7 @@ import itertools
 import math
 import random
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from producers.schema import Event
@@ -80,6 +83,7 @@ class SyntheticConfig:
     p_transition: float = 0.6
     n_successors: int = 3
     successor_weights: tuple[float, ...] = (0.6, 0.3, 0.1)
+    p_review: float = 0.2
     p_favorite: float = 0.2
     p_purchase_given_favorite: float = 0.3
     initial_items: int = 600
@@ -98,7 +102,7 @@ class SyntheticConfig:
         need(1 <= self.n_clusters <= self.n_items, "n_clusters must be between 1 and n_items")
         need(self.n_clusters <= self.initial_items <= self.n_items,
              "initial_items must be between n_clusters and n_items (every cluster starts with an item)")
-        for name in ("p_user_cluster", "p_device_cluster", "p_main_device", "p_transition", "p_favorite",
+        for name in ("p_user_cluster", "p_device_cluster", "p_main_device", "p_transition", "p_review", "p_favorite",
                      "p_purchase_given_favorite"):
             need(0.0 <= getattr(self, name) <= 1.0, f"{name} must be a probability in [0, 1]")
         need(self.p_user_cluster + self.p_device_cluster <= 1.0, "p_user_cluster + p_device_cluster must be <= 1")
@@ -197,6 +201,7 @@ class _Session:
     clicks_left: int
     last_item: int = -1
     pending: deque | None = None  # funnel events waiting for this session's next turns
+    clicked: list[int] = field(default_factory=list)  # items clicked so far, first click first
 
 
 class _Sampler:
@@ -267,13 +272,17 @@ def generate(config: SyntheticConfig, n_events: int | None, seed: int, world: Wo
             event_type, item, value = s.pending.popleft()
         else:
             item = -1
-            if s.last_item >= 0 and rng.random() < config.p_transition:
+            if s.clicked and config.p_review > 0 and rng.random() < config.p_review:
+                item = s.clicked[rng.randrange(len(s.clicked))]
+            elif s.last_item >= 0 and rng.random() < config.p_transition:
                 nxt = world.successors[s.last_item][bisect.bisect_right(succ_cum, rng.random() * succ_cum[-1])]
                 if world.item_birth[nxt] <= index:
                     item = nxt
             if item < 0:
                 item = fresh_item(s, index)
             event_type, value = "click", None
+            if item not in s.clicked:
+                s.clicked.append(item)
             s.last_item = item
             s.clicks_left -= 1
             if rng.random() < config.p_favorite:

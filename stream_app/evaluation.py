@@ -1,10 +1,14 @@
 """Prequential (test-then-train) evaluation, as DESIGN.md "Evaluation protocol" fixes it.
 
-For each sampled event, before any model learns it: candidates are the items
-seen in the stream so far, minus those the query (user, or session for
-session models) already interacted with, with the true item kept. `rank` is
-the number of other candidates scoring >= the true item (ties count against
-it). Events whose query or item is new are counted as `cold_start`.
+For each sampled event, scored as each model stood just before learning it:
+candidates are the items seen in the stream so far, minus those the query
+(user, or session for session models) already interacted with. An event whose
+true item the query had already seen is then not ranked but counted as
+`repeat` (ranking it as the one seen item among unseen candidates would
+reward models that favour seen items); with `exclude_seen=False` every item
+seen so far is a candidate and repeats are ranked like other events. `rank`
+is the number of other candidates scoring >= the true item (ties count
+against it). Events whose query or item is new are counted as `cold_start`.
 """
 
 from __future__ import annotations
@@ -76,12 +80,23 @@ def pooled(windows: list[Window]) -> dict[str, float]:
     return {"recall": recall, "auc": auc, "mrr": mrr, "ndcg": ndcg, "precision": precision, "f1": f1, "evaluated": n}
 
 
+@dataclass(frozen=True)
+class Plan:
+    """Which rows of a batch one query kind ranks, against which candidates."""
+
+    rows: np.ndarray  # [R] rows ranked, ascending
+    mask: np.ndarray  # [R, n_items] candidates of each
+    sampled: int  # rows sampled
+    repeat: int  # sampled rows not ranked because the query had seen the true item (exclude-seen)
+
+
 class Evaluator:
     """Rolling prequential evaluation of several models on one stream.
 
-    Call `evaluate(batch, models)` before the models learn `batch`; it also
-    records the batch in the seen-item bookkeeping, so call it once per batch
-    whether or not any row is sampled.
+    `step(batch, models)` evaluates the sampled events of `batch` and has the
+    models learn it: each event is scored as the model stood just before
+    learning it (`Model.learn_scored`). The parts, `prepare` (the candidate
+    bookkeeping, once per batch) and `record`, are there for callers that time them.
     """
 
     def __init__(self, k: int = 20, window: int = 10_000, sample_rate: float = 1.0, exclude_seen: bool = True, seed: int = 0):
@@ -95,6 +110,7 @@ class Evaluator:
         self.windows: dict[str, Window] = {}
         self.by_type: dict[tuple[str, str], Window] = {}
         self.cold_start: dict[str, int] = {}
+        self.repeat: dict[str, int] = {}
         self.evaluated: dict[str, int] = {}
         self.events_seen = 0
 
@@ -103,7 +119,13 @@ class Evaluator:
             store[key] = Window(self.window, self.k)
         return store[key]
 
-    def evaluate(self, batch: Batch, models: dict[str, Model]) -> None:
+    def step(self, batch: Batch, models: dict[str, Model]) -> None:
+        """Evaluate the sampled events of `batch`, each before the models learn it, and learn the batch."""
+        step([self], batch, models)
+
+    def prepare(self, batch: Batch, kinds: set[str]) -> dict[str, Plan]:
+        """Sample the rows to evaluate and, per query kind, the candidates of each ranked row;
+        records the batch in the bookkeeping (call it once per batch, in stream order)."""
         n = len(batch)
         if len(self._known) < batch.n_items:
             self._known = np.concatenate([self._known, np.zeros(batch.n_items - len(self._known), bool)])
@@ -116,22 +138,28 @@ class Evaluator:
         # Bookkeeping in stream order: row j's candidates reflect exactly rows < j.
         item_list = items.tolist()
         in_batch = np.flatnonzero(first < n)  # items of the batch
-        masks: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # query kind -> rows [R], candidates [R, n_items]
-        for kind in {m.query for m in models.values()}:
+        plans: dict[str, Plan] = {}
+        for kind in kinds:
             queries = (batch.users if kind == "user" else batch.sessions).tolist()
             seen_by = self._seen[kind]
-            chosen: list[int] = []  # rows evaluated
+            chosen: list[int] = []  # rows ranked
             n_seen: list[int] = []  # how many items each one's query had seen
             seen_items: list[int] = []  # those items, one row after the other
+            repeat = 0
             for j, (q, item) in enumerate(zip(queries, item_list)):
                 seen = seen_by.get(q)
                 if seen is None:
                     seen_by[q] = {item}
                     continue
                 if rankable[j]:
-                    chosen.append(j)
-                    n_seen.append(len(seen))
-                    seen_items.extend(seen)
+                    if item not in seen:
+                        chosen.append(j)
+                        n_seen.append(len(seen))
+                        seen_items.extend(seen)
+                    elif self.exclude_seen:
+                        repeat += 1
+                    else:
+                        chosen.append(j)
                 seen.add(item)
             rows = np.array(chosen, np.int64)
             mask = np.repeat(self._known[None, :], len(rows), axis=0)  # the catalogue before the batch...
@@ -139,23 +167,26 @@ class Evaluator:
             if self.exclude_seen:
                 mask[np.repeat(np.arange(len(rows)), n_seen), seen_items] = False
             mask[np.arange(len(rows)), items[rows]] = True
-            masks[kind] = rows, mask
+            plans[kind] = Plan(rows, mask, int(sampled.sum()), repeat)
         self._known[items] = True
         self.events_seen += n
-        for name, model in models.items():
-            rows, mask = masks[model.query]
-            self.cold_start[name] = self.cold_start.get(name, 0) + int(sampled.sum()) - len(rows)
-            if not len(rows):
-                continue
-            scores = model.score(batch, rows)  # [R, n_items]
-            rank, n_cand = ranks(scores, batch.items[rows], mask)
-            per_event = event_metrics(rank, n_cand, self.k)
-            values = np.stack([per_event[m] for m in ("recall", "auc", "mrr", "ndcg")], axis=1)  # [R, 4]
-            self._window(name, self.windows).add(values)
-            types = batch.event_types[rows]  # [R]
-            for code in set(types.tolist()):
-                self._window((name, EVENT_TYPES[code]), self.by_type).add(values[types == code])
-            self.evaluated[name] = self.evaluated.get(name, 0) + len(rows)
+        return plans
+
+    def record(self, name: str, batch: Batch, plan: Plan, scores: np.ndarray) -> None:
+        """Add model `name`'s scores of the plan's rows ([R, n_items]) to its windows and counts."""
+        rows = plan.rows
+        self.cold_start[name] = self.cold_start.get(name, 0) + plan.sampled - plan.repeat - len(rows)
+        self.repeat[name] = self.repeat.get(name, 0) + plan.repeat
+        if not len(rows):
+            return
+        rank, n_cand = ranks(scores, batch.items[rows], plan.mask)
+        per_event = event_metrics(rank, n_cand, self.k)
+        values = np.stack([per_event[m] for m in ("recall", "auc", "mrr", "ndcg")], axis=1)  # [R, 4]
+        self._window(name, self.windows).add(values)
+        types = batch.event_types[rows]  # [R]
+        for code in set(types.tolist()):
+            self._window((name, EVENT_TYPES[code]), self.by_type).add(values[types == code])
+        self.evaluated[name] = self.evaluated.get(name, 0) + len(rows)
 
     def forget(self, kind: str, ids: np.ndarray) -> None:
         """Forget expired ids: a user's or session's seen items, or an item's place in the catalogue."""
@@ -170,19 +201,31 @@ class Evaluator:
         return summary([self], model)
 
 
-def run(events, models: dict[str, Model], featurizer, evaluator: Evaluator, batch_size: int = 1, progress=None) -> int:
-    """Replay `events` through evaluate-then-learn in batches; returns the event count.
+def step(evaluators: list[Evaluator], batch: Batch, models: dict[str, Model]) -> None:
+    """`Evaluator.step` for several evaluators of one stream (other protocols, say): the models learn
+    the batch once, scoring the rows any evaluator ranks."""
+    kinds = {m.query for m in models.values()}
+    plans = [e.prepare(batch, kinds) for e in evaluators]
+    for name, model in models.items():
+        each = [p[model.query] for p in plans]
+        rows = each[0].rows if len(each) == 1 else np.unique(np.concatenate([p.rows for p in each]))
+        scores = model.learn_scored(batch, rows)  # [len(rows), n_items]
+        for evaluator, plan in zip(evaluators, each):
+            evaluator.record(name, batch, plan, scores if plan.rows is rows else scores[np.searchsorted(rows, plan.rows)])
+
+
+def run(events, models: dict[str, Model], featurizer, evaluator: Evaluator | list[Evaluator], batch_size: int = 1,
+        progress=None) -> int:
+    """Replay `events` through the evaluator(s) and the models in batches; returns the event count.
 
     `progress(n)` is called after each batch with its size.
     """
+    evaluators = evaluator if isinstance(evaluator, list) else [evaluator]
     count = 0
     chunk: list = []
 
     def flush() -> None:
-        batch = featurizer.batch(chunk)
-        evaluator.evaluate(batch, models)
-        for model in models.values():
-            model.learn(batch)
+        step(evaluators, featurizer.batch(chunk), models)
         if progress is not None:
             progress(len(chunk))
         chunk.clear()
@@ -205,6 +248,7 @@ def summary(evaluators: list[Evaluator], model: str) -> dict:
         t: pooled([e.by_type[(model, t)] for e in evaluators if (model, t) in e.by_type]) for t in types
     }
     out["cold_start"] = sum(e.cold_start.get(model, 0) for e in evaluators)
+    out["repeat"] = sum(e.repeat.get(model, 0) for e in evaluators)
     out["evaluated_total"] = sum(e.evaluated.get(model, 0) for e in evaluators)
     return out
 

@@ -31,8 +31,11 @@ def latest_by_model(records: dict[tuple[str, str], dict]) -> dict[str, dict]:
     """Pool the latest record of each worker into one row per model (weighted by evaluated events)."""
     out: dict[str, dict] = {}
     for (_, model), rec in sorted(records.items()):
-        row = out.setdefault(model, {"evaluated": 0, "events_seen": 0, "workers": 0, "batch": rec.get("batch"), "k": rec.get("k")})
+        row = out.setdefault(model, {"evaluated": 0, "cold_start": 0, "repeat": 0, "events_seen": 0, "workers": 0,
+                                     "batch": rec.get("batch"), "k": rec.get("k")})
         n = rec.get("evaluated", 0)
+        for col in ("cold_start", "repeat"):  # counts since each worker started: summed over workers
+            row[col] += rec.get(col) or 0
         for col in COLUMNS:
             if rec.get(col) is not None:
                 row[col] = row.get(col, 0.0) + rec[col] * n
@@ -49,11 +52,11 @@ def latest_by_model(records: dict[tuple[str, str], dict]) -> dict[str, dict]:
 def table(rows: dict[str, dict], title: str = "streamrec metrics") -> Table:
     t = Table(title=title)
     shown = ("recall", "auc", "mrr", "ndcg")
-    for col in ("model", "batch", *shown, "evaluated", "events seen"):
+    for col in ("model", "batch", *shown, "evaluated", "cold start", "repeat", "events seen"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for model, r in rows.items():
         t.add_row(model, str(r["batch"]), *(f"{r[c]:.4f}" if c in r else "-" for c in shown),
-                  f"{r['evaluated']:,}", f"{r['events_seen']:,}")
+                  f"{r['evaluated']:,}", f"{r['cold_start']:,}", f"{r['repeat']:,}", f"{r['events_seen']:,}")
     return t
 
 

@@ -316,6 +316,7 @@ class MonitorState:
             pooled = latest_by_model({k: v for k, v in self.latest.items() if k[1] == model}).get(model, {})
             point = {"ts": ts, "worker": worker, "worker_events_seen": seen, "events_per_s": rate,
                      "evaluated": pooled.get("evaluated"), "events_seen": pooled.get("events_seen"),
+                     "cold_start": pooled.get("cold_start"), "repeat": pooled.get("repeat"),
                      **{name: pooled.get(name) for name in ("recall", "auc", "mrr", "ndcg")}}
             self.series.setdefault(model, deque(maxlen=self.history_cap)).append(point)
             self._emit({"type": "point", "model": model, "point": point})

@@ -49,7 +49,8 @@ def evaluate_file(
     for name in names:
         s = evaluator.summary(name)
         per_model[name] = {m: s.get(m) for m in ("recall", "auc", "mrr", "ndcg", "precision", "f1")}
-        per_model[name].update(evaluated=s.get("evaluated", 0), cold_start=s["cold_start"], by_event_type=s["by_event_type"])
+        per_model[name].update(evaluated=s.get("evaluated", 0), cold_start=s["cold_start"], repeat=s["repeat"],
+                               by_event_type=s["by_event_type"])
     first = per_model[names[0]]
     return {
         **{m: first[m] for m in ("recall", "auc", "mrr", "ndcg")},
@@ -58,6 +59,8 @@ def evaluate_file(
         "events": len(events),
         "evaluated": first["evaluated"],
         "cold_start": first["cold_start"],
+        "repeat": first["repeat"],
+        "exclude_seen": exclude_seen,
         "batch": batch_size,
         "seconds": round(seconds, 3),
         "events_per_s": round(len(events) / seconds, 1) if seconds > 0 else None,
@@ -68,11 +71,13 @@ def evaluate_file(
 
 def result_table(result: dict) -> None:
     """Print an evaluate result as a table."""
-    table = Table(title=f"prequential metrics, k={result['k']}, batch={result['batch']}, {result['events']} events")
-    for col in ("model", "recall", "auc", "mrr", "ndcg", "evaluated", "cold start"):
+    seen = "seen items excluded" if result["exclude_seen"] else "seen items included"
+    table = Table(title=f"prequential metrics, k={result['k']}, batch={result['batch']}, {result['events']} events, {seen}")
+    for col in ("model", "recall", "auc", "mrr", "ndcg", "evaluated", "cold start", "repeat"):
         table.add_column(col, justify="right" if col != "model" else "left")
     for name, m in result["models"].items():
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-        table.add_row(name, fmt(m["recall"]), fmt(m["auc"]), fmt(m["mrr"]), fmt(m["ndcg"]), str(m["evaluated"]), str(m["cold_start"]))
+        table.add_row(name, fmt(m["recall"]), fmt(m["auc"]), fmt(m["mrr"]), fmt(m["ndcg"]), str(m["evaluated"]), str(m["cold_start"]),
+                      str(m["repeat"]))
     Console().print(table)
     Console().print(f"{result['seconds']} s, {result['events_per_s']} events/s; {result['bad_rows']} bad rows skipped")

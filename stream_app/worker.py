@@ -92,6 +92,7 @@ class Shard:
         self.featurizer = Featurizer(session_gap=config.session_gap)
         self.models: dict[str, Model] = {name: create(name, seed=config.seed) for name in config.models}
         self.evaluator = Evaluator(config.k, config.window, config.sample_rate, seed=config.seed + store.keys.partition)
+        self._query_kinds = {m.query for m in self.models.values()}
         self.dedup: dict[str, None] = {}  # event ids of the dedup window, oldest first
         self._dedup_parts: deque[dict[str, None]] = deque()  # the ids of `dedup` in insertion runs, oldest first
         self.history: dict[int, array] = {}  # user row -> (item, event type) pairs, the last HISTORY after a commit
@@ -160,11 +161,15 @@ class Shard:
             batch = f.batch(events[start : start + size])
             self._refill(batch)
             t = _tick(clock, "featurize", t)
-            self.evaluator.evaluate(batch, self.models)
+            evaluator = self.evaluator
+            plans = evaluator.prepare(batch, self._query_kinds)
             t = _tick(clock, "evaluate", t)
-            for model in self.models.values():
-                model.learn(batch)
-            t = _tick(clock, "learn", t)
+            for name, model in self.models.items():
+                plan = plans[model.query]
+                scores = model.learn_scored(batch, plan.rows)  # each row scored just before it is learned
+                t = _tick(clock, "learn", t)
+                evaluator.record(name, batch, plan, scores)
+                t = _tick(clock, "evaluate", t)
             users, history = batch.users.tolist(), self.history
             for u, i, e in zip(users, batch.items.tolist(), batch.event_types.tolist()):
                 h = history.get(u)

@@ -63,7 +63,7 @@ def reference(events, model: HashScores, k: int, exclude_seen: bool):
     for e in events:
         u = user_ids.setdefault(e.user_id, len(user_ids))
         i = item_ids.setdefault(e.item_id, len(item_ids))
-        if e.item_id in catalogue and e.user_id in seen:
+        if e.item_id in catalogue and e.user_id in seen and not (exclude_seen and e.item_id in seen[e.user_id]):
             candidates = [c for c in catalogue if not (exclude_seen and c in seen[e.user_id]) or c == e.item_id]
             true = model._score(u, i)
             rank = sum(1 for c in candidates if c != e.item_id and model._score(u, item_ids[c]) >= true)
@@ -77,6 +77,16 @@ def reference(events, model: HashScores, k: int, exclude_seen: bool):
     return out
 
 
+def repeat_count(events) -> int:
+    """Events whose user had already interacted with their item (and whose item is known, as it then is)."""
+    seen: dict[str, set[str]] = {}
+    n = 0
+    for e in events:
+        n += e.item_id in seen.get(e.user_id, ())
+        seen.setdefault(e.user_id, set()).add(e.item_id)
+    return n
+
+
 @pytest.mark.parametrize("batch_size", [1, 7, 64])
 @pytest.mark.parametrize("exclude_seen", [True, False])
 def test_matches_the_reference_computation(batch_size, exclude_seen):
@@ -86,7 +96,9 @@ def test_matches_the_reference_computation(batch_size, exclude_seen):
     run(events, {"hash": model}, Featurizer(time_features=False), evaluator, batch_size)
     ref = reference(events, model, 5, exclude_seen)
     got = evaluator.summary("hash")
-    assert got["evaluated"] == len(ref) and got["cold_start"] == len(events) - len(ref)
+    repeats = repeat_count(events) if exclude_seen else 0
+    assert got["evaluated"] == len(ref) and got["repeat"] == repeats
+    assert got["cold_start"] == len(events) - len(ref) - repeats
     for col, name in enumerate(("recall", "auc", "mrr", "ndcg"), start=1):
         assert got[name] == pytest.approx(np.mean([r[col] for r in ref]), abs=1e-12), name
     for etype, m in got["by_event_type"].items():
@@ -121,7 +133,7 @@ def test_sampling_evaluates_about_the_requested_share():
     events = stream(2000, seed=9)
     run(events, {"hash": HashScores()}, Featurizer(time_features=False), evaluator, 50)
     s = evaluator.summary("hash")
-    assert 0.15 * len(events) < s["evaluated"] + s["cold_start"] < 0.35 * len(events)
+    assert 0.15 * len(events) < s["evaluated"] + s["cold_start"] + s["repeat"] < 0.35 * len(events)
 
 
 def test_a_nan_score_for_the_true_item_is_a_miss():
@@ -139,3 +151,78 @@ def test_an_infinite_session_gap_keeps_each_user_in_one_session():
               for u, t in (("a", 1.0), ("b", 2.0), ("a", 1e9))]
     sessions = f.batch(events).sessions.tolist()
     assert sessions[0] == sessions[2] != sessions[1]
+
+
+class RepeatOnly(HashScores):
+    """Scores a user's already-seen items 1 and every other item 0: it can only predict repeats."""
+
+    sequential = True  # so each event is scored with the events before it learned, at any batch size
+
+    def __init__(self):
+        super().__init__()
+        self.seen: dict[int, set[int]] = {}
+
+    def learn(self, batch: Batch) -> None:
+        for u, i in zip(batch.users.tolist(), batch.items.tolist()):
+            self.seen.setdefault(u, set()).add(i)
+
+    def score(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(rows), batch.n_items))
+        for r, j in enumerate(rows.tolist()):
+            out[r, sorted(self.seen.get(int(batch.users[j]), ()))] = 1.0
+        return out
+
+
+def repeat_stream(n: int, seed: int):
+    """Each user keeps to 4 items (fewer than k), shared with neighbouring users, so most events re-view;
+    60 items in all (more than k)."""
+    rng = np.random.default_rng(seed)
+    users = rng.integers(30, size=n)
+    return [SimpleNamespace(user_id=f"u{u}", item_id=f"i{2 * u + rng.integers(4)}", event_type="click",
+                            ts=1.0 + j, session_id=None, value=None, context={}) for j, u in enumerate(users.tolist())]
+
+
+@pytest.mark.parametrize("batch_size", [1, 16])
+def test_repeat_only_scoring_gets_nothing_under_exclude_seen(batch_size):
+    events = repeat_stream(600, seed=1)
+    evaluator = Evaluator(k=20, window=10_000)
+    run(events, {"r": RepeatOnly()}, Featurizer(time_features=False), evaluator, batch_size)
+    s = evaluator.summary("r")
+    assert s["repeat"] == repeat_count(events) > 100  # the stream is full of repeats ...
+    assert s["evaluated"] > 20 and s["recall"] == 0.0  # ... and scoring them high earns nothing
+
+
+@pytest.mark.parametrize("batch_size", [1, 16])
+def test_repeat_only_scoring_gets_the_repeat_share_under_include_seen(batch_size):
+    events = repeat_stream(600, seed=2)
+    evaluator = Evaluator(k=20, window=10_000, exclude_seen=False)
+    run(events, {"r": RepeatOnly()}, Featurizer(time_features=False), evaluator, batch_size)
+    s = evaluator.summary("r")
+    # every known user and known item is ranked; a user sees at most 4 items, fewer than k: every repeat is a hit
+    ranked = [e for j, e in enumerate(events)
+              if any(p.user_id == e.user_id for p in events[:j]) and any(p.item_id == e.item_id for p in events[:j])]
+    assert s["repeat"] == 0 and s["evaluated"] == len(ranked)
+    assert s["recall"] == pytest.approx(repeat_count(events) / len(ranked), abs=1e-12)
+
+
+def test_repeat_counts_on_a_hand_made_stream():
+    rows = [("a", "x"), ("a", "x"), ("b", "x"), ("a", "y"), ("b", "x"), ("a", "x"), ("c", "y"), ("b", "y")]
+    events = [SimpleNamespace(user_id=u, item_id=i, event_type="click", ts=float(t), session_id=None, value=None,
+                              context={}) for t, (u, i) in enumerate(rows)]
+    for batch_size in (1, 3, 8):
+        evaluator = Evaluator(k=5, window=100)
+        run(events, {"h": HashScores()}, Featurizer(time_features=False), evaluator, batch_size)
+        s = evaluator.summary("h")
+        # cold: a-x, b-x, c-y (new users) and a-y (y new to the stream); repeats: a-x twice, b-x; ranked: b-y
+        assert (s["cold_start"], s["repeat"], s["evaluated"]) == (4, 3, 1), batch_size
+
+
+def test_several_protocols_in_one_pass_match_separate_passes():
+    events = repeat_stream(500, seed=4)
+    together = [Evaluator(k=5, window=10_000), Evaluator(k=5, window=10_000, exclude_seen=False)]
+    run(events, {"r": RepeatOnly(), "h": HashScores()}, Featurizer(time_features=False), together, 16)
+    for evaluator in together:
+        alone = Evaluator(k=5, window=10_000, exclude_seen=evaluator.exclude_seen)
+        run(events, {"r": RepeatOnly(), "h": HashScores()}, Featurizer(time_features=False), alone, 16)
+        for name in ("r", "h"):
+            assert evaluator.summary(name) == alone.summary(name)

@@ -228,3 +228,26 @@ def test_negatives_skip_the_users_own_items(pool: int) -> None:
     unfiltered.import_state({k: v for k, v in before.items() if k != "user_seen"} | {"user_seen": np.zeros((0, 1))})
     unfiltered.learn(featurizer.batch([Ev("u", "i0", ts=1.7e9 + 500)] * 20))
     assert _row_changes(before["item"], unfiltered.export_state()["item"]) & set(own[1:].tolist())
+
+
+def test_rolling_figures_do_not_depend_on_the_batch_size():
+    """Each event is scored inside the compiled loop just before it is learned, so a bursty stream (sessions
+    of one user) gives batch-1 figures at any batch size; scoring a batch before learning it would not."""
+    from models.base import Model
+    from producers.synthetic import SyntheticConfig, generate
+    from stream_app.evaluation import Evaluator, run
+
+    class Stale(MF):
+        """MF scored as a batch model: every event of a batch before any of it is learned."""
+
+        sequential = False
+        learn_scored = Model.learn_scored
+
+    events = list(generate(SyntheticConfig(n_users=300, n_items=400, n_clusters=8, initial_items=300), 8000, seed=3))
+    recall = {}
+    for name, cls, size in (("b1", MF, 1), ("b256", MF, 256), ("stale", Stale, 256)):
+        evaluator = Evaluator(k=20, window=10**9)
+        run(events, {"mf": cls(seed=0)}, Featurizer(), evaluator, size)
+        recall[name] = evaluator.summary("mf")["recall"]
+    assert abs(recall["b256"] - recall["b1"]) < 0.01, recall
+    assert recall["stale"] < recall["b1"] - 0.03, recall  # what the batch-256 figure was before

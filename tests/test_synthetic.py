@@ -74,7 +74,22 @@ def test_transitions_followed_above_chance(stream: list, world) -> None:
         last[e.session_id] = j
     assert pairs > 10_000
     rate, chance_rate = followed / pairs, chance / pairs
-    assert rate > 0.8 * CONFIG.p_transition and rate > 5 * chance_rate, (rate, chance_rate)
+    expected = (1 - CONFIG.p_review) * CONFIG.p_transition  # a re-view is no transition
+    assert rate > 0.8 * expected and rate > 5 * chance_rate, (rate, chance_rate)
+
+
+def test_clicks_re_view_the_session_items_at_the_planted_rate(stream: list) -> None:
+    clicked: dict[str, set[str]] = defaultdict(set)
+    later = again = 0  # clicks after a session's first, and those of an item the session clicked before
+    for e in stream:
+        if e.event_type != "click":
+            continue
+        if clicked[e.session_id]:
+            later += 1
+            again += e.item_id in clicked[e.session_id]
+        clicked[e.session_id].add(e.item_id)
+    # planted re-views, plus the few transitions and fresh picks that land on a session item by chance
+    assert CONFIG.p_review <= again / later < CONFIG.p_review + 0.1, again / later
 
 
 def test_device_shifts_the_item_distribution(stream: list, world) -> None:

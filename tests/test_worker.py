@@ -72,6 +72,7 @@ def test_every_event_applied_once_and_metrics_published(topics, client):
     last = pop[-1]
     assert 0.0 <= last["recall"] <= 1.0 and 0.0 <= last["auc"] <= 1.0
     assert last["evaluated"] > 0 and last["batch"] == 256 and last["k"] == 20
+    assert last["repeat"] > 0  # users here re-view items: those events are counted, not ranked
     assert set(last["by_event_type"]) <= {"click", "favorite", "purchase"}
 
 
