@@ -54,6 +54,7 @@ from urllib.parse import quote, urlencode
 
 import numpy as np
 
+from bench.baseline import checkout
 from models import registry
 from producers.schema import encode, prepare
 from stream_app import embedded, kafka
@@ -412,11 +413,7 @@ def main(argv: list[str] | None = None) -> dict:
         if models[0] != "pop":
             configs.append(("pop, --workers 1", ",".join(models), "pop", 1, None))
         if args.baseline:
-            base_dir = tmp / "baseline"
-            base_dir.mkdir()
-            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline], check=True,
-                                     capture_output=True).stdout
-            subprocess.run(["tar", "-x", "-C", str(base_dir)], input=archive, check=True)
+            base_dir = checkout(args.baseline, tmp / "baseline")
             configs.append((f"pop, baseline {args.baseline}", "pop", "pop", 1, base_dir))
         runs = []
         first_server = None

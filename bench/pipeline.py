@@ -7,7 +7,9 @@ topic, then measures in one run:
   before and one after the workers);
 - the worker's end-to-end events/s (Kafka in -> models updated -> Redis written), with each
   client, as one process and as `worker --processes N` (one group member per process);
-- freshness: seconds from an event's `ts` (its produce time) until its batch is committed to Redis.
+- freshness: seconds from an event's `ts` (its produce time) until its batch is committed to Redis;
+- with `--baseline REF`: the one-process worker of commit REF beside this tree's, runs alternating
+  (`--pairs` each, both in child processes), for a change's cost measured in one run.
 Writes JSON and a markdown table under bench/results/ (`pipeline.*` for pop, `pipeline-<models>.*` otherwise).
 """
 
@@ -15,18 +17,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import signal
 import subprocess
 import sys
 import threading
 import time
+import tempfile
 import uuid
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from bench.baseline import checkout
 from producers.producer import EventProducer
 from producers.synthetic import SyntheticConfig, generate
 from stream_app import embedded, kafka
@@ -34,6 +39,7 @@ from stream_app.settings import Settings
 from stream_app.state import Keys, applied_total, connect
 from stream_app.worker import Worker, WorkerConfig
 
+ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -61,6 +67,37 @@ def worker_rate(settings: Settings, config: WorkerConfig, n: int) -> tuple[float
     steps = {step: 1e6 * s / worker.applied for step, s in worker.seconds.items()}
     steps["consume"] = 1e6 * seconds / worker.applied - sum(steps.values())
     return worker.applied / seconds, steps
+
+
+_WORKER_RATE = """
+import json, sys
+from bench.pipeline import worker_rate
+from stream_app.settings import Settings
+from stream_app.worker import WorkerConfig
+settings, config = Settings().with_(**json.loads(sys.argv[1])), json.loads(sys.argv[2])
+rate, steps = worker_rate(settings, WorkerConfig(models=tuple(config.pop("models")), **config), int(sys.argv[3]))
+print(json.dumps({"rate": rate, "steps": steps}))
+"""
+
+
+def paired_rates(settings: Settings, config: WorkerConfig, n: int, baseline: Path, pairs: int) -> dict[str, list[float]]:
+    """One-process worker events/s of the `baseline` tree and of this one, `pairs` runs each, alternating
+    which goes first; each run in a child process, its own group and key space, over the same events."""
+    trees = {"baseline": baseline, "this tree": ROOT}
+    options = {"models": list(config.models), "batch_size": config.batch_size, "sample_rate": config.sample_rate}
+    rates: dict[str, list[float]] = {name: [] for name in trees}
+    for rep in range(pairs + 1):  # the first pair warms each tree's compiled-code cache, and is dropped
+        for name, tree in sorted(trees.items(), reverse=rep % 2 == 1):
+            own = {"consumer_group": f"{settings.consumer_group}-pair{rep}-{tree.name}",
+                   "key_prefix": f"{settings.key_prefix}-pair{rep}-{tree.name}",
+                   **{k: getattr(settings, k) for k in ("kafka_bootstrap", "redis_url", "events_topic", "metrics_topic",
+                                                       "dlq_topic", "kafka_client")}}
+            done = subprocess.run([sys.executable, "-c", _WORKER_RATE, json.dumps(own), json.dumps(options), str(n)],
+                                  cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True,
+                                  check=True)
+            if rep:
+                rates[name].append(json.loads(done.stdout.strip().splitlines()[-1])["rate"])
+    return rates
 
 
 def processes_rate(settings: Settings, config: WorkerConfig, n: int, processes: int) -> tuple[float, int]:
@@ -122,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fresh-rate", type=float, default=2000.0, help="events/s of the freshness run")
     parser.add_argument("--processes", type=int, default=2, help="worker processes of the multi-process runs")
     parser.add_argument("--fresh-client", default="kafka-python", choices=kafka.CLIENTS)
+    parser.add_argument("--baseline", default=None, help="also run the one-process worker of this commit, paired")
+    parser.add_argument("--pairs", type=int, default=3, help="runs of each tree with --baseline")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -148,6 +187,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     raw = max(raw_before, raw_consume_rate(settings, settings.events_topic, args.events))  # the conservative baseline
+    paired = {}
+    if args.baseline:
+        with tempfile.TemporaryDirectory(prefix="streamrec-baseline-") as tmp:
+            paired = paired_rates(settings, config, args.events, checkout(args.baseline, Path(tmp) / "tree"), args.pairs)
 
     n_fresh = int(args.fresh_rate * 10)
     freshness = {}  # commit interval (ms) -> [p50, p99] s
@@ -170,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
         "worker_processes_events_per_s": {c: round(r) for c, r in multi.items()},
         "processes_ratio": {c: round(r / raw, 3) for c, r in multi.items()},
         "processes_handovers": handovers,
+        "paired_with": args.baseline,
+        "paired_events_per_s": {name: [round(r) for r in rates] for name, rates in paired.items()},
         "freshness_rate_events_per_s": args.fresh_rate,
         "freshness_p50_p99_s_by_commit_interval_ms": freshness,
     }
@@ -188,6 +233,11 @@ def main(argv: list[str] | None = None) -> dict:
             f"| {args.processes} worker processes on {settings.events_partitions} partitions, {c}"
             f" | {result['worker_processes_events_per_s'][c]:,} events/s (ratio to raw {result['processes_ratio'][c]:.2f}) |\n"
             for c in kafka.CLIENTS
+        )
+        + "".join(
+            f"| one process, {name} ({args.baseline if name == 'baseline' else 'working tree'}), "
+            f"{settings.kafka_client}, {args.pairs} runs alternating | median {np.median(rates):,.0f} events/s "
+            f"({', '.join(f'{r:,.0f}' for r in rates)}) |\n" for name, rates in paired.items()
         )
         + "".join(
             f"| freshness ({args.fresh_client}, commit interval {ms} ms) at {args.fresh_rate:,.0f} events/s, p50 / p99"
