@@ -56,10 +56,12 @@ import numpy as np
 
 from bench.baseline import checkout
 from models import registry
-from producers.schema import encode, prepare
-from stream_app import embedded, kafka
-from stream_app.serving import ModelCache
-from stream_app.worker import Worker, WorkerConfig
+from stream_app.core.events import encode, prepare
+from stream_app.dev import embedded
+from stream_app.io import kafka
+from stream_app.serving.cache import ModelCache
+from stream_app.worker.config import WorkerConfig
+from stream_app.worker.worker import Worker
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent

@@ -24,7 +24,7 @@ import psutil
 
 from models.features import Featurizer, RawEvent
 from models.registry import MODELS, create
-from stream_app.evaluation import Evaluator
+from stream_app.evaluation.prequential import Evaluator
 
 RESULTS = Path(__file__).parent / "results"
 

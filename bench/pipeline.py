@@ -34,10 +34,12 @@ import numpy as np
 from bench.baseline import checkout
 from producers.producer import EventProducer
 from producers.synthetic import SyntheticConfig, generate
-from stream_app import embedded, kafka
-from stream_app.settings import Settings
-from stream_app.state import Keys, applied_total, connect
-from stream_app.worker import Worker, WorkerConfig
+from stream_app.dev import embedded
+from stream_app.io import kafka
+from stream_app.core.settings import Settings
+from stream_app.io.redis import Keys, applied_total, connect
+from stream_app.worker.config import WorkerConfig
+from stream_app.worker.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -71,9 +73,7 @@ def worker_rate(settings: Settings, config: WorkerConfig, n: int) -> tuple[float
 
 _WORKER_RATE = """
 import json, sys
-from bench.pipeline import worker_rate
-from stream_app.settings import Settings
-from stream_app.worker import WorkerConfig
+from bench.pipeline import Settings, WorkerConfig, worker_rate  # as each tree lays them out
 settings, config = Settings().with_(**json.loads(sys.argv[1])), json.loads(sys.argv[2])
 rate, steps = worker_rate(settings, WorkerConfig(models=tuple(config.pop("models")), **config), int(sys.argv[3]))
 print(json.dumps({"rate": rate, "steps": steps}))

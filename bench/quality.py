@@ -31,8 +31,8 @@ from models.base import Batch, Model, TableKind
 from models.features import Featurizer
 from models.mf import MF
 from models.popularity import Popularity
-from producers.schema import Event
-from stream_app.evaluation import Evaluator, run
+from stream_app.core.events import Event
+from stream_app.evaluation.prequential import Evaluator, run
 
 
 

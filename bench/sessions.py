@@ -39,7 +39,7 @@ from pathlib import Path
 from bench.streams import MOVIELENS, PROTOCOLS, movielens, synthetic
 from models.features import Featurizer
 from models.registry import create
-from stream_app.evaluation import Evaluator, run
+from stream_app.evaluation.prequential import Evaluator, run
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from producers.readers import read_events
-from producers.schema import Event
+from stream_app.core.events import Event
 from producers.synthetic import SyntheticConfig, generate
 
 MOVIELENS = Path(__file__).resolve().parent.parent / "../shared/data/ml-latest-small/ratings.csv"

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Callable, ClassVar, Literal
 
 import numpy as np
 
+
 TableKind = Literal["user", "item", "session", "context", "blob"]
-EVENT_TYPES: tuple[str, ...] = ("click", "purchase", "favorite")
-EVENT_CODE: dict[str, int] = {name: code for code, name in enumerate(EVENT_TYPES)}
 _FIRST = np.zeros(1, np.int64)
 
 
@@ -35,7 +34,7 @@ class Batch:
     users: np.ndarray  # [B] int64
     items: np.ndarray  # [B] int64
     sessions: np.ndarray  # [B] int64
-    event_types: np.ndarray  # [B] int8, codes of EVENT_TYPES
+    event_types: np.ndarray  # [B] int8, codes of stream_app.core.events.EVENT_TYPES
     weights: np.ndarray  # [B] float32, event-type weight
     ts: np.ndarray  # [B] float64, epoch seconds
     values: np.ndarray  # [B] float32, NaN where the event carries no value
@@ -68,6 +67,17 @@ class Batch:
     def event_context(self) -> np.ndarray:  # [B, C - time_columns]
         """The context columns that came with the events (no time features)."""
         return self.context[:, : self.context.shape[1] - self.time_columns]
+
+
+@dataclass(frozen=True)
+class PopularityState:
+    """A popularity ranking, as a server precomputes it: score(i) = count[i] / total + context_weight
+    * mean over the query's context values c (among `context_columns(batch)`) of ctx_count[i, c] / total_c."""
+
+    count: np.ndarray  # [n_items, 1] decayed counts
+    ctx_count: np.ndarray  # [n_items, n_context] decayed counts per context value
+    context_weight: float
+    context_columns: Callable[[Batch], np.ndarray]  # batch -> [B, C] the context value ids counted
 
 
 class Model(ABC):
@@ -150,6 +160,28 @@ class Model(ABC):
     def import_rows(self, table: str, ids: np.ndarray, values: np.ndarray) -> None:
         """Take back rows of `table` that `evicted` named, as the store holds them (zeros: none kept)."""
         raise NotImplementedError(f"{type(self).__name__} evicts nothing, so it takes no rows back")
+
+    # -- what a server may precompute (serving uses only these, never a model's internals) --------
+
+    def popularity(self) -> PopularityState | None:
+        """The popularity this model ranks by, or answers with when it cannot answer a query
+        (`query_vectors`' `known` False); None when it has none."""
+        return None
+
+    def item_vectors(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(V [n_items, d], b [n_items]) when the model scores an event as q . V[i] + b[i], with q
+        from `query_vectors`; None when it scores otherwise (then only `score` answers)."""
+        return None
+
+    def query_vectors(self, batch: Batch, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For a model with `item_vectors`: the query vectors of the events at `rows` [R, d], and
+        whether the model knows each query [R] (where not, its `popularity` answers)."""
+        raise NotImplementedError(f"{type(self).__name__} scores without item vectors")
+
+    def similarity_vectors(self) -> np.ndarray | None:
+        """Item embeddings [n_items, d] whose cosine says which items are alike, or None."""
+        vectors = self.item_vectors()
+        return None if vectors is None else vectors[0]
 
     def session_items(self, session: int) -> np.ndarray:
         """Items this model remembers of a session, oldest first (none for user models)."""

@@ -16,7 +16,8 @@ from typing import Any, Iterable, Mapping, Protocol
 
 import numpy as np
 
-from models.base import EVENT_CODE, Batch
+from models.base import Batch
+from stream_app.core.events import EVENT_CODE, EVENT_WEIGHTS
 
 
 class EventLike(Protocol):
@@ -137,7 +138,7 @@ class Vocab:
 
 _HOURS = tuple(f"hour={h}" for h in range(24))
 _DAYS = tuple(f"dow={d}" for d in range(7))
-DEFAULT_EVENT_WEIGHTS: tuple[tuple[str, float], ...] = (("click", 1.0), ("favorite", 2.0), ("purchase", 3.0))
+DEFAULT_EVENT_WEIGHTS: tuple[tuple[str, float], ...] = tuple(EVENT_WEIGHTS.items())
 
 
 @dataclass

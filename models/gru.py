@@ -486,6 +486,10 @@ class GRU4Rec(Model):
         self._acc[ids, a:b] = acc
         table[ids] = rows.detach() - lr * grad / (acc.sqrt() + 1e-10)
 
+    def similarity_vectors(self) -> np.ndarray:
+        """The input item embeddings [n_items, embedding]."""
+        return self._emb[: self._n].numpy()
+
     # -- state ---------------------------------------------------------------------------
     def export_state(self) -> dict[str, np.ndarray]:
         n, E = self._n, self.embedding

@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from models.base import Batch, Model, TableKind
+from models.base import Batch, Model, PopularityState, TableKind
 from models.popularity import Popularity
 from models.rows import RowTable
 
@@ -516,9 +516,15 @@ class MF(Model):
         )
         self._learned = True
 
-    def query_embeddings(self, batch: Batch, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Query vectors of the events at `rows` (user + context, as `score` uses them),
-        and whether each user has a trained row (else `score` answers with popularity)."""
+    def popularity(self) -> PopularityState:
+        return self._pop.popularity()
+
+    def item_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._item.data, self._item_bias.data[:, 0]
+
+    def query_vectors(self, batch: Batch, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """User + context vectors of the events at `rows` [R, d], as `score` uses them, and whether each
+        user has a trained row [R] (else `score` answers with popularity)."""
         users = batch.users[rows]  # [R]
         q = np.empty((len(rows), self.dim), np.float32)  # [R, d]
         _query(users, batch.context[rows], self._user.data, self._user_state.data,
@@ -529,7 +535,7 @@ class MF(Model):
 
     def score(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
         self._ensure(batch.n_users, batch.n_items, batch.n_context)
-        q, trained = self.query_embeddings(batch, rows)
+        q, trained = self.query_vectors(batch, rows)
         out = q @ self._item.data[: batch.n_items].T + self._item_bias.data[: batch.n_items, 0]  # [R, n_items]
         if not trained.all():
             out[~trained] = self._pop.score(batch, rows[~trained])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from models.base import Batch, Model, TableKind
+from models.base import Batch, Model, PopularityState, TableKind
 from models.decay import DecayClock, growth
 from models.rows import RowTable, shares
 
@@ -96,6 +96,9 @@ class Popularity(Model):
             np.add.at(mix, (r, where), 1.0 / valid.sum(axis=1)[r])
             out += self.context_weight * (mix @ (ctx[:, used] / col_total[used]).T)
         return out
+
+    def popularity(self) -> PopularityState:
+        return PopularityState(self._count.data, self._ctx.data, self.context_weight, self._context)
 
     def _context(self, batch: Batch) -> np.ndarray:  # [B, C']
         return batch.context if self.time_context else batch.event_context

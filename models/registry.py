@@ -6,7 +6,7 @@ import importlib
 from typing import Any
 
 from models.base import Model
-from stream_app.errors import ConfigError
+from stream_app.core.errors import ConfigError
 
 MODELS: dict[str, str] = {
     "pop": "models.popularity:Popularity",

@@ -23,10 +23,10 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Iterable
 
-from producers.schema import Event, encode, prepare
-from stream_app.errors import InvalidEvent
-from stream_app.kafka import Sender
-from stream_app.settings import Settings
+from stream_app.core.events import Event, encode, prepare
+from stream_app.core.errors import InvalidEvent
+from stream_app.io.kafka import Sender
+from stream_app.core.settings import Settings
 
 __all__ = ["EventProducer", "to_event"]
 

@@ -61,8 +61,8 @@ from typing import IO, Any, Callable, Iterator
 
 import orjson
 
-from producers.schema import MAX_MESSAGE_BYTES, Event, from_dict, prepare
-from stream_app.errors import InputFileError, InvalidEvent
+from stream_app.core.events import MAX_MESSAGE_BYTES, Event, from_dict, prepare
+from stream_app.core.errors import InputFileError, InvalidEvent
 
 __all__ = ["FORMATS", "BadRow", "ReadReport", "EventReader", "read_events", "detect_format"]
 

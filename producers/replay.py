@@ -23,8 +23,8 @@ from rich.progress import TimeElapsedColumn
 from rich.text import Text
 
 from producers.readers import EventReader, ReadReport
-from producers.schema import Event
-from stream_app.errors import ConfigError
+from stream_app.core.events import Event
+from stream_app.core.errors import ConfigError
 
 __all__ = ["ReplayStats", "replay", "produce_cli", "SYNTHETIC_DEFAULT_EVENTS"]
 
@@ -182,7 +182,7 @@ def produce_cli(
     """
     from producers.producer import EventProducer
     from producers.synthetic import SyntheticConfig, generate
-    from stream_app.kafka import ensure_topics
+    from stream_app.io.kafka import ensure_topics
 
     if (input is None) == (not synthetic):
         raise ConfigError("give exactly one of --input FILE or --synthetic")

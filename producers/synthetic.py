@@ -58,8 +58,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from producers.schema import Event
-from stream_app.errors import ConfigError
+from stream_app.core.events import Event
+from stream_app.core.errors import ConfigError
 
 __all__ = ["SyntheticConfig", "World", "make_world", "generate", "EPOCH"]
 

@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from stream_app.errors import StreamrecError
-from stream_app.settings import Settings
+from stream_app.core.errors import StreamrecError
+from stream_app.core.settings import Settings
 
 app = typer.Typer(
     help="streamrec: a streaming, incremental recommender (Kafka in, online models, Redis state).",
@@ -48,7 +48,7 @@ def up(
     partitions: Optional[int] = typer.Option(None, help="partitions of the events topic"),
 ) -> None:
     """Start the embedded Kafka-compatible broker (Tansu) and Redis, when none answers."""
-    from stream_app import embedded
+    from stream_app.dev import embedded
 
     try:
         for line in embedded.up(settings(kafka_bootstrap=bootstrap, redis_url=redis_url, events_partitions=partitions)):
@@ -60,7 +60,7 @@ def up(
 @app.command()
 def down(bootstrap: Optional[str] = Bootstrap, redis_url: Optional[str] = RedisUrl) -> None:
     """Stop what `streamrec up` started (and nothing else)."""
-    from stream_app import embedded
+    from stream_app.dev import embedded
 
     try:
         for line in embedded.down(settings(kafka_bootstrap=bootstrap, redis_url=redis_url)):
@@ -130,7 +130,9 @@ def worker(
     import logging
 
     from models.registry import parse_names
-    from stream_app.worker import Worker, WorkerConfig, run_processes
+    from stream_app.worker.config import WorkerConfig
+    from stream_app.worker.processes import run_processes
+    from stream_app.worker.worker import Worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
@@ -177,7 +179,7 @@ def serve(
     import uvicorn
 
     from models.registry import parse_names
-    from stream_app.api import API_ENV, create_app
+    from stream_app.serving.api import API_ENV, create_app
 
     conf = settings(kafka_bootstrap=bootstrap, redis_url=redis_url, events_topic=topic, events_partitions=partitions)
     try:
@@ -195,7 +197,7 @@ def serve(
     os.environ.update(conf.environ())
     os.environ.update({API_ENV["models"]: ",".join(names), API_ENV["refresh"]: str(refresh),
                        API_ENV["ann_threshold"]: str(ann_threshold)})
-    uvicorn.run("stream_app.api:app_from_env", factory=True, workers=workers, **options)
+    uvicorn.run("stream_app.serving.api:app_from_env", factory=True, workers=workers, **options)
 
 
 @app.command()
@@ -211,7 +213,7 @@ def evaluate(
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Evaluate-then-learn over a file, without Kafka or Redis (the worker's models and evaluator)."""
-    from stream_app.offline import evaluate_file
+    from stream_app.evaluation.offline import evaluate_file
 
     try:
         result = evaluate_file(
@@ -225,7 +227,7 @@ def evaluate(
 
         typer.echo(orjson.dumps(result).decode())
     else:
-        from stream_app.offline import result_table
+        from stream_app.evaluation.offline import result_table
 
         result_table(result)
 
@@ -238,7 +240,7 @@ def metrics(
     exit_after: Optional[float] = typer.Option(None, "--exit-after", help="stop after this many seconds"),
 ) -> None:
     """Follow the metrics topic and show a live table per model."""
-    from stream_app.metrics_view import follow
+    from stream_app.monitor.terminal import follow
 
     try:
         follow(settings(kafka_bootstrap=bootstrap, metrics_topic=topic), from_beginning, exit_after)
@@ -261,7 +263,7 @@ def monitor(
     """Watch the metrics topic: faust windowed tables, consumer lag, drift alerts, web dashboard (or --terminal)."""
     import logging
 
-    from stream_app.monitor import check_windows, run
+    from stream_app.monitor.app import check_windows, run
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -287,7 +289,7 @@ def demo(
     keep_running: bool = typer.Option(False, "--keep-running", help="leave broker and Redis up afterwards"),
 ) -> None:
     """The main job on embedded defaults: up, topics, worker, replay, progress, final table, clean stop."""
-    from stream_app.demo import run_demo
+    from stream_app.dev.demo import run_demo
 
     try:
         run_demo(settings(), input=input, format=format, n_events=events, models=models, rate=rate,

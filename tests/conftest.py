@@ -4,7 +4,7 @@ Both run on free ports in a temporary directory (never the system Redis on
 6379) and stop at the end of the session; they start only when a test asks
 for one of the fixtures below, so pure unit tests pay nothing.
 
-- `embedded_servers`: the `stream_app.embedded.EmbeddedServers` handle.
+- `embedded_servers`: the `stream_app.dev.embedded.EmbeddedServers` handle.
 - `services`: `Settings` pointing at them (default topic names; nothing created).
 - `topics`: `Settings` with unique topic names, consumer group and Redis key
   prefix for this test, topics already created.
@@ -20,9 +20,9 @@ from typing import Iterator
 
 import pytest
 
-from stream_app import embedded
-from stream_app.kafka import ensure_topics
-from stream_app.settings import Settings
+from stream_app.dev import embedded
+from stream_app.io.kafka import ensure_topics
+from stream_app.core.settings import Settings
 
 INTEGRATION_FIXTURES = {"embedded_servers", "services", "topics", "redis_client"}
 

@@ -15,12 +15,14 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from producers.schema import encode, prepare
-from stream_app import embedded, kafka
-from stream_app.api import Recommender, create_app
-from stream_app.client import ApiError, RecommenderClient
-from stream_app.state import Keys, connect
-from stream_app.worker import Worker, WorkerConfig
+from stream_app.core.events import encode, prepare
+from stream_app.dev import embedded
+from stream_app.io import kafka
+from stream_app.serving.api import Recommender, create_app
+from stream_app.serving.client import ApiError, RecommenderClient
+from stream_app.io.redis import Keys, connect
+from stream_app.worker.config import WorkerConfig
+from stream_app.worker.worker import Worker
 
 pytestmark = pytest.mark.integration
 
@@ -324,7 +326,7 @@ import numpy as np  # noqa: E402
 
 from models.base import Batch, Model  # noqa: E402
 from models.features import Featurizer  # noqa: E402
-from stream_app.serving import AnnIndex, EmbeddingScorer, ModelCache, PopScorer, ShardView, top_k  # noqa: E402
+from stream_app.serving.cache import AnnIndex, EmbeddingScorer, ModelCache, PopScorer, ShardView, top_k  # noqa: E402
 
 
 def _batch(users, items, contexts, n_users, n_items, n_ctx, width=4):

@@ -13,7 +13,7 @@ import typer.main
 import yaml
 
 from stream_app.cli import app
-from stream_app.settings import Settings
+from stream_app.core.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"

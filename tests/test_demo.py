@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import orjson
 
-from stream_app import kafka
-from stream_app.demo import run_demo
-from stream_app.state import connect
+from stream_app.io import kafka
+from stream_app.dev.demo import run_demo
+from stream_app.io.redis import connect
 
 
 def test_demo_learns_reports_its_own_metrics_and_cleans_up(topics):

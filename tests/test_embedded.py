@@ -13,9 +13,9 @@ from typing import Iterator
 
 import pytest
 
-from stream_app import embedded
-from stream_app.errors import ServiceError
-from stream_app.settings import Settings
+from stream_app.dev import embedded
+from stream_app.core.errors import ServiceError
+from stream_app.core.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -57,7 +57,7 @@ def silent_listener() -> Iterator[int]:
 
 
 def topics_on(bootstrap: str) -> set[str]:
-    from stream_app.kafka import consumer
+    from stream_app.io.kafka import consumer
 
     c = consumer(bootstrap, None)
     try:

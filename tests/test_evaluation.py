@@ -10,7 +10,7 @@ import pytest
 
 from models.base import Batch, Model
 from models.features import Featurizer
-from stream_app.evaluation import Evaluator, pooled, run
+from stream_app.evaluation.prequential import Evaluator, pooled, run
 
 
 class HashScores(Model):
@@ -137,7 +137,7 @@ def test_sampling_evaluates_about_the_requested_share():
 
 
 def test_a_nan_score_for_the_true_item_is_a_miss():
-    from stream_app.evaluation import ranks
+    from stream_app.evaluation.prequential import ranks
 
     scores = np.array([[0.5, np.nan, 0.1], [np.nan, np.nan, np.nan]])
     mask = np.ones_like(scores, bool)

@@ -1,4 +1,4 @@
-"""`stream_app.kafka` against a real Tansu broker: Sender -> broker -> consumer."""
+"""`stream_app.io.kafka` against a real Tansu broker: Sender -> broker -> consumer."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from stream_app import embedded
-from stream_app.errors import ServiceError
-from stream_app.kafka import CLIENTS, KafkaError, Messages, Record, Sender, consumer, ensure_topics, group_consumer
-from stream_app.settings import Settings
+from stream_app.dev import embedded
+from stream_app.core.errors import ServiceError
+from stream_app.io.kafka import CLIENTS, KafkaError, Messages, Record, Sender, consumer, ensure_topics, group_consumer
+from stream_app.core.settings import Settings
 
 pytestmark = pytest.mark.integration
 

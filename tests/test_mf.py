@@ -235,7 +235,7 @@ def test_rolling_figures_do_not_depend_on_the_batch_size():
     of one user) gives batch-1 figures at any batch size; scoring a batch before learning it would not."""
     from models.base import Model
     from producers.synthetic import SyntheticConfig, generate
-    from stream_app.evaluation import Evaluator, run
+    from stream_app.evaluation.prequential import Evaluator, run
 
     class Stale(MF):
         """MF scored as a batch model: every event of a batch before any of it is learned."""

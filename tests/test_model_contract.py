@@ -17,7 +17,7 @@ import pytest
 from models import registry
 from models.base import Batch, Model
 from models.features import Featurizer
-from stream_app.evaluation import Evaluator, run
+from stream_app.evaluation.prequential import Evaluator, run
 
 N_USERS, N_ITEMS, N_CLUSTERS = 150, 120, 6
 K = 10

@@ -19,7 +19,7 @@ import urllib.request
 import orjson
 import pytest
 
-from stream_app.monitor import ALL, DriftWatcher, MonitorState, check_windows, contribution, merge, replay, window_row
+from stream_app.monitor.app import ALL, DriftWatcher, MonitorState, check_windows, contribution, merge, replay, window_row
 
 
 def record(ts, model="mf", worker="w-1", recall=0.2, auc=0.9, mrr=0.08, events_seen=0, by_event_type=None):
@@ -204,7 +204,7 @@ def test_state_pools_workers_rates_and_replays_are_skipped():
 def test_terminal_view_renders():
     from rich.console import Console
 
-    from stream_app.monitor import terminal_renderable
+    from stream_app.monitor.app import terminal_renderable
 
     records = metric_stream(drop_at=150)
     state, _ = replay(records, MonitorState(lag_group="workers", lag_topic="events"))
@@ -228,7 +228,7 @@ def test_terminal_view_renders():
 def test_dashboard_api_and_sse_without_kafka():
     from fastapi.testclient import TestClient
 
-    from stream_app.dashboard import create_app
+    from stream_app.monitor.dashboard import create_app
 
     records = metric_stream(drop_at=150)
     state, _ = replay(records)
@@ -301,7 +301,7 @@ def stop_monitor(proc):
 
 
 def committed(settings) -> dict[int, int]:
-    from stream_app import kafka
+    from stream_app.io import kafka
 
     reader = kafka.consumer(settings.kafka_bootstrap, settings.consumer_group)
     try:
@@ -312,8 +312,9 @@ def committed(settings) -> dict[int, int]:
 
 
 def test_group_lag_over_real_tansu(topics):
-    from stream_app import kafka
-    from stream_app.worker import Worker, WorkerConfig
+    from stream_app.io import kafka
+    from stream_app.worker.config import WorkerConfig
+    from stream_app.worker.worker import Worker
     from tests.test_worker import events, produce
 
     assert kafka.group_lag(topics.kafka_bootstrap, topics.consumer_group, topics.events_topic) == {0: 0, 1: 0}
@@ -331,8 +332,9 @@ def test_group_lag_over_real_tansu(topics):
 
 def test_faust_windowed_tables_and_lag_over_real_tansu(topics, tmp_path):
     """The faust app's tumbling and hopping tables hold what the reference computes; lag N, then 0."""
-    from stream_app import kafka
-    from stream_app.worker import Worker, WorkerConfig
+    from stream_app.io import kafka
+    from stream_app.worker.config import WorkerConfig
+    from stream_app.worker.worker import Worker
     from tests.test_worker import events, produce
 
     produce(topics, events(300))  # no worker yet: lag 300
@@ -381,8 +383,9 @@ def test_faust_windowed_tables_and_lag_over_real_tansu(topics, tmp_path):
 
 
 def test_worker_to_monitor_to_alert_over_real_tansu(topics, tmp_path):
-    from stream_app import kafka
-    from stream_app.worker import Worker, WorkerConfig
+    from stream_app.io import kafka
+    from stream_app.worker.config import WorkerConfig
+    from stream_app.worker.worker import Worker
     from tests.test_worker import events, produce, read_topic
 
     port = free_port()
@@ -413,7 +416,7 @@ def test_worker_to_monitor_to_alert_over_real_tansu(topics, tmp_path):
         stop_monitor(proc)
 
     # the history survives a restart (Redis), and the replayed topic adds no duplicates nor alerts
-    from stream_app import kafka
+    from stream_app.io import kafka
 
     windows_before = snap["tumbling"]["by_model"]["steady"]["all"]
     lag_before = len(snap["lag"]["series"])

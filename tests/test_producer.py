@@ -21,11 +21,11 @@ import pytest
 
 from producers.producer import EventProducer
 from producers.replay import produce_cli, replay
-from producers.schema import MAX_MESSAGE_BYTES, decode, prepare
+from stream_app.core.events import MAX_MESSAGE_BYTES, decode, prepare
 from producers.synthetic import SyntheticConfig, generate
-from stream_app import kafka
-from stream_app.errors import ConfigError, InvalidEvent, ServiceError
-from stream_app.settings import Settings
+from stream_app.io import kafka
+from stream_app.core.errors import ConfigError, InvalidEvent, ServiceError
+from stream_app.core.settings import Settings
 
 
 def click(user: str = "u1", item: str = "i1", **extra) -> dict:
@@ -33,7 +33,7 @@ def click(user: str = "u1", item: str = "i1", **extra) -> dict:
 
 
 class Recorder:
-    """Stands in for stream_app.kafka.Sender."""
+    """Stands in for stream_app.io.kafka.Sender."""
 
     def __init__(self) -> None:
         self.messages: list[tuple[str, bytes, bytes | None]] = []

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from producers.readers import BadRow, EventReader, ReadReport, detect_format, read_events
-from stream_app.errors import InputFileError
+from stream_app.core.errors import InputFileError
 
 ML_SMALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small" / "ratings.csv"
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from producers.schema import (
+from stream_app.core.events import (
     EVENT_TYPES,
     MAX_CONTEXT_KEYS,
     MAX_ID_CHARS,
@@ -20,7 +20,7 @@ from producers.schema import (
     from_dict,
     prepare,
 )
-from stream_app.errors import InvalidEvent
+from stream_app.core.errors import InvalidEvent
 
 ids = st.text(min_size=1, max_size=MAX_ID_CHARS)
 finite = st.floats(allow_nan=False, allow_infinity=False)

@@ -12,11 +12,13 @@ import numpy as np
 import orjson
 import pytest
 
-from producers.schema import encode, prepare
-from stream_app import kafka
-from stream_app.errors import FencedError
-from stream_app.state import Changes, Keys, PartitionStore, applied_total, connect
-from stream_app.worker import Shard, Worker, WorkerConfig
+from stream_app.core.events import encode, prepare
+from stream_app.io import kafka
+from stream_app.core.errors import FencedError
+from stream_app.io.redis import Changes, Keys, PartitionStore, applied_total, connect
+from stream_app.worker.config import WorkerConfig
+from stream_app.worker.shard import Shard
+from stream_app.worker.worker import Worker
 
 pytestmark = pytest.mark.integration
 

@@ -31,10 +31,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from producers.schema import MAX_CONTEXT_KEYS, MAX_ID_CHARS, encode
-from stream_app.errors import InvalidEvent, ServiceError
-from stream_app.serving import ModelCache, ShardView, limit_blas_threads, query_batch, strongest, top_k
-from stream_app.settings import Settings
+from stream_app.core.events import MAX_CONTEXT_KEYS, MAX_ID_CHARS, encode
+from stream_app.core.errors import InvalidEvent, ServiceError
+from stream_app.core.threads import limit_blas_threads
+from stream_app.serving.cache import ModelCache, ShardView, query_batch, strongest, top_k
+from stream_app.core.settings import Settings
 
 log = logging.getLogger("streamrec.api")
 MAX_K = 1000
@@ -514,7 +515,7 @@ API_ENV = {  # read by app_from_env (what `streamrec serve --workers N` hands it
 
 
 def app_from_env() -> FastAPI:
-    """App factory for uvicorn's import string (`stream_app.api:app_from_env`, factory=True).
+    """App factory for uvicorn's import string (`stream_app.serving.api:app_from_env`, factory=True).
 
     Settings come from the STREAMREC_* environment (`Settings.environ()` in the parent), the API's own
     options from STREAMREC_API_* (see `API_ENV`)."""

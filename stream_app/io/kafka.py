@@ -7,7 +7,7 @@ behind `GroupConsumer`, so the worker never sees a client library.
 
 Thin on purpose: nothing here touches the network until a method is called,
 producers flush on close and retry a full buffer, and serialisation stays in
-`producers.schema`.
+`stream_app.core.events`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
-from stream_app.errors import ServiceError
+from stream_app.core.errors import ServiceError
 
 __all__ = [
     "CLIENTS", "GroupConsumer", "KafkaError", "Messages", "Record", "Sender", "TopicPartition",

@@ -14,7 +14,7 @@ from rich.table import Table
 from models.features import Featurizer
 from models.registry import create, parse_names
 from producers.readers import ReadReport, read_events
-from stream_app.evaluation import Evaluator, run
+from stream_app.evaluation.prequential import Evaluator, run
 
 stderr = Console(stderr=True)
 

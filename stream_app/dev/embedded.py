@@ -15,7 +15,7 @@ Tansu keeps everything in memory: a restarted broker has no topics and no
 data. Redis started here does not persist either (`--save "" --appendonly no`).
 
 This module does not use the Kafka client library: it recognises a broker
-with a raw ApiVersions request and leaves topics to `stream_app.kafka`.
+with a raw ApiVersions request and leaves topics to `stream_app.io.kafka`.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
 
-from stream_app.errors import ConfigError, ServiceError
-from stream_app.settings import Settings
+from stream_app.core.errors import ConfigError, ServiceError
+from stream_app.core.settings import Settings
 
 __all__ = [
     "EmbeddedServers", "ServerProcess", "down", "find_redis_server", "find_tansu", "free_port",
@@ -570,7 +570,7 @@ def up(settings: Settings) -> Iterator[str]:
 
     What this call started is stopped again if a later step fails.
     """
-    from stream_app.kafka import ensure_topics
+    from stream_app.io.kafka import ensure_topics
 
     started: list[tuple[ServerProcess, Path]] = []
     try:

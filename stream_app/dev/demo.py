@@ -19,11 +19,11 @@ from producers.producer import EventProducer
 from producers.readers import EventReader
 from producers.replay import replay
 from producers.synthetic import SyntheticConfig, generate
-from stream_app import embedded
-from stream_app.errors import ServiceError
-from stream_app.metrics_view import latest_by_model, read_records, table
-from stream_app.settings import Settings
-from stream_app.state import applied_total, connect
+from stream_app.dev import embedded
+from stream_app.core.errors import ServiceError
+from stream_app.monitor.terminal import latest_by_model, read_records, table
+from stream_app.core.settings import Settings
+from stream_app.io.redis import applied_total, connect
 
 console = Console()
 

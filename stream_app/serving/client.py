@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import httpx
 
-from stream_app.errors import StreamrecError
+from stream_app.core.errors import StreamrecError
 
 
 class ApiError(StreamrecError):

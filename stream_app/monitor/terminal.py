@@ -9,8 +9,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from stream_app import kafka
-from stream_app.settings import Settings
+from stream_app.io import kafka
+from stream_app.core.settings import Settings
 
 COLUMNS = ("recall", "auc", "mrr", "ndcg", "precision", "f1")
 

@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable
 
 import orjson
 
-from stream_app.metrics_view import latest_by_model
+from stream_app.monitor.terminal import latest_by_model
 
 log = logging.getLogger("streamrec.monitor")
 
@@ -424,7 +424,7 @@ def terminal_renderable(state: MonitorState):
     from rich.console import Group
     from rich.table import Table
 
-    from stream_app.metrics_view import table
+    from stream_app.monitor.terminal import table
 
     rows = state.rows()
     size = state.sizes["tumbling"][0]
@@ -502,7 +502,7 @@ def build_app(settings, state: MonitorState, on_alert: Callable[[dict], None] | 
     """
     import faust
 
-    from stream_app import kafka
+    from stream_app.io import kafka
 
     LagSample = lag_record_type()
     lag_group = lag_group or settings.consumer_group
@@ -632,7 +632,7 @@ def run(settings, host: str = "127.0.0.1", port: int = 8050, terminal: bool = Fa
     """Run the monitor until interrupted: faust in the main thread, dashboard or terminal view aside."""
     import faust
 
-    from stream_app import kafka
+    from stream_app.io import kafka
 
     check_windows(tumbling, hopping)
     kafka.wait_for_broker(settings.kafka_bootstrap)
@@ -652,7 +652,7 @@ def run(settings, host: str = "127.0.0.1", port: int = 8050, terminal: bool = Fa
         async def refresh():
             live.update(terminal_renderable(state))
     else:
-        from stream_app.dashboard import serve_in_thread
+        from stream_app.monitor.dashboard import serve_in_thread
 
         server, _ = serve_in_thread(state, host, port)
         print(f"streamrec monitor: dashboard on http://{host}:{port}/ (metrics topic {settings.metrics_topic})", flush=True)

@@ -1,7 +1,7 @@
 """Redis-backed model cache for the lookup API: one prepared copy of each shard's models, kept fresh.
 
 Each Kafka partition of `events` is a shard with its own vocabularies and
-models (see `stream_app.worker`). `ModelCache.shard(p)` returns an immutable
+models (see `stream_app.worker.worker`). `ModelCache.shard(p)` returns an immutable
 `ShardView` of partition `p`: vocabularies, the users' recent history and
 every served model rebuilt with `import_state` from the rows in Redis, plus
 what a lookup needs precomputed (popularity vectors, contiguous float32 item
@@ -33,15 +33,15 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from models.base import EVENT_TYPES, Batch, Model
+from models.base import Batch, Model
 from models.features import Featurizer
 from models.registry import create
-from stream_app.errors import ServiceError
-from stream_app.kafka import partition_for
-from stream_app.settings import Settings
-from stream_app.state import KINDS, Keys, rows_to_array, session_rows, unpack_blob
+from stream_app.core.errors import ServiceError
+from stream_app.core.events import EVENT_TYPES, EVENT_WEIGHTS
+from stream_app.io.kafka import partition_for
+from stream_app.core.settings import Settings
+from stream_app.io.redis import KINDS, Keys, rows_to_array, session_rows, unpack_blob
 
-EVENT_STRENGTH = {"click": 1, "favorite": 2, "purchase": 3}
 ITEM_VECTOR_TABLES = ("item", "item_emb")  # item-embedding tables of known models, tried in order
 log = logging.getLogger("streamrec.serving")
 
@@ -469,21 +469,6 @@ def _item_vectors(model: Model | None, n_items: int) -> np.ndarray | None:
     return out
 
 
-def limit_blas_threads(n: int = 1) -> None:
-    """Make BLAS single-threaded in a serving or stream-worker process (before or after numpy is imported).
-
-    On a small, busy machine a multi-threaded OpenBLAS turns a 0.15 ms [20k x 64] mat-vec into
-    ~10 ms of spinning threads; servers and workers get their parallelism from processes.
-    """
-    import os
-
-    from threadpoolctl import threadpool_limits
-
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)  # for a BLAS loaded later
-    threadpool_limits(n, user_api="blas")  # for the one loaded now
-
-
 class ModelCache:
     """Per-shard serving state rebuilt from Redis, refreshed in the background when a shard's `version` moves.
 
@@ -713,7 +698,7 @@ def strongest(history: np.ndarray) -> dict[int, str]:
     out: dict[int, str] = {}
     for item, code in history.tolist():
         kind = EVENT_TYPES[code] if 0 <= code < len(EVENT_TYPES) else "click"
-        if item not in out or EVENT_STRENGTH[kind] > EVENT_STRENGTH[out[item]]:
+        if item not in out or EVENT_WEIGHTS[kind] > EVENT_WEIGHTS[out[item]]:
             out[item] = kind
     return out
 

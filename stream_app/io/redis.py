@@ -22,7 +22,7 @@ import orjson
 import redis
 
 from models.base import Model
-from stream_app.errors import FencedError, ServiceError
+from stream_app.core.errors import FencedError, ServiceError
 
 KINDS = ("user", "item", "session", "context")
 

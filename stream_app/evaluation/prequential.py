@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.base import EVENT_TYPES, Batch, Model
+from models.base import Batch, Model
+from stream_app.core.events import EVENT_TYPES
 
 METRICS = ("recall", "auc", "mrr", "ndcg", "precision", "f1")
 

@@ -11,7 +11,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
-from stream_app.monitor import MonitorState
+from stream_app.monitor.app import MonitorState
 
 PAGE = Path(__file__).parent / "static" / "dashboard.html"
 

@@ -1,0 +1,1 @@
+"""Below everything: errors, typed settings, the event schema. Imports nothing of the project."""

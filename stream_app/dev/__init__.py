@@ -1,0 +1,1 @@
+"""Development only: the embedded broker and Redis, and the demo. Nothing at runtime imports it."""

@@ -1,0 +1,1 @@
+"""Prequential (test-then-train) evaluation, in the worker and offline over a file."""

@@ -1,0 +1,1 @@
+"""Kafka and Redis I/O: clients, key layout, the fenced commit, the snapshot reader."""

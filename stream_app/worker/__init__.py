@@ -1,0 +1,1 @@
+"""The stream worker: configuration, partition shards, the consume loop, worker processes."""

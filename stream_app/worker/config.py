@@ -1,0 +1,29 @@
+"""The worker's settings: how it batches, evaluates, commits and reports."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How a worker batches, evaluates and reports."""
+
+    models: tuple[str, ...] = ("pop",)
+    batch_size: int = 256  # events per micro-batch: evaluated, then learned
+    max_wait_ms: int = 200
+    commit_max: int = 8192  # events per poll and Redis commit at most: a backlog commits several micro-batches at once
+    commit_interval_ms: int = 100  # a busy stream's learning reaches Redis within this (an idle one's at once)
+    commit_share: float = 0.1  # ... and sooner when commits are cheap: they may take this share of the time
+    sample_rate: float = 0.1
+    k: int = 20
+    window: int = 10_000
+    metrics_every: int = 1000  # evaluated events between metric records
+    metrics_interval: float = 5.0  # ... or seconds
+    dedup_window: int = 100_000
+    session_gap: float = 1800.0  # a user's implicit session ends after this idle time; sessions expire after it
+    idle_expiry: float | None = None  # users and items idle this long (stream time, s) are expired; None: never
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    seed: int = 0
