@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.streamrec-installed
 
-.PHONY: venv demo test bench
+.PHONY: venv demo test lint bench
 
 venv: $(STAMP)
 
@@ -26,8 +26,12 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/streamrec demo
 
-test: venv
+test: venv lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: venv
 	$(BIN)/streamrec bench

@@ -1,5 +1,8 @@
 """Lookup benchmark: latency and throughput of `GET /recommendations` on loopback, and answer freshness.
 
+Over 400 lines on purpose: one run sets up the data, the servers, the load and the report, so that
+every figure comes from the same moments of a shared machine.
+
 Run: `streamrec bench --only lookup` (or `python -m bench.lookup`). Starts its
 own Tansu and Redis on free ports in a temporary directory, produces a stream
 over a 20k-item catalogue (every item seen), lets a worker learn it (MF with
@@ -50,6 +53,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import numpy as np
@@ -119,7 +123,7 @@ class Conn:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def open(cls, host: str, port: int) -> "Conn":
+    async def open(cls, host: str, port: int) -> Conn:
         return cls(*await asyncio.open_connection(host, port))
 
     async def get(self, request: bytes) -> tuple[int, bytes]:
@@ -323,7 +327,7 @@ def freshness(settings, env: dict, server: Server, models: str, samples: int, tm
             worker.kill()
         log.close()
     lat = np.array(lags) * 1000
-    out = {"samples": len(lags), "missed_after_10s": missed}
+    out: dict[str, Any] = {"samples": len(lags), "missed_after_10s": missed}
     if len(lat):
         out.update({f"p{q}_ms": round(float(np.percentile(lat, q)), 1) for q in (10, 50, 90, 99)})
         out.update({"min_ms": round(float(lat.min()), 1), "max_ms": round(float(lat.max()), 1),
@@ -376,7 +380,8 @@ def main(argv: list[str] | None = None) -> dict:
     query = registry.create(models[0]).query
     sessions = args.events // SESSION_LEN if query == "session" else 0
     result: dict = {"bench": "lookup", "query": query, "models": list(models), "items": args.items,
-                    "users": args.users, "events": args.events, **({"sessions": sessions} if sessions else {}), "host": platform.node(), "python": platform.python_version(),
+                    "users": args.users, "events": args.events, **({"sessions": sessions} if sessions else {}),
+                    "host": platform.node(), "python": platform.python_version(),
                     "cpus": os.cpu_count(), "load_average_at_start": list(os.getloadavg()),
                     "http": _http_stack()}
     if shim:
@@ -410,15 +415,16 @@ def main(argv: list[str] | None = None) -> dict:
 
         env = settings.environ()
         env["PYTHONPATH"] = os.pathsep.join([str(tmp / "shim")] * shim + [str(ROOT)])
-        configs = [(f"{models[0]}, --workers {w}", ",".join(models), models[0], int(w), None)
-                   for w in args.workers.split(",")]
+        configs: list[tuple[str, str, str, int, Path | None]] = [
+            (f"{models[0]}, --workers {w}", ",".join(models), models[0], int(w), None) for w in args.workers.split(",")
+        ]
         if models[0] != "pop":
             configs.append(("pop, --workers 1", ",".join(models), "pop", 1, None))
         if args.baseline:
             base_dir = checkout(args.baseline, tmp / "baseline")
             configs.append((f"pop, baseline {args.baseline}", "pop", "pop", 1, base_dir))
-        runs = []
-        first_server = None
+        runs: list[dict] = []
+        first_server: Server | None = None
         for name, serve_models, model, workers, cwd in configs:
             print(f"measuring {name} ...", flush=True)
             run_env = dict(env)
@@ -435,6 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
             if name == configs[0][0]:
                 first_server = server
         result["runs"] = runs
+        assert first_server is not None, "no server was measured"
         try:
             if not sessions:
                 print("freshness ...", flush=True)

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "memory.json").write_text(json.dumps(result, indent=2) + "\n")
     table = (
-        f"| model | state, MB per 1M users + 1M items | shard resident memory, MB per 1M users + 1M items |\n"
+        "| model | state, MB per 1M users + 1M items | shard resident memory, MB per 1M users + 1M items |\n"
         "|---|---:|---:|\n"
         + "".join(f"| {r['model']} | {r['state_mb_per_million']:,.1f} | {r['rss_mb_per_million']:,.1f} |\n" for r in rows)
     )

@@ -22,9 +22,9 @@ import platform
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-import tempfile
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -34,9 +34,9 @@ import numpy as np
 from bench.baseline import checkout
 from producers.producer import EventProducer
 from producers.synthetic import SyntheticConfig, generate
+from stream_app.core.settings import Settings
 from stream_app.dev import embedded
 from stream_app.io import kafka
-from stream_app.core.settings import Settings
 from stream_app.io.redis import Keys, applied_total, connect
 from stream_app.worker.config import WorkerConfig
 from stream_app.worker.worker import Worker
@@ -65,6 +65,7 @@ def worker_rate(settings: Settings, config: WorkerConfig, n: int) -> tuple[float
     (`consume` is the rest: polling Kafka and the loop around the steps)."""
     worker = Worker(settings, config)
     worker.run(stop_after=n)
+    assert worker.started_at is not None, "the worker never started"
     seconds = time.monotonic() - worker.started_at
     steps = {step: 1e6 * s / worker.applied for step, s in worker.seconds.items()}
     steps["consume"] = 1e6 * seconds / worker.applied - sum(steps.values())
@@ -117,11 +118,11 @@ def processes_rate(settings: Settings, config: WorkerConfig, n: int, processes: 
             if proc.poll() is not None:
                 raise RuntimeError(f"`{' '.join(command)}` exited with {proc.returncode}")
             time.sleep(0.005)
-        start, epochs = time.perf_counter(), [int(redis.get(k.epoch)) for k in keys]
+        start, epochs = time.perf_counter(), [int(redis.get(k.epoch) or 0) for k in keys]
         while applied_total(redis, settings.key_prefix, settings.events_topic, partitions) < n:
             time.sleep(0.005)
         rate = n / (time.perf_counter() - start)
-        return rate, sum(int(redis.get(k.epoch)) - e for k, e in zip(keys, epochs))
+        return rate, sum(int(redis.get(k.epoch) or 0) - e for k, e in zip(keys, epochs))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)

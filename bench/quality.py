@@ -20,8 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import ClassVar
 
 import numpy as np
 from river import optim, reco
@@ -35,16 +36,16 @@ from stream_app.core.events import Event
 from stream_app.evaluation.prequential import Evaluator, run
 
 
-
 class RiverRanker(Model):
     """A River `reco` model behind the Model interface: learns ratings, ranks every item by `predict_one`."""
 
     query = "user"
     sequential = True  # learn_one, event by event
-    tables: dict[str, TableKind] = {}
+    tables: ClassVar[dict[str, TableKind]] = {}
 
-    def __init__(self, name: str, river_model: reco.base.Ranker):
-        self.name = name
+    name = "river"
+
+    def __init__(self, river_model: reco.base.Ranker):
         self.model = river_model
 
     def learn(self, batch: Batch) -> None:
@@ -75,8 +76,8 @@ MODELS: dict[str, Callable[[], Model]] = {
     "mf": MF,
     "mf-popneg": lambda: MF(popular_share=0.1),
     # FunkMF's default SGD(0.1) diverges to NaN on these ratings; 0.05 does not.
-    "river-funk": lambda: RiverRanker("river-funk", reco.FunkMF(optimizer=optim.SGD(0.05), seed=0)),
-    "river-biased": lambda: RiverRanker("river-biased", reco.BiasedMF(seed=0)),
+    "river-funk": lambda: RiverRanker(reco.FunkMF(optimizer=optim.SGD(0.05), seed=0)),
+    "river-biased": lambda: RiverRanker(reco.BiasedMF(seed=0)),
 }
 
 
@@ -91,7 +92,8 @@ def evaluate(events: list[Event], names: list[str], batch_size: int, sample_rate
     for protocol, evaluator in evaluators.items():
         for name in names:
             s = evaluator.summary(name)
-            out.append({"model": name, "protocol": protocol, **{k: s.get(k) for k in ("recall", "auc", "mrr", "evaluated", "cold_start", "repeat")},
+            figures = {k: s.get(k) for k in ("recall", "auc", "mrr", "evaluated", "cold_start", "repeat")}
+            out.append({"model": name, "protocol": protocol, **figures,
                         "batch": batch_size, "sampled": sample_rate < 1.0, "run_seconds": round(seconds, 1)})
     return out
 

@@ -17,7 +17,7 @@ Two streams:
   item transitions, device effects, and re-views (a fifth of the clicks
   re-view an item of their session; favorites and purchases repeat a click).
 
-Every figure is prequential (the DESIGN evaluation protocol), ranked per
+Every figure is prequential (`stream_app.evaluation`), ranked per
 session at the stated batch size, under both protocols in one pass: seen
 items excluded (repeats counted, not ranked) and included (repeats ranked,
 as in the session-based literature). Learning
@@ -34,7 +34,6 @@ import os
 import sys
 import time
 from pathlib import Path
-
 
 from bench.streams import MOVIELENS, PROTOCOLS, movielens, synthetic
 from models.features import Featurizer
@@ -54,7 +53,7 @@ def evaluate(events, names, batch_size, session_gap, params=None, progress=False
         t = time.perf_counter()
         done = [0]
 
-        def tick(n, name=name, t=t):
+        def tick(n, name=name, t=t, done=done):
             done[0] += n
             if progress and done[0] % 10_000 < n:
                 print(f"  {name} b={batch_size}: {done[0]} events {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)

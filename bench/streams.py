@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from producers.readers import read_events
-from stream_app.core.events import Event
 from producers.synthetic import SyntheticConfig, generate
+from stream_app.core.events import Event
 
 MOVIELENS = Path(__file__).resolve().parent.parent / "../shared/data/ml-latest-small/ratings.csv"
 PROTOCOLS = {"exclude-seen": True, "include-seen": False}  # name -> Evaluator(exclude_seen=...)

@@ -20,13 +20,13 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
-from typing import Any, Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-from stream_app.core.events import Event, encode, prepare
 from stream_app.core.errors import InvalidEvent
-from stream_app.io.kafka import Sender
+from stream_app.core.events import Event, encode, prepare
 from stream_app.core.settings import Settings
+from stream_app.io.kafka import Sender
 
 __all__ = ["EventProducer", "to_event"]
 
@@ -119,7 +119,7 @@ class EventProducer:
         """Flush and close; raises `ServiceError` if a delivery failed."""
         self._sender.close()
 
-    def __enter__(self) -> "EventProducer":
+    def __enter__(self) -> EventProducer:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -13,18 +13,27 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, Task, TextColumn
-from rich.progress import TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.text import Text
 
 from producers.readers import EventReader, ReadReport
-from stream_app.core.events import Event
 from stream_app.core.errors import ConfigError
+from stream_app.core.events import Event
 
 __all__ = ["ReplayStats", "replay", "produce_cli", "SYNTHETIC_DEFAULT_EVENTS"]
 

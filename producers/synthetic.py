@@ -55,11 +55,11 @@ import itertools
 import math
 import random
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
-from stream_app.core.events import Event
 from stream_app.core.errors import ConfigError
+from stream_app.core.events import Event
 
 __all__ = ["SyntheticConfig", "World", "make_world", "generate", "EPOCH"]
 
@@ -200,7 +200,7 @@ class _Session:
     device: str
     clicks_left: int
     last_item: int = -1
-    pending: deque | None = None  # funnel events waiting for this session's next turns
+    pending: deque = field(default_factory=deque)  # funnel events waiting for this session's next turns
     clicked: list[int] = field(default_factory=list)  # items clicked so far, first click first
 
 

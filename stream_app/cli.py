@@ -1,14 +1,16 @@
-"""The `streamrec` command line (DESIGN.md section 6)."""
+"""The `streamrec` command line. Commands import what they need when they run, so `--help` is quick."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from stream_app.core.errors import StreamrecError
 from stream_app.core.settings import Settings
+from stream_app.worker.config import WorkerConfig
 
 app = typer.Typer(
     help="streamrec: a streaming, incremental recommender (Kafka in, online models, Redis state).",
@@ -95,22 +97,32 @@ def produce(
     typer.echo(summary)
 
 
+WORKER = WorkerConfig()  # the worker's defaults, defined once in WorkerConfig
 ModelsOpt = typer.Option("pop", "--models", help="comma-separated model names (see `streamrec evaluate --help`)")
 
 
 @app.command()
 def worker(
     models: str = ModelsOpt,
-    batch_size: int = typer.Option(256, "--batch-size", min=1, help="max events per micro-batch"),
-    max_wait_ms: int = typer.Option(200, "--max-wait-ms", min=1, help="max wait for a batch to fill"),
-    commit_max: int = typer.Option(
-        8192, "--commit-max", min=1, help="max events per Redis commit (a backlog is learned in micro-batches, committed together)"
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", min=1, help=f"max events per micro-batch (default {WORKER.batch_size})"
     ),
-    commit_interval_ms: int = typer.Option(
-        100, "--commit-interval-ms", min=0, help="a busy stream commits to Redis at most this often (an idle one at once)"
+    max_wait_ms: Optional[int] = typer.Option(
+        None, "--max-wait-ms", min=1, help=f"max wait for a batch to fill (default {WORKER.max_wait_ms})"
     ),
-    sample_rate: float = typer.Option(0.1, "--sample-rate", min=0.0, max=1.0, help="share of events evaluated"),
-    k: int = typer.Option(20, "--k", min=1, help="cut-off of recall@k and friends"),
+    commit_max: Optional[int] = typer.Option(
+        None, "--commit-max", min=1,
+        help="max events per Redis commit (a backlog is learned in micro-batches, committed together)"
+        f" (default {WORKER.commit_max})",
+    ),
+    commit_interval_ms: Optional[int] = typer.Option(
+        None, "--commit-interval-ms", min=0,
+        help=f"a busy stream commits to Redis at most this often (an idle one at once) (default {WORKER.commit_interval_ms})",
+    ),
+    sample_rate: Optional[float] = typer.Option(
+        None, "--sample-rate", min=0.0, max=1.0, help=f"share of events evaluated (default {WORKER.sample_rate})"
+    ),
+    k: Optional[int] = typer.Option(None, "--k", min=1, help=f"cut-off of recall@k and friends (default {WORKER.k})"),
     group: Optional[str] = typer.Option(None, "--group", help="consumer group [env STREAMREC_CONSUMER_GROUP]"),
     topic: Optional[str] = typer.Option(None, "--topic", help="events topic [env STREAMREC_EVENTS_TOPIC]"),
     max_idle: Optional[float] = typer.Option(None, "--max-idle", help="exit after this many idle seconds"),
@@ -130,17 +142,15 @@ def worker(
     import logging
 
     from models.registry import parse_names
-    from stream_app.worker.config import WorkerConfig
     from stream_app.worker.processes import run_processes
     from stream_app.worker.worker import Worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
     try:
-        config = WorkerConfig(
-            models=tuple(parse_names(models)), batch_size=batch_size, max_wait_ms=max_wait_ms,
-            commit_max=commit_max, commit_interval_ms=commit_interval_ms, sample_rate=sample_rate, k=k, idle_expiry=idle_expiry,
-        )
+        given: dict[str, Any] = dict(batch_size=batch_size, max_wait_ms=max_wait_ms, commit_max=commit_max,
+                     commit_interval_ms=commit_interval_ms, sample_rate=sample_rate, k=k, idle_expiry=idle_expiry)
+        config = replace(WORKER, models=tuple(parse_names(models)), **{n: v for n, v in given.items() if v is not None})
         conf = settings(kafka_bootstrap=bootstrap, redis_url=redis_url, consumer_group=group, events_topic=topic,
                         kafka_client=client)
         if processes == 1:
@@ -155,23 +165,31 @@ def worker(
 def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="port to listen on"),
-    models: str = typer.Option("pop", "--models", help="comma-separated models to serve (the worker must run them)"),
+    models: Optional[str] = typer.Option(
+        None, "--models", help="comma-separated models to serve (the worker must run them) [env STREAMREC_API_MODELS]",
+    ),
     topic: Optional[str] = typer.Option(None, "--topic", help="events topic [env STREAMREC_EVENTS_TOPIC]"),
-    partitions: Optional[int] = typer.Option(None, "--partitions", help="partitions of the events topic [env STREAMREC_EVENTS_PARTITIONS]"),
-    refresh: float = typer.Option(0.25, "--refresh", min=0.01, help="seconds between checks of a shard's model version"),
+    partitions: Optional[int] = typer.Option(
+        None, "--partitions", help="partitions of the events topic [env STREAMREC_EVENTS_PARTITIONS]",
+    ),
+    refresh: Optional[float] = typer.Option(
+        None, "--refresh", min=0.01, help="seconds between checks of a shard's model version [env STREAMREC_API_REFRESH]",
+    ),
     workers: int = typer.Option(
         1, "--workers", min=1,
         help="uvicorn worker processes sharing the port. More processes use more cores (no shared GIL) but each "
              "holds and refreshes its own copy of every shard (N x memory, N x reload work per model version)",
     ),
-    ann_threshold: int = typer.Option(
-        50_000, "--ann-threshold", min=0,
-        help="items per shard from which embedding models answer through an hnswlib index (exact below)",
+    ann_threshold: Optional[int] = typer.Option(
+        None, "--ann-threshold", min=0,
+        help="items per shard from which embedding models answer through an hnswlib index (exact below) "
+             "[env STREAMREC_API_ANN_THRESHOLD]",
     ),
     bootstrap: Optional[str] = Bootstrap,
     redis_url: Optional[str] = RedisUrl,
 ) -> None:
     """Serve the lookup HTTP API (recommendations, similar items, POST /events, /metrics) from Redis state."""
+    import functools
     import os
 
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -179,25 +197,26 @@ def serve(
     import uvicorn
 
     from models.registry import parse_names
-    from stream_app.serving.api import API_ENV, create_app
+    from stream_app.serving.api import create_app
 
-    conf = settings(kafka_bootstrap=bootstrap, redis_url=redis_url, events_topic=topic, events_partitions=partitions)
+    conf = settings(kafka_bootstrap=bootstrap, redis_url=redis_url, events_topic=topic, events_partitions=partitions,
+                    api_models=models, api_refresh=refresh, api_ann_threshold=ann_threshold)
     try:
-        names = tuple(parse_names(models))
+        names = ",".join(parse_names(conf.api_models))
+        conf = conf.with_(api_models=names)
         if workers == 1:
-            app_ = create_app(conf, names, refresh_interval=refresh, ann_threshold=ann_threshold)
+            app_ = create_app(conf)
     except StreamrecError as exc:
         fail(exc)
-    typer.echo(f"serving on http://{host}:{port} (models: {models}; {workers} worker process(es))")
-    options = dict(host=host, port=port, log_level="warning", access_log=False)  # loop/http: uvloop, httptools if installed
+    typer.echo(f"serving on http://{host}:{port} (models: {names}; {workers} worker process(es))")
+    # loop/http: uvloop, httptools if installed
+    run = functools.partial(uvicorn.run, host=host, port=port, log_level="warning", access_log=False)
     if workers == 1:
-        uvicorn.run(app_, **options)
+        run(app_)
         return
-    # Worker processes import the app by name and read their settings from the environment.
+    # Worker processes import the app by name and read their settings (API options included) from the environment.
     os.environ.update(conf.environ())
-    os.environ.update({API_ENV["models"]: ",".join(names), API_ENV["refresh"]: str(refresh),
-                       API_ENV["ann_threshold"]: str(ann_threshold)})
-    uvicorn.run("stream_app.serving.api:app_from_env", factory=True, workers=workers, **options)
+    run("stream_app.serving.api:app_from_env", factory=True, workers=workers)
 
 
 @app.command()
@@ -256,14 +275,17 @@ def monitor(
     tumbling: int = typer.Option(10, "--tumbling", min=1, help="tumbling window size, seconds"),
     hopping: str = typer.Option("30,10", "--hopping", help="hopping window SIZE,STEP in seconds (SIZE a multiple of STEP)"),
     lag_interval: float = typer.Option(2.0, "--lag-interval", min=0.1, help="seconds between consumer-lag samples"),
-    lag_group: Optional[str] = typer.Option(None, "--lag-group", help="consumer group whose lag is watched (default: the workers')"),
+    lag_group: Optional[str] = typer.Option(
+        None, "--lag-group", help="consumer group whose lag is watched (default: the workers')"
+    ),
     bootstrap: Optional[str] = Bootstrap,
     redis_url: Optional[str] = RedisUrl,
 ) -> None:
     """Watch the metrics topic: faust windowed tables, consumer lag, drift alerts, web dashboard (or --terminal)."""
     import logging
 
-    from stream_app.monitor.app import check_windows, run
+    from stream_app.monitor.service import run
+    from stream_app.monitor.windows import check_windows
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

@@ -16,13 +16,13 @@ Tests that use any of them are marked `integration` automatically.
 from __future__ import annotations
 
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
+from stream_app.core.settings import Settings
 from stream_app.dev import embedded
 from stream_app.io.kafka import ensure_topics
-from stream_app.core.settings import Settings
 
 INTEGRATION_FIXTURES = {"embedded_servers", "services", "topics", "redis_client"}
 

@@ -1,5 +1,7 @@
 """The lookup HTTP API over state a real worker wrote (real Tansu + real Redis, fixtures in conftest.py).
 
+Over 400 lines: one file per component under test; the planted state is shared by all its tests.
+
 Planted data: device=ios users click items A0..A9, device=android users click
 B0..B9; alice (ios) bought A1 and clicked A2; one user browses in session sess-1.
 """
@@ -18,9 +20,10 @@ from fastapi.testclient import TestClient
 from stream_app.core.events import encode, prepare
 from stream_app.dev import embedded
 from stream_app.io import kafka
-from stream_app.serving.api import Recommender, create_app
-from stream_app.serving.client import ApiError, RecommenderClient
 from stream_app.io.redis import Keys, connect
+from stream_app.serving.api import create_app
+from stream_app.serving.client import ApiError, RecommenderClient
+from stream_app.serving.recommender import Recommender
 from stream_app.worker.config import WorkerConfig
 from stream_app.worker.worker import Worker
 
@@ -84,7 +87,7 @@ def planted(embedded_servers, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(planted):
     """A real uvicorn serving the API on a free loopback port."""
-    app = create_app(planted, ("pop",), refresh_interval=0.1)
+    app = create_app(planted.with_(api_models="pop", api_refresh=0.1))
     port = embedded.free_port("127.0.0.1")
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -262,8 +265,9 @@ def test_redis_stopped_gives_503_with_retry_after_then_recovers(tmp_path, plante
     port = embedded.free_port("127.0.0.1")
     redis_server = embedded.start_redis(port, tmp_path / "r1")
     try:
-        settings = planted.with_(redis_url=f"redis://127.0.0.1:{port}/0")
-        with TestClient(create_app(settings, ("pop",), refresh_interval=0.05, redis_timeout=0.5)) as client:
+        settings = planted.with_(redis_url=f"redis://127.0.0.1:{port}/0", api_models="pop", api_refresh=0.05,
+                                 api_redis_timeout=0.5)
+        with TestClient(create_app(settings)) as client:
             ok = client.get("/recommendations", params={"user_id": "u1", "k": 5})
             assert ok.status_code == 200 and ok.json()["items"] == []  # empty store: no error either
             redis_server.stop()
@@ -302,7 +306,7 @@ def test_a_model_with_item_embeddings_plugs_in(embedded_servers, tmp_path, monke
     kafka.ensure_topics(settings.kafka_bootstrap, embedded.topic_partitions(settings))
     produce(settings, planted_events())
     Worker(settings, WorkerConfig(models=("pop", "mf"))).run(max_idle=3)
-    with TestClient(create_app(settings, ("mf", "pop"))) as client:
+    with TestClient(create_app(settings.with_(api_models="mf,pop"))) as client:
         r = client.get("/recommendations", params={"user_id": "alice", "k": 5, "context.device": "ios"})
         assert r.status_code == 200, r.text
         answer = r.json()
@@ -326,7 +330,9 @@ import numpy as np  # noqa: E402
 
 from models.base import Batch, Model  # noqa: E402
 from models.features import Featurizer  # noqa: E402
-from stream_app.serving.cache import AnnIndex, EmbeddingScorer, ModelCache, PopScorer, ShardView, top_k  # noqa: E402
+from stream_app.serving.cache import ModelCache  # noqa: E402
+from stream_app.serving.scorers import AnnIndex, EmbeddingScorer, PopScorer, top_k  # noqa: E402
+from stream_app.serving.view import ShardView  # noqa: E402
 
 
 def _batch(users, items, contexts, n_users, n_items, n_ctx, width=4):
@@ -340,7 +346,7 @@ def _batch(users, items, contexts, n_users, n_items, n_ctx, width=4):
 
 
 class SyntheticEmbeddings(Model):
-    """A served model that exposes an item-embedding table (and a query-vector function), nothing else."""
+    """A served model that declares item vectors and query vectors (the serving contract), nothing else."""
 
     name = "emb"
     tables = {"item": "item", "item_bias": "item", "user": "user"}
@@ -351,7 +357,10 @@ class SyntheticEmbeddings(Model):
         self.V = rng.normal(size=(n_items, dim)).astype(np.float32)
         self.b = rng.normal(scale=0.1, size=(n_items, 1)).astype(np.float32)
 
-    def query_embeddings(self, batch, rows):
+    def item_vectors(self):
+        return self.V, self.b[:, 0]
+
+    def query_vectors(self, batch, rows):
         users = batch.users[rows]
         known = (users >= 0) & (users < len(self.U))
         q = np.zeros((len(rows), self.V.shape[1]), np.float32)
@@ -359,7 +368,7 @@ class SyntheticEmbeddings(Model):
         return q, known
 
     def score(self, batch, rows):
-        q, _ = self.query_embeddings(batch, rows)
+        q, _ = self.query_vectors(batch, rows)
         return q @ self.V.T + self.b[:, 0]
 
     def export_state(self):

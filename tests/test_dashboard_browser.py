@@ -10,7 +10,8 @@ import time
 import pytest
 
 from stream_app.monitor.dashboard import serve_in_thread
-from stream_app.monitor.app import MonitorState, contribution, replay
+from stream_app.monitor.state import MonitorState, replay
+from stream_app.monitor.windows import contribution
 from tests.test_monitor import feed_reference_windows, metric_stream, record
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import orjson
 
-from stream_app.io import kafka
 from stream_app.dev.demo import run_demo
+from stream_app.io import kafka
 from stream_app.io.redis import connect
 
 

@@ -8,14 +8,14 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from stream_app.dev import embedded
 from stream_app.core.errors import ServiceError
 from stream_app.core.settings import Settings
+from stream_app.dev import embedded
 
 pytestmark = pytest.mark.integration
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from stream_app.dev import embedded
 from stream_app.core.errors import ServiceError
-from stream_app.io.kafka import CLIENTS, KafkaError, Messages, Record, Sender, consumer, ensure_topics, group_consumer
 from stream_app.core.settings import Settings
+from stream_app.dev import embedded
+from stream_app.io.kafka import CLIENTS, KafkaError, Messages, Record, Sender, consumer, ensure_topics, group_consumer
 
 pytestmark = pytest.mark.integration
 

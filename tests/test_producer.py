@@ -14,18 +14,18 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from producers.producer import EventProducer
 from producers.replay import produce_cli, replay
-from stream_app.core.events import MAX_MESSAGE_BYTES, decode, prepare
 from producers.synthetic import SyntheticConfig, generate
-from stream_app.io import kafka
 from stream_app.core.errors import ConfigError, InvalidEvent, ServiceError
+from stream_app.core.events import MAX_MESSAGE_BYTES, decode, prepare
 from stream_app.core.settings import Settings
+from stream_app.io import kafka
 
 
 def click(user: str = "u1", item: str = "i1", **extra) -> dict:
@@ -60,7 +60,7 @@ def test_send_fills_ids_and_time_keys_by_user_and_closes() -> None:
         bare = producer.send(prepare(click("u3"), now=6.0).replace(event_id=None))
     assert rec.closed == 1 and producer.sent == 3
     (topic, raw, key), *_ = rec.messages
-    assert topic == "ev" and key == "ü-1".encode("utf-8")
+    assert topic == "ev" and key == "ü-1".encode()
     assert decode(raw) == sent and sent.event_id and time.time() - sent.ts < 60
     assert decode(rec.messages[1][1]) == kept and kept.ts == 5.0
     assert bare.event_id and decode(rec.messages[2][1]).event_id == bare.event_id

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from stream_app.core.errors import InvalidEvent
 from stream_app.core.events import (
     EVENT_TYPES,
     MAX_CONTEXT_KEYS,
@@ -20,7 +21,6 @@ from stream_app.core.events import (
     from_dict,
     prepare,
 )
-from stream_app.core.errors import InvalidEvent
 
 ids = st.text(min_size=1, max_size=MAX_ID_CHARS)
 finite = st.floats(allow_nan=False, allow_infinity=False)

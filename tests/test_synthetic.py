@@ -7,9 +7,9 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from stream_app.core.events import decode, encode
 from producers.synthetic import EPOCH, SyntheticConfig, generate, make_world
 from stream_app.core.errors import ConfigError
+from stream_app.core.events import decode, encode
 
 CONFIG = SyntheticConfig(n_users=400, n_items=300, n_clusters=6, initial_items=150, new_item_every=100)
 N = 30_000

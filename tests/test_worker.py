@@ -12,9 +12,9 @@ import numpy as np
 import orjson
 import pytest
 
+from stream_app.core.errors import FencedError
 from stream_app.core.events import encode, prepare
 from stream_app.io import kafka
-from stream_app.core.errors import FencedError
 from stream_app.io.redis import Changes, Keys, PartitionStore, applied_total, connect
 from stream_app.worker.config import WorkerConfig
 from stream_app.worker.shard import Shard
@@ -58,7 +58,8 @@ def read_topic(settings, topic: str, timeout: float = 5.0) -> list[dict]:
 
 
 def applied(settings) -> int:
-    return applied_total(connect(settings.redis_url), settings.key_prefix, settings.events_topic, range(settings.events_partitions))
+    client = connect(settings.redis_url)
+    return applied_total(client, settings.key_prefix, settings.events_topic, range(settings.events_partitions))
 
 
 @pytest.mark.parametrize("client", kafka.CLIENTS)
@@ -159,7 +160,8 @@ def test_two_workers_split_partitions_and_apply_every_event_once(topics, tmp_pat
         for p in procs:
             p.kill()
     assert applied(topics) == n
-    assigned = [[line for line in log.read_text().splitlines() if "assigned [" in line and "assigned []" not in line] for log in logs]
+    assigned = [[line for line in log.read_text().splitlines() if "assigned [" in line and "assigned []" not in line]
+                for log in logs]
     assert all(assigned), f"a worker never got a partition: {assigned}"
 
 

@@ -1,4 +1,4 @@
-"""The event schema of DESIGN.md section 3, with JSON encode/decode.
+"""The event schema (one JSON event per Kafka message), with JSON encode/decode.
 
 `decode` turns raw Kafka bytes into an `Event` or raises `InvalidEvent`
 naming the field and the rule, e.g.
@@ -40,7 +40,7 @@ class Event(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     """One user event. Frozen; build it with `from_dict(...)` or `decode(raw)`, which validate
     (calling `Event(...)` directly does not: keep that for trusted code such as the generator).
 
-    Not tracked by the garbage collector (`gc=False`, which makes decoding a third faster): its
+    Not tracked by the garbage collector (`gc=False`, which makes decoding cheaper): its
     fields hold strings, numbers and a dict of those, so it can never be part of a reference cycle."""
 
     user_id: Id
@@ -52,7 +52,7 @@ class Event(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     value: Union[Number, None] = None
     context: Annotated[dict[str, ContextValue], msgspec.Meta(max_length=MAX_CONTEXT_KEYS)] = {}
 
-    def replace(self, **changes: Any) -> "Event":
+    def replace(self, **changes: Any) -> Event:
         """A copy with `changes` applied (not validated)."""
         return msgspec.structs.replace(self, **changes)
 

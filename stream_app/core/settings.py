@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     consumer_group: str = "streamrec-workers"
     state_dir: Path = Path(".streamrec")
     key_prefix: str = "sr"
+    # the lookup API (`streamrec serve`; its worker processes read them from the environment)
+    api_models: str = Field("pop", min_length=1)  # served models, comma-separated registry names
+    api_refresh: float = Field(0.25, gt=0)  # seconds between checks of each shard's model version
+    api_redis_timeout: float = Field(1.0, gt=0)  # seconds, for every Redis call of the API
+    api_ann_threshold: int = Field(50_000, ge=0)  # items per shard from which embedding models use hnswlib
 
     def environ(self) -> dict[str, str]:
         """This process's environment plus these settings as STREAMREC_* variables (for child processes)."""
@@ -37,7 +42,7 @@ class Settings(BaseSettings):
         env.update({f"STREAMREC_{name.upper()}": str(value) for name, value in self.model_dump().items()})
         return env
 
-    def with_(self, **changes: object) -> "Settings":
+    def with_(self, **changes: object) -> Settings:
         """A copy with the given fields replaced (None values are ignored)."""
         data = self.model_dump()
         data.update({k: v for k, v in changes.items() if v is not None})

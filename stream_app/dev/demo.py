@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -19,11 +20,13 @@ from producers.producer import EventProducer
 from producers.readers import EventReader
 from producers.replay import replay
 from producers.synthetic import SyntheticConfig, generate
-from stream_app.dev import embedded
 from stream_app.core.errors import ServiceError
-from stream_app.monitor.terminal import latest_by_model, read_records, table
+from stream_app.core.events import Event
 from stream_app.core.settings import Settings
+from stream_app.dev import embedded
 from stream_app.io.redis import applied_total, connect
+from stream_app.monitor.pooling import latest_by_model
+from stream_app.monitor.terminal import read_records, table
 
 console = Console()
 
@@ -72,6 +75,7 @@ def run_demo(
         console.print(f"live dashboard: http://127.0.0.1:{dash_port}/")
     redis = connect(settings.redis_url)
     try:
+        events: Iterable[Event]
         if input is not None:
             reader = EventReader(input, format)
             reader.sort_by_time = reader.format == "movielens"
@@ -79,7 +83,7 @@ def run_demo(
             source = f"{input} ({reader.format})"
         else:
             events = generate(SyntheticConfig(), n_events, seed)
-            source = "synthetic stream (seed %d)" % seed
+            source = f"synthetic stream (seed {seed})"
         console.print(f"replaying {n_events:,} events from {source} to topic {settings.events_topic!r}")
         with EventProducer(settings) as producer:
             stats = replay(events, producer, rate=rate, limit=n_events, progress=True)

@@ -1,5 +1,8 @@
 """Embedded servers for development and tests: Tansu (a Kafka-compatible broker) and Redis.
 
+Over 400 lines on purpose: finding, probing, starting and stopping both servers share their address
+and process helpers; nothing at runtime imports this module.
+
 `up(settings)` starts what is missing at `settings.kafka_bootstrap` and
 `settings.redis_url` (and reuses what already answers there), creates the
 topics, and records what it started in `settings.state_dir` (`tansu.pid`,
@@ -32,9 +35,10 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 from stream_app.core.errors import ConfigError, ServiceError
@@ -222,6 +226,8 @@ def _bundled(package: str, name: str) -> str | None:
     try:
         module = importlib.import_module(package)
     except ImportError:
+        return None
+    if module.__file__ is None:
         return None
     return _executable(Path(module.__file__).with_name("bin") / name)
 
@@ -418,7 +424,7 @@ class EmbeddedServers:
     tansu: ServerProcess | None = field(default=None, init=False)
     redis: ServerProcess | None = field(default=None, init=False)
 
-    def start(self) -> "EmbeddedServers":
+    def start(self) -> EmbeddedServers:
         self.directory = Path(self.directory)
         try:
             if self.tansu is None:
@@ -450,13 +456,13 @@ class EmbeddedServers:
             raise ServiceError("EmbeddedServers is not started; call start() or use it as a context manager")
         return port
 
-    def settings(self, **changes: object) -> Settings:
+    def settings(self, **changes: Any) -> Settings:
         """Settings pointing at these servers (state in `directory`), with `changes` applied."""
-        base = dict(kafka_bootstrap=self.kafka_bootstrap, redis_url=self.redis_url, state_dir=self.directory)
+        base: dict[str, Any] = dict(kafka_bootstrap=self.kafka_bootstrap, redis_url=self.redis_url, state_dir=self.directory)
         base.update(changes)
         return Settings(**base)
 
-    def __enter__(self) -> "EmbeddedServers":
+    def __enter__(self) -> EmbeddedServers:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -31,7 +31,7 @@ def evaluate_file(
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Prequential metrics of each model over the file's events (DESIGN.md section 6 JSON)."""
+    """Prequential metrics of each model over the file's events, as `streamrec evaluate --json` prints them."""
     names = parse_names(models)
     report = ReadReport()
     events = list(itertools.islice(read_events(path, format, sort_by_time=sort, report=report), limit))
@@ -77,7 +77,8 @@ def result_table(result: dict) -> None:
         table.add_column(col, justify="right" if col != "model" else "left")
     for name, m in result["models"].items():
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-        table.add_row(name, fmt(m["recall"]), fmt(m["auc"]), fmt(m["mrr"]), fmt(m["ndcg"]), str(m["evaluated"]), str(m["cold_start"]),
+        table.add_row(name, fmt(m["recall"]), fmt(m["auc"]), fmt(m["mrr"]), fmt(m["ndcg"]), str(m["evaluated"]),
+                      str(m["cold_start"]),
                       str(m["repeat"]))
     Console().print(table)
     Console().print(f"{result['seconds']} s, {result['events_per_s']} events/s; {result['bad_rows']} bad rows skipped")

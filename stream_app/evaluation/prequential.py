@@ -1,4 +1,4 @@
-"""Prequential (test-then-train) evaluation, as DESIGN.md "Evaluation protocol" fixes it.
+"""Prequential (test-then-train) evaluation: the protocol the worker and `streamrec evaluate` share.
 
 For each sampled event, scored as each model stood just before learning it:
 candidates are the items seen in the stream so far, minus those the query
@@ -14,7 +14,9 @@ against it). Events whose query or item is new are counted as `cold_start`.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -69,13 +71,13 @@ class Window:
         return pooled([self])
 
 
-def pooled(windows: list[Window]) -> dict[str, float]:
+def pooled(windows: list[Window]) -> dict[str, Any]:
     """Metrics over the events of several windows together (e.g. one per partition)."""
     n = sum(len(w.rows) for w in windows)
     if n == 0:
         return {"evaluated": 0}
     k = windows[0].k
-    recall, auc, mrr, ndcg = (sum(w.sums for w in windows) / n).tolist()
+    recall, auc, mrr, ndcg = (sum((w.sums for w in windows), np.zeros(4)) / n).tolist()
     precision = recall / k  # one relevant item per event
     f1 = 2 * precision * recall / (precision + recall) if recall > 0 else 0.0
     return {"recall": recall, "auc": auc, "mrr": mrr, "ndcg": ndcg, "precision": precision, "f1": f1, "evaluated": n}
@@ -124,7 +126,7 @@ class Evaluator:
         """Evaluate the sampled events of `batch`, each before the models learn it, and learn the batch."""
         step([self], batch, models)
 
-    def prepare(self, batch: Batch, kinds: set[str]) -> dict[str, Plan]:
+    def prepare(self, batch: Batch, kinds: Iterable[str]) -> dict[str, Plan]:
         """Sample the rows to evaluate and, per query kind, the candidates of each ranked row;
         records the batch in the bookkeeping (call it once per batch, in stream order)."""
         n = len(batch)

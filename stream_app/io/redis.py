@@ -1,5 +1,8 @@
 """Model state, vocabularies and Kafka offsets in Redis, written exactly once per micro-batch.
 
+Over 400 lines on purpose: the key layout, the snapshot reader and the fenced Lua write must agree
+key for key, so they stay in one file.
+
 Every key of one partition shares the hash tag `{<prefix>:<topic>:<partition>}`,
 so a partition's keys live in one cluster slot and one Lua script can change
 them atomically, in one round trip. See README "Redis key layout".
@@ -14,21 +17,29 @@ from __future__ import annotations
 
 import io
 from collections import deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any
 
 import numpy as np
 import orjson
 import redis
+from redis.backoff import NoBackoff
+from redis.commands.core import Script
+from redis.retry import Retry
 
-from models.base import Model
+from models.base import Model, TableKind
 from stream_app.core.errors import FencedError, ServiceError
 
 KINDS = ("user", "item", "session", "context")
 
 
-def connect(url: str, timeout: float = 5.0) -> redis.Redis:
-    """A Redis client with timeouts on every call; connection is lazy."""
+def connect(url: str, timeout: float = 5.0, fail_fast: bool = False) -> redis.Redis:
+    """The project's Redis client: `timeout` on connect and on every call, the connection made lazily.
+    `fail_fast` (the lookup API): no retries and no health checks, so a request never waits long."""
+    if fail_fast:
+        return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                    retry=Retry(NoBackoff(), 0), health_check_interval=0)
     return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30)
 
 
@@ -48,7 +59,7 @@ def unpack_blob(raw: bytes) -> np.ndarray:
     return np.load(io.BytesIO(raw), allow_pickle=False)
 
 
-def rows_to_array(fields: dict[bytes, bytes]) -> np.ndarray:
+def rows_to_array(fields: Mapping[bytes, Any]) -> np.ndarray:
     """Hash of row -> float32 bytes into a dense `[max_row + 1, max_width]` array (zeros elsewhere)."""
     if not fields:
         return np.zeros((0, 1), np.float32)
@@ -67,11 +78,11 @@ def rows_to_array(fields: dict[bytes, bytes]) -> np.ndarray:
     return out
 
 
-def session_rows(client: redis.Redis, keys: "Keys", model: str, table: str) -> dict[bytes, bytes]:
+def session_rows(client: redis.Redis, keys: Keys, model: str, table: str) -> dict[bytes, Any]:
     """Row -> float32 bytes of every live session row of a model's table (SCAN, then MGET in chunks)."""
     pattern = keys.table(model, table).replace("{", "\\{").replace("}", "\\}") + ":*"
     names = list(client.scan_iter(match=pattern, count=1000))
-    rows = {}
+    rows: dict[bytes, Any] = {}
     for start in range(0, len(names), 1000):
         chunk = names[start : start + 1000]
         for name, raw in zip(chunk, client.mget(chunk)):
@@ -116,16 +127,56 @@ class Keys:
 
 @dataclass
 class Snapshot:
-    """What a claimed partition resumes from."""
+    """A partition's state as one commit left it: what a worker resumes from and a server serves."""
 
-    token: int
+    version: int
     offset: int | None
     applied: int
     vocabs: dict[str, dict[str, int]]
     open_sessions: dict[str, tuple[str, float]]
-    dedup: list[str]
-    history: dict[int, np.ndarray]
-    models: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    history: dict[int, np.ndarray]  # user row -> [n, 2] int32 (item row, event type code), oldest first
+    models: dict[str, dict[str, np.ndarray]]  # model -> table -> array; a blob never written is absent
+    token: int = 0  # the reader's fencing token (workers)
+    dedup: list[str] = field(default_factory=list)  # event ids of the dedup window (workers)
+
+
+def read_snapshot(client: redis.Redis, keys: Keys, tables: dict[str, dict[str, TableKind]]) -> Snapshot:
+    """Everything of one partition but its dedup window: one MULTI/EXEC over its hash tag (a consistent
+    snapshot), then the session rows (one key each, so SCAN + MGET; each row is written whole)."""
+    pipe = client.pipeline(transaction=True)
+    for key in (keys.version, keys.offset, keys.applied):
+        pipe.get(key)
+    for kind in KINDS:
+        pipe.hgetall(keys.vocab(kind))
+    pipe.hgetall(keys.open_sessions)
+    pipe.hgetall(keys.history)
+    reads = [(name, table, kind) for name, model in tables.items() for table, kind in model.items() if kind != "session"]
+    for name, table, kind in reads:
+        (pipe.get if kind == "blob" else pipe.hgetall)(keys.table(name, table))
+    version, offset, applied, *vocab_raw, opened_raw, history_raw = (got := pipe.execute())[: 5 + len(KINDS)]
+    opened = {}
+    for user, raw in opened_raw.items():
+        key, _, ts = raw.decode().rpartition("|")
+        opened[user.decode()] = (key, float(ts))
+    models: dict[str, dict[str, np.ndarray]] = {name: {} for name in tables}
+    for (name, table, kind), raw in zip(reads, got[5 + len(KINDS):]):
+        if kind != "blob":
+            models[name][table] = rows_to_array(raw)
+        elif raw is not None:
+            models[name][table] = unpack_blob(raw)
+    for name, model in tables.items():
+        for table, kind in model.items():
+            if kind == "session":
+                models[name][table] = rows_to_array(session_rows(client, keys, name, table))
+    return Snapshot(
+        version=int(version or 0),
+        offset=None if offset is None else int(offset),
+        applied=int(applied or 0),
+        vocabs={kind: {n.decode(): int(r) for n, r in raw.items()} for kind, raw in zip(KINDS, vocab_raw)},
+        open_sessions=opened,
+        history={int(u): np.frombuffer(v, np.int32).reshape(-1, 2) for u, v in history_raw.items()},
+        models=models,
+    )
 
 
 @dataclass
@@ -153,8 +204,8 @@ class PartitionStore:
         self.session_ttl = max(1, int(session_ttl))
         self.token = 0
         self._dedup_sizes: deque[int] = deque()  # ids in each entry of the dedup list, oldest first
-        self._script = None  # the registered `_FENCED_WRITE`
-        self.tables: dict[str, dict[str, str]] = {}  # model -> table -> kind, known after `load`
+        self._script: Script | None = None  # the registered `_FENCED_WRITE`
+        self.tables: dict[str, dict[str, TableKind]] = {}  # model -> table -> kind, known after `load`
 
     def claim(self) -> int:
         """Become the partition's owner; every earlier owner is fenced from now on."""
@@ -166,39 +217,12 @@ class PartitionStore:
         return self.token
 
     def load(self, models: dict[str, Model]) -> Snapshot:
-        """Read everything the partition needs to resume (claim first)."""
-        k, c = self.keys, self.client
+        """Read everything the partition needs to resume (claim first). A model some of whose blobs
+        were never written (a model new to this partition) is left out: it starts fresh."""
         self.tables = {name: dict(model.tables) for name, model in models.items()}
-        offset = c.get(k.offset)
-        vocabs = {kind: {n.decode(): int(r) for n, r in c.hgetall(k.vocab(kind)).items()} for kind in KINDS}
-        opened = {}
-        for user, raw in c.hgetall(k.open_sessions).items():
-            key, _, ts = raw.decode().rpartition("|")
-            opened[user.decode()] = (key, float(ts))
-        history = {int(u): np.frombuffer(v, np.int32).reshape(-1, 2) for u, v in c.hgetall(k.history).items()}
-        snap = Snapshot(
-            token=self.token,
-            offset=None if offset is None else int(offset),
-            applied=int(c.get(k.applied) or 0),
-            vocabs=vocabs,
-            open_sessions=opened,
-            dedup=self._load_dedup(),
-            history=history,
-        )
-        for name, model in models.items():
-            state: dict[str, np.ndarray] = {}
-            for table, kind in model.tables.items():
-                key = k.table(name, table)
-                if kind == "blob":
-                    raw = c.get(key)
-                    if raw is not None:
-                        state[table] = unpack_blob(raw)
-                elif kind == "session":
-                    state[table] = rows_to_array(session_rows(c, k, name, table))
-                else:
-                    state[table] = rows_to_array(c.hgetall(key))
-            if len(state) == len(model.tables):
-                snap.models[name] = state
+        snap = read_snapshot(self.client, self.keys, self.tables)
+        snap.token, snap.dedup = self.token, self._load_dedup()
+        snap.models = {name: state for name, state in snap.models.items() if len(state) == len(self.tables[name])}
         return snap
 
     def session_rows_of(self, model: str, table: str, rows: np.ndarray) -> np.ndarray:
@@ -250,12 +274,12 @@ class PartitionStore:
                 self._dedup_sizes.popleft()
         return int(version)
 
-    def _write(self, w: "_Writes", ch: Changes, dedup_drop: int) -> None:
+    def _write(self, w: _Writes, ch: Changes, dedup_drop: int) -> None:
         k = self.keys
         for kind, names in ch.vocab_new.items():
             w.hset(k.vocab(kind), list(names), list(map(str, names.values())))
-        for kind, names in ch.vocab_removed.items():
-            w.fields("HDEL", k.vocab(kind), list(names))
+        for kind, removed in ch.vocab_removed.items():
+            w.fields("HDEL", k.vocab(kind), list(removed))
         w.hset(k.open_sessions, list(ch.open_sessions), [f"{key}|{ts!r}" for key, ts in ch.open_sessions.values()])
         if ch.dedup:
             w.call("RPUSH", k.dedup, orjson.dumps(ch.dedup))

@@ -11,12 +11,13 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
-from stream_app.monitor.app import MonitorState
+from stream_app.monitor.state import MonitorState
 
 PAGE = Path(__file__).parent / "static" / "dashboard.html"
 
 
 def create_app(state: MonitorState, poll: float = 0.25) -> FastAPI:
+    """The dashboard's routes: the page, `/api/state` (a snapshot) and `/events` (SSE of the state's changes)."""
     app = FastAPI(title="streamrec monitor")
 
     @app.get("/", response_class=HTMLResponse)

@@ -12,7 +12,8 @@ Errors come back as `ApiError` with the HTTP status and the server's message
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import httpx
 
@@ -37,7 +38,7 @@ class RecommenderClient:
         self._http = client or httpx.Client(base_url=self.base_url, timeout=timeout)
 
     def _get(self, path: str, params: list[tuple[str, str]]) -> dict:
-        return self._check(self._http.get(path, params=params))
+        return self._check(self._http.get(path, params=tuple(params)))  # a tuple: httpx types its list invariantly
 
     @staticmethod
     def _check(response: httpx.Response) -> Any:
@@ -88,7 +89,7 @@ class RecommenderClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "RecommenderClient":
+    def __enter__(self) -> RecommenderClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

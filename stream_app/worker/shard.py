@@ -9,13 +9,14 @@ from __future__ import annotations
 import time
 from array import array
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import cast
 
 import numpy as np
 
-from models.base import Model
-from models.features import Featurizer
+from models.base import Model, TableKind
+from models.features import Featurizer, Vocab
 from models.registry import create
 from stream_app.core.errors import (
     InvalidEvent,
@@ -100,10 +101,10 @@ class Shard:
             return {}
         self._expired_at = now
         f = self.featurizer
-        plan = [("session", f.sessions, self.config.session_gap)]
+        plan: list[tuple[TableKind, Vocab, float]] = [("session", f.sessions, self.config.session_gap)]
         if self.config.idle_expiry is not None:
             plan += [("user", f.users, self.config.idle_expiry), ("item", f.items, self.config.idle_expiry)]
-        freed = {}
+        freed: dict[str, np.ndarray] = {}
         for kind, vocab, idle in plan:
             rows = vocab.expire(now - idle)
             if len(rows):
@@ -157,7 +158,7 @@ class Shard:
         if new_ids:
             self.dedup.update(new_ids)
             self._dedup_parts.append(new_ids)
-            # Drop the oldest runs while `dedup_window` ids remain (a plain dict: OrderedDict costs 3x more).
+            # Drop the oldest runs while `dedup_window` ids remain (a plain dict: cheaper than an OrderedDict).
             parts = self._dedup_parts
             while len(self.dedup) - len(parts[0]) >= self.config.dedup_window:
                 for event_id in parts.popleft():
@@ -227,12 +228,12 @@ class Shard:
                 valid.append(decode(raw))
             except InvalidEvent as exc:
                 dead_letter(messages.record(j), str(exc))
-        new_ids = dict.fromkeys([e.event_id for e in valid])
+        given = dict.fromkeys([e.event_id for e in valid])
         seen = self.dedup
-        if len(new_ids) == len(valid) and None not in new_ids and seen.keys().isdisjoint(new_ids):
-            return valid, new_ids  # the common case: every id new, and given once
+        if len(given) == len(valid) and None not in given and seen.keys().isdisjoint(given):
+            return valid, cast(dict[str, None], given)  # the common case: every id new, and given once
         events: list[Event] = []
-        new_ids = {}
+        new_ids: dict[str, None] = {}
         for event in valid:
             event_id = event.event_id
             if event_id is not None:

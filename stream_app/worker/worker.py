@@ -15,7 +15,8 @@ import logging
 import signal
 import time
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 
@@ -46,7 +47,7 @@ class Worker:
         self.shards: dict[int, Shard] = {}
         self.redis = connect(settings.redis_url)
         self.sender = kafka.Sender(settings.kafka_bootstrap)
-        self.consumer = None
+        self.consumer: kafka.GroupConsumer | None = None
         self.running = True
         self.applied = 0
         self.dead = 0
@@ -91,14 +92,13 @@ class Worker:
     def run(self, max_idle: float | None = None, stop_after: int | None = None) -> None:
         """Consume until stopped (SIGTERM/SIGINT), idle for `max_idle` s, or `stop_after` applied events."""
         s = self.settings
-        # One BLAS thread: workers scale by processes (--processes), and BLAS threads spinning against
-        # each other on a busy machine made MF scoring 3-4x slower here.
+        # One BLAS thread: workers scale by processes (--processes), and BLAS threads spin against each other.
         limit_blas_threads(1)
         # Rarer garbage collections: the clients allocate objects per message, and with a shard's state in
-        # memory every collection has much to walk (kafka-python: ~10% of the per-event cost, measured).
+        # memory every collection has much to walk.
         thresholds = gc.get_threshold()
         gc.set_threshold(50_000, 20, 20)
-        self.consumer = kafka.group_consumer(
+        self.consumer = consumer = kafka.group_consumer(
             s.kafka_client, s.kafka_bootstrap, s.consumer_group, s.events_topic, self.assign, self.revoke,
             self.config.commit_max, self.config.max_wait_ms,
         )
@@ -111,7 +111,7 @@ class Worker:
         idle_since = time.monotonic()
         try:
             while self.running:
-                polled = self.consumer.poll(self.config.commit_max, self.config.max_wait_ms / 1000)
+                polled = consumer.poll(self.config.commit_max, self.config.max_wait_ms / 1000)
                 if polled or self.started_at is None:  # idle time counts from the first assignment
                     idle_since = time.monotonic()
                 elif max_idle is not None and time.monotonic() - idle_since > max_idle:
@@ -174,7 +174,8 @@ class Worker:
             log.error("partition %s not committed (%s); reloading it from Redis", partition, exc)
             time.sleep(1.0)
             self.shards.pop(partition, None)
-            self.consumer.seek(partition, self.assign([partition])[partition])
+            if self.consumer is not None:
+                self.consumer.seek(partition, self.assign([partition])[partition])
 
     def _commit_kafka(self) -> None:
         """Commit consumed offsets to Kafka, for lag monitoring only (Redis holds the truth)."""
@@ -183,7 +184,7 @@ class Worker:
         self.consumer.commit({p: s.committed for p, s in self.shards.items() if s.committed is not None})
 
     def metric_records(self) -> list[dict]:
-        """One DESIGN.md metric record per model, pooled over this worker's partitions."""
+        """One metric record per model, pooled over this worker's partitions."""
         evaluators = [s.evaluator for s in self.shards.values()]
         events_seen = sum(e.events_seen for e in evaluators)
         records = []

@@ -1,0 +1,182 @@
+"""One shard's serving state, read-only and prepared for lookups (`ShardView`).
+
+A view holds a partition's vocabularies, its users' recent history and every served model as
+rebuilt from Redis; `prepare` precomputes, once per view, what a lookup needs that does not
+depend on the request (see `stream_app.serving.scorers`). Views are built by
+`stream_app.serving.cache.ModelCache` and never change once shared.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from models.base import Batch, Model
+from models.features import Featurizer
+from stream_app.serving.scorers import (
+    AnnIndex,
+    Cooccurrence,
+    EmbeddingScorer,
+    PopScorer,
+    scorer_for,
+    similarity_matrix,
+    top_k,
+)
+
+_FIRST_ROW = np.zeros(1, np.int64)
+
+
+@dataclass
+class ShardView:
+    """A consistent, read-only snapshot of one partition's serving state, prepared for lookups.
+
+    Everything a request needs that does not depend on the request is computed once, when the view
+    is built (in the cache's refresher thread): per-model scorers, normalised similarity vectors
+    and the co-occurrence index.
+    """
+
+    partition: int
+    version: int
+    loaded_at: float  # monotonic
+    featurizer: Featurizer
+    item_names: list[str | None]
+    valid_items: np.ndarray  # [n_items] bool: row currently mapped to an item id
+    history: dict[int, np.ndarray]  # user row -> [n, 2] (item row, event type code), oldest first
+    models: dict[str, Model]
+    scorers: dict[str, PopScorer | EmbeddingScorer] = field(default_factory=dict, repr=False)
+    ann: dict[str, tuple[AnnIndex | None, AnnIndex | None]] = field(default_factory=dict, repr=False)
+    _cooc: Cooccurrence | None = field(default=None, repr=False)
+    _vectors: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_names)
+
+    def prepare(self) -> ShardView:
+        """Precompute scorers, similarity vectors and co-occurrence (call before the view is shared)."""
+        # One query per model now, so that tables a model grows lazily to the vocabulary's size
+        # grow here and not under concurrent requests.
+        warm = self.featurizer.query(None, {}, time.time())
+        for model in self.models.values():
+            model.score(warm, _FIRST_ROW)
+        for name, model in self.models.items():
+            scorer = scorer_for(model, self.n_items, self.valid_items)
+            if scorer is not None:
+                self.scorers[name] = scorer
+            self.item_vectors(name)
+        self.cooccurrence()
+        return self
+
+    def popularity_model(self) -> str | None:
+        """The first served model that ranks by popularity alone: the answer where a model has no state."""
+        return next((name for name, s in self.scorers.items() if isinstance(s, PopScorer)), None)
+
+    def popularity_scorer(self) -> PopScorer | None:
+        """The scorer of `popularity_model()`, None when no served model ranks by popularity alone."""
+        name = self.popularity_model()
+        scorer = self.scorers.get(name) if name is not None else None
+        return scorer if isinstance(scorer, PopScorer) else None
+
+    def cooccurrence(self) -> Cooccurrence:
+        with self._lock:
+            if self._cooc is None:
+                self._cooc = Cooccurrence.build(self.history, len(self.featurizer.users), self.n_items)
+            return self._cooc
+
+    def item_vectors(self, name: str) -> np.ndarray | None:
+        """L2-normalised similarity vectors of model `name` ([n_items, d]) or None when it has none."""
+        if name in self._vectors:  # entries are only ever added
+            return self._vectors[name]
+        with self._lock:
+            if name not in self._vectors:
+                self._vectors[name] = similarity_matrix(self.models.get(name), self.n_items)
+            return self._vectors[name]
+
+    def vector_model(self, preferred: str | None = None) -> str | None:
+        """A served model with similarity vectors, `preferred` first."""
+        names = ([preferred] if preferred else []) + [n for n in self.models if n != preferred]
+        for name in names:
+            if name in self.models and self.item_vectors(name) is not None:
+                return name
+        return None
+
+    # ---- ranking
+
+    def rank(self, name: str, model: Model, batch: Batch, k: int, exclude: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """(top-k rows best first, their scores) of `model` for the one-row query `batch`.
+
+        Uses the prepared scorer when there is one (through the ANN index for an embedding model
+        that has one), else `model.score`."""
+        scorer = self.scorers.get(name)
+        if isinstance(scorer, EmbeddingScorer):
+            q, known = scorer.query(batch)
+            index = self.ann.get(name, (None, None))[0]
+            if known and index is not None:
+                return self._rank_candidates(scorer, index, q, k, exclude)
+            if known:
+                scores = scorer.vectors @ q + scorer.bias
+            elif scorer.fallback is not None:
+                scores = scorer.fallback.scores(batch)
+            else:
+                scores = self._generic(model, batch)
+        elif isinstance(scorer, PopScorer):
+            scores = scorer.scores(batch)
+        else:
+            scores = self._generic(model, batch)
+        if exclude is not None and len(exclude):
+            scores[exclude[(exclude >= 0) & (exclude < len(scores))]] = -np.inf
+        idx = top_k(scores, k)
+        return idx, scores[idx]
+
+    def _rank_candidates(self, scorer: EmbeddingScorer, index: AnnIndex, q: np.ndarray, k: int,
+                         exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k among the index's candidates for q, scored exactly with this view's vectors."""
+        extra = 0 if exclude is None else len(exclude)
+        cand = index.candidates(np.append(q, np.float32(1.0)), 4 * k + extra + 16, self.n_items)
+        cand_scores = scorer.vectors[cand] @ q + scorer.bias[cand]
+        if exclude is not None and len(exclude):
+            cand_scores[np.isin(cand, exclude)] = -np.inf
+        order = top_k(cand_scores, k)
+        return cand[order], cand_scores[order]
+
+    def _generic(self, model: Model, batch: Batch) -> np.ndarray:
+        """`model.score` fitted to this view's items, rows of no item and non-finite scores at -inf."""
+        raw = np.asarray(model.score(batch, _FIRST_ROW)[0], np.float32)
+        scores = np.full(self.n_items, -np.inf, np.float32)
+        n = min(len(raw), self.n_items)
+        scores[:n] = raw[:n]
+        scores[~self.valid_items] = -np.inf
+        scores[~np.isfinite(scores)] = -np.inf
+        return scores
+
+    def similar_rows(self, name: str, row: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, cosine) of the k items closest to `row` in model `name`'s similarity space (not row itself)."""
+        vectors = self.item_vectors(name)
+        if vectors is None:
+            raise ValueError(f"model {name} has no similarity vectors (ask `vector_model` first)")
+        index = self.ann.get(name, (None, None))[1]
+        if index is not None:
+            cand = index.candidates(vectors[row], 4 * k + 16, self.n_items)
+            sims = vectors[cand] @ vectors[row]
+            sims[~self.valid_items[cand] | (cand == row)] = -np.inf
+            order = top_k(sims, k)
+            return cand[order], sims[order]
+        sims = vectors @ vectors[row]
+        sims[~self.valid_items] = -np.inf
+        sims[row] = -np.inf
+        idx = top_k(sims, k)
+        return idx, sims[idx]
+
+
+def query_batch(view: ShardView, user_id: str | None, context: dict[str, str], ts: float,
+                session_id: str | None = None, session_row: int | None = None) -> Batch:
+    """`Featurizer.query`, optionally pinned to a session row (a user's open implicit session)."""
+    batch = view.featurizer.query(user_id, context, ts, session_id)
+    if session_row is not None and session_row >= 0:
+        batch = replace(batch, sessions=np.array([session_row]))
+    return batch
