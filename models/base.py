@@ -6,16 +6,23 @@ named tables; each table is a 2-D array whose rows are indexed by one id kind
 (`user`, `item`, `session`, `context`) or is a `blob` stored whole. After each
 `learn`, `drain_changes` names the rows that changed, so the worker writes only
 those rows to Redis.
+
+A model registers its tables in its constructor (`_table` for a `RowTable` with
+the `Changes` that track its rows, `_blob` for a blob), and `export_state`,
+`import_state` and `drain_changes` follow from them; a model overrides these
+only for state kept otherwise (GRU's torch tensors) or loaded specially.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
+from models.rows import Changes, RowTable
 
 TableKind = Literal["user", "item", "session", "context", "blob"]
 _FIRST = np.zeros(1, np.int64)
@@ -48,7 +55,7 @@ class Batch:
     def __len__(self) -> int:
         return len(self.items)
 
-    def take(self, rows: np.ndarray | slice) -> "Batch":
+    def take(self, rows: np.ndarray | slice) -> Batch:
         """The events at `rows`, as a batch with the same vocabulary sizes."""
         return Batch(
             self.users[rows], self.items[rows], self.sessions[rows], self.event_types[rows],
@@ -56,7 +63,7 @@ class Batch:
             self.n_users, self.n_items, self.n_sessions, self.n_context, self.time_columns,
         )
 
-    def with_items(self) -> "Batch | None":
+    def with_items(self) -> Batch | None:
         """The rows that carry an item (lookup rows have item -1), or None when none does."""
         keep = self.items >= 0
         if keep.all():
@@ -80,6 +87,25 @@ class PopularityState:
     context_columns: Callable[[Batch], np.ndarray]  # batch -> [B, C] the context value ids counted
 
 
+@dataclass(frozen=True)
+class StoredRows:
+    """A row table as the model stores it: its rows, the changes that track them (rows whose
+    flags carry `bit`), and whether stored columns beyond its width are dropped on import."""
+
+    table: RowTable
+    changes: Changes
+    bit: int = 1
+    clip: bool = False
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    """A blob as the model stores it: how to export it [r, c], and how to load it back."""
+
+    export: Callable[[], np.ndarray]
+    load: Callable[[np.ndarray], None]
+
+
 class Model(ABC):
     """A recommender that learns one micro-batch at a time.
 
@@ -95,6 +121,28 @@ class Model(ABC):
     # True when the model learns event by event, so that learning a batch in any split leaves
     # the same state; `learn_scored` then scores each event just before learning it.
     sequential: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self._stored_rows: dict[str, StoredRows] = {}
+        self._stored_blobs: dict[str, StoredBlob] = {}
+
+    def _table(self, name: str, table: RowTable, changes: Changes, bit: int = 1, clip: bool = False) -> RowTable:
+        """Store `table` as `name` (returned, to keep), its changed rows tracked by `changes`."""
+        self._stored_rows[name] = StoredRows(table, changes, bit, clip)
+        return table
+
+    def _blob(self, name: str, export: Callable[[], np.ndarray], load: Callable[[np.ndarray], None]) -> None:
+        """Store the blob `name`, written whole at every drain."""
+        self._stored_blobs[name] = StoredBlob(export, load)
+
+    def _include(self, prefix: str, part: Model) -> None:
+        """Store the tables of a model this one is built on, as `prefix + name`."""
+        self._stored_rows.update((prefix + name, rows) for name, rows in part._stored_rows.items())
+        self._stored_blobs.update((prefix + name, blob) for name, blob in part._stored_blobs.items())
+
+    def _clear_changes(self) -> None:
+        for changes in {id(rows.changes): rows.changes for rows in self._stored_rows.values()}.values():
+            changes.clear()
 
     @abstractmethod
     def learn(self, batch: Batch) -> None:
@@ -132,21 +180,33 @@ class Model(ABC):
             self.learn(batch.take(slice(start, None)))
         return out
 
-    @abstractmethod
     def export_state(self) -> dict[str, np.ndarray]:
         """Every table and array of state. Values may be views: copy to keep."""
+        state = {name: rows.table.data for name, rows in self._stored_rows.items()}
+        state.update((name, blob.export()) for name, blob in self._stored_blobs.items())
+        return state
 
-    @abstractmethod
     def import_state(self, state: dict[str, np.ndarray]) -> None:
         """Load state from `export_state` (or rows read back from Redis).
 
         Row tables may come shorter or narrower than the model needs; missing
-        rows and columns are initialised as for new ids.
+        rows and columns are initialised as for new ids. Nothing counts as changed after.
         """
+        for name, rows in self._stored_rows.items():
+            values = np.asarray(state[name])
+            rows.table.load(values[:, : rows.table.width] if rows.clip else values)
+        self._clear_changes()
+        for name, blob in self._stored_blobs.items():
+            blob.load(state[name])
 
-    @abstractmethod
     def drain_changes(self) -> dict[str, np.ndarray | None]:
         """Rows changed since the last call, per table (None: the whole blob)."""
+        out: dict[str, np.ndarray | None] = {
+            name: rows.changes.rows(rows.table.n, rows.bit) for name, rows in self._stored_rows.items()
+        }
+        out.update(dict.fromkeys(self._stored_blobs))
+        self._clear_changes()
+        return out
 
     @abstractmethod
     def forget(self, kind: TableKind, ids: np.ndarray) -> None:

@@ -10,9 +10,10 @@ features (each context key=value, plus hour of day and day of week from `ts`).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Any, Iterable, Mapping, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -21,13 +22,22 @@ from stream_app.core.events import EVENT_CODE, EVENT_WEIGHTS
 
 
 class EventLike(Protocol):
-    user_id: str
-    item_id: str
-    event_type: str
-    ts: float
-    session_id: str | None
-    value: float | None
-    context: Mapping[str, Any]
+    """What the featurizer reads of an event (read-only, so `Event` and `RawEvent` both fit)."""
+
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def item_id(self) -> str: ...
+    @property
+    def event_type(self) -> str: ...
+    @property
+    def ts(self) -> float: ...
+    @property
+    def session_id(self) -> str | None: ...
+    @property
+    def value(self) -> float | None: ...
+    @property
+    def context(self) -> Mapping[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -90,7 +100,7 @@ class Vocab:
 
     def add_many(self, keys: list[str | None], ts: np.ndarray) -> np.ndarray:
         """Rows of `keys` (None codes as -1), adding unknown ones in order; `ts`: [len(keys)]."""
-        rows = list(map(self.index.get, keys, repeat(-2)))
+        rows = list(map(self.index.get, keys, repeat(-2)))  # type: ignore[arg-type]  # None is never a key: -2
         if -2 in rows:  # None, or unknown ids: added one by one, so a repeated new id gets one row
             for j, row in enumerate(rows):
                 if row == -2:
@@ -107,10 +117,11 @@ class Vocab:
         stale = np.flatnonzero(live & (self.last_seen < older_than))
         for row in stale.tolist():
             name = self.names[row]
-            del self.index[name]  # type: ignore[index]
+            assert name is not None  # a live row
+            del self.index[name]
             self.names[row] = None
-            self._new.pop(name, None)  # type: ignore[arg-type]
-            self._removed.add(name)  # type: ignore[arg-type]
+            self._new.pop(name, None)
+            self._removed.add(name)
         self._free.extend(stale.tolist())
         return stale.astype(np.int64)
 
@@ -136,8 +147,10 @@ class Vocab:
         self._new, self._removed = {}, set()
 
 
+_SESSION = "s:"  # session keys of explicit session ids (implicit ones start "u:")
 _HOURS = tuple(f"hour={h}" for h in range(24))
 _DAYS = tuple(f"dow={d}" for d in range(7))
+_TIME_PREFIXES = ("hour=", "dow=")
 DEFAULT_EVENT_WEIGHTS: tuple[tuple[str, float], ...] = tuple(EVENT_WEIGHTS.items())
 
 
@@ -163,10 +176,22 @@ class Featurizer:
         self._weight = dict(self.event_weights)
         self._explicit_cache: dict[tuple, tuple[str | None, ...]] = {}
 
+    def session_row(self, session_id: str) -> int:
+        """The row of an explicit `session_id` (-1: unknown)."""
+        return self.sessions.get(_SESSION + session_id)
+
+    def event_context(self, row: int) -> tuple[str, str] | None:
+        """The (key, value) an event brought for context value `row`; None for time features and unknown rows."""
+        name = self.contexts.names[row] if 0 <= row < len(self.contexts.names) else None
+        if name is None or name.startswith(_TIME_PREFIXES):
+            return None
+        key, _, value = name.partition("=")
+        return key, value
+
     def session_key(self, event: EventLike) -> str:
         """The session an event belongs to: its `session_id`, or the user's current run."""
         if event.session_id is not None:
-            return "s:" + event.session_id
+            return _SESSION + event.session_id
         key, last = self.open_sessions.get(event.user_id, ("", -math.inf))
         if not key or event.ts - last > self.session_gap:
             key = f"u:{event.user_id}:{int(event.ts)}"
@@ -196,7 +221,6 @@ class Featurizer:
     def batch(self, events: Iterable[EventLike]) -> Batch:
         """Code `events` (adding new ids to the vocabularies, in stream order) into a batch."""
         events = list(events)
-        n = len(events)
         ts = np.array([e.ts for e in events], np.float64)  # [B]
         users = self.users.add_many([e.user_id for e in events], ts)
         items = self.items.add_many([e.item_id for e in events], ts)
@@ -226,16 +250,17 @@ class Featurizer:
     def query(self, user_id: str | None, context: Mapping[str, Any], ts: float, session_id: str | None = None) -> Batch:
         """A one-row batch (item -1) for a lookup; unknown ids and context values code as -1."""
         context_row = np.array([[-1 if k is None else self.contexts.get(k) for k in self.context_keys(context, ts)]])
-        session = self.sessions.get("s:" + session_id) if session_id is not None else -1
+        session = self.session_row(session_id) if session_id is not None else -1
         return self._wrap(
             np.array([self.users.get(user_id) if user_id else -1]), np.array([-1]), np.array([session]),
             np.zeros(1, np.int8), np.ones(1, np.float32), np.array([ts]), np.full(1, np.nan, np.float32), context_row,
         )
 
-    def _wrap(self, *columns: np.ndarray) -> Batch:
+    def _wrap(self, users: np.ndarray, items: np.ndarray, sessions: np.ndarray, event_types: np.ndarray,
+              weights: np.ndarray, ts: np.ndarray, values: np.ndarray, context: np.ndarray) -> Batch:
         return Batch(
-            *columns, len(self.users), len(self.items), len(self.sessions), len(self.contexts),
-            2 if self.time_features else 0,
+            users, items, sessions, event_types, weights, ts, values, context,
+            len(self.users), len(self.items), len(self.sessions), len(self.contexts), 2 if self.time_features else 0,
         )
 
 

@@ -14,14 +14,14 @@ exponent gets large. Per-session state is the session's last item.
 
 from __future__ import annotations
 
+from typing import ClassVar
 
 import numpy as np
 from numba import njit
 
 from models.base import Batch, Model, TableKind
 from models.decay import DecayClock
-from models.rows import RowTable, shares
-
+from models.rows import Changes, RowTable, shares
 
 
 @njit(cache=True)
@@ -55,7 +55,7 @@ class Markov(Model):
     name = "markov"
     query = "session"
     sequential = True
-    tables: dict[str, TableKind] = {
+    tables: ClassVar[dict[str, TableKind]] = {
         "succ": "item",  # [n_items, max_successors] successor item id + 1, 0 = empty slot
         "succ_count": "item",  # [n_items, max_successors] their decayed counts
         "count": "item",  # [n_items, 1] decayed popularity
@@ -64,20 +64,20 @@ class Markov(Model):
     }
 
     def __init__(self, half_life: float = 365 * 86400.0, max_successors: int = 200, pop_weight: float = 0.01, seed: int = 0):
+        super().__init__()
         self.half_life = half_life
         self.max_successors = max_successors
         self.pop_weight = pop_weight
         self.seed = seed
         # ids are stored + 1 so that an all-zero row (what a store fills in for rows it
         # never saw) means "empty"
-        self._succ = RowTable(max_successors, np.float64, 0.0)
-        self._succ_count = RowTable(max_successors, np.float64, 0.0)
-        self._count = RowTable(1, np.float64, 0.0)
-        self._last = RowTable(1, np.float64, 0.0)
+        self._items_changed, self._sessions_changed = Changes(), Changes()
+        self._succ = self._table("succ", RowTable(max_successors, np.float64, 0.0), self._items_changed)
+        self._succ_count = self._table("succ_count", RowTable(max_successors, np.float64, 0.0), self._items_changed)
+        self._count = self._table("count", RowTable(1, np.float64, 0.0), self._items_changed)
+        self._last = self._table("last", RowTable(1, np.float64, 0.0), self._sessions_changed)
         self._clock = DecayClock(half_life)
-        self._changed_items: set[int] = set()
-        self._changed_sessions: set[int] = set()
-        self._all_items_changed = False
+        self._blob("meta", self._clock.export, self._clock.load)
 
     # -- helpers -------------------------------------------------------------------------
     def _growth(self, ts: np.ndarray) -> np.ndarray:
@@ -85,7 +85,7 @@ class Markov(Model):
         if rescale is not None:
             self._count.data[:] *= rescale
             self._succ_count.data[:] *= rescale
-            self._all_items_changed = True
+            self._items_changed.all = True
         return weights
 
     def session_items(self, session: int) -> np.ndarray:
@@ -110,9 +110,9 @@ class Markov(Model):
 
     # -- Model ---------------------------------------------------------------------------
     def learn(self, batch: Batch) -> None:
-        batch = batch.with_items()
-        if batch is None:
+        if (with_items := batch.with_items()) is None:
             return
+        batch = with_items
         self._succ.ensure(batch.n_items)
         self._succ_count.ensure(batch.n_items)
         count = self._count.ensure(batch.n_items)
@@ -124,12 +124,12 @@ class Markov(Model):
         if has.any():
             succ = self._succ.data
             _add_transitions(succ, self._succ_count.data, prev[has], batch.items[has].astype(np.float64) + 1.0, w[has])
-            self._changed_items.update(prev[has].tolist())
-        self._changed_items.update(batch.items.tolist())
+            self._items_changed.mark(prev[has])
+        self._items_changed.mark(batch.items)
         # the last row of each session in the batch wins
         sessions, first_from_end = np.unique(batch.sessions[::-1], return_index=True)
         self._last.data[sessions, 0] = batch.items[len(batch) - 1 - first_from_end] + 1
-        self._changed_sessions.update(batch.sessions.tolist())
+        self._sessions_changed.mark(batch.sessions)
 
     def learn_scored(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
         self._growth(batch.ts)  # the clock moves once per batch, as in `learn`, not once per segment
@@ -152,33 +152,6 @@ class Markov(Model):
                 out[r, ids[ok].astype(np.int64)] += c / tot
         return out
 
-    def export_state(self) -> dict[str, np.ndarray]:
-        return {
-            "succ": self._succ.data,
-            "succ_count": self._succ_count.data,
-            "count": self._count.data,
-            "last": self._last.data,
-            "meta": self._clock.export(),
-        }
-
-    def import_state(self, state: dict[str, np.ndarray]) -> None:
-        self._succ.load(state["succ"])
-        self._succ_count.load(state["succ_count"])
-        self._count.load(state["count"])
-        self._last.load(state["last"])
-        self._clock.load(state["meta"])
-        self._changed_items.clear()
-        self._changed_sessions.clear()
-        self._all_items_changed = False
-
-    def drain_changes(self) -> dict[str, np.ndarray | None]:
-        items = np.arange(self._count.n) if self._all_items_changed else np.fromiter(self._changed_items, np.int64)
-        sessions = np.fromiter(self._changed_sessions, np.int64)
-        self._changed_items.clear()
-        self._changed_sessions.clear()
-        self._all_items_changed = False
-        return {"succ": items, "succ_count": items, "count": items, "last": sessions, "meta": None}
-
     def forget(self, kind: TableKind, ids: np.ndarray) -> None:
         ids = np.asarray(ids, np.int64)
         if kind == "item":
@@ -190,6 +163,6 @@ class Markov(Model):
             stale = np.isin(succ, ids.astype(np.float64) + 1.0)
             succ[stale] = 0.0
             self._succ_count.data[stale] = 0.0
-            self._all_items_changed = True
+            self._items_changed.all = True
         elif kind == "session":
             self._last.reset(ids)

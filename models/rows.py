@@ -1,6 +1,9 @@
-"""Growable row tables: dense arrays with amortised capacity, as models need them."""
+"""Growable row tables: dense arrays with amortised capacity, as models need them; change tracking of
+their rows; rows initialised from a hash, alike wherever they are made."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -13,7 +16,7 @@ class RowTable:
     """
 
     def __init__(self, width: int, dtype: type = np.float64, fill: float = 0.0):
-        self._buf = np.full((16, width), fill, dtype)
+        self._buf: np.ndarray = np.full((16, width), fill, dtype)
         self.n = 0
         self.fill = fill
         self.data = self._buf[:0]  # [n, d]
@@ -56,3 +59,59 @@ def shares(counts: RowTable, n_rows: int, n_queries: int, weight: float = 1.0) -
     total = count.sum()
     base = weight * (count / total if total > 0 else count)
     return np.repeat(base[None, :], n_queries, axis=0)
+
+
+class Changes:
+    """Which rows of one id kind changed since the last drain, for `Model.drain_changes`.
+
+    Each row holds flag bits (a model may give each of its tables a bit, or use bit 1 for all);
+    `all` marks every row at once (after a rescale). `flags.data` may be passed to compiled loops.
+    """
+
+    def __init__(self) -> None:
+        self.flags = RowTable(1, np.uint8)  # [n, 1]
+        self.all = False
+
+    def mark(self, ids: np.ndarray | list[int], bits: int | np.integer = 1) -> None:
+        ids = np.asarray(ids, np.int64)
+        if len(ids):
+            self.flags.ensure(int(ids.max()) + 1)
+            self.flags.data[ids, 0] |= np.uint8(bits)
+
+    def marked(self, ids: np.ndarray) -> np.ndarray:  # [len(ids)] bool
+        """Whether each of `ids` has a change not drained yet."""
+        flags = self.flags.data[:, 0]
+        inside = ids < len(flags)
+        out = np.full(len(ids), self.all)
+        out[inside] |= flags[ids[inside]] != 0
+        return out
+
+    def rows(self, n: int, bit: int = 1) -> np.ndarray:
+        """The changed rows among `0..n-1` whose flags carry `bit`."""
+        return np.arange(n) if self.all else np.flatnonzero(self.flags.data[:n, 0] & bit)
+
+    def clear(self) -> None:
+        self.flags.data[:] = 0
+        self.all = False
+
+
+def _splitmix(x: Any) -> Any:
+    """SplitMix64 finaliser on uint64 arrays or scalars (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def hashed_normal(seed: int, table: int, rows: np.ndarray, width: int) -> np.ndarray:
+    """Standard normals, one per (row, column), a pure function of (seed, table, row, column)."""
+    rows = np.asarray(rows, np.uint64)[:, None]
+    cols = np.arange(width, dtype=np.uint64)[None, :]
+    with np.errstate(over="ignore"):
+        base = _splitmix(np.uint64(seed) * np.uint64(1_000_003) + np.uint64(table))
+        key = _splitmix(base ^ (rows * np.uint64(0x100000001B3) + cols * np.uint64(2)))
+        u1 = (key >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
+        key2 = _splitmix(key + np.uint64(1))
+        u2 = (key2 >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
+    return np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2.0 * np.pi * u2)

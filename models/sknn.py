@@ -19,10 +19,12 @@ rebuilt on import.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 
 from models.base import Batch, Model, TableKind
-from models.rows import RowTable, shares
+from models.rows import Changes, RowTable, shares
 
 
 class SessionKNN(Model):
@@ -31,7 +33,7 @@ class SessionKNN(Model):
     name = "sknn"
     query = "session"
     sequential = True
-    tables: dict[str, TableKind] = {
+    tables: ClassVar[dict[str, TableKind]] = {
         "items": "session",  # [n_sessions, 1 + max_session_len]: stamp (0 = empty), then item ids + 1, 0 pads, newest last
         "count": "item",  # [n_items, 1] event counts
         "meta": "blob",  # [[stamp counter]]
@@ -39,6 +41,7 @@ class SessionKNN(Model):
 
     def __init__(self, k: int = 100, sample_size: int = 1000, max_session_len: int = 100, query_len: int = 10,
                  sessions_per_item: int = 1000, pop_weight: float = 1e-3, seed: int = 0):
+        super().__init__()
         self.k = k
         self.sample_size = sample_size
         self.max_session_len = max_session_len
@@ -46,12 +49,13 @@ class SessionKNN(Model):
         self.sessions_per_item = sessions_per_item
         self.pop_weight = pop_weight
         self.seed = seed
-        self._items = RowTable(1 + max_session_len, np.float64, 0.0)  # ids + 1: a zero row is empty
-        self._count = RowTable(1, np.float64, 0.0)
+        self._items_changed, self._sessions_changed = Changes(), Changes()
+        # ids + 1: a zero row is empty
+        self._items = self._table("items", RowTable(1 + max_session_len, np.float64, 0.0), self._sessions_changed)
+        self._count = self._table("count", RowTable(1, np.float64, 0.0), self._items_changed)
         self._stamp = 0
+        self._blob("meta", lambda: np.array([[float(self._stamp)]]), self._load_stamp)
         self._index: dict[int, dict[int, None]] = {}  # item -> sessions holding it, least recent first
-        self._changed_items: set[int] = set()
-        self._changed_sessions: set[int] = set()
 
     # -- helpers -------------------------------------------------------------------------
     def _row(self, s: int) -> np.ndarray:
@@ -118,16 +122,16 @@ class SessionKNN(Model):
 
     # -- Model ---------------------------------------------------------------------------
     def learn(self, batch: Batch) -> None:
-        batch = batch.with_items()
-        if batch is None:
+        if (with_items := batch.with_items()) is None:
             return
+        batch = with_items
         count = self._count.ensure(batch.n_items)
         self._items.ensure(max(batch.n_sessions, int(batch.sessions.max()) + 1))
         np.add.at(count[:, 0], batch.items, batch.weights.astype(np.float64))
         for s, i in zip(batch.sessions.tolist(), batch.items.tolist()):
             self._append(s, i)
-        self._changed_items.update(batch.items.tolist())
-        self._changed_sessions.update(batch.sessions.tolist())
+        self._items_changed.mark(batch.items)
+        self._sessions_changed.mark(batch.sessions)
 
     def score(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
         n = batch.n_items
@@ -162,19 +166,19 @@ class SessionKNN(Model):
             out[r] += np.bincount(ids[ok], weights=votes, minlength=n)[:n]
         return out
 
-    def export_state(self) -> dict[str, np.ndarray]:
-        return {"items": self._items.data, "count": self._count.data, "meta": np.array([[float(self._stamp)]])}
+    def _load_stamp(self, meta: np.ndarray) -> None:
+        self._stamp = int(np.asarray(meta).ravel()[0])
 
     def import_state(self, state: dict[str, np.ndarray]) -> None:
+        """Session rows of another length are fitted to `max_session_len` (newest items kept, pads first);
+        the item index is rebuilt from them."""
         items = np.asarray(state["items"], np.float64)
         if items.shape[1] > 1 + self.max_session_len:  # keep the newest items
             items = np.concatenate([items[:, :1], items[:, -self.max_session_len :]], axis=1)
         elif items.shape[1] < 1 + self.max_session_len:  # right-align: pads go first
             pad = np.zeros((len(items), 1 + self.max_session_len - items.shape[1]))
             items = np.concatenate([items[:, :1], pad, items[:, 1:]], axis=1)
-        self._items.load(items)
-        self._count.load(state["count"])
-        self._stamp = int(np.asarray(state["meta"]).ravel()[0])
+        super().import_state({**state, "items": items})
         self._index = {}
         data = self._items.data
         for s in np.argsort(data[:, 0], kind="stable").tolist():
@@ -182,15 +186,6 @@ class SessionKNN(Model):
                 continue
             for i in (data[s, 1:][data[s, 1:] > 0] - 1).astype(np.int64).tolist():
                 self._index_add(i, s)
-        self._changed_items.clear()
-        self._changed_sessions.clear()
-
-    def drain_changes(self) -> dict[str, np.ndarray | None]:
-        items = np.fromiter(self._changed_items, np.int64)
-        sessions = np.fromiter(self._changed_sessions, np.int64)
-        self._changed_items.clear()
-        self._changed_sessions.clear()
-        return {"items": sessions, "count": items, "meta": None}
 
     def forget(self, kind: TableKind, ids: np.ndarray) -> None:
         ids = np.asarray(ids, np.int64)
@@ -209,4 +204,4 @@ class SessionKNN(Model):
                 for s in self._index.pop(i, {}):
                     seq = self._items.data[s, 1:]
                     seq[seq == i + 1] = 0.0
-                    self._changed_sessions.add(s)
+                    self._sessions_changed.mark([s])

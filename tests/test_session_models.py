@@ -58,7 +58,8 @@ def test_planted_next_item_in_top5(name, stream):
     n_items = len(succ)
     for a in range(n_items):
         # a fresh session: its first item is `a`; row 1's state includes row 0
-        b = feat.batch([RawEvent("q", f"i{a}", "click", 1e6 + a, f"probe{a}"), RawEvent("q", f"i{succ[a]}", "click", 1e6 + a + 1, f"probe{a}")])
+        b = feat.batch([RawEvent("q", f"i{a}", "click", 1e6 + a, f"probe{a}"),
+                        RawEvent("q", f"i{succ[a]}", "click", 1e6 + a + 1, f"probe{a}")])
         scores = model.score(b, np.array([1]))[0]
         want = feat.items.get(f"i{succ[a]}")
         top5 = np.argsort(-scores, kind="stable")[:5]

@@ -299,7 +299,8 @@ def test_gru_sessions_dropped_by_its_lru_come_back_from_redis(topics):
             model.learn(batch)
             model.drain_changes()  # as a commit does: only then may the LRU drop a session
     bounded = shard.models["gru"]
-    assert len(bounded._lru) <= 3 and bounded._evicted, "the LRU never dropped a session: the test proves nothing"
+    sessions = bounded._sessions
+    assert len(sessions._lru) <= 3 and sessions._evicted, "the LRU never dropped a session: the test proves nothing"
     def gap(model) -> float:  # largest weight difference to the unbounded model
         return max(float(np.abs(model.export_state()[t] - unbounded.export_state()[t]).max()) for t in ("weights", "item_emb"))
 
