@@ -42,7 +42,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from stream_app.core.errors import ConfigError, ServiceError
-from stream_app.core.settings import Settings
+from stream_app.core.settings import Settings, redact
 
 __all__ = [
     "EmbeddedServers", "ServerProcess", "down", "find_redis_server", "find_tansu", "free_port",
@@ -102,13 +102,13 @@ def redis_address(url: str) -> tuple[str, int]:
     parts = urlsplit(url)
     if parts.scheme != "redis":
         raise ConfigError(
-            f"streamrec up manages plain redis://HOST:PORT/DB URLs only, not {url!r}; "
+            f"streamrec up manages plain redis://HOST:PORT/DB URLs only, not {redact(url)!r}; "
             "start that Redis yourself, or set STREAMREC_REDIS_URL=redis://127.0.0.1:6379/0"
         )
     try:
         return parts.hostname or "127.0.0.1", parts.port or 6379
     except ValueError:
-        raise ConfigError(f"{url!r} has no valid port; write it as redis://HOST:PORT/DB") from None
+        raise ConfigError(f"{redact(url)!r} has no valid port; write it as redis://HOST:PORT/DB") from None
 
 
 def _fmt(host: str, port: int) -> str:

@@ -30,6 +30,7 @@ from redis.retry import Retry
 
 from models.base import Model, TableKind
 from stream_app.core.errors import FencedError, ServiceError
+from stream_app.core.settings import redact
 
 KINDS = ("user", "item", "session", "context")
 
@@ -45,7 +46,7 @@ def connect(url: str, timeout: float = 5.0, fail_fast: bool = False) -> redis.Re
 
 def unreachable(url: str, exc: Exception) -> ServiceError:
     return ServiceError(
-        f"Redis at {url} is not reachable ({exc}); start one with `streamrec up` or set STREAMREC_REDIS_URL"
+        f"Redis at {redact(url)} is not reachable ({exc}); start one with `streamrec up` or set STREAMREC_REDIS_URL"
     )
 
 

@@ -13,6 +13,7 @@ import faust
 from rich.console import Console
 from rich.live import Live
 
+from stream_app.core.settings import redact
 from stream_app.io import kafka
 from stream_app.monitor.app import build_app
 from stream_app.monitor.dashboard import serve_in_thread
@@ -31,7 +32,7 @@ def make_state(settings, history: int = 2000, tumbling: float = 10.0, hopping: t
     try:
         store = RedisHistory(settings.redis_url, settings.key_prefix, settings.metrics_topic, cap=history)
     except Exception as exc:
-        log.warning("Redis at %s unavailable (%s): history will not survive a restart", settings.redis_url, exc)
+        log.warning("Redis at %s unavailable (%s): history will not survive a restart", redact(settings.redis_url), exc)
     state = MonitorState(tumbling=tumbling, hopping=hopping, history=history, store=store,
                          topic=settings.metrics_topic, lag_group=lag_group or settings.consumer_group,
                          lag_topic=lag_topic or settings.events_topic)

@@ -33,7 +33,7 @@ from models.base import Model
 from models.features import Featurizer
 from models.registry import create
 from stream_app.core.errors import ServiceError
-from stream_app.core.settings import Settings
+from stream_app.core.settings import Settings, redact
 from stream_app.io.kafka import partition_for
 from stream_app.io.redis import KINDS, Keys, Snapshot, connect, read_snapshot
 from stream_app.serving.scorers import AnnIndex, EmbeddingScorer
@@ -99,7 +99,7 @@ class ModelCache:
         try:
             return fn(*args)
         except redis.RedisError as exc:
-            raise ServiceError(f"Redis at {self.settings.redis_url} is not answering ({exc}); retry shortly") from None
+            raise ServiceError(f"Redis at {redact(self.settings.redis_url)} is not answering ({exc}); retry shortly") from None
 
     # ---- the request path (no Redis)
 
@@ -162,7 +162,7 @@ class ModelCache:
                 pipe.get(self.keys(p).version)
             versions = [int(v or 0) for v in pipe.execute()]
         except redis.RedisError as exc:
-            self._error = f"Redis at {self.settings.redis_url} is not answering ({exc}); retry shortly"
+            self._error = f"Redis at {redact(self.settings.redis_url)} is not answering ({exc}); retry shortly"
             return
         now = time.monotonic()
         for p, version in enumerate(versions):
