@@ -70,6 +70,21 @@ def test_jsonl_bad_lines_are_counted_with_line_numbers(tmp_path: Path) -> None:
     assert report.describe(2).startswith("5 bad rows skipped: ") and "(3 more)" in report.describe(2)
 
 
+def test_a_lone_surrogate_is_a_bad_line_not_the_end_of_the_run(tmp_path: Path) -> None:
+    """JSON may escape half a surrogate pair (\\ud800); no event can carry it (it cannot be encoded again)."""
+    good = orjson.dumps({"user_id": "u", "item_id": "i", "event_type": "click", "ts": 1})
+    lines = [
+        good,
+        b'{"user_id": "u\\ud800", "item_id": "i", "event_type": "click", "ts": 2}',
+        b'{"user_id": "u", "item_id": "i", "event_type": "click", "ts": 3, "context": {"k": "\\udfff"}}',
+        good,
+    ]
+    events, report = read(write(tmp_path / "s.jsonl", b"\n".join(lines)))
+    assert len(events) == 2 and lines_of(report) == [2, 3]
+    assert "user_id must be valid Unicode" in report.bad_rows[0].reason
+    assert "context.k must be valid Unicode" in report.bad_rows[1].reason
+
+
 def test_jsonl_gzip(tmp_path: Path) -> None:
     path = tmp_path / "e.jsonl.gz"
     with gzip.open(path, "wb") as f:

@@ -113,9 +113,16 @@ def _validate(data: Any) -> Event:
     if not isinstance(data, dict):
         raise InvalidEvent("", f"an event must be a JSON object (got {_type(data)})")
     try:
-        return msgspec.convert(data, Event, strict=True)
+        event = msgspec.convert(data, Event, strict=True)
     except msgspec.ValidationError as exc:
         raise _explain(data, str(exc)) from None
+    for name in _IDS:  # a lone surrogate (from a lenient parser) could never be encoded again
+        if not _utf8(getattr(event, name)):
+            raise InvalidEvent(name, "must be valid Unicode text (got a string with lone surrogates)")
+    for key, value in event.context.items():
+        if not (_utf8(key) and _utf8(value)):
+            raise InvalidEvent(f"context.{key}", "must be valid Unicode text (got a string with lone surrogates)")
+    return event
 
 
 def decode(raw: bytes | None) -> Event:
@@ -134,13 +141,7 @@ def decode(raw: bytes | None) -> Event:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise InvalidEvent("", f"message must be UTF-8 JSON without NaN/Infinity ({error})") from None
-    event = _validate(data)
-    for name in _IDS:
-        if not _utf8(getattr(event, name)):
-            raise InvalidEvent(name, "must be valid Unicode text (got a string with lone surrogates)")
-    for key, value in event.context.items():
-        if not (_utf8(key) and _utf8(value)):
-            raise InvalidEvent(f"context.{key}", "must be valid Unicode text (got a string with lone surrogates)")
+    _validate(data)
     # What still gets here parses leniently but not strictly, e.g. a repeated key (the stdlib keeps the last).
     raise InvalidEvent("", f"message must be strict UTF-8 JSON ({error})")
 
