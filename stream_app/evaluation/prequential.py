@@ -13,6 +13,7 @@ against it). Events whose query or item is new are counted as `cold_start`.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -204,17 +205,26 @@ class Evaluator:
         return summary([self], model)
 
 
-def step(evaluators: list[Evaluator], batch: Batch, models: dict[str, Model]) -> None:
+def step(evaluators: list[Evaluator], batch: Batch, models: dict[str, Model],
+         clock: dict[str, float] | None = None) -> None:
     """`Evaluator.step` for several evaluators of one stream (other protocols, say): the models learn
-    the batch once, scoring the rows any evaluator ranks."""
+    the batch once, scoring the rows any evaluator ranks. `clock`, when given, gets the seconds spent
+    learning (scoring included) added to "learn", and the evaluators' own to "evaluate"."""
+    start = time.perf_counter()
+    learning = 0.0
     kinds = {m.query for m in models.values()}
     plans = [e.prepare(batch, kinds) for e in evaluators]
     for name, model in models.items():
         each = [p[model.query] for p in plans]
         rows = each[0].rows if len(each) == 1 else np.unique(np.concatenate([p.rows for p in each]))
+        t = time.perf_counter()
         scores = model.learn_scored(batch, rows)  # [len(rows), n_items]
+        learning += time.perf_counter() - t
         for evaluator, plan in zip(evaluators, each):
             evaluator.record(name, batch, plan, scores if plan.rows is rows else scores[np.searchsorted(rows, plan.rows)])
+    if clock is not None:
+        clock["learn"] += learning
+        clock["evaluate"] += time.perf_counter() - start - learning
 
 
 def run(events, models: dict[str, Model], featurizer, evaluator: Evaluator | list[Evaluator], batch_size: int = 1,

@@ -22,7 +22,7 @@ from stream_app.core.errors import (
     InvalidEvent,
 )
 from stream_app.core.events import Event, decode
-from stream_app.evaluation.prequential import Evaluator, restore
+from stream_app.evaluation.prequential import Evaluator, restore, step
 from stream_app.io import kafka
 from stream_app.io.redis import Changes, PartitionStore
 from stream_app.worker.config import WorkerConfig
@@ -60,7 +60,6 @@ class Shard:
         self.featurizer = Featurizer(session_gap=config.session_gap)
         self.models: dict[str, Model] = {name: create(name, seed=config.seed) for name in config.models}
         self.evaluator = Evaluator(config.k, config.window, config.sample_rate, seed=config.seed + store.keys.partition)
-        self._query_kinds = {m.query for m in self.models.values()}
         self.dedup: dict[str, None] = {}  # event ids of the dedup window, oldest first
         self._dedup_parts: deque[dict[str, None]] = deque()  # the ids of `dedup` in insertion runs, oldest first
         self.history: dict[int, array] = {}  # user row -> (item, event type) pairs, the last HISTORY after a commit
@@ -129,15 +128,8 @@ class Shard:
             batch = f.batch(events[start : start + size])
             self._refill(batch)
             t = _tick(clock, "featurize", t)
-            evaluator = self.evaluator
-            plans = evaluator.prepare(batch, self._query_kinds)
-            t = _tick(clock, "evaluate", t)
-            for name, model in self.models.items():
-                plan = plans[model.query]
-                scores = model.learn_scored(batch, plan.rows)  # each row scored just before it is learned
-                t = _tick(clock, "learn", t)
-                evaluator.record(name, batch, plan, scores)
-                t = _tick(clock, "evaluate", t)
+            step([self.evaluator], batch, self.models, clock)  # each row scored just before it is learned
+            t = time.perf_counter()
             users, history = batch.users.tolist(), self.history
             for u, i, e in zip(users, batch.items.tolist(), batch.event_types.tolist()):
                 h = history.get(u)
