@@ -31,7 +31,7 @@ from stream_app.core.errors import ServiceError
 
 __all__ = [
     "CLIENTS", "GroupConsumer", "KafkaError", "Messages", "Record", "Sender", "TopicPartition",
-    "consumer", "ensure_topics", "group_consumer", "group_lag", "partition_for", "wait_for_broker",
+    "consumer", "ensure_topics", "group_consumer", "group_lag", "log_bounds", "partition_for", "wait_for_broker",
 ]
 
 CLIENTS = ("kafka-python", "confluent")
@@ -389,28 +389,14 @@ class Sender:
         self.close()
 
 
-def group_lag(bootstrap: str, group: str, topic: str, timeout: float = 5.0) -> dict[int, int]:
-    """Consumer-group lag of `group` on `topic`, per partition: end offset minus committed offset.
+def log_bounds(bootstrap: str, topic: str, timeout: float = 5.0) -> dict[int, tuple[int, int]]:
+    """The log's start and end offset of every partition of `topic` ({} for an unknown topic).
 
-    Committed offsets come from KafkaAdminClient (OffsetFetch); end offsets from a
-    group-less consumer's `end_offsets`, checked against the high watermark of one
-    fetch at `end - 1`: Tansu answers ListOffsets(latest) with the *base offset of
-    the last record batch* + 1 (10 records in one batch -> end offset 1), while its
-    fetch responses carry the true high watermark. On Kafka both agree.
-    A partition the group has not committed yet counts from its beginning offset
-    (all of it is lag). An unknown topic gives {}.
+    End offsets come from ListOffsets, checked against the high watermark of one fetch at
+    `end - 1`: Tansu answers ListOffsets(latest) with the *base offset of the last record batch*
+    + 1 (10 records in one batch -> end offset 1), while its fetch responses carry the true high
+    watermark. On Kafka both agree.
     """
-    try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-    except KafkaError as exc:
-        raise _unreachable(bootstrap, exc) from None
-    try:
-        # kafka-python 3 renamed list_consumer_group_offsets(group) to list_group_offsets({group: None})
-        listed = admin.list_group_offsets({group: None}).get(group, {})
-    finally:
-        admin.close()
-    committed = {tp.partition: om.offset for tp, om in listed.items()
-                 if tp.topic == topic and om.offset is not None and om.offset >= 0}
     reader = consumer(bootstrap, None, max_poll_records=1, fetch_max_bytes=1 << 20)
     try:
         partitions = reader.partitions_for_topic(topic)
@@ -431,9 +417,32 @@ def group_lag(bootstrap: str, group: str, topic: str, timeout: float = 5.0) -> d
                 high = reader.highwater(tp)
                 if high is not None:
                     ends[tp] = max(ends[tp], high)
+    except KafkaError as exc:
+        raise _unreachable(bootstrap, exc) from None
     finally:
         reader.close()
-    return {tp.partition: max(0, ends[tp] - committed.get(tp.partition, starts[tp])) for tp in tps}
+    return {tp.partition: (starts[tp], ends[tp]) for tp in tps}
+
+
+def group_lag(bootstrap: str, group: str, topic: str, timeout: float = 5.0) -> dict[int, int]:
+    """Consumer-group lag of `group` on `topic`, per partition: end offset minus committed offset.
+
+    Committed offsets come from KafkaAdminClient (OffsetFetch), the log's bounds from `log_bounds`.
+    A partition the group has not committed yet counts from its beginning offset (all of it is
+    lag). An unknown topic gives {}.
+    """
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    except KafkaError as exc:
+        raise _unreachable(bootstrap, exc) from None
+    try:
+        # kafka-python 3 renamed list_consumer_group_offsets(group) to list_group_offsets({group: None})
+        listed = admin.list_group_offsets({group: None}).get(group, {})
+    finally:
+        admin.close()
+    committed = {tp.partition: om.offset for tp, om in listed.items()
+                 if tp.topic == topic and om.offset is not None and om.offset >= 0}
+    return {p: max(0, end - committed.get(p, start)) for p, (start, end) in log_bounds(bootstrap, topic, timeout).items()}
 
 
 def partition_for(key: bytes, n: int) -> int:
