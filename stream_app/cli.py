@@ -8,9 +8,9 @@ from typing import Any, Optional
 
 import typer
 
-from stream_app.core.errors import StreamrecError
+from stream_app.core.errors import ConfigError, StreamrecError
 from stream_app.core.settings import Settings
-from stream_app.worker.config import WorkerConfig
+from stream_app.worker.config import OFFSET_GAP_POLICIES, WorkerConfig
 
 app = typer.Typer(
     help="streamrec: a streaming, incremental recommender (Kafka in, online models, Redis state).",
@@ -132,6 +132,12 @@ def worker(
     client: Optional[str] = typer.Option(
         None, "--client", help="Kafka client library: kafka-python or confluent [env STREAMREC_KAFKA_CLIENT]"
     ),
+    on_offset_gap: Optional[str] = typer.Option(
+        None, "--on-offset-gap",
+        help="when a partition's stored offset is past the log's end (the broker lost its log): stop (the partition "
+        "stops and alerts), earliest (learn the new log from its start, keeping the model) or latest (from its end)"
+        f" (default {WORKER.on_offset_gap})",
+    ),
     processes: int = typer.Option(
         1, "--processes", min=1, help="group members to run, one process each (up to one per partition and core)"
     ),
@@ -149,7 +155,10 @@ def worker(
     logging.getLogger("kafka").setLevel(logging.WARNING)
     try:
         given: dict[str, Any] = dict(batch_size=batch_size, max_wait_ms=max_wait_ms, commit_max=commit_max,
-                     commit_interval_ms=commit_interval_ms, sample_rate=sample_rate, k=k, idle_expiry=idle_expiry)
+                     commit_interval_ms=commit_interval_ms, sample_rate=sample_rate, k=k, idle_expiry=idle_expiry,
+                     on_offset_gap=on_offset_gap)
+        if on_offset_gap is not None and on_offset_gap not in OFFSET_GAP_POLICIES:
+            raise ConfigError(f"--on-offset-gap must be one of {', '.join(OFFSET_GAP_POLICIES)} (got {on_offset_gap!r})")
         config = replace(WORKER, models=tuple(parse_names(models)), **{n: v for n, v in given.items() if v is not None})
         conf = settings(kafka_bootstrap=bootstrap, redis_url=redis_url, consumer_group=group, events_topic=topic,
                         kafka_client=client)

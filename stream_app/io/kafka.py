@@ -35,6 +35,11 @@ __all__ = [
 ]
 
 CLIENTS = ("kafka-python", "confluent")
+SESSION_TIMEOUT_MS = 6000  # of group members: a member gone this long loses its partitions
+# How long a rebalance waits for members to rejoin (kafka-python and librdkafka take it from the max poll
+# interval). Bounded well below the clients' 300 s default: a member that leaves while a rebalance is under
+# way holds the whole group up this long on the embedded broker (README: Failure modes, fleet restart).
+REBALANCE_TIMEOUT_MS = 30_000
 
 
 def _unreachable(bootstrap: str, exc: Exception) -> ServiceError:
@@ -93,7 +98,8 @@ def consumer(bootstrap: str, group_id: str | None, **overrides: Any) -> KafkaCon
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        session_timeout_ms=6000,
+        session_timeout_ms=SESSION_TIMEOUT_MS,
+        max_poll_interval_ms=REBALANCE_TIMEOUT_MS,
         heartbeat_interval_ms=1000,
         max_poll_records=2000,
         fetch_max_wait_ms=100,
@@ -181,6 +187,10 @@ class GroupConsumer(Protocol):
 
     def seek(self, partition: int, offset: int | None) -> None: ...  # None: the beginning
 
+    def pause(self, partitions: Iterable[int]) -> None: ...  # stop fetching them (those still assigned)
+
+    def resume(self, partitions: Iterable[int]) -> None: ...
+
     def commit(self, offsets: dict[int, int]) -> None: ...
 
     def close(self) -> None: ...
@@ -209,6 +219,16 @@ class _KafkaPythonGroup:
             self._consumer.seek_to_beginning(tp)
         else:
             self._consumer.seek(tp, offset)
+
+    def _assigned(self, partitions: Iterable[int]) -> list[TopicPartition]:
+        assigned = self._consumer.assignment()
+        return [tp for tp in (TopicPartition(self.topic, p) for p in partitions) if tp in assigned]
+
+    def pause(self, partitions: Iterable[int]) -> None:
+        self._consumer.pause(*self._assigned(partitions))
+
+    def resume(self, partitions: Iterable[int]) -> None:
+        self._consumer.resume(*self._assigned(partitions))
 
     def poll(self, max_records: int, timeout: float) -> list[Messages]:
         polled = self._consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_records)
@@ -241,7 +261,8 @@ class _ConfluentGroup:
         self.topic = topic
         self._consumer = ck.Consumer({
             "bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
-            "auto.offset.reset": "earliest", "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000,
+            "auto.offset.reset": "earliest", "session.timeout.ms": SESSION_TIMEOUT_MS,
+            "max.poll.interval.ms": REBALANCE_TIMEOUT_MS, "heartbeat.interval.ms": 1000,
             "fetch.wait.max.ms": max_wait_ms, "client.id": "streamrec",
         })
 
@@ -291,6 +312,18 @@ class _ConfluentGroup:
     def seek(self, partition: int, offset: int | None) -> None:
         start = self._ck.OFFSET_BEGINNING if offset is None else offset
         self._consumer.seek(self._ck.TopicPartition(self.topic, partition, start))
+
+    def _assigned(self, partitions: Iterable[int]) -> list:
+        wanted = set(partitions)
+        return [tp for tp in self._consumer.assignment() if tp.topic == self.topic and tp.partition in wanted]
+
+    def pause(self, partitions: Iterable[int]) -> None:
+        if tps := self._assigned(partitions):
+            self._consumer.pause(tps)
+
+    def resume(self, partitions: Iterable[int]) -> None:
+        if tps := self._assigned(partitions):
+            self._consumer.resume(tps)
 
     def commit(self, offsets: dict[int, int]) -> None:
         if not offsets:

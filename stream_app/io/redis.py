@@ -15,9 +15,10 @@ a partition cannot write after the new owner took over.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,16 @@ def unreachable(url: str, exc: Exception) -> ServiceError:
     return ServiceError(
         f"Redis at {redact(url)} is not reachable ({exc}); start one with `streamrec up` or set STREAMREC_REDIS_URL"
     )
+
+
+@contextlib.contextmanager
+def reachable(url: str) -> Iterator[None]:
+    """Turn a lost connection to Redis inside (refused, timed out, still loading its data after a
+    restart) into `ServiceError` naming the server, password redacted, for callers that wait and retry."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise unreachable(url, exc) from None
 
 
 def pack_blob(array: np.ndarray) -> bytes:
@@ -115,6 +126,7 @@ class Keys:
     dedup = property(lambda self: self._key("dedup"), doc="list: JSON array of event ids per commit")
     history = property(lambda self: self._key("history"), doc="hash: user row -> int32 (item, type) pairs")
     open_sessions = property(lambda self: self._key("open_sessions"), doc="hash: user id -> 'session|last ts'")
+    gaps = property(lambda self: self._key("gaps"), doc="list: JSON record of each offset gap the state was carried over")
 
     def vocab(self, kind: str) -> str:
         return f"{self.tag}:vocab:{kind}"
@@ -225,6 +237,13 @@ class PartitionStore:
         snap.token, snap.dedup = self.token, self._load_dedup()
         snap.models = {name: state for name, state in snap.models.items() if len(state) == len(self.tables[name])}
         return snap
+
+    def record_gap(self, record: dict) -> None:
+        """Mark the state as carried over an offset gap (a lost log); the last 100 such records are kept."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.rpush(self.keys.gaps, orjson.dumps(record))
+        pipe.ltrim(self.keys.gaps, -100, -1)
+        pipe.execute()
 
     def session_rows_of(self, model: str, table: str, rows: np.ndarray) -> np.ndarray:
         """The stored session rows `[len(rows), width]` (one MGET); zeros where none is stored."""

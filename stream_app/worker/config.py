@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
+from typing import Literal
+
+# What a worker does with a partition whose stored offset is past the log's end (the broker lost its log):
+# stop it and tell the operator, or carry the model state over and learn the log from its start or its end.
+OffsetGapPolicy = Literal["stop", "earliest", "latest"]
+OFFSET_GAP_POLICIES: tuple[str, ...] = ("stop", "earliest", "latest")
 
 
 @dataclass(frozen=True)
@@ -25,5 +31,6 @@ class WorkerConfig:
     dedup_window: int = 100_000
     session_gap: float = 1800.0  # a user's implicit session ends after this idle time; sessions expire after it
     idle_expiry: float | None = None  # users and items idle this long (stream time, s) are expired; None: never
+    on_offset_gap: OffsetGapPolicy = "stop"
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     seed: int = 0

@@ -5,6 +5,11 @@ and evaluator; its state lives under the partition's Redis hash tag together
 with the next offset to read (see `stream_app.io.redis`). On assignment the
 worker claims the partition (fencing any earlier owner), loads its state and
 seeks to the stored offset; Kafka commits are made for lag monitoring only.
+
+Faults (README "Failure modes"): when Redis (or Kafka, for dead letters) fails, the worker drops what
+it has not committed, pauses its partitions, keeps its group membership and reloads them from Redis
+with backoff. A stored offset past the log's end (a broker that lost its log) is an offset gap,
+handled by `WorkerConfig.on_offset_gap`, never skipped silently.
 """
 
 from __future__ import annotations
@@ -30,11 +35,15 @@ from stream_app.core.settings import Settings
 from stream_app.core.threads import limit_blas_threads
 from stream_app.evaluation.prequential import summary
 from stream_app.io import kafka
-from stream_app.io.redis import Keys, PartitionStore, connect
+from stream_app.io.redis import Keys, PartitionStore, connect, reachable
 from stream_app.worker.config import WorkerConfig
 from stream_app.worker.shard import STEPS, Shard
 
 log = logging.getLogger("streamrec.worker")
+RETRY_FIRST, RETRY_MAX = 0.5, 10.0  # seconds between attempts to reload partitions while Redis or Kafka is down
+GAP_CHECK_EVERY = 30.0  # seconds between checks, when idle, of the owned partitions against the log's end
+REJOIN_AFTER = 20.0  # seconds without a partition before a member joins its group again, as a new member
+REMIND_EVERY = 30.0  # seconds between reminders of stopped partitions, or of holding none
 
 
 class Worker:
@@ -48,6 +57,16 @@ class Worker:
         self.redis = connect(settings.redis_url)
         self.sender = kafka.Sender(settings.kafka_bootstrap)
         self.consumer: kafka.GroupConsumer | None = None
+        self.waiting: set[int] = set()  # assigned, not loaded: Redis or Kafka down, or stopped at an offset gap
+        self.stopped: dict[int, dict] = {}  # partitions stopped at an offset gap -> their alert
+        self.gaps = 0  # offset gaps met
+        self._down_since: float | None = None  # when Redis or Kafka failed (monotonic); None: up
+        self._retry_at = 0.0
+        self._retry_delay = RETRY_FIRST
+        self._gaps_checked_at = time.monotonic()
+        self._unassigned_since = time.monotonic()
+        self._joined_at = time.monotonic()
+        self._reminded_at = time.monotonic()
         self.running = True
         self.applied = 0
         self.dead = 0
@@ -58,22 +77,109 @@ class Worker:
         self._reported_at = time.monotonic()
 
     def assign(self, partitions: list[int]) -> dict[int, int | None]:
-        """Claim and load newly assigned partitions; returns the offsets to resume from."""
-        starts = {}
-        for partition in partitions:
-            keys = Keys(self.settings.key_prefix, self.settings.events_topic, partition)
-            store = PartitionStore(self.redis, keys, self.config.dedup_window, self.config.session_gap)
-            shard = Shard(store, self.config, self.seconds)
-            starts[partition] = shard.resume()
-            self.shards[partition] = shard
+        """Claim and load newly assigned partitions; returns the offsets to resume from (those that
+        cannot be loaded now stay `waiting`, paused)."""
+        self.waiting.update(partitions)
+        starts = self._load(partitions)
         if partitions and self.started_at is None:
             self.started_at = time.monotonic()
         log.info("%s assigned %s", self.config.worker_id, partitions)
         return starts
 
+    def _load(self, partitions: list[int]) -> dict[int, int | None]:
+        """Claim and load `partitions`, each checked against the log's bounds; returns where to start
+        each one loaded. On a Redis or Kafka failure every partition waits (`_suspend`)."""
+        if not partitions:
+            return {}
+        s, starts = self.settings, {}
+        try:
+            bounds = kafka.log_bounds(s.kafka_bootstrap, s.events_topic)
+            for partition in partitions:
+                store = PartitionStore(self.redis, Keys(s.key_prefix, s.events_topic, partition),
+                                       self.config.dedup_window, self.config.session_gap)
+                shard = Shard(store, self.config, self.seconds)
+                with reachable(s.redis_url):
+                    start = self._checked_start(partition, shard, shard.resume(), bounds.get(partition))
+                if partition not in self.stopped:
+                    self.shards[partition] = shard
+                    self.waiting.discard(partition)
+                    starts[partition] = start
+        except ServiceError as exc:
+            self._suspend(exc)
+            return {}
+        return starts
+
+    def _checked_start(self, partition: int, shard: Shard, stored: int | None, bounds: tuple[int, int] | None) -> int | None:
+        """Where `shard` starts: its stored offset, unless the log no longer holds it. Below the log's
+        start (retention removed events before they were learned) it starts at the log's start; past
+        the log's end (the broker lost its log) it follows `on_offset_gap`. Both are alerted."""
+        if stored is None or bounds is None:
+            return stored
+        start, end = bounds
+        if start <= stored <= end:
+            return stored
+        policy = "earliest" if stored < start else self.config.on_offset_gap
+        kind = "offset_expired" if stored < start else "offset_gap"
+        alert = {"ts": time.time(), "kind": kind, "worker": self.config.worker_id, "topic": self.settings.events_topic,
+                 "partition": partition, "stored_offset": stored, "log_start": start, "log_end": end, "policy": policy}
+        self.gaps += 1
+        self._alert(alert)
+        if policy == "stop":
+            log.error("partition %s STOPPED: its state in Redis resumes at offset %s but the log holds %s..%s (the broker "
+                      "lost its log?); learning it would skip events. Restart the worker with --on-offset-gap earliest "
+                      "(learn the log from its start, keeping the model) or latest (from its end)", partition, stored,
+                      start, end)
+            self.stopped[partition] = alert
+            return None
+        resume_at = end if policy == "latest" else start
+        log.error("partition %s: stored offset %s is outside the log's %s..%s; the model state is carried over and learning "
+                  "resumes at offset %s (--on-offset-gap %s)", partition, stored, start, end, resume_at, policy)
+        shard.store.record_gap({**alert, "resumed_at": resume_at})
+        shard.offset = shard.committed = resume_at
+        return resume_at
+
+    def _alert(self, alert: dict) -> None:
+        """An operational alert on the alerts topic; when Kafka cannot take it the log has said it already."""
+        try:
+            self.sender.send(self.settings.alerts_topic, orjson.dumps(alert), key=str(alert["partition"]).encode())
+        except ServiceError as exc:
+            log.warning("alert not sent (%s): %s", exc, alert)
+
+    def _suspend(self, exc: Exception) -> None:
+        """Redis or Kafka failed: stop learning every partition (the next load re-reads what was not
+        committed) and retry with backoff; the partitions stay assigned, paused."""
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+            log.error("%s: %s; partitions %s paused, not learning; retrying with backoff", self.config.worker_id, exc,
+                      sorted(self.waiting | set(self.shards)))
+        self.waiting.update(self.shards)
+        self.shards.clear()
+        self._retry_at = now + self._retry_delay
+        self._retry_delay = min(2 * self._retry_delay, RETRY_MAX)
+
+    def _retry_waiting(self) -> None:
+        """Pause the waiting partitions; when their retry is due, load them and resume them at their start."""
+        if self.consumer is None:
+            return
+        self.consumer.pause(self.waiting)
+        retry = sorted(self.waiting - set(self.stopped))
+        if not retry or time.monotonic() < self._retry_at:
+            return
+        starts = self._load(retry)
+        for partition, start in starts.items():
+            self.consumer.seek(partition, start)
+        self.consumer.resume(starts)
+        if not self.waiting - set(self.stopped) and self._down_since is not None:
+            log.info("%s: Redis and Kafka answer again after %.1f s; partitions %s resumed from their stored state",
+                     self.config.worker_id, time.monotonic() - self._down_since, sorted(starts))
+            self._down_since, self._retry_delay = None, RETRY_FIRST
+
     def revoke(self, partitions: list[int]) -> None:
         """Commit what the revoked partitions have learned, then let them go."""
+        self.waiting.difference_update(partitions)
         for partition in partitions:
+            self.stopped.pop(partition, None)
             shard = self.shards.pop(partition, None)
             if shard is not None:
                 self._last_commit(partition, shard, "revoked")
@@ -90,18 +196,15 @@ class Worker:
         self.dead += 1
 
     def run(self, max_idle: float | None = None, stop_after: int | None = None) -> None:
-        """Consume until stopped (SIGTERM/SIGINT), idle for `max_idle` s, or `stop_after` applied events."""
-        s = self.settings
+        """Consume until stopped (SIGTERM/SIGINT), idle for `max_idle` s, or `stop_after` applied events (time
+        spent waiting for Redis or Kafka to come back is not idle)."""
         # One BLAS thread: workers scale by processes (--processes), and BLAS threads spin against each other.
         limit_blas_threads(1)
         # Rarer garbage collections: the clients allocate objects per message, and with a shard's state in
         # memory every collection has much to walk.
         thresholds = gc.get_threshold()
         gc.set_threshold(50_000, 20, 20)
-        self.consumer = consumer = kafka.group_consumer(
-            s.kafka_client, s.kafka_bootstrap, s.consumer_group, s.events_topic, self.assign, self.revoke,
-            self.config.commit_max, self.config.max_wait_ms,
-        )
+        self.consumer = self._join()
         previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -111,14 +214,21 @@ class Worker:
         idle_since = time.monotonic()
         try:
             while self.running:
-                polled = consumer.poll(self.config.commit_max, self.config.max_wait_ms / 1000)
-                if polled or self.started_at is None:  # idle time counts from the first assignment
+                if self.waiting:
+                    self._retry_waiting()
+                polled = self.consumer.poll(self.config.commit_max, self.config.max_wait_ms / 1000)
+                recovering = self.waiting.difference(self.stopped)
+                if polled or self.started_at is None or recovering:  # idle time counts from the first assignment
                     idle_since = time.monotonic()
                 elif max_idle is not None and time.monotonic() - idle_since > max_idle:
                     break
                 for messages in polled:
                     self._guarded(messages.partition, self._learn, messages)
                 self._commit_due(idle=not polled)
+                if not polled:
+                    self._check_gaps()
+                self._remind()
+                self._rejoin_if_stuck()
                 self._maybe_report()
                 if stop_after is not None and self.applied >= stop_after:
                     break
@@ -127,6 +237,25 @@ class Worker:
                 signal.signal(sig, handler)
             gc.set_threshold(*thresholds)
             self.close()
+
+    def _join(self) -> kafka.GroupConsumer:
+        s = self.settings
+        return kafka.group_consumer(s.kafka_client, s.kafka_bootstrap, s.consumer_group, s.events_topic, self.assign,
+                                    self.revoke, self.config.commit_max, self.config.max_wait_ms)
+
+    def _rejoin_if_stuck(self) -> None:
+        """A member that has held no partition for `REJOIN_AFTER` s leaves the group and joins again as a
+        new member: the embedded broker can keep a member that left as the group's leader after a fleet
+        restart, and then no member ever gets an assignment (README: Failure modes, fleet restart)."""
+        now = time.monotonic()
+        if self.shards or self.waiting or now - max(self._unassigned_since, self._joined_at) < REJOIN_AFTER:
+            return
+        log.warning("%s: no partition after %.0f s in group %s; leaving and joining again as a new member",
+                    self.config.worker_id, now - self._unassigned_since, self.settings.consumer_group)
+        if self.consumer is not None:
+            self.consumer.close()
+        self.consumer = self._join()
+        self._joined_at = now
 
     def _learn(self, messages: kafka.Messages) -> None:
         shard = self.shards.get(messages.partition)
@@ -147,7 +276,8 @@ class Worker:
             idle or s.pending.events >= c.commit_max
             or now - s.pending.since >= min(c.commit_interval_ms / 1000, s.commit_seconds / c.commit_share))]
         for partition in due:
-            self._guarded(partition, self._commit, self.shards[partition])
+            if partition in self.shards:  # not suspended by an earlier failure of this loop
+                self._guarded(partition, self._commit, self.shards[partition])
         if due:
             self._commit_kafka()
 
@@ -159,23 +289,59 @@ class Worker:
     def _last_commit(self, partition: int, shard: Shard, why: str) -> None:
         """Commit a partition this worker is giving up; on failure the next owner re-reads what it learned."""
         try:
-            self._commit(shard)
-        except (StreamrecError, OSError, ConnectionError) as exc:
+            with reachable(self.settings.redis_url):
+                self._commit(shard)
+        except (StreamrecError, OSError) as exc:
             log.warning("partition %s %s before its last commit (%s)", partition, why, exc)
 
     def _guarded(self, partition: int, action: Callable, *args: Any) -> None:
-        """Run `action`; a fenced partition is dropped, one whose Redis or Kafka failed is reloaded."""
+        """Run `action`; a fenced partition is dropped; when Redis or Kafka fails, every partition waits."""
         try:
-            action(*args)
+            with reachable(self.settings.redis_url):
+                action(*args)
         except FencedError as exc:
             log.warning("dropping partition %s: %s", partition, exc)
             self.shards.pop(partition, None)
-        except (ServiceError, OSError, ConnectionError) as exc:
-            log.error("partition %s not committed (%s); reloading it from Redis", partition, exc)
-            time.sleep(1.0)
-            self.shards.pop(partition, None)
-            if self.consumer is not None:
-                self.consumer.seek(partition, self.assign([partition])[partition])
+        except (ServiceError, OSError) as exc:
+            self._suspend(exc)
+
+    def _check_gaps(self) -> None:
+        """Every `GAP_CHECK_EVERY` s of idleness, compare each owned partition's offset with the log's end:
+        a broker that restarted without its log answers fetches past its end with nothing, not an error."""
+        now = time.monotonic()
+        if not self.shards or now - self._gaps_checked_at < GAP_CHECK_EVERY:
+            return
+        self._gaps_checked_at = now
+        s = self.settings
+        try:
+            bounds = kafka.log_bounds(s.kafka_bootstrap, s.events_topic)
+        except ServiceError as exc:
+            log.warning("%s: cannot check offsets against the log (%s)", self.config.worker_id, exc)
+            return
+        lost = [p for p, shard in self.shards.items()
+                if p in bounds and shard.offset is not None and shard.offset > bounds[p][1]]
+        for partition in lost:
+            self._last_commit(partition, self.shards.pop(partition), "lost its log")
+        self.waiting.update(lost)
+        self._retry_at = now  # reloaded, and checked against the log, at the next turn
+
+    def _remind(self) -> None:
+        """Every `REMIND_EVERY` s, say which partitions are stopped at an offset gap, and whether this worker
+        has held no partition for longer than the group's session timeout."""
+        now = time.monotonic()
+        if self.shards or self.waiting:
+            self._unassigned_since = now
+        if now - self._reminded_at < REMIND_EVERY:
+            return
+        self._reminded_at = now
+        for partition, alert in self.stopped.items():
+            log.error("partition %s still stopped at an offset gap: %s", partition, alert)
+            self._alert(alert)
+        idle = now - self._unassigned_since
+        if idle > kafka.SESSION_TIMEOUT_MS / 1000:
+            log.warning("%s has held no partition of %s for %.0f s: the group %s has other members with all of them, "
+                        "or its coordinator has not rebalanced yet (README: Failure modes)", self.config.worker_id,
+                        self.settings.events_topic, idle, self.settings.consumer_group)
 
     def _commit_kafka(self) -> None:
         """Commit consumed offsets to Kafka, for lag monitoring only (Redis holds the truth)."""
@@ -195,7 +361,8 @@ class Worker:
             rec.update({
                 "ts": time.time(), "worker": self.config.worker_id, "model": name, "k": self.config.k,
                 "window": self.config.window, "events_seen": events_seen, "batch": self.config.batch_size,
-                "applied": self.applied, "dead_letters": self.dead,
+                "applied": self.applied, "dead_letters": self.dead, "offset_gaps": self.gaps,
+                "stopped": sorted(self.stopped),
                 "versions": {str(p): s.version for p, s in self.shards.items()},
             })
             records.append(rec)
