@@ -62,7 +62,8 @@ class Worker:
         starts = {}
         for partition in partitions:
             keys = Keys(self.settings.key_prefix, self.settings.events_topic, partition)
-            store = PartitionStore(self.redis, keys, self.config.dedup_window, self.config.session_gap)
+            store = PartitionStore(self.redis, keys, self.config.dedup_window, self.config.session_gap,
+                                   worker_id=self.config.worker_id)
             shard = Shard(store, self.config, self.seconds)
             starts[partition] = shard.resume()
             self.shards[partition] = shard
