@@ -332,8 +332,11 @@ def status(
 ) -> None:
     """Per partition: owner, stored offset, the log's start and end, lag, age of the last commit.
     Exits 1 when a partition has a problem (offset gap, truncated, no log, stalled)."""
+    import logging
+
     from stream_app.worker.status import as_json, partition_status, render
 
+    logging.getLogger("kafka").setLevel(logging.ERROR)  # the client's warnings (slow polls) are noise here
     conf = settings(kafka_bootstrap=bootstrap, redis_url=redis_url, events_topic=topic)
     try:
         rows = partition_status(conf, stale_after)
