@@ -329,6 +329,38 @@ def demo(
         fail(exc)
 
 
+@app.command()
+def status(
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object: topic, partitions, workers"),
+    stale_after: Optional[float] = typer.Option(
+        None, "--stale-after", min=0.0, help="flag a partition with lag and no commit for this many seconds (default 60)",
+    ),
+    topic: Optional[str] = typer.Option(None, "--topic", help="events topic [env STREAMREC_EVENTS_TOPIC]"),
+    bootstrap: Optional[str] = Bootstrap,
+    redis_url: Optional[str] = RedisUrl,
+) -> None:
+    """Per partition: owner, stored offset, the log's start and end, lag, age of the last commit.
+    Exits 1 when a partition has a problem (offset gap, truncated, no log, stalled)."""
+    import logging
+
+    from stream_app.worker.status import as_json, partition_status, render
+
+    logging.getLogger("kafka").setLevel(logging.ERROR)  # the client's warnings (slow polls) are noise here
+    conf = settings(kafka_bootstrap=bootstrap, redis_url=redis_url, events_topic=topic)
+    try:
+        rows = partition_status(conf, stale_after)
+    except StreamrecError as exc:
+        fail(exc)
+    if json_out:
+        import orjson
+
+        typer.echo(orjson.dumps(as_json(conf, rows)).decode())
+    else:
+        render(conf, rows)
+    if any(r.problem for r in rows):
+        raise typer.Exit(1)
+
+
 BENCHES = ("pipeline", "quality", "sessions", "lookup", "memory")
 
 

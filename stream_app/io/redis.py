@@ -11,6 +11,9 @@ Fencing: claiming a partition increments its `epoch` and stores the result
 as `owner`; every commit's script first compares `owner` with this worker's
 token and writes nothing (FencedError) when it differs, so a worker that lost
 a partition cannot write after the new owner took over.
+
+For `streamrec status`, a claim also stores the claimer's worker id and the time, and every
+commit the time, inside the same scripts (Redis server clock: readers compare it with TIME).
 """
 
 from __future__ import annotations
@@ -123,6 +126,9 @@ class Keys:
     owner = property(lambda self: self._key("owner"), doc="fencing token of the current owner")
     applied = property(lambda self: self._key("applied"), doc="events applied")
     version = property(lambda self: self._key("version"), doc="commits so far")
+    worker = property(lambda self: self._key("worker"), doc="worker id of the current owner")
+    claimed_at = property(lambda self: self._key("claimed_at"), doc="server time of the last claim (Unix s)")
+    committed_at = property(lambda self: self._key("committed_at"), doc="server time of the last commit (Unix s)")
     dedup = property(lambda self: self._key("dedup"), doc="list: JSON array of event ids per commit")
     history = property(lambda self: self._key("history"), doc="hash: user row -> int32 (item, type) pairs")
     open_sessions = property(lambda self: self._key("open_sessions"), doc="hash: user id -> 'session|last ts'")
@@ -210,9 +216,11 @@ class Changes:
 class PartitionStore:
     """Reads and atomically writes one partition's state in Redis."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, dedup_window: int = 100_000, session_ttl: float = 1800.0):
+    def __init__(self, client: redis.Redis, keys: Keys, dedup_window: int = 100_000, session_ttl: float = 1800.0,
+                 worker_id: str = ""):
         self.client = client
         self.keys = keys
+        self.worker_id = worker_id  # stored at claim, for `streamrec status`
         self.dedup_window = dedup_window
         self.session_ttl = max(1, int(session_ttl))
         self.token = 0
@@ -221,11 +229,10 @@ class PartitionStore:
         self.tables: dict[str, dict[str, TableKind]] = {}  # model -> table -> kind, known after `load`
 
     def claim(self) -> int:
-        """Become the partition's owner; every earlier owner is fenced from now on."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.incr(self.keys.epoch)
-        token = pipe.execute()[0]
-        self.client.set(self.keys.owner, token)
+        """Become the partition's owner; every earlier owner is fenced from now on. One script: the new
+        token, the owner and its worker id change together, so `status` never pairs a token with another id."""
+        k = self.keys
+        token = self.client.register_script(_CLAIM)(keys=[k.epoch, k.owner, k.worker, k.claimed_at], args=[self.worker_id])
         self.token = int(token)
         return self.token
 
@@ -281,7 +288,7 @@ class PartitionStore:
         if self._script is None:
             self._script = self.client.register_script(_FENCED_WRITE)
         try:
-            version = self._script(keys=[k.owner, *writes.keys], args=[self.token, *writes.args])
+            version = self._script(keys=[k.owner, k.committed_at, *writes.keys], args=[self.token, *writes.args])
         except redis.ResponseError as exc:
             if str(exc).startswith("FENCED"):
                 raise FencedError(
@@ -331,8 +338,19 @@ class PartitionStore:
         w.call("INCR", k.version)
 
 
-# One round trip, atomic, fenced: KEYS[1] is `owner`, ARGV[1] the caller's token; then per write
-# ARGV holds m (the command and its arguments), the index of its key in KEYS, the command, its arguments.
+# KEYS: epoch, owner, worker, claimed_at; ARGV[1]: the claimer's worker id. Returns the new token.
+_CLAIM = """
+local token = redis.call('INCR', KEYS[1])
+local now = redis.call('TIME')
+redis.call('SET', KEYS[2], token)
+redis.call('SET', KEYS[3], ARGV[1])
+redis.call('SET', KEYS[4], now[1] .. '.' .. string.format('%06d', now[2]))
+return token
+"""
+
+# One round trip, atomic, fenced: KEYS[1] is `owner`, ARGV[1] the caller's token, KEYS[2] `committed_at`
+# (set to the server's time); then per write ARGV holds m (the command and its arguments), the index of
+# its key in KEYS, the command, its arguments.
 # `HSET*` is HSET with packed arguments (fields blob, its spec, values blob, its spec; see `_pack`).
 _FENCED_WRITE = """
 local function split(blob, spec)
@@ -354,6 +372,8 @@ local function split(blob, spec)
 end
 local owner = redis.call('GET', KEYS[1])
 if owner ~= ARGV[1] then return redis.error_reply('FENCED ' .. tostring(owner)) end
+local now = redis.call('TIME')
+redis.call('SET', KEYS[2], now[1] .. '.' .. string.format('%06d', now[2]))
 local i, result = 2, nil
 while i <= #ARGV do
   local m, key = tonumber(ARGV[i]), KEYS[tonumber(ARGV[i + 1])]
@@ -390,7 +410,7 @@ class _Writes:
         index = self._index.get(key)
         if index is None:
             self.keys.append(key)
-            index = self._index[key] = len(self.keys) + 1  # KEYS[1] is the owner key
+            index = self._index[key] = len(self.keys) + 2  # KEYS[1], KEYS[2]: owner, committed_at
         self.args += (len(args) + 1, index, command, *args)
 
     def fields(self, command: str, key: str, values: list) -> None:

@@ -96,7 +96,7 @@ class Worker:
             bounds = kafka.log_bounds(s.kafka_bootstrap, s.events_topic)
             for partition in partitions:
                 store = PartitionStore(self.redis, Keys(s.key_prefix, s.events_topic, partition),
-                                       self.config.dedup_window, self.config.session_gap)
+                                       self.config.dedup_window, self.config.session_gap, worker_id=self.config.worker_id)
                 shard = Shard(store, self.config, self.seconds)
                 with reachable(s.redis_url):
                     start = self._checked_start(partition, shard, shard.resume(), bounds.get(partition))
