@@ -307,11 +307,11 @@ def _valid_events(data: Any, writer: str) -> list:
     if not items:
         raise ApiError(422, "the list of events is empty")
     if len(items) > MAX_EVENTS_PER_POST:
-        raise ApiError(413, f"at most {MAX_EVENTS_PER_POST} events per request (got {len(items)})")
+        raise ApiError(422, f"at most {MAX_EVENTS_PER_POST} events per request (got {len(items)})")
     ready = []
     for i, item in enumerate(items):
         try:
-            if isinstance(item, dict) and isinstance(item.get("event_id"), str):
+            if isinstance(item, dict) and isinstance(item.get("event_id"), str) and item["event_id"]:
                 if len(item["event_id"]) > MAX_CLIENT_EVENT_ID:
                     raise InvalidEvent("event_id", f"must be at most {MAX_CLIENT_EVENT_ID} characters "
                                                    f"(got {len(item['event_id'])}); it is kept as key-name:event_id")

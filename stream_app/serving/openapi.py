@@ -182,9 +182,10 @@ def routes(settings: Settings) -> dict[str, dict[str, Any]]:
                 400: _error("the body is not JSON, or a bad Content-Length"),
                 401: _error("no API key, or an unknown one", "WWW-Authenticate"),
                 403: _error("the API key lacks the `events:write` scope"),
-                413: _error(f"the body is over the size limit, or over {MAX_EVENTS_PER_POST} events"),
+                413: _error("the body is over the size limit (STREAMREC_API_MAX_BODY bytes)"),
                 415: _error("the body is not `application/json`"),
-                422: _error("an event breaks the schema (`field` and `rule` say where and why)"),
+                422: _error("an event breaks the schema (`field` and `rule` say where and why), or the list "
+                            f"is empty or over {MAX_EVENTS_PER_POST} events"),
                 429: _error("this key is over its rate limit", "Retry-After"),
                 503: _error("Kafka is unreachable (the answer comes within STREAMREC_API_KAFKA_TIMEOUT)",
                             "Retry-After"),
@@ -233,7 +234,8 @@ def event_schema() -> dict[str, Any]:
     schema["title"] = "EventIn"
     schema["description"] = "One user event; unknown fields are refused (put extra attributes under context)."
     schema["required"] = [f for f in schema["required"] if f != "ts"]
-    schema["properties"]["ts"]["description"] = "seconds since the epoch (default: now)"
+    schema["properties"]["ts"]["anyOf"].append({"type": "null"})
+    schema["properties"]["ts"]["description"] = "seconds since the epoch (absent or null: now)"
     schema["properties"]["event_id"]["anyOf"][0]["maxLength"] = MAX_CLIENT_EVENT_ID
     schema["properties"]["event_id"]["description"] = "your id for deduplication, stored as `key-name:event_id`"
     return schema
