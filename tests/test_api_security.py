@@ -255,3 +255,35 @@ def test_readyz_is_503_while_redis_is_down_and_names_it_without_the_password(ser
         assert body["redis"].startswith("unreachable") and "s3cret-pw" not in ready.text and "app:***@" in ready.text
         assert body["kafka"] == "ok" and body["state"].startswith("loading")
         assert client.get("/healthz").status_code == 200
+
+
+def test_a_broker_that_dies_under_a_running_api_gives_503_within_the_timeout(services, tmp_path):
+    """The producer already knows the broker (metadata cached), then the broker is killed: the next
+    POST waits at most about the timeout for its delivery and answers 503, not 30 s later; once a
+    broker is back, posts succeed again (a fresh producer, no stale errors)."""
+    port = embedded.free_port("127.0.0.1")
+    broker = embedded.start_tansu(port, tmp_path)
+    try:
+        settings = services.with_(kafka_bootstrap=f"127.0.0.1:{port}", state_dir=tmp_path, api_kafka_timeout=2.0,
+                                  api_kafka_cooldown=1.0, events_topic="events-dies", events_partitions=1)
+        kafka.ensure_topics(settings.kafka_bootstrap, {settings.events_topic: 1})
+        key = KeyStore(keys_file(settings)).add("writer", ["events:write"])
+        with TestClient(create_app(settings)) as client:
+            assert client.post("/events", json=EVENT, headers=bearer(key)).status_code == 202
+            broker.stop()
+            started = time.monotonic()
+            down = client.post("/events", json=EVENT, headers=bearer(key))
+            took = time.monotonic() - started
+            assert down.status_code == 503 and "Retry-After" in down.headers, down.text
+            assert took < 15, f"POST /events took {took:.1f} s with the broker gone (timeout 2 s)"
+            again = client.post("/events", json=EVENT, headers=bearer(key))  # the breaker: no second wait
+            assert again.status_code == 503 and "moments ago" in again.json()["error"]
+            broker = embedded.start_tansu(port, tmp_path / "again")  # memory storage: the topic is made anew
+            kafka.ensure_topics(settings.kafka_bootstrap, {settings.events_topic: 1})
+            deadline = time.monotonic() + 60
+            while (back := client.post("/events", json=EVENT, headers=bearer(key))).status_code != 202:
+                assert back.status_code == 503 and time.monotonic() < deadline, back.text
+                time.sleep(0.5)
+        assert [e.user_id for e in produced(settings, 1)] == ["u1"]
+    finally:
+        broker.stop()

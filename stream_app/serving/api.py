@@ -115,10 +115,14 @@ async def _lifespan(app: FastAPI):
     yield
     app.state.cache.close()
     if app.state.producer is not None:
-        try:
-            app.state.producer.close()
-        except Exception:  # noqa: BLE001 - shutting down: report and carry on
-            log.warning("closing the event producer failed; unsent events may be lost", exc_info=True)
+        _close(app.state.producer)
+
+
+def _close(producer: Any) -> None:
+    try:
+        producer.close()
+    except Exception:  # noqa: BLE001 - done with it: report and carry on
+        log.warning("closing the event producer failed; unsent events may be lost", exc_info=True)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -274,24 +278,36 @@ def _produce(app: FastAPI, settings: Settings, data: Any, writer: str) -> Respon
 
     ready = _valid_events(data, writer)
     breaker: CircuitBreaker = app.state.breaker
-    _refuse_while_open(breaker)  # it may have opened while this request waited for a thread
     timeout = settings.api_kafka_timeout
     started = time.monotonic()
     try:
+        # One request queues its events at a time (the Sender makes its Kafka client on first use);
+        # the breaker is checked here, so requests queued behind a failing one answer 503 at once.
         with app.state.producer_lock:
+            _refuse_while_open(breaker)
             if app.state.producer is None:  # no retries, no wait beyond the timeout: fail fast, say 503
                 ms = int(timeout * 1000)
                 app.state.producer = EventProducer(settings, retries=0, config={
                     "max_block_ms": ms, "request_timeout_ms": max(ms, 1000), "bootstrap_timeout_ms": ms})
-        producer = app.state.producer
-        producer.send_many(ready)
-        producer.flush(timeout=max(0.1, timeout - (time.monotonic() - started)))
+            app.state.producer.send_many(ready)
+        app.state.producer.flush(timeout=max(0.1, timeout - (time.monotonic() - started)))
     except ServiceError as exc:
         breaker.failed()
+        _discard_producer(app)
         retry = breaker.retry_after()
         raise ApiError(503, str(exc), headers={"Retry-After": str(retry)}, retry_after=retry) from None
     breaker.succeeded()
     return _json({"accepted": len(ready), "event_ids": [e.event_id for e in ready]}, 202)
+
+
+def _discard_producer(app: FastAPI) -> None:
+    """Drop the producer after a failure, so the next request starts afresh (no stuck batches, no
+    stale delivery errors answered to it); the old one closes in the background, as its flush
+    may wait for a dead broker."""
+    with app.state.producer_lock:
+        old, app.state.producer = app.state.producer, None
+    if old is not None:
+        threading.Thread(target=_close, args=(old,), name="streamrec-producer-close", daemon=True).start()
 
 
 def _valid_events(data: Any, writer: str) -> list:
@@ -357,8 +373,8 @@ def _add_status_routes(app: FastAPI, cache: ModelCache, settings: Settings, metr
 
 
 async def _kafka_status(settings: Settings, breaker: CircuitBreaker) -> str:
-    """"ok" when a bootstrap server accepts a connection within `api_kafka_timeout` and no send failed
-    in the last `api_kafka_cooldown` seconds; else what is wrong."""
+    """Kafka's part of readiness: ok when a bootstrap server accepts a connection within
+    `api_kafka_timeout` and no send failed in the last `api_kafka_cooldown` seconds; else what is wrong."""
     if breaker.open_for():
         return "failing: the last POST /events could not reach it"
     errors = []
