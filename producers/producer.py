@@ -51,7 +51,9 @@ class EventProducer:
     `target` is a `Settings` (bootstrap and, unless `topic` is given, its
     `events_topic`) or a bootstrap string (`topic` then defaults to "events").
     `config` passes extra kafka-python producer settings (e.g.
-    `{"linger_ms": 20}`); `sender` replaces the Kafka sender (tests).
+    `{"linger_ms": 20}`); `retries`: how often a send blocked by a full buffer
+    or missing metadata is tried again (None: the Sender's default; 0 fails
+    fast, as the HTTP API wants); `sender` replaces the Kafka sender (tests).
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class EventProducer:
         topic: str | None = None,
         *,
         config: dict[str, Any] | None = None,
+        retries: int | None = None,
         sender: Any | None = None,
     ) -> None:
         if isinstance(target, Settings):
@@ -68,7 +71,8 @@ class EventProducer:
             bootstrap, default_topic = target, Settings.model_fields["events_topic"].default
         self.bootstrap = bootstrap
         self.topic = topic or default_topic
-        self._sender = sender if sender is not None else Sender(bootstrap, config=dict(config or {}))
+        tries: dict[str, Any] = {} if retries is None else {"retries": retries}
+        self._sender = sender if sender is not None else Sender(bootstrap, config=dict(config or {}), **tries)
         self.sent = 0
 
     def send(self, event: Event | dict[str, Any]) -> Event:

@@ -361,6 +361,59 @@ def status(
         raise typer.Exit(1)
 
 
+keys_app = typer.Typer(help="API keys of the lookup API (stored as SHA-256 hashes in STREAMREC_API_KEYS_FILE).",
+                       no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("add")
+def keys_add(
+    name: str = typer.Argument(..., help="the key's name: it shows in errors and prefixes the event ids it writes"),
+    scope: list[str] = typer.Option(["events:write"], "--scope", help="events:write and/or read (repeatable)"),
+) -> None:
+    """Create a key and print it once; only its hash is stored."""
+    from stream_app.serving.keys import KeyStore, keys_file
+
+    store = KeyStore(keys_file(settings()))
+    try:
+        token = store.add(name, scope)
+    except StreamrecError as exc:
+        fail(exc)
+    typer.echo(f"added key {name!r} ({', '.join(sorted(set(scope)))}) to {store.path}; it is shown only now:", err=True)
+    typer.echo(token)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """The keys' names and scopes (the keys themselves are not stored)."""
+    from stream_app.serving.keys import KeyStore, keys_file
+
+    store = KeyStore(keys_file(settings()))
+    try:
+        keys = store.keys()
+    except StreamrecError as exc:
+        fail(exc)
+    for key in keys:
+        typer.echo(f"{key.name}\t{','.join(sorted(key.scopes))}")
+    if not keys:
+        typer.echo(f"no keys in {store.path}; create one with `streamrec keys add NAME --scope events:write`", err=True)
+
+
+@keys_app.command("remove")
+def keys_remove(name: str = typer.Argument(..., help="the key to remove")) -> None:
+    """Remove a key; the API refuses it within a second."""
+    from stream_app.serving.keys import KeyStore, keys_file
+
+    store = KeyStore(keys_file(settings()))
+    try:
+        removed = store.remove(name)
+    except StreamrecError as exc:
+        fail(exc)
+    if not removed:
+        fail(StreamrecError(f"no key named {name!r} in {store.path}"))
+    typer.echo(f"removed key {name!r}")
+
+
 BENCHES = ("pipeline", "quality", "sessions", "lookup", "memory")
 
 

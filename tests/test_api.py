@@ -23,6 +23,7 @@ from stream_app.io import kafka
 from stream_app.io.redis import Keys, connect
 from stream_app.serving.api import create_app
 from stream_app.serving.client import ApiError, RecommenderClient
+from stream_app.serving.keys import KeyStore, keys_file
 from stream_app.serving.recommender import Recommender
 from stream_app.worker.config import WorkerConfig
 from stream_app.worker.worker import Worker
@@ -85,7 +86,13 @@ def planted(embedded_servers, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(planted):
+def writer_key(planted) -> str:
+    """An `events:write` key, made the way an operator does (`streamrec keys add`), in the state dir."""
+    return KeyStore(keys_file(planted)).add("tests", ["events:write"])
+
+
+@pytest.fixture(scope="module")
+def server(planted, writer_key):
     """A real uvicorn serving the API on a free loopback port."""
     app = create_app(planted.with_(api_models="pop", api_refresh=0.1))
     port = embedded.free_port("127.0.0.1")
@@ -102,8 +109,8 @@ def server(planted):
 
 
 @pytest.fixture
-def api(server):
-    with RecommenderClient(server) as client:
+def api(server, writer_key):
+    with RecommenderClient(server, api_key=writer_key) as client:
         yield client
 
 
@@ -198,23 +205,24 @@ def test_bad_similar_parameters_and_unknown_routes(server):
     assert r.status_code == 404 and "error" in r.json()
 
 
-def test_post_events_validates_and_names_field_and_rule(server, api):
+def test_post_events_validates_and_names_field_and_rule(server, writer_key):
     import httpx
 
-    r = httpx.post(f"{server}/events", content=b"{not json")
+    auth = {"Authorization": f"Bearer {writer_key}"}
+    r = httpx.post(f"{server}/events", content=b"{not json", headers={**auth, "Content-Type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]
-    r = httpx.post(f"{server}/events", json=[
+    r = httpx.post(f"{server}/events", headers=auth, json=[
         {"user_id": "p1", "item_id": "A1", "event_type": "click"},
         {"user_id": "p1", "item_id": "A1", "event_type": "teleport"},
     ])
     assert r.status_code == 422
     body = r.json()
     assert body["field"] == "events[1].event_type" and "must be one of click, purchase, favorite" in body["error"]
-    r = httpx.post(f"{server}/events", json={"user_id": "", "item_id": "A1", "event_type": "click"})
+    r = httpx.post(f"{server}/events", headers=auth, json={"user_id": "", "item_id": "A1", "event_type": "click"})
     assert r.status_code == 422 and r.json()["field"] == "user_id" and "must not be empty" in r.json()["error"]
-    r = httpx.post(f"{server}/events", json=[])
+    r = httpx.post(f"{server}/events", headers=auth, json=[])
     assert r.status_code == 422 and "empty" in r.json()["error"]
-    r = httpx.post(f"{server}/events", json="click")
+    r = httpx.post(f"{server}/events", headers=auth, json="click")
     assert r.status_code == 422
 
 
@@ -252,9 +260,16 @@ def test_freshness_new_event_is_reflected_within_one_second(api, planted):
         thread.join(30)
 
 
-def test_healthz_and_metrics(api):
+def test_healthz_readyz_and_metrics(api, server):
+    import httpx
+
     api.recommendations("nobody-2", k=3)
-    assert api.healthz()["status"] == "ok" and api.healthz()["redis"] == "ok"
+    assert api.healthz()["status"] == "ok"
+    ready = api.readyz()
+    assert ready["status"] == "ready" and ready["redis"] == "ok" and ready["kafka"] == "ok", ready
+    assert ready["state"] == "loaded"
+    r = httpx.get(f"{server}/metrics")
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4"), r.headers["content-type"]
     text = api.metrics()
     assert 'streamrec_api_request_seconds_bucket{endpoint="/recommendations"' in text
     assert 'streamrec_api_model_version{partition="0"}' in text
@@ -278,7 +293,11 @@ def test_redis_stopped_gives_503_with_retry_after_then_recovers(tmp_path, plante
             assert down.status_code == 503, down.text
             assert down.headers["Retry-After"] == "1" and "Redis" in down.json()["error"]
             assert client.get("/items/A1/similar").status_code == 503
-            assert client.get("/healthz").json()["redis"] == "unreachable"
+            assert client.get("/healthz").status_code == 200  # liveness: the process answers
+            not_ready = client.get("/readyz")
+            assert not_ready.status_code == 503 and not_ready.headers["Retry-After"] == "1", not_ready.text
+            assert not_ready.json()["redis"].startswith("unreachable") and "redis" in not_ready.json()["error"]
+            assert not_ready.json()["kafka"] == "ok"
             redis_server = embedded.start_redis(port, tmp_path / "r2")
             deadline = time.monotonic() + 5
             while (again := client.get("/recommendations", params={"user_id": "u1", "k": 5})).status_code != 200:

@@ -42,9 +42,14 @@ def environment_of(service: dict) -> dict[str, str]:
     return {str(k): "" if v is None else str(v) for k, v in env.items()}
 
 
+REQUIRED = "required-value"  # what a `${VAR:?message}` stands for here (compose refuses to start without VAR)
+
+
 def interpolate(value: str) -> str:
-    """Compose-style `${VAR:-default}` / `${VAR-default}` with VAR unset; `$$` is a literal `$`."""
+    """Compose-style `${VAR:-default}` / `${VAR-default}` with VAR unset, `${VAR:?message}` with VAR set
+    to REQUIRED; `$$` is a literal `$`."""
     value = re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*:?-([^}]*)\}", r"\1", value)
+    value = re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*:\?[^}]*\}", REQUIRED, value)
     return value.replace("$$", "$")
 
 
@@ -100,7 +105,7 @@ def test_every_streamrec_variable_is_a_setting() -> None:
     for name in OURS:
         env = environment_of(SERVICES[name])
         assert env.get("STREAMREC_KAFKA_BOOTSTRAP") == "kafka:9092", name
-        assert env.get("STREAMREC_REDIS_URL") == "redis://redis:6379/0", name
+        assert interpolate(env.get("STREAMREC_REDIS_URL", "")) == f"redis://:{REQUIRED}@redis:6379/0", name
 
 
 def test_dependencies_exist_and_wait_for_health() -> None:
@@ -125,7 +130,8 @@ def test_kafka_runs_kraft_and_redis_persists() -> None:
     assert "PLAINTEXT://kafka:9092" in kafka_env["KAFKA_ADVERTISED_LISTENERS"]
     assert any(v.endswith(":" + kafka_env["KAFKA_LOG_DIRS"]) for v in kafka.get("volumes", []))
     assert redis["image"].startswith("redis:7")
-    assert "--appendonly" in command_of(redis) and command_of(redis)[command_of(redis).index("--appendonly") + 1] == "yes"
+    argv = redis_argv()
+    assert "--appendonly" in argv and argv[argv.index("--appendonly") + 1] == "yes"
     assert any(v.endswith(":/data") for v in redis.get("volumes", []))
 
 
@@ -153,3 +159,49 @@ def test_readme_configuration_table_lists_every_setting() -> None:
     section = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"^\| `(STREAMREC_[A-Z_]+)` \|", section, re.M))
     assert documented == {f"STREAMREC_{name.upper()}" for name in Settings.model_fields}
+
+
+def redis_argv() -> list[str]:
+    """redis-server's arguments, also when the command is `sh -c "exec redis-server ..."`."""
+    argv = command_of(SERVICES["redis"])
+    if argv[:2] == ["sh", "-c"]:
+        argv = shlex.split(argv[2])
+        argv = argv[1:] if argv[0] == "exec" else argv
+    assert argv[0] == "redis-server", argv
+    return argv
+
+
+def test_redis_requires_a_password_that_the_services_carry() -> None:
+    redis = SERVICES["redis"]
+    argv = redis_argv()
+    assert "--requirepass" in argv, argv
+    secret = argv[argv.index("--requirepass") + 1]
+    assert secret.startswith("$"), "the password comes from the environment, not the file"
+    variable = secret.strip("${}")
+    password = environment_of(redis)[variable]
+    assert re.fullmatch(r"\$\{REDIS_PASSWORD:\?[^}]+\}", password), "REDIS_PASSWORD must be required, no default"
+    assert variable == "REDISCLI_AUTH"  # redis-cli (the health check) authenticates with it
+    assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"])
+    for name in OURS:
+        url = environment_of(SERVICES[name])["STREAMREC_REDIS_URL"]
+        assert url.startswith("redis://:${REDIS_PASSWORD:?") and url.endswith("@redis:6379/0"), (name, url)
+    assert "ports" not in redis  # reachable from the services' network only
+
+
+def test_ports_are_published_on_loopback_only() -> None:
+    published = 0
+    for name, service in SERVICES.items():
+        for port in service.get("ports", []):
+            assert isinstance(port, str) and port.startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+            published += 1
+    assert published >= 3  # kafka, api, monitor
+
+
+def test_the_api_health_check_is_readiness_and_its_keys_persist() -> None:
+    api = SERVICES["api"]
+    check = " ".join(api["healthcheck"]["test"])
+    assert "/readyz" in check and "/healthz" not in check
+    env = environment_of(api)
+    keys = env["STREAMREC_API_KEYS_FILE"]
+    assert any(keys.startswith(v.split(":", 1)[1] + "/") for v in api["volumes"]), "the keys file must be on a volume"
+    assert env["STREAMREC_KAFKA_BOOTSTRAP"] == "kafka:9092"  # the shared environment is kept

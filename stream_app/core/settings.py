@@ -36,6 +36,14 @@ class Settings(BaseSettings):
     api_refresh: float = Field(0.25, gt=0)  # seconds between checks of each shard's model version
     api_redis_timeout: float = Field(1.0, gt=0)  # seconds, for every Redis call of the API
     api_ann_threshold: int = Field(50_000, ge=0)  # items per shard from which embedding models use hnswlib
+    api_keys_file: str = ""  # JSON file of hashed API keys (`streamrec keys add`); "": <state_dir>/api-keys.json
+    api_read_auth: bool = False  # reads need a key with the `read` scope too (writes always need `events:write`)
+    api_cors_origins: str = ""  # comma-separated origins browsers may call the API from; "": no CORS headers
+    api_max_body: int = Field(1 << 20, ge=1024)  # bytes of a POST /events body, counted while it streams in
+    api_rate: float = Field(50.0, ge=0)  # POST /events requests a second per key and process (0: no limit)
+    api_burst: int = Field(100, ge=1)  # POST /events requests a key may send at once before api_rate applies
+    api_kafka_timeout: float = Field(2.0, gt=0)  # seconds POST /events waits for Kafka before answering 503
+    api_kafka_cooldown: float = Field(5.0, ge=0)  # after a Kafka failure, POST /events answers 503 at once this long
 
     def environ(self) -> dict[str, str]:
         """This process's environment plus these settings as STREAMREC_* variables (for child processes)."""

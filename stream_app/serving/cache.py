@@ -122,6 +122,10 @@ class ModelCache:
                 view = self._install(partition, version)
             return view
 
+    def status(self) -> tuple[str | None, int]:
+        """(the last refresh's Redis error or None, how many shards are loaded), for readiness: no I/O."""
+        return self._error, len(self._views)
+
     def views(self) -> list[ShardView]:
         return [self.shard(p) for p in range(self.partitions)]
 

@@ -4,6 +4,7 @@
         answer = api.recommendations(user_id="u1", k=10, context={"device": "ios"})
         for item in answer["items"]:
             print(item["item_id"], item["score"], item["reason"])
+    with RecommenderClient("http://127.0.0.1:8000", api_key=KEY) as api:   # KEY: `streamrec keys add`
         api.send_events([{"user_id": "u1", "item_id": "i9", "event_type": "click"}])
 
 Errors come back as `ApiError` with the HTTP status and the server's message
@@ -32,10 +33,13 @@ class ApiError(StreamrecError):
 
 
 class RecommenderClient:
+    """`api_key`: sent as `Authorization: Bearer KEY` (POST /events needs one with the `events:write` scope)."""
+
     def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 5.0,
-                 client: httpx.Client | None = None):
+                 client: httpx.Client | None = None, api_key: str | None = None):
         self.base_url = base_url.rstrip("/")
-        self._http = client or httpx.Client(base_url=self.base_url, timeout=timeout)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self._http = client or httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
 
     def _get(self, path: str, params: list[tuple[str, str]]) -> dict:
         return self._check(self._http.get(path, params=tuple(params)))  # a tuple: httpx types its list invariantly
@@ -79,6 +83,10 @@ class RecommenderClient:
 
     def healthz(self) -> dict:
         return self._get("/healthz", [])
+
+    def readyz(self) -> dict:
+        """Readiness; raises `ApiError` (503) naming the parts that are not ready."""
+        return self._get("/readyz", [])
 
     def metrics(self) -> str:
         response = self._http.get("/metrics")

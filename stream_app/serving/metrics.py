@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from stream_app.serving.cache import ModelCache
 
@@ -14,7 +14,7 @@ LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5
 class ApiMetrics:
     """The instruments, in a registry of their own (one per app, so apps in one process do not clash)."""
 
-    content_type = CONTENT_TYPE_LATEST
+    content_type = CONTENT_TYPE_PLAIN_0_0_4  # the classic text format every Prometheus scrapes
 
     def __init__(self) -> None:
         registry = self.registry = CollectorRegistry()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import Request
@@ -9,16 +10,20 @@ from fastapi import Request
 from stream_app.core.events import MAX_CONTEXT_KEYS, MAX_ID_CHARS
 
 MAX_K = 1000
+FLAG_VALUES = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+_INTEGER = re.compile(r"-?[0-9]{1,9}")
 RECOMMEND_PARAMS = {"user_id", "session_id", "k", "model", "include_seen"}
 SIMILAR_PARAMS = {"k", "model"}
 
 
 class ApiError(Exception):
-    """A request the API refuses: HTTP `status`, a message for the caller, and extra JSON fields."""
+    """A request the API refuses: HTTP `status`, a message for the caller, response `headers`
+    (e.g. Retry-After) and extra JSON fields."""
 
-    def __init__(self, status: int, message: str, **extra: Any):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, **extra: Any):
         self.status = status
         self.message = message
+        self.headers = headers
         self.extra = extra
 
 
@@ -36,10 +41,9 @@ def check_params(request: Request, allowed: set[str]) -> None:
 def k_param(request: Request) -> int:
     """The number of answers asked for (1..MAX_K, default 20)."""
     raw = request.query_params.get("k", "20")
-    try:
-        k = int(raw)
-    except ValueError:
-        raise ApiError(400, f"k must be an integer between 1 and {MAX_K} (got {raw!r})") from None
+    if not _INTEGER.fullmatch(raw):
+        raise ApiError(400, f"k must be an integer between 1 and {MAX_K} (got {raw!r})")
+    k = int(raw)
     if not 1 <= k <= MAX_K:
         raise ApiError(400, f"k must be between 1 and {MAX_K} (got {k})")
     return k
@@ -77,10 +81,8 @@ def context_params(request: Request) -> dict[str, str]:
 
 
 def flag_param(request: Request, name: str) -> bool:
-    """A boolean parameter (true/false, 1/0, yes/no; default false)."""
-    raw = request.query_params.get(name, "false").lower()
-    if raw in ("true", "1", "yes"):
-        return True
-    if raw in ("false", "0", "no"):
-        return False
-    raise ApiError(400, f"{name} must be true or false (got {raw!r})")
+    """A boolean parameter (true/false, 1/0, yes/no, lower case; default false)."""
+    raw = request.query_params.get(name, "false")
+    if raw not in FLAG_VALUES:
+        raise ApiError(400, f"{name} must be true or false (got {raw!r})")
+    return FLAG_VALUES[raw]
