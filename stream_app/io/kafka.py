@@ -31,7 +31,7 @@ from stream_app.core.errors import ServiceError
 
 __all__ = [
     "CLIENTS", "GroupConsumer", "KafkaError", "Messages", "Record", "Sender", "TopicPartition",
-    "consumer", "ensure_topics", "group_consumer", "group_lag", "log_bounds", "partition_for", "wait_for_broker",
+    "consumer", "delete_group", "ensure_topics", "group_consumer", "group_lag", "log_bounds", "partition_for", "wait_for_broker",
 ]
 
 CLIENTS = ("kafka-python", "confluent")
@@ -483,3 +483,19 @@ def partition_for(key: bytes, n: int) -> int:
     from kafka.partitioner.default import murmur2
 
     return (murmur2(key) & 0x7FFFFFFF) % n
+
+
+def delete_group(bootstrap: str, group: str) -> str:
+    """Ask the coordinator to delete consumer group `group`; returns its answer ("OK" or the error's name).
+    Apache Kafka refuses while the group has members (NON_EMPTY_GROUP)."""
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    except KafkaError as exc:
+        raise _unreachable(bootstrap, exc) from None
+    try:
+        answer = admin.delete_groups([group]).get(group)
+    except KafkaError as exc:
+        return type(exc).__name__
+    finally:
+        admin.close()
+    return answer if isinstance(answer, str) else type(answer).__name__

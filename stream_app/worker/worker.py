@@ -38,11 +38,12 @@ from stream_app.io import kafka
 from stream_app.io.redis import Keys, PartitionStore, connect, reachable
 from stream_app.worker.config import WorkerConfig
 from stream_app.worker.shard import STEPS, Shard
+from stream_app.worker.status import STALLED, partition_status
 
 log = logging.getLogger("streamrec.worker")
 RETRY_FIRST, RETRY_MAX = 0.5, 10.0  # seconds between attempts to reload partitions while Redis or Kafka is down
 GAP_CHECK_EVERY = 30.0  # seconds between checks, when idle, of the owned partitions against the log's end
-REJOIN_AFTER = 20.0  # seconds without a partition before a member joins its group again, as a new member
+REJOIN_AFTER = 20.0  # seconds without a partition, while others stall, before a member unwedges its group
 REMIND_EVERY = 30.0  # seconds between reminders of stopped partitions, or of holding none
 
 
@@ -228,7 +229,7 @@ class Worker:
                 if not polled:
                     self._check_gaps()
                 self._remind()
-                self._rejoin_if_stuck()
+                self._unwedge_group()
                 self._maybe_report()
                 if stop_after is not None and self.applied >= stop_after:
                     break
@@ -243,19 +244,31 @@ class Worker:
         return kafka.group_consumer(s.kafka_client, s.kafka_bootstrap, s.consumer_group, s.events_topic, self.assign,
                                     self.revoke, self.config.commit_max, self.config.max_wait_ms)
 
-    def _rejoin_if_stuck(self) -> None:
-        """A member that has held no partition for `REJOIN_AFTER` s leaves the group and joins again as a
-        new member: the embedded broker can keep a member that left as the group's leader after a fleet
-        restart, and then no member ever gets an assignment (README: Failure modes, fleet restart)."""
+    def _unwedge_group(self) -> None:
+        """A member that has held no partition for `REJOIN_AFTER` s while some partition stalls (events wait,
+        no commit for as long) deletes its consumer group and joins it again as a new member. After a fleet
+        restart the embedded broker can keep a member that left as the group's leader: the members then
+        wait for its assignment for minutes (README: Failure modes, fleet restart). Apache Kafka refuses to
+        delete a group with members, so there this does nothing."""
         now = time.monotonic()
         if self.shards or self.waiting or now - max(self._unassigned_since, self._joined_at) < REJOIN_AFTER:
             return
-        log.warning("%s: no partition after %.0f s in group %s; leaving and joining again as a new member",
-                    self.config.worker_id, now - self._unassigned_since, self.settings.consumer_group)
+        self._joined_at = now
+        s = self.settings
+        try:
+            stalled = [r.partition for r in partition_status(s, stale_after=REJOIN_AFTER) if r.problem == STALLED]
+            if not stalled:
+                return
+            answer = kafka.delete_group(s.kafka_bootstrap, s.consumer_group)
+        except ServiceError as exc:
+            log.warning("%s: cannot check the group's partitions (%s)", self.config.worker_id, exc)
+            return
+        log.warning("%s: no partition after %.0f s in group %s while partitions %s stall; the group is wedged. Deleted "
+                    "it (%s) and joining again as a new member", self.config.worker_id, now - self._unassigned_since,
+                    s.consumer_group, stalled, answer)
         if self.consumer is not None:
             self.consumer.close()
         self.consumer = self._join()
-        self._joined_at = now
 
     def _learn(self, messages: kafka.Messages) -> None:
         shard = self.shards.get(messages.partition)
