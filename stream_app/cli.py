@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
@@ -129,6 +130,11 @@ def worker(
     idle_expiry: Optional[float] = typer.Option(
         None, "--idle-expiry", min=1.0, help="expire users and items idle this many seconds of stream time (bounds memory)"
     ),
+    max_clock_skew: Optional[float] = typer.Option(
+        None, "--max-clock-skew", min=0.0,
+        help="events whose ts is more than this many seconds ahead of this host's clock go to the dead letters;"
+        f" inf: no limit (default {WORKER.max_clock_skew:g})",
+    ),
     client: Optional[str] = typer.Option(
         None, "--client", help="Kafka client library: kafka-python or confluent [env STREAMREC_KAFKA_CLIENT]"
     ),
@@ -151,6 +157,8 @@ def worker(
         given: dict[str, Any] = dict(batch_size=batch_size, max_wait_ms=max_wait_ms, commit_max=commit_max,
                      commit_interval_ms=commit_interval_ms, sample_rate=sample_rate, k=k, idle_expiry=idle_expiry)
         config = replace(WORKER, models=tuple(parse_names(models)), **{n: v for n, v in given.items() if v is not None})
+        if max_clock_skew is not None:
+            config = replace(config, max_clock_skew=None if math.isinf(max_clock_skew) else max_clock_skew)
         conf = settings(kafka_bootstrap=bootstrap, redis_url=redis_url, consumer_group=group, events_topic=topic,
                         kafka_client=client)
         if processes == 1:
