@@ -12,7 +12,6 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Iterable
 from typing import Annotated, Any, Literal, Union, get_args
 
 import msgspec
@@ -163,41 +162,32 @@ def check_unique_keys(raw: bytes, data: Any) -> None:
     if not isinstance(data, dict):
         return
     ctx = data.get("context")
-    inner = ctx if isinstance(ctx, dict) else {}
-    keys = len(data) + len(inner)
-    if raw.count(b":") != keys and _colons_outside(raw, [s for part in (data, inner) for pair in part.items()
-                                                        for s in pair if isinstance(s, str)]) != keys:
+    keys = len(data) + (len(ctx) if isinstance(ctx, dict) else 0)
+    if raw.count(b":") != keys and _keys_in(raw) != keys:
         _check_slowly(raw)
-
-
-# Optional fields given as null, or context as {} (compact): keys that a decoded event does not show.
-_ABSENT = {"event_id": b'"event_id":null', "session_id": b'"session_id":null', "value": b'"value":null',
-           "context": b'"context":{}'}
 
 
 def _check_event_keys(raw: bytes, event: Event, keys: int) -> None:
     """Raise `InvalidEvent` naming a key that `raw` repeats; `event`, with `keys` keys, is what msgspec
     made of it. The stdlib parser checks (at ten times the cost) only when escapes leave it open."""
-    ctx = event.context
-    colons = _colons_outside(raw, (event.user_id, event.item_id, event.event_id or "", event.session_id or "",
-                                   *ctx, *[v for v in ctx.values() if isinstance(v, str)]))
-    if colons is not None and colons > keys:
-        keys += sum(getattr(event, name) in (None, {}) and text in raw for name, text in _ABSENT.items())
-    if colons != keys:
+    found = _keys_in(raw)
+    if found is not None and found > keys:  # optional fields given as null, or context as {} (compact)
+        keys += ((event.event_id is None and b'"event_id":null' in raw)
+                 + (event.session_id is None and b'"session_id":null' in raw)
+                 + (event.value is None and b'"value":null' in raw) + (not event.context and b'"context":{}' in raw))
+    if found != keys:
         _check_slowly(raw)
 
 
-def _colons_outside(raw: bytes, strings: Iterable[str]) -> int | None:
-    """The colons of the JSON text `raw` outside its strings when `strings` holds every key and string
-    value of `raw` (at least that many when it misses some, such as a repeated key's first value);
-    None when `raw` has an escape, so that its strings may hold colons `strings` does not show.
+def _keys_in(raw: bytes) -> int | None:
+    """How many keys the JSON text `raw` holds, or None when it has an escape.
 
-    Each key is followed by one colon outside strings: when this is the number of distinct keys a
-    parse of `raw` found, no key is repeated. (Without escapes, `_ABSENT` texts are keys: a string
-    cannot hold a quote.)"""
+    Without escapes every quote opens or closes a string, so splitting at quotes alternates outside
+    and inside strings; each key is followed by the one colon outside strings. (So, too, a text such
+    as `"value":null` is a key: a string cannot hold a quote.)"""
     if b"\\" in raw:
         return None
-    return raw.count(b":") - "".join(strings).count(":")
+    return b"".join(raw.split(b'"')[::2]).count(b":")
 
 
 def _check_slowly(raw: bytes) -> None:
