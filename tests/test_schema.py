@@ -287,6 +287,16 @@ def test_colons_nulls_and_field_names_in_values_are_no_repeated_keys(raw: bytes)
     check_unique_keys(raw, json.loads(raw))
 
 
+def test_a_list_of_events_names_the_event_that_repeats_a_key() -> None:
+    """A POST body may be a list of events; the repeated key is named by the event's place."""
+    good = b'{"user_id":"u:1","item_id":"i","event_type":"click","ts":1,"context":{"url":"http://x"}}'
+    bad = b'{"user_id":"u",' + EVENT + b',"context":{"k":1,"k":2}}'
+    check_unique_keys(b"[" + good + b"," + good + b"]", json.loads(b"[" + good + b"," + good + b"]"))
+    with pytest.raises(InvalidEvent) as info:
+        check_unique_keys(b"[" + good + b"," + bad + b"]", json.loads(b"[" + good + b"," + bad + b"]"))
+    check(info.value, "events[1].context.k", "more than once")
+
+
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(event_dicts(), st.sampled_from([(",", ":"), (", ", ": "), (" , ", " : ")]), st.booleans(), st.data())
 def test_repeated_keys_are_found_and_unique_keys_pass(data: dict, separators, ascii_only: bool, draw) -> None:

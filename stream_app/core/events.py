@@ -157,19 +157,24 @@ def decode(raw: bytes | None) -> Event:
 
 
 def check_unique_keys(raw: bytes, data: Any) -> None:
-    """Raise `InvalidEvent` naming a key that the JSON object `raw` repeats (at its top or in `context`);
-    `data` is what a parser that keeps the last value (orjson, msgspec) made of `raw`."""
-    if not isinstance(data, dict):
-        return
-    ctx = data.get("context")
-    keys = len(data) + (len(ctx) if isinstance(ctx, dict) else 0)
+    """Raise `InvalidEvent` naming a key that the JSON text `raw` repeats, at the top of an event or in
+    its `context`; `data` is what a parser that keeps the last value (orjson, msgspec) made of `raw`:
+    an event object, or a list of them (a POST body; the field is then named `events[i].<field>`)."""
+    objects = data if isinstance(data, list) else [data]
+    keys = 0
+    for obj in objects:
+        if not isinstance(obj, dict):
+            return  # not events: validation says so
+        ctx = obj.get("context")
+        keys += len(obj) + (len(ctx) if isinstance(ctx, dict) else 0)
     if raw.count(b":") != keys and _keys_in(raw) != keys:
         _check_slowly(raw)
 
 
 def _check_event_keys(raw: bytes, event: Event, keys: int) -> None:
     """Raise `InvalidEvent` naming a key that `raw` repeats; `event`, with `keys` keys, is what msgspec
-    made of it. The stdlib parser checks (at ten times the cost) only when escapes leave it open."""
+    made of it. The stdlib parser checks (at ten times the cost) only when the count leaves it open:
+    an escape, or a null field written with spaces."""
     found = _keys_in(raw)
     if found is not None and found > keys:  # optional fields given as null, or context as {} (compact)
         keys += ((event.event_id is None and b'"event_id":null' in raw)
@@ -191,12 +196,20 @@ def _keys_in(raw: bytes) -> int | None:
 
 
 def _check_slowly(raw: bytes) -> None:
-    """`_no_repeated_key` of the stdlib's parse of `raw` (none when it does not parse: nothing to name)."""
+    """`_no_repeated_key` of the stdlib's parse of `raw`, or of each object of a list (none when `raw`
+    does not parse: what a strict parser took and this one does not has no repeated key to name)."""
     try:
         data = json.loads(raw.decode("utf-8"), object_pairs_hook=_Object)
     except (UnicodeDecodeError, ValueError, RecursionError):
         return
-    _no_repeated_key(data)
+    if not isinstance(data, list):
+        _no_repeated_key(data)
+        return
+    for i, obj in enumerate(data):
+        try:
+            _no_repeated_key(obj)
+        except InvalidEvent as exc:
+            raise InvalidEvent(f"events[{i}].{exc.field}", exc.rule) from None
 
 
 class _Object(dict):
