@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -83,6 +85,21 @@ def test_a_ts_hours_ahead_is_a_dead_letter_and_now_is_learned(topics, client):
     assert all(d["reason"].startswith("ts is more than 3600 s in the future") for d in dead)
     assert "milliseconds" in dead[1]["reason"] and "milliseconds" not in dead[0]["reason"]
     assert orjson.loads(dead[0]["raw"])["item_id"] == "future"
+
+
+def test_the_worker_command_takes_its_clock_skew_from_the_flag(topics, tmp_path):
+    now = time.time()
+    ahead = encode(prepare({"user_id": "u0", "item_id": "ahead", "event_type": "click", "ts": now + 60.0}))
+    produce(topics, valid(5, 0, now - 10.0) + [ahead] + valid(5, 100, now))
+    log = tmp_path / "worker.log"
+    proc = subprocess.run(
+        [sys.executable, "-m", "stream_app.cli", "worker", "--max-clock-skew", "10", "--max-idle", "4"],
+        env=topics.environ(), stdout=log.open("wb"), stderr=subprocess.STDOUT, timeout=180)
+    assert proc.returncode == 0, log.read_text()[-2000:]
+    applied, items, _ = stored(topics, "pop")
+    assert applied == 10 and "ahead" not in items
+    (dead,) = [orjson.loads(r) for r in dead_letter_records(topics, 1)]
+    assert dead["offset"] == 5 and dead["reason"].startswith("ts is more than 10 s in the future")
 
 
 # ---- row 5: a dead-letter record stays within Kafka's limit, and the worker goes on --------------
