@@ -8,8 +8,8 @@ Transition counts are kept per source item in at most `max_successors` slots
 (an "item" table of successor ids and one of their counts); when a row is full
 a new successor replaces the weakest one. Counts decay with `half_life`, kept
 as `weight * 2 ** ((ts - t0) / half_life)` like `Popularity`, so decay costs
-nothing per event; `t0` moves forward, and everything is rescaled, when the
-exponent gets large. Per-session state is the session's last item.
+nothing per event; `t0` moves, and everything is rescaled, when time jumps
+(see `models.decay`). Per-session state is the session's last item.
 """
 
 from __future__ import annotations
@@ -133,7 +133,8 @@ class Markov(Model):
 
     def learn_scored(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
         self._growth(batch.ts)  # the clock moves once per batch, as in `learn`, not once per segment
-        return super().learn_scored(batch, rows)
+        with self._clock.held():
+            return super().learn_scored(batch, rows)
 
     def score(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
         n = batch.n_items

@@ -30,8 +30,8 @@ class Popularity(Model):
     """Decayed event counts; a query's context values add their own counts.
 
     Counts are kept as `weight * 2 ** ((ts - t0) / half_life)`, so decay costs
-    nothing per event (every count shrinks alike); `t0` moves forward, and all
-    counts are rescaled, when the exponent gets large.
+    nothing per event (every count shrinks alike); `t0` moves, and all counts
+    are rescaled, when time jumps (see `models.decay`).
 
     score(i) = share of i in the global count
              + context_weight * mean over the query's context values of i's share there.
@@ -80,7 +80,8 @@ class Popularity(Model):
 
     def learn_scored(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
         self._advance(batch.ts)  # the clock moves once per batch, as in `learn`, not once per segment
-        return super().learn_scored(batch, rows)
+        with self._clock.held():
+            return super().learn_scored(batch, rows)
 
     def score(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
         n = batch.n_items

@@ -27,7 +27,7 @@ Rules, the same for every format:
 
 Formats:
 
-* `jsonl`: one JSON event per line; blank lines are ignored.
+* `jsonl`: one JSON event per line; blank lines are ignored. A line that repeats a key is a bad row.
 * `csv`: a header naming event fields (`user_id`, `item_id`, `event_type`
   required; `ts`, `event_id`, `session_id`, `value` optional) and
   `context.<key>` columns. An unknown column or a missing required column is
@@ -65,7 +65,7 @@ from typing import IO, Any
 import orjson
 
 from stream_app.core.errors import InputFileError, InvalidEvent
-from stream_app.core.events import MAX_MESSAGE_BYTES, Event, from_dict, prepare
+from stream_app.core.events import MAX_MESSAGE_BYTES, Event, check_unique_keys, from_dict, prepare
 
 __all__ = ["FORMATS", "BadRow", "ReadReport", "EventReader", "read_events", "detect_format"]
 
@@ -306,6 +306,11 @@ class EventReader:
                 if data is None:
                     self._bad(n, f"line must be UTF-8 JSON without NaN/Infinity ({exc})")
                     continue
+            try:  # both parsers keep the last of a repeated key
+                check_unique_keys(raw, data)
+            except InvalidEvent as exc:
+                self._bad(n, str(exc))
+                continue
             key = _sort_key(data.get("ts") if isinstance(data, dict) else None)
             yield n, key, prepare, data
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
@@ -129,6 +130,11 @@ def worker(
     idle_expiry: Optional[float] = typer.Option(
         None, "--idle-expiry", min=1.0, help="expire users and items idle this many seconds of stream time (bounds memory)"
     ),
+    max_clock_skew: Optional[float] = typer.Option(
+        None, "--max-clock-skew", min=0.0,
+        help="events whose ts is more than this many seconds ahead of this host's clock go to the dead letters;"
+        f" inf: no limit (default {WORKER.max_clock_skew:g})",
+    ),
     client: Optional[str] = typer.Option(
         None, "--client", help="Kafka client library: kafka-python or confluent [env STREAMREC_KAFKA_CLIENT]"
     ),
@@ -160,6 +166,8 @@ def worker(
         if on_offset_gap is not None and on_offset_gap not in OFFSET_GAP_POLICIES:
             raise ConfigError(f"--on-offset-gap must be one of {', '.join(OFFSET_GAP_POLICIES)} (got {on_offset_gap!r})")
         config = replace(WORKER, models=tuple(parse_names(models)), **{n: v for n, v in given.items() if v is not None})
+        if max_clock_skew is not None:
+            config = replace(config, max_clock_skew=None if math.isinf(max_clock_skew) else max_clock_skew)
         conf = settings(kafka_bootstrap=bootstrap, redis_url=redis_url, consumer_group=group, events_topic=topic,
                         kafka_client=client)
         if processes == 1:

@@ -85,6 +85,26 @@ def test_a_lone_surrogate_is_a_bad_line_not_the_end_of_the_run(tmp_path: Path) -
     assert "context.k must be valid Unicode" in report.bad_rows[1].reason
 
 
+def test_a_repeated_key_is_a_bad_line_with_its_file_and_line(tmp_path: Path) -> None:
+    lines = [
+        b'{"user_id": "u", "item_id": "i", "event_type": "click", "ts": 1}',
+        b'{"user_id": "a", "user_id": "b", "item_id": "i", "event_type": "click", "ts": 2}',
+        b'{"user_id": "u", "item_id": "i", "event_type": "click", "ts": 3, "context": {"k": "x", "k": "y"}}',
+        b'{"user_id": "u", "item_id": "i", "event_type": "click", "ts": 4, "ts": NaN}',  # the lenient parse too
+        # no false alarms: colons and field names inside values, null fields, an empty context
+        b'{"user_id": "user_id:", "item_id": "urn:i:1", "event_type": "click", "ts": 5, "event_id": null,'
+        b' "context": {"url": "http://x:80/a", "ts": "ts"}}',
+        b'{"user_id": "u", "item_id": "\\"item_id\\": 1", "event_type": "click", "ts": 6, "context": {}}',
+    ]
+    path = write(tmp_path / "d.jsonl", b"\n".join(lines))
+    events, report = read(path)
+    assert [e.ts for e in events] == [1, 5, 6] and lines_of(report) == [2, 3, 4]
+    assert [str(b).split(" ", 1)[0] for b in report.bad_rows] == [f"{path}:{n}:" for n in (2, 3, 4)]
+    assert [b.reason.split(" ", 1)[0] for b in report.bad_rows] == ["user_id", "context.k", "ts"]
+    assert all("more than once" in b.reason for b in report.bad_rows)
+    assert events[1].user_id == "user_id:" and events[2].item_id == '"item_id": 1'
+
+
 def test_jsonl_gzip(tmp_path: Path) -> None:
     path = tmp_path / "e.jsonl.gz"
     with gzip.open(path, "wb") as f:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import orjson
@@ -16,6 +17,7 @@ from stream_app.core.events import (
     MAX_ID_CHARS,
     MAX_MESSAGE_BYTES,
     Event,
+    check_unique_keys,
     decode,
     encode,
     from_dict,
@@ -81,7 +83,7 @@ def test_valid_events_round_trip(data: dict) -> None:
     back = decode(raw)
     assert back == event
     assert encode(back) == raw  # types survive too (True stays a bool, 1.0 stays a float)
-    assert orjson.loads(raw) == {k: v for k, v in event.to_dict().items() if v is not None}
+    assert orjson.loads(raw) == {k: v for k, v in event.to_dict().items() if v is not None and v != {}}
 
 
 @given(event_dicts())
@@ -99,7 +101,8 @@ def test_prepare_treats_none_as_absent_and_makes_unique_ids() -> None:
 
 
 def test_encode_omits_absent_optional_fields() -> None:
-    assert orjson.loads(encode(from_dict(valid()))) == {**valid(), "context": {}}
+    assert orjson.loads(encode(from_dict(valid()))) == valid()
+    assert orjson.loads(encode(from_dict({**valid(), "context": {"a": 1}}))) == {**valid(), "context": {"a": 1}}
 
 
 # ---- rejections: each with its field and rule -------------------------------------------
@@ -237,3 +240,80 @@ def test_decode_never_raises_anything_but_invalid_event(raw: bytes) -> None:
         assert isinstance(decode(raw), Event)
     except InvalidEvent as exc:
         assert str(exc)
+
+
+# ---- repeated keys: rejected by name, on every path; no false alarms ------------------------
+
+EVENT = b'"item_id":"i","event_type":"click","ts":1'
+
+
+@pytest.mark.parametrize(("raw", "field"), [
+    (b'{"user_id":"a","user_id":"b",' + EVENT + b"}", "user_id"),
+    (b'{"user_id":"a",' + EVENT + b',"user_id":"a"}', "user_id"),  # the same value twice is still ambiguous
+    (b'{"user_id":"a",' + EVENT + b',"ts":2}', "ts"),
+    (b'{"user_id":"a",' + EVENT + b',"context":{"d":"x","d":"y"}}', "context.d"),
+    (b'{"user_id":"a",' + EVENT + b',"context":{"a":1},"context":{"b":2}}', "context"),
+    (b'{"user_id":"a:b","user_id":"c:d",' + EVENT + b"}", "user_id"),  # colons inside the values
+    (b'{"user_id":"a",' + EVENT + b',"context":{"u:rl":"x:y","u:rl":"z"}}', "context.u:rl"),
+    (b'{"user_id":"a","user\\u005fid":"b",' + EVENT + b"}", "user_id"),  # the same key, escaped
+    (b'{"user_id" : "a" , "user_id" : "b" , "item_id" : "i" , "event_type" : "click" , "ts" : 1}', "user_id"),
+    (b'{"user_id":"a",' + EVENT + b',"event_id":null,"event_id":"e"}', "event_id"),
+    (b'{"user_id":"a",' + EVENT + b',"event_id":"e","event_id":null}', "event_id"),
+    (b'{"user_id":"a",' + EVENT + b',"event_id":null,"event_id":null}', "event_id"),
+    (b'{"user_id":"a",' + EVENT + b',"context":{},"context":{}}', "context"),
+    (b'{"ts":"yesterday","user_id":"a",' + EVENT + b"}", "ts"),  # the first value would fail on its own
+    (b'{"user_id":"a",' + EVENT + b',"ts":NaN}', "ts"),  # the slow path (NaN) checks too
+])
+def test_a_repeated_key_is_rejected_by_name(raw: bytes, field: str) -> None:
+    rejects_raw(raw, field, "more than once")
+    with pytest.raises(InvalidEvent) as info:
+        check_unique_keys(raw, json.loads(raw))  # what the file readers call on orjson's parse
+    check(info.value, field, "more than once")
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"user_id":"urn:user:1","item_id":"https://x.example/a:b?c=d:e","event_type":"click","ts":1}',
+    b'{"user_id":"user_id","item_id":"\\"item_id\\":","event_type":"click","ts":1,"context":{"user_id":"ts:"}}',
+    b'{"user_id":"a","item_id":"event_id","event_type":"click","ts":1,"session_id":"context","context":{"ts":"ts"}}',
+    b'{"user_id":"a","item_id":"\\"event_id\\":null","event_type":"click","ts":1}',
+    b'{"user_id":"a","item_id":"i","event_type":"click","ts":1,"event_id":null,"session_id":null,"value":null}',
+    b'{"user_id":"a","item_id":"i","event_type":"click","ts":1,"context":{}}',
+    b'{"user_id": "a", "item_id": "i:j", "event_type": "click", "ts": 1, "event_id": null, "context": { }}',
+    b'{"user_id":"a","item_id":"i","event_type":"click","ts":1,"context":{"a:b:c":"d:e","f":"::"}}',
+])
+def test_colons_nulls_and_field_names_in_values_are_no_repeated_keys(raw: bytes) -> None:
+    event = decode(raw)
+    assert event == from_dict(json.loads(raw))
+    check_unique_keys(raw, json.loads(raw))
+
+
+def test_a_list_of_events_names_the_event_that_repeats_a_key() -> None:
+    """A POST body may be a list of events; the repeated key is named by the event's place."""
+    good = b'{"user_id":"u:1","item_id":"i","event_type":"click","ts":1,"context":{"url":"http://x"}}'
+    bad = b'{"user_id":"u",' + EVENT + b',"context":{"k":1,"k":2}}'
+    check_unique_keys(b"[" + good + b"," + good + b"]", json.loads(b"[" + good + b"," + good + b"]"))
+    with pytest.raises(InvalidEvent) as info:
+        check_unique_keys(b"[" + good + b"," + bad + b"]", json.loads(b"[" + good + b"," + bad + b"]"))
+    check(info.value, "events[1].context.k", "more than once")
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(event_dicts(), st.sampled_from([(",", ":"), (", ", ": "), (" , ", " : ")]), st.booleans(), st.data())
+def test_repeated_keys_are_found_and_unique_keys_pass(data: dict, separators, ascii_only: bool, draw) -> None:
+    """Any valid event, written by any JSON writer, decodes; the same text with one key given twice does not."""
+    raw = json.dumps(data, separators=separators, ensure_ascii=ascii_only).encode()
+    assert decode(raw) == from_dict(data)
+    check_unique_keys(raw, json.loads(raw))
+    # give a key twice, at the top or in context: first on its own, then where it was
+    inner = data.get("context")
+    where = draw.draw(st.sampled_from(["top", "context"] if inner else ["top"]))
+    obj = inner if where == "context" else data
+    key = draw.draw(st.sampled_from(sorted(obj)))
+    text = json.dumps(obj, separators=separators, ensure_ascii=ascii_only)
+    doubled = "{" + json.dumps(key, ensure_ascii=ascii_only) + separators[1] + json.dumps(obj[key]) + separators[0] + text[1:]
+    whole = json.dumps({**data, "context": "@@"}, separators=separators, ensure_ascii=ascii_only).replace(
+        '"@@"', doubled) if where == "context" else doubled
+    field = f"context.{key}" if where == "context" else key
+    rejects_raw(whole.encode(), field, "more than once")
+    with pytest.raises(InvalidEvent):
+        check_unique_keys(whole.encode(), json.loads(whole))

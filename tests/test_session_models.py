@@ -213,3 +213,63 @@ def test_restore_from_float32_rows_with_gaps(name, stream):
     fresh = feat.query(None, {}, 1e9)
     zeroed = dataclasses.replace(fresh, sessions=np.array([0]))
     np.testing.assert_allclose(other.score(zeroed, np.array([0])), other.score(fresh, np.array([0])), rtol=1e-6)
+
+
+# ---- time jumps (see also test_popularity.py) ---------------------------------------------------
+
+JUMPS = {  # (the stream's time, where it jumps to)
+    "seconds to milliseconds": (1.7e9, 1.7e12),
+    "seconds to 1e300": (1.7e9, 1e300),
+    "a 1997 replay, then now": (8.6e8, 1.79e9),
+    "the most negative ts to the largest": (-1.7e308, 1.7e308),
+}
+
+
+def sessions(feat: Featurizer, tag: str, pairs: str, ts: float):
+    """One two-event session per pair of item names ("ax" is a, then x), a second apart."""
+    return feat.batch([RawEvent("u", f"i{item}", "click", ts + 2 * j + k, f"{tag}{j}")
+                       for j, pair in enumerate(pairs.split()) for k, item in enumerate(pair)])
+
+
+def after_a(model, feat: Featurizer, ts: float) -> list[str]:
+    """Items ranked to follow `a` in a fresh session."""
+    b = feat.batch([RawEvent("q", "ia", "click", ts, "probe"), RawEvent("q", "ia", "click", ts, "probe")])
+    scores = model.score(b, np.array([1]))[0]
+    assert np.isfinite(scores).all()
+    return [feat.items.names[i] for i in np.argsort(-scores, kind="stable")]
+
+
+def through_redis(model):
+    """A copy made from the state as Redis keeps it: row tables as float32, blobs as they are."""
+    state = {t: v if type(model).tables[t] == "blob" else np.asarray(v, np.float32) for t, v in model.export_state().items()}
+    clone = create(model.name, seed=3, half_life=model.half_life)
+    clone.import_state(state)
+    return clone
+
+
+@pytest.mark.parametrize("jump", JUMPS.values(), ids=list(JUMPS))
+def test_markov_follows_the_newest_transitions_across_a_jump_in_time(jump):
+    before, after = jump
+    feat, model = Featurizer(time_features=False), create("markov", seed=3, half_life=30 * 86400.0)
+    model.learn(sessions(feat, "old", "ax " * 10, before))
+    model.learn(sessions(feat, "new", "ay ay ay", after))  # time jumps: these few transitions are what counts
+    assert after_a(model, feat, after)[0] == after_a(through_redis(model), feat, after)[0] == "iy"
+    a, y = feat.items.get("ia"), feat.items.get("iy")
+    counts = model.export_state()["succ_count"][a]
+    assert np.isfinite(counts).all() and counts[model.export_state()["succ"][a] == y + 1][0] > 0
+    # ... and back (a replay started again, or the jump was a wrong ts): these count in full
+    model.learn(sessions(feat, "back", "az " * 5, before + 100.0))
+    for m in (model, through_redis(model)):
+        assert after_a(m, feat, before + 100.0)[:2] == ["iz", "iy"]
+        assert np.isfinite(m.export_state()["succ_count"]).all()
+
+
+def test_sknn_has_no_clock_so_jumps_in_time_change_nothing():
+    steady, jumping = create("sknn", seed=3), create("sknn", seed=3)
+    f1, f2 = Featurizer(time_features=False), Featurizer(time_features=False)
+    for j, (tag, pairs) in enumerate((("old", "ax " * 10), ("new", "ay ay ay"), ("back", "az " * 5))):
+        steady.learn(sessions(f1, tag, pairs, 1.7e9 + 100 * j))
+        jumping.learn(sessions(f2, tag, pairs, (1.7e9, 1e300, -1.7e308)[j]))
+    assert after_a(steady, f1, 1.7e9 + 300) == after_a(jumping, f2, 1.7e308)
+    for table, value in steady.export_state().items():
+        assert np.array_equal(jumping.export_state()[table], value), table

@@ -132,18 +132,111 @@ def decode(raw: bytes | None) -> Event:
     if len(raw) > MAX_MESSAGE_BYTES:
         raise InvalidEvent("", f"message must be at most {MAX_MESSAGE_BYTES} bytes (got {len(raw)})")
     try:  # fast path: msgspec parses and validates in one pass
-        return _DECODER.decode(raw)
+        event = _DECODER.decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError) as exc:
         error = str(exc)
+    else:
+        # msgspec keeps the last of a repeated key. Each key is followed by a colon, so when the message
+        # has no more colons than the event has keys, no key is repeated; else `_check_event_keys` looks closer.
+        ctx = event.context
+        keys = (4 + (event.event_id is not None) + (event.session_id is not None) + (event.value is not None)
+                + (len(ctx) + 1 if ctx else 0))
+        if raw.count(b":") != keys:
+            _check_event_keys(raw, event, keys)
+        return event
     # Slow path, to name the field and the rule: the lenient stdlib parser keeps NaN, Infinity,
     # 1e400 (as inf) and lone surrogates, so validation can say `ts must be a finite number (got nan)`.
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_Object)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise InvalidEvent("", f"message must be UTF-8 JSON without NaN/Infinity ({error})") from None
+    _no_repeated_key(data)
     _validate(data)
-    # What still gets here parses leniently but not strictly, e.g. a repeated key (the stdlib keeps the last).
+    # What still gets here parses leniently but not strictly (no such message is known).
     raise InvalidEvent("", f"message must be strict UTF-8 JSON ({error})")
+
+
+def check_unique_keys(raw: bytes, data: Any) -> None:
+    """Raise `InvalidEvent` naming a key that the JSON text `raw` repeats, at the top of an event or in
+    its `context`; `data` is what a parser that keeps the last value (orjson, msgspec) made of `raw`:
+    an event object, or a list of them (a POST body; the field is then named `events[i].<field>`)."""
+    objects = data if isinstance(data, list) else [data]
+    keys = 0
+    for obj in objects:
+        if not isinstance(obj, dict):
+            return  # not events: validation says so
+        ctx = obj.get("context")
+        keys += len(obj) + (len(ctx) if isinstance(ctx, dict) else 0)
+    if raw.count(b":") != keys and _keys_in(raw) != keys:
+        _check_slowly(raw)
+
+
+def _check_event_keys(raw: bytes, event: Event, keys: int) -> None:
+    """Raise `InvalidEvent` naming a key that `raw` repeats; `event`, with `keys` keys, is what msgspec
+    made of it. The stdlib parser checks (at ten times the cost) only when the count leaves it open:
+    an escape, or a null field written with spaces."""
+    found = _keys_in(raw)
+    if found is not None and found > keys:  # optional fields given as null, or context as {} (compact)
+        keys += ((event.event_id is None and b'"event_id":null' in raw)
+                 + (event.session_id is None and b'"session_id":null' in raw)
+                 + (event.value is None and b'"value":null' in raw) + (not event.context and b'"context":{}' in raw))
+    if found != keys:
+        _check_slowly(raw)
+
+
+def _keys_in(raw: bytes) -> int | None:
+    """How many keys the JSON text `raw` holds, or None when it has an escape.
+
+    Without escapes every quote opens or closes a string, so splitting at quotes alternates outside
+    and inside strings; each key is followed by the one colon outside strings. (So, too, a text such
+    as `"value":null` is a key: a string cannot hold a quote.)"""
+    if b"\\" in raw:
+        return None
+    return b"".join(raw.split(b'"')[::2]).count(b":")
+
+
+def _check_slowly(raw: bytes) -> None:
+    """`_no_repeated_key` of the stdlib's parse of `raw`, or of each object of a list (none when `raw`
+    does not parse: what a strict parser took and this one does not has no repeated key to name)."""
+    try:
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_Object)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return
+    if not isinstance(data, list):
+        _no_repeated_key(data)
+        return
+    for i, obj in enumerate(data):
+        try:
+            _no_repeated_key(obj)
+        except InvalidEvent as exc:
+            raise InvalidEvent(f"events[{i}].{exc.field}", exc.rule) from None
+
+
+class _Object(dict):
+    """A parsed JSON object that remembers the first key its text gave twice (`repeated`)."""
+
+    def __init__(self, pairs: list[tuple[str, Any]]):
+        super().__init__(pairs)
+        self.repeated: str | None = None
+        if len(self) < len(pairs):
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    self.repeated = key
+                    break
+                seen.add(key)
+
+
+def _no_repeated_key(data: Any) -> None:
+    """Raise `InvalidEvent` when a `_Object` parse repeated a key, at its top or one level down."""
+    if not isinstance(data, _Object):
+        return
+    field = data.repeated
+    if field is None:
+        field = next((f"{key}.{value.repeated}" for key, value in data.items()
+                      if isinstance(value, _Object) and value.repeated is not None), None)
+    if field is not None:
+        raise InvalidEvent(field, "is given more than once (JSON parsers differ on which value of a repeated key wins)")
 
 
 def _utf8(value: Any) -> bool:
@@ -162,14 +255,14 @@ def from_dict(data: Any) -> Event:
 
 
 def encode(event: Event) -> bytes:
-    """JSON bytes of an event, without absent optional fields.
+    """JSON bytes of an event, without absent optional fields (an empty context is absent).
 
     Raises `InvalidEvent` when the bytes would be rejected by `decode`: over
     `MAX_MESSAGE_BYTES` (a valid event can get there through long context
     strings) or not encodable (an integer beyond 64 bits).
     """
     try:
-        raw = orjson.dumps({k: v for k, v in event.to_dict().items() if v is not None})
+        raw = orjson.dumps({k: v for k, v in event.to_dict().items() if v is not None and v != {}})
     except orjson.JSONEncodeError as exc:
         raise InvalidEvent("", f"event cannot be encoded as JSON ({exc})") from None
     if len(raw) > MAX_MESSAGE_BYTES:
@@ -189,3 +282,17 @@ def prepare(data: Any, now: float | None = None) -> Event:
         if data.get("ts") is None:
             data["ts"] = time.time() if now is None else now
     return _validate(data)
+
+
+def check_clock_skew(ts: float, now: float, max_skew: float | None) -> None:
+    """Raise `InvalidEvent` when `ts` is more than `max_skew` seconds after `now` (None: no limit).
+
+    A time far in the future (a clock running ahead, milliseconds sent as seconds) would move the
+    decayed models' clocks there, and every real event after it would count as old.
+    """
+    if max_skew is None or not ts > now + max_skew:
+        return
+    hint = " (it looks like milliseconds: ts is in epoch seconds)" if 500 * now < ts < 2000 * now else ""
+    raise InvalidEvent(
+        "ts", f"is more than {max_skew:g} s in the future (got {ts!r}, {ts - now:.3g} s after this clock){hint}; "
+        "send epoch seconds from a synchronised clock, or raise --max-clock-skew")

@@ -32,5 +32,6 @@ class WorkerConfig:
     session_gap: float = 1800.0  # a user's implicit session ends after this idle time; sessions expire after it
     idle_expiry: float | None = None  # users and items idle this long (stream time, s) are expired; None: never
     on_offset_gap: OffsetGapPolicy = "stop"
+    max_clock_skew: float | None = 3600.0  # events with ts further ahead of this host's clock are dead letters; None: any
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     seed: int = 0

@@ -21,7 +21,7 @@ from models.registry import create
 from stream_app.core.errors import (
     InvalidEvent,
 )
-from stream_app.core.events import Event, decode
+from stream_app.core.events import Event, check_clock_skew, decode
 from stream_app.evaluation.prequential import Evaluator, restore, step
 from stream_app.io import kafka
 from stream_app.io.redis import Changes, PartitionStore
@@ -213,11 +213,19 @@ class Shard:
 
     def _decode(self, messages: kafka.Messages, dead_letter: Callable[[kafka.Record, str], None]
                 ) -> tuple[list[Event], dict[str, None]]:
-        """Valid, not yet seen events of `messages` in order (dead letters for the rest), and their new ids."""
+        """Valid, not yet seen events of `messages` in order (dead letters for the rest), and their new ids.
+
+        An event whose `ts` is more than `max_clock_skew` ahead of this host's clock is not valid: it
+        would move the decayed models' clocks into the future (see `check_clock_skew`)."""
         valid: list[Event] = []
+        now, skew = time.time(), self.config.max_clock_skew
+        latest = now + skew if skew is not None else float("inf")
         for j, raw in enumerate(messages.values):
             try:
-                valid.append(decode(raw))
+                event = decode(raw)
+                if event.ts > latest:
+                    check_clock_skew(event.ts, now, skew)
+                valid.append(event)
             except InvalidEvent as exc:
                 dead_letter(messages.record(j), str(exc))
         given = dict.fromkeys([e.event_id for e in valid])

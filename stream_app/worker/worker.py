@@ -14,7 +14,6 @@ handled by `WorkerConfig.on_offset_gap`, never skipped silently.
 
 from __future__ import annotations
 
-import base64
 import gc
 import logging
 import signal
@@ -36,6 +35,7 @@ from stream_app.core.threads import limit_blas_threads
 from stream_app.evaluation.prequential import summary
 from stream_app.io import kafka
 from stream_app.io.redis import Keys, PartitionStore, connect, reachable
+from stream_app.worker import dead_letters
 from stream_app.worker.config import WorkerConfig
 from stream_app.worker.shard import STEPS, Shard
 from stream_app.worker.status import STALLED, partition_status
@@ -187,13 +187,8 @@ class Worker:
         log.info("%s revoked %s", self.config.worker_id, partitions)
 
     def dead_letter(self, msg: kafka.Record, reason: str) -> None:
-        try:
-            raw, encoding = (msg.value or b"").decode("utf-8"), "utf-8"
-        except UnicodeDecodeError:
-            raw, encoding = base64.b64encode(msg.value).decode(), "base64"
-        record = {"reason": reason, "topic": msg.topic, "partition": msg.partition, "offset": msg.offset,
-                  "raw": raw, "raw_encoding": encoding, "ts": time.time(), "worker": self.config.worker_id}
-        self.sender.send(self.settings.dlq_topic, orjson.dumps(record), key=msg.key)
+        """Send `msg` to the dead-letter topic with `reason`, its payload cut to size (`dead_letters`)."""
+        dead_letters.send(self.sender, self.settings.dlq_topic, msg, reason, self.config.worker_id)
         self.dead += 1
 
     def run(self, max_idle: float | None = None, stop_after: int | None = None) -> None:
