@@ -576,14 +576,14 @@ def up(settings: Settings) -> Iterator[str]:
 
     What this call started is stopped again if a later step fails.
     """
-    from stream_app.io.kafka import ensure_topics
+    from stream_app.io.kafka import ensure_topics, target
 
     started: list[tuple[ServerProcess, Path]] = []
     try:
         yield from _ensure("kafka", settings, started)
         yield from _ensure("redis", settings, started)
         topics = topic_partitions(settings)
-        ensure_topics(settings.kafka_bootstrap, topics)
+        ensure_topics(target(settings), topics)
         yield "topics: " + ", ".join(f"{name} ({n} partition{'s' if n > 1 else ''})" for name, n in topics.items())
     except BaseException:
         for server, pid_file in started:

@@ -46,7 +46,7 @@ class Worker:
         self.config = config
         self.shards: dict[int, Shard] = {}
         self.redis = connect(settings.redis_url)
-        self.sender = kafka.Sender(settings.kafka_bootstrap)
+        self.sender = kafka.Sender(kafka.target(settings))
         self.consumer: kafka.GroupConsumer | None = None
         self.running = True
         self.applied = 0
@@ -99,7 +99,7 @@ class Worker:
         thresholds = gc.get_threshold()
         gc.set_threshold(50_000, 20, 20)
         self.consumer = consumer = kafka.group_consumer(
-            s.kafka_client, s.kafka_bootstrap, s.consumer_group, s.events_topic, self.assign, self.revoke,
+            s.kafka_client, kafka.target(s), s.consumer_group, s.events_topic, self.assign, self.revoke,
             self.config.commit_max, self.config.max_wait_ms,
         )
         previous = {}
