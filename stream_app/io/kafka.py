@@ -50,6 +50,24 @@ __all__ = [
 
 CLIENTS = ("kafka-python", "confluent")
 log = logging.getLogger("streamrec.kafka")
+_SECRET_OPTIONS = ("sasl_plain_password", "ssl_password")
+
+
+class _HideSecrets(logging.Filter):
+    """kafka-python's admin client logs its whole configuration at DEBUG: show its passwords as ***."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        def masked(arg: object) -> object:
+            return {k: "***" if k in _SECRET_OPTIONS and v else v for k, v in arg.items()} if isinstance(arg, dict) else arg
+
+        if isinstance(record.args, tuple):
+            record.args = tuple(masked(arg) for arg in record.args)
+        elif isinstance(record.args, dict):  # logging unpacks a lone mapping argument
+            record.args = masked(record.args)  # type: ignore[assignment]
+        return True
+
+
+logging.getLogger("kafka.admin.client").addFilter(_HideSecrets())
 
 
 @dataclass(frozen=True)
@@ -352,10 +370,17 @@ class _ConfluentGroup:
 
         self._ck = ck
         self.topic = topic
+        self._where = where
+        self._refused: list[Any] = []  # authentication or TLS errors: a wrong setting, not a passing outage
+
+        def on_error(error) -> None:  # librdkafka reports connection errors here, not on messages
+            if error.code() in (ck.KafkaError._AUTHENTICATION, ck.KafkaError._SSL) or error.fatal():
+                self._refused.append(error)
+
         self._consumer = ck.Consumer({
             **where.confluent(), "group.id": group, "enable.auto.commit": False,
             "auto.offset.reset": "earliest", "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000,
-            "fetch.wait.max.ms": max_wait_ms, "client.id": "streamrec",
+            "fetch.wait.max.ms": max_wait_ms, "client.id": "streamrec", "error_cb": on_error,
         })
 
         def assign(cons, partitions):
@@ -377,6 +402,8 @@ class _ConfluentGroup:
         messages = self._consumer.consume(num_messages=max_records, timeout=0)
         if not messages:
             first = self._consumer.poll(timeout)
+            if self._refused:
+                raise _unreachable(self._where, self._ck.KafkaException(self._refused[0]))
             if first is None:
                 return []
             messages = [first, *self._consumer.consume(num_messages=max_records - 1, timeout=0)]
