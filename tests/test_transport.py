@@ -1,12 +1,19 @@
 """Transport faults against real servers: a Tansu restarted on the same port (it comes back empty), Kafka
-security settings in every client, Redis with a password, an ACL user and TLS."""
+security settings in every client, Redis with a password, an ACL user and TLS.
+
+Over 400 lines on purpose: the restartable broker, the certificates and the TLS listener are shared
+by the Kafka and Redis cases, so they stay in one file."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -358,3 +365,71 @@ def _poll_confluent(where: Target) -> None:
             group.poll(10, 0.5)
     finally:
         group.close()
+
+
+class TLSProxy:
+    """A TLS listener (client certificate required) in front of a plain broker, as a TLS-terminating load
+    balancer would be: Tansu 0.6 cannot serve TLS itself (its `--cert` and `--key` flags exclude each other)."""
+
+    def __init__(self, upstream: int, certs: Path):
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(certs / "ca.pem"))
+        context.load_cert_chain(certs / "server.pem", certs / "server.key")
+        context.verify_mode = ssl.CERT_REQUIRED
+        self.upstream, self.port = upstream, embedded.free_port()
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        start = asyncio.start_server(self._serve, "127.0.0.1", self.port, ssl=context)
+        self.server = asyncio.run_coroutine_threadsafe(start, self.loop).result(10)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(1 << 16):
+                    sink.write(data)
+                    await sink.drain()
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@pytest.fixture
+def tls_broker(tmp_path: Path, certs: Path) -> Iterator[int]:
+    """The port of a TLS listener whose broker advertises it (so clients come back through TLS)."""
+    port = embedded.free_port()
+    proxy = TLSProxy(port, certs)
+    server = embedded.start_tansu(port, tmp_path, advertise=f"127.0.0.1:{proxy.port}")
+    try:
+        yield proxy.port
+    finally:
+        server.stop()
+        proxy.close()
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_round_trip_over_tls_with_a_client_certificate(tls_broker: int, certs: Path, client: str) -> None:
+    where = Target(f"127.0.0.1:{tls_broker}", "SSL", ssl_cafile=str(certs / "ca.pem"),
+                   ssl_certfile=str(certs / "client.pem"), ssl_keyfile=str(certs / "client.key"))
+    ensure_topics(where, {"t": 1})
+    with Sender(where) as sender:
+        sender.send_many("t", [(b"k", b"tls-%d" % i) for i in range(3)])
+    group = group_consumer(client, where, "g", "t", lambda partitions: dict.fromkeys(partitions), lambda p: None)
+    seen: list[bytes] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(seen) < 3 and time.monotonic() < deadline:
+            for messages in group.poll(100, 0.5):
+                seen += messages.values
+    finally:
+        group.close()
+    assert seen == [b"tls-%d" % i for i in range(3)]
+    for wrong in (replace(where, ssl_cafile=str(certs / "other-ca.pem")),  # the broker's certificate is not trusted
+                  replace(where, ssl_certfile=None, ssl_keyfile=None)):  # no client certificate
+        with pytest.raises(ServiceError, match=f"Kafka at 127.0.0.1:{tls_broker} \\(SSL\\) is not reachable"):
+            wait_for_broker(wrong, timeout=3)

@@ -366,10 +366,11 @@ def _port_taken(kind: str | None, host: str, port: int, env_hint: str) -> Servic
 
 
 def start_tansu(port: int, log_dir: Path | str, host: str = "127.0.0.1", *, binary: str | None = None,
-                timeout: float = START_TIMEOUT, detach: bool = False,
-                extra_args: tuple[str, ...] = ()) -> ServerProcess:
+                timeout: float = START_TIMEOUT, detach: bool = False, extra_args: tuple[str, ...] = (),
+                advertise: str | None = None) -> ServerProcess:
     """Start Tansu (memory storage) at host:port, logging to `log_dir/tansu.log`; wait until it answers.
-    `extra_args` go to `tansu broker` (e.g. `--authentication`: clients must authenticate with SASL).
+    `extra_args` go to `tansu broker` (e.g. `--authentication`: clients must authenticate with SASL);
+    `advertise` (HOST:PORT) is the address clients are sent to, when they reach it through a proxy.
 
     `detach=True` lets it outlive this process (own session); otherwise it is
     stopped when this process dies (Linux) and should be `stop()`ped.
@@ -378,7 +379,7 @@ def start_tansu(port: int, log_dir: Path | str, host: str = "127.0.0.1", *, bina
         raise _port_taken(None, host, port, "STREAMREC_KAFKA_BOOTSTRAP=127.0.0.1:PORT (or --bootstrap)")
     binary = binary or find_tansu()
     url = f"tcp://{_fmt(_bind_host(host), port)}"
-    argv = [binary, "broker", "--listener-url", url, "--advertised-listener-url", f"tcp://{_fmt(host, port)}",
+    argv = [binary, "broker", "--listener-url", url, "--advertised-listener-url", f"tcp://{advertise or _fmt(host, port)}",
             "--storage-engine", "memory://tansu/", *extra_args]
     env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV}
     env.setdefault("NO_COLOR", "1")

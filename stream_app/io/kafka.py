@@ -1,16 +1,20 @@
 """The one module that talks to Kafka client libraries.
 
-Over 400 lines on purpose: both clients sit behind one small interface here, so that a faster
-client plugs in as one more class in this file and nowhere else.
+Over 400 lines on purpose: both clients sit behind one small interface here, with their connection
+options (`Target`), so that a faster client plugs in as one more class in this file and nowhere else.
 
 kafka-python is the default client. The worker's group consumer can also run
 on confluent-kafka (librdkafka: fetching and parsing happen in C threads,
 outside the GIL), chosen with `STREAMREC_KAFKA_CLIENT=confluent`. Both sit
 behind `GroupConsumer`, so the worker never sees a client library.
 
+Where Kafka is and how to connect (bootstrap, security protocol, SASL,
+certificates) travels as one `Target`, built once from the settings by
+`target(settings)`; its passwords never appear in a message or log.
+
 Thin on purpose: nothing here touches the network until a method is called,
-producers flush on close and retry a full buffer, and serialisation stays in
-`stream_app.core.events`.
+producers flush on close, retry a full buffer and rebuild a client a broker
+restart broke, and serialisation stays in `stream_app.core.events`.
 """
 
 from __future__ import annotations
@@ -70,6 +74,20 @@ class _HideSecrets(logging.Filter):
 logging.getLogger("kafka.admin.client").addFilter(_HideSecrets())
 
 
+# Each connection setting's option name in kafka-python and in librdkafka (confluent-kafka).
+_OPTION_NAMES = {
+    "bootstrap": ("bootstrap_servers", "bootstrap.servers"),
+    "security_protocol": ("security_protocol", "security.protocol"),
+    "sasl_mechanism": ("sasl_mechanism", "sasl.mechanisms"),
+    "sasl_username": ("sasl_plain_username", "sasl.username"),  # kafka-python uses them for SCRAM too
+    "sasl_password": ("sasl_plain_password", "sasl.password"),
+    "ssl_cafile": ("ssl_cafile", "ssl.ca.location"),
+    "ssl_certfile": ("ssl_certfile", "ssl.certificate.location"),
+    "ssl_keyfile": ("ssl_keyfile", "ssl.key.location"),
+    "ssl_password": ("ssl_password", "ssl.key.password"),
+}
+
+
 @dataclass(frozen=True)
 class Target:
     """Where Kafka is and how to connect to it: what every function here takes instead of a bare bootstrap.
@@ -106,30 +124,23 @@ class Target:
             how.append(f"{self.sasl_mechanism} as {self.sasl_username or '(no user)'}")
         return f"{self.bootstrap} ({', '.join(how)})"
 
+    def _options(self, library: int) -> dict[str, Any]:
+        values: dict[str, Any] = {"bootstrap": self.bootstrap, "security_protocol": self.security_protocol}
+        if self.sasl:
+            values.update(sasl_mechanism=self.sasl_mechanism, sasl_username=self.sasl_username,
+                          sasl_password=_reveal(self.sasl_password))
+        if self.tls:
+            values.update(ssl_cafile=self.ssl_cafile, ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile,
+                          ssl_password=_reveal(self.ssl_password))
+        return {_OPTION_NAMES[name][library]: value for name, value in values.items() if value is not None}
+
     def kafka_python(self) -> dict[str, Any]:
         """Connection options for kafka-python's producer, consumer and admin client."""
-        options: dict[str, Any] = {"bootstrap_servers": self.bootstrap, "security_protocol": self.security_protocol}
-        if self.sasl:
-            options.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
-                           sasl_plain_password=_reveal(self.sasl_password))
-        if self.tls:
-            options.update({k: v for k, v in (("ssl_cafile", self.ssl_cafile), ("ssl_certfile", self.ssl_certfile),
-                                              ("ssl_keyfile", self.ssl_keyfile),
-                                              ("ssl_password", _reveal(self.ssl_password))) if v is not None})
-        return options
+        return self._options(0)
 
     def confluent(self) -> dict[str, Any]:
         """Connection options for confluent-kafka (librdkafka names)."""
-        options: dict[str, Any] = {"bootstrap.servers": self.bootstrap, "security.protocol": self.security_protocol}
-        if self.sasl:
-            options.update({"sasl.mechanisms": self.sasl_mechanism, "sasl.username": self.sasl_username,
-                            "sasl.password": _reveal(self.sasl_password)})
-        if self.tls:
-            options.update({k: v for k, v in (("ssl.ca.location", self.ssl_cafile),
-                                              ("ssl.certificate.location", self.ssl_certfile),
-                                              ("ssl.key.location", self.ssl_keyfile),
-                                              ("ssl.key.password", _reveal(self.ssl_password))) if v is not None})
-        return options
+        return self._options(1)
 
     def faust(self) -> dict[str, Any]:
         """`broker` and `broker_credentials` for a `faust.App` (aiokafka underneath)."""
@@ -453,6 +464,7 @@ def group_consumer(client: str, where: Target, group: str, topic: str, on_assign
     return _KafkaPythonGroup(where, group, topic, on_assign, on_revoke, max_records, max_wait_ms)
 
 
+_RECONNECT_TIMEOUT = 5.0  # seconds a fresh producer gets to connect; unreachable then, the caller hears it at once
 # Deliveries the broker refuses for the message itself: a fresh client would fail the same way.
 _MESSAGE_FAULTS = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidTopicError, AuthorizationError)
 
@@ -561,7 +573,7 @@ class Sender:
             self._discard()
             time.sleep(min(0.2 * 2**round_, 2.0, max(0.0, deadline - time.monotonic())))
             try:
-                self._client(connect_timeout=deadline - time.monotonic())
+                self._client(connect_timeout=min(deadline - time.monotonic(), _RECONNECT_TIMEOUT))
             except ServiceError as exc:
                 raise ServiceError(f"{len(failed)} message(s) were not delivered ({error!r}) and a fresh client "
                                    f"failed: {exc} (kept: the next flush sends them again)") from None
