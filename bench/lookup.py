@@ -298,7 +298,7 @@ def freshness(settings, env: dict, server: Server, models: str, samples: int, tm
     lags: list[float] = []
     missed = 0
     try:
-        with kafka.Sender(settings.kafka_bootstrap, config={"linger_ms": 0}) as sender, \
+        with kafka.Sender(kafka.target(settings), config={"linger_ms": 0}) as sender, \
                 httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=5) as client:
             # the worker starts (restores its state, joins the group) before the clock runs
             warm = prepare({"user_id": f"warm-{uuid.uuid4().hex[:6]}", "item_id": "i3", "event_type": "click"})
@@ -394,9 +394,9 @@ def main(argv: list[str] | None = None) -> dict:
         tag = uuid.uuid4().hex[:8]
         settings = servers.settings(events_topic=f"events-{tag}", consumer_group=f"bench-{tag}",
                                     key_prefix=f"bench-{tag}")
-        kafka.ensure_topics(settings.kafka_bootstrap, embedded.topic_partitions(settings))
+        kafka.ensure_topics(kafka.target(settings), embedded.topic_partitions(settings))
         print(f"producing {args.events} events over {args.items} items ...", flush=True)
-        with kafka.Sender(settings.kafka_bootstrap, config={"linger_ms": 20}) as sender:
+        with kafka.Sender(kafka.target(settings), config={"linger_ms": 20}) as sender:
             for e in make_events(args.events, args.items, args.users, seed=0, sessions=sessions):
                 sender.send(settings.events_topic, encode(e), key=e.user_id.encode())
         print(f"worker learning with {','.join(models)} ...", flush=True)

@@ -47,7 +47,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def raw_consume_rate(settings: Settings, topic: str, n: int) -> float:
     """Events/s of a bare kafka-python consumer reading `n` messages from the start."""
-    consumer = kafka.consumer(settings.kafka_bootstrap, None, max_poll_records=2000)
+    consumer = kafka.consumer(kafka.target(settings), None, max_poll_records=2000)
     tps = [kafka.TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or {0})]
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     for interval in sorted({config.commit_interval_ms, 0}, reverse=True):
         fresh = settings.with_(events_topic=f"bench-fresh-{run}-{interval}", consumer_group=f"bench-fresh-{run}-{interval}",
                                key_prefix=f"bench-fresh-{run}-{interval}", kafka_client=args.fresh_client)
-        kafka.ensure_topics(fresh.kafka_bootstrap, {fresh.events_topic: fresh.events_partitions})
+        kafka.ensure_topics(kafka.target(fresh), {fresh.events_topic: fresh.events_partitions})
         lat = np.array(measure_freshness(fresh, replace(config, commit_interval_ms=interval), n_fresh, args.fresh_rate))
         freshness[interval] = [round(float(np.percentile(lat, q)), 4) for q in (50, 99)]
 

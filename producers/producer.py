@@ -26,7 +26,7 @@ from typing import Any
 from stream_app.core.errors import InvalidEvent
 from stream_app.core.events import Event, encode, prepare
 from stream_app.core.settings import Settings
-from stream_app.io.kafka import Sender
+from stream_app.io.kafka import Sender, Target, target
 
 __all__ = ["EventProducer", "to_event"]
 
@@ -48,8 +48,9 @@ def _at(index: int, exc: InvalidEvent) -> InvalidEvent:
 class EventProducer:
     """Sends events to one topic; a context manager that flushes and closes on exit.
 
-    `target` is a `Settings` (bootstrap and, unless `topic` is given, its
-    `events_topic`) or a bootstrap string (`topic` then defaults to "events").
+    `where` is a `Settings` (its Kafka connection and, unless `topic` is given,
+    its `events_topic`), a `kafka.Target`, or a bootstrap string of a plain
+    broker (`topic` then defaults to "events").
     `config` passes extra kafka-python producer settings (e.g.
     `{"linger_ms": 20}`); `retries`: how often a send blocked by a full buffer
     or missing metadata is tried again (None: the Sender's default; 0 fails
@@ -58,21 +59,21 @@ class EventProducer:
 
     def __init__(
         self,
-        target: Settings | str,
+        where: Settings | Target | str,
         topic: str | None = None,
         *,
         config: dict[str, Any] | None = None,
         retries: int | None = None,
         sender: Any | None = None,
     ) -> None:
-        if isinstance(target, Settings):
-            bootstrap, default_topic = target.kafka_bootstrap, target.events_topic
+        if isinstance(where, Settings):
+            self.target, default_topic = target(where), where.events_topic
         else:
-            bootstrap, default_topic = target, Settings.model_fields["events_topic"].default
-        self.bootstrap = bootstrap
+            self.target = Target(where) if isinstance(where, str) else where
+            default_topic = Settings.model_fields["events_topic"].default
         self.topic = topic or default_topic
         tries: dict[str, Any] = {} if retries is None else {"retries": retries}
-        self._sender = sender if sender is not None else Sender(bootstrap, config=dict(config or {}), **tries)
+        self._sender = sender if sender is not None else Sender(self.target, config=dict(config or {}), **tries)
         self.sent = 0
 
     def send(self, event: Event | dict[str, Any]) -> Event:

@@ -191,7 +191,7 @@ def produce_cli(
     """
     from producers.producer import EventProducer
     from producers.synthetic import SyntheticConfig, generate
-    from stream_app.io.kafka import ensure_topics
+    from stream_app.io.kafka import ensure_topics, target
 
     if (input is None) == (not synthetic):
         raise ConfigError("give exactly one of --input FILE or --synthetic")
@@ -212,7 +212,7 @@ def produce_cli(
         events = generate(SyntheticConfig(), n, seed)
         source = f"the synthetic stream (seed {seed})"
 
-    ensure_topics(settings.kafka_bootstrap, {settings.events_topic: settings.events_partitions})
+    ensure_topics(target(settings), {settings.events_topic: settings.events_partitions})
     start = time.monotonic()
     with EventProducer(settings) as producer:
         stats = replay(events, producer, rate=rate, limit=limit, progress=sys.stderr.isatty())

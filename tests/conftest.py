@@ -22,7 +22,7 @@ import pytest
 
 from stream_app.core.settings import Settings
 from stream_app.dev import embedded
-from stream_app.io.kafka import ensure_topics
+from stream_app.io.kafka import ensure_topics, target
 
 INTEGRATION_FIXTURES = {"embedded_servers", "services", "topics", "redis_client"}
 
@@ -56,7 +56,7 @@ def topics(embedded_servers: embedded.EmbeddedServers, tmp_path) -> Settings:
         key_prefix=f"sr-{tag}",
         state_dir=tmp_path / "state",
     )
-    ensure_topics(settings.kafka_bootstrap, embedded.topic_partitions(settings))
+    ensure_topics(target(settings), embedded.topic_partitions(settings))
     return settings
 
 

@@ -66,7 +66,7 @@ def planted_events() -> list:
 
 
 def produce(settings, events) -> None:
-    with kafka.Sender(settings.kafka_bootstrap) as sender:
+    with kafka.Sender(kafka.target(settings)) as sender:
         for e in events:
             sender.send(settings.events_topic, encode(e), key=e.user_id.encode())
 
@@ -79,7 +79,7 @@ def planted(embedded_servers, tmp_path_factory):
         alerts_topic=f"alerts-{tag}", consumer_group=f"group-{tag}", key_prefix=f"sr-{tag}",
         state_dir=tmp_path_factory.mktemp("api-state"),
     )
-    kafka.ensure_topics(settings.kafka_bootstrap, embedded.topic_partitions(settings))
+    kafka.ensure_topics(kafka.target(settings), embedded.topic_partitions(settings))
     produce(settings, planted_events())
     Worker(settings, WorkerConfig(models=("pop",))).run(max_idle=3)
     return settings
@@ -322,7 +322,7 @@ def test_a_model_with_item_embeddings_plugs_in(embedded_servers, tmp_path, monke
         events_topic=f"events-{tag}", metrics_topic=f"metrics-{tag}", dlq_topic=f"events.dlq-{tag}",
         alerts_topic=f"alerts-{tag}", consumer_group=f"group-{tag}", key_prefix=f"sr-{tag}", state_dir=tmp_path,
     )
-    kafka.ensure_topics(settings.kafka_bootstrap, embedded.topic_partitions(settings))
+    kafka.ensure_topics(kafka.target(settings), embedded.topic_partitions(settings))
     produce(settings, planted_events())
     Worker(settings, WorkerConfig(models=("pop", "mf"))).run(max_idle=3)
     with TestClient(create_app(settings.with_(api_models="mf,pop"))) as client:

@@ -57,7 +57,7 @@ def live(settings: Settings) -> Iterator[str]:
 
 def produced(settings: Settings, want: int, timeout: float = 30.0) -> list:
     """The events on the topic, read until `want` are there."""
-    reader = kafka.consumer(settings.kafka_bootstrap, None)
+    reader = kafka.consumer(kafka.target(settings), None)
     try:
         parts = [kafka.TopicPartition(settings.events_topic, p) for p in range(settings.events_partitions)]
         reader.assign(parts)
@@ -266,7 +266,7 @@ def test_a_broker_that_dies_under_a_running_api_gives_503_within_the_timeout(ser
     try:
         settings = services.with_(kafka_bootstrap=f"127.0.0.1:{port}", state_dir=tmp_path, api_kafka_timeout=2.0,
                                   api_kafka_cooldown=1.0, events_topic="events-dies", events_partitions=1)
-        kafka.ensure_topics(settings.kafka_bootstrap, {settings.events_topic: 1})
+        kafka.ensure_topics(kafka.target(settings), {settings.events_topic: 1})
         key = KeyStore(keys_file(settings)).add("writer", ["events:write"])
         with TestClient(create_app(settings)) as client:
             assert client.post("/events", json=EVENT, headers=bearer(key)).status_code == 202
@@ -279,7 +279,7 @@ def test_a_broker_that_dies_under_a_running_api_gives_503_within_the_timeout(ser
             again = client.post("/events", json=EVENT, headers=bearer(key))  # the breaker: no second wait
             assert again.status_code == 503 and "moments ago" in again.json()["error"]
             broker = embedded.start_tansu(port, tmp_path / "again")  # memory storage: the topic is made anew
-            kafka.ensure_topics(settings.kafka_bootstrap, {settings.events_topic: 1})
+            kafka.ensure_topics(kafka.target(settings), {settings.events_topic: 1})
             deadline = time.monotonic() + 60
             while (back := client.post("/events", json=EVENT, headers=bearer(key))).status_code != 202:
                 assert back.status_code == 503 and time.monotonic() < deadline, back.text

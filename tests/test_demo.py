@@ -13,7 +13,7 @@ def test_demo_learns_reports_its_own_metrics_and_cleans_up(topics):
     # A record of some other worker already on the metrics topic must not reach the demo's table.
     stranger = {"worker": "elsewhere-1", "model": "pop", "recall": 1.0, "auc": 1.0, "mrr": 1.0, "ndcg": 1.0,
                 "evaluated": 10**6, "events_seen": 10**7, "batch": 1, "k": 20}
-    with kafka.Sender(topics.kafka_bootstrap) as sender:
+    with kafka.Sender(kafka.target(topics)) as sender:
         sender.send(topics.metrics_topic, orjson.dumps(stranger), key=b"pop")
 
     rows = run_demo(topics, n_events=3000, models="pop,mf", seed=1)

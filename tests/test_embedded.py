@@ -57,9 +57,9 @@ def silent_listener() -> Iterator[int]:
 
 
 def topics_on(bootstrap: str) -> set[str]:
-    from stream_app.io.kafka import consumer
+    from stream_app.io.kafka import Target, consumer
 
-    c = consumer(bootstrap, None)
+    c = consumer(Target(bootstrap), None)
     try:
         return set(c.topics())
     finally:

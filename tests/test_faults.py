@@ -98,7 +98,7 @@ def test_broker_that_lost_its_log_is_an_offset_gap_stopped_by_default_and_resume
                         redis_url=f"redis://{redis_url['host']}:{redis_url['port']}/0", events_partitions=1,
                         events_topic="ev", consumer_group="g-gap", key_prefix="gap")
     topics = embedded.topic_partitions(settings)
-    kafka.ensure_topics(settings.kafka_bootstrap, topics)
+    kafka.ensure_topics(kafka.target(settings), topics)
     before = produce(settings, events(3000, seed=21))
     log = tmp_path / "worker.log"
     worker = _worker(settings, log)
@@ -106,7 +106,7 @@ def test_broker_that_lost_its_log_is_an_offset_gap_stopped_by_default_and_resume
         _wait(lambda: applied(settings) == before, 90, "the first events to be applied")
         broker.stop()  # memory storage: its log is gone
         broker = embedded.start_tansu(kafka_port, tmp_path / "tansu2")
-        kafka.ensure_topics(settings.kafka_bootstrap, topics)
+        kafka.ensure_topics(kafka.target(settings), topics)
         after = produce(settings, events(1000, seed=22))  # offsets 0..999 again, below the stored 3000
         _wait(lambda: "STOPPED" in log.read_text(), 120, "the worker to stop the partition at the gap")
         time.sleep(3)

@@ -31,13 +31,13 @@ def valid(n: int, start: int, ts: float, item: str = "i") -> list[bytes]:
 
 def produce(settings, values: list[bytes], max_request_size: int = KAFKA_MAX_MESSAGE) -> None:
     """Everything to partition 0, in this order."""
-    with kafka.Sender(settings.kafka_bootstrap, config={"max_request_size": max_request_size}) as sender:
+    with kafka.Sender(kafka.target(settings), config={"max_request_size": max_request_size}) as sender:
         for value in values:
             sender.send(settings.events_topic, value, key=b"k", partition=0)
 
 
 def dead_letter_records(settings, expected: int, timeout: float = 30.0) -> list[bytes]:
-    consumer = kafka.consumer(settings.kafka_bootstrap, None)
+    consumer = kafka.consumer(kafka.target(settings), None)
     consumer.assign([kafka.TopicPartition(settings.dlq_topic, p) for p in consumer.partitions_for_topic(settings.dlq_topic)])
     out: list[bytes] = []
     deadline = time.monotonic() + timeout
@@ -133,7 +133,7 @@ def test_a_dead_letter_kafka_refuses_goes_without_its_payload_and_the_worker_goe
     payload = b'{"user_id":"u","item_id":"i","event_type":"click","ts":1,"context":{"x":"' + b"b" * 200_000 + b'"}}'
     now = time.time()
     produce(topics, valid(10, 0, now) + [payload] + valid(10, 100, now + 100))
-    small = kafka.Sender(topics.kafka_bootstrap, config={"max_request_size": 16 * 1024})
+    small = kafka.Sender(kafka.target(topics), config={"max_request_size": 16 * 1024})
     worker = run_worker(topics, sender=small)
     assert stored(topics, "pop")[0] == worker.applied == 20
     (record,) = dead_letter_records(topics, 1)

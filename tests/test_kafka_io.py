@@ -11,7 +11,18 @@ import pytest
 from stream_app.core.errors import ServiceError
 from stream_app.core.settings import Settings
 from stream_app.dev import embedded
-from stream_app.io.kafka import CLIENTS, KafkaError, Messages, Record, Sender, consumer, ensure_topics, group_consumer
+from stream_app.io.kafka import (
+    CLIENTS,
+    KafkaError,
+    Messages,
+    Record,
+    Sender,
+    Target,
+    consumer,
+    ensure_topics,
+    group_consumer,
+    target,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +40,7 @@ def drain(c, expected: int, timeout: float = 30.0) -> list:
 def test_round_trip_with_keys_keeps_order_per_key(topics: Settings) -> None:
     users = [f"user-{i}" for i in range(12)]
     sent: dict[bytes, list[bytes]] = defaultdict(list)
-    with Sender(topics.kafka_bootstrap) as sender:
+    with Sender(target(topics)) as sender:
         for seq in range(600):
             key = users[(seq * 7) % len(users)].encode()
             value = f"{key.decode()}:{seq}".encode()
@@ -38,7 +49,7 @@ def test_round_trip_with_keys_keeps_order_per_key(topics: Settings) -> None:
         sender.flush()
         assert sender.sent == 600
 
-    c = consumer(topics.kafka_bootstrap, topics.consumer_group)
+    c = consumer(target(topics), topics.consumer_group)
     try:
         c.subscribe([topics.events_topic])
         records = drain(c, 600)
@@ -59,7 +70,7 @@ def test_round_trip_with_keys_keeps_order_per_key(topics: Settings) -> None:
 @pytest.mark.parametrize("client", CLIENTS)
 def test_group_consumer_polls_each_partition_as_one_run_in_offset_order(topics: Settings, client: str) -> None:
     keys = [b"a", b"b", b"c", b"d"]  # both partitions get some
-    with Sender(topics.kafka_bootstrap) as sender:
+    with Sender(target(topics)) as sender:
         for seq in range(2000):
             sender.send(topics.events_topic, b"%d" % seq, keys[seq % 4])
     assigned: list[int] = []
@@ -68,7 +79,7 @@ def test_group_consumer_polls_each_partition_as_one_run_in_offset_order(topics: 
         assigned.extend(partitions)
         return {p: None for p in partitions}
 
-    group = group_consumer(client, topics.kafka_bootstrap, topics.consumer_group, topics.events_topic,
+    group = group_consumer(client, target(topics), topics.consumer_group, topics.events_topic,
                            on_assign, lambda partitions: None, max_records=300)
     by_partition: dict[int, list[Record]] = defaultdict(list)
     deadline = time.monotonic() + 30
@@ -100,10 +111,10 @@ def test_messages_since_drops_what_comes_before_an_offset() -> None:
 
 
 def test_consumer_group_commits_and_resumes(topics: Settings) -> None:
-    with Sender(topics.kafka_bootstrap) as sender:
+    with Sender(target(topics)) as sender:
         sender.send_many(topics.events_topic, [(b"k", b"%d" % i) for i in range(10)])
 
-    c = consumer(topics.kafka_bootstrap, topics.consumer_group)
+    c = consumer(target(topics), topics.consumer_group)
     try:
         c.subscribe([topics.events_topic])
         assert [r.value for r in drain(c, 10)] == [b"%d" % i for i in range(10)]
@@ -111,9 +122,9 @@ def test_consumer_group_commits_and_resumes(topics: Settings) -> None:
     finally:
         c.close()
 
-    with Sender(topics.kafka_bootstrap) as sender:
+    with Sender(target(topics)) as sender:
         sender.send(topics.events_topic, b"after", b"k")
-    c = consumer(topics.kafka_bootstrap, topics.consumer_group)
+    c = consumer(target(topics), topics.consumer_group)
     try:
         c.subscribe([topics.events_topic])
         assert [r.value for r in drain(c, 1)] == [b"after"]  # resumes from the committed offset
@@ -123,8 +134,8 @@ def test_consumer_group_commits_and_resumes(topics: Settings) -> None:
 
 def test_sender_constructor_does_no_network() -> None:
     started = time.monotonic()
-    sender = Sender("127.0.0.1:1")  # nothing listens on port 1
-    Sender("no-such-host.invalid:9092")
+    sender = Sender(Target("127.0.0.1:1"))  # nothing listens on port 1
+    Sender(Target("no-such-host.invalid:9092"))
     assert time.monotonic() - started < 1.0
     sender.close()  # nothing was sent: closing is a no-op
 
@@ -156,9 +167,9 @@ def _close_quietly(sender: Sender) -> None:
 
 
 def test_flush_raises_service_error_when_delivery_fails(private_broker: embedded.ServerProcess) -> None:
-    bootstrap = private_broker.address
-    ensure_topics(bootstrap, {"t": 1})
-    sender = Sender(bootstrap, config={"delivery_timeout_ms": 3000, "request_timeout_ms": 1000})
+    where = Target(private_broker.address)
+    ensure_topics(where, {"t": 1})
+    sender = Sender(where, config={"delivery_timeout_ms": 3000, "request_timeout_ms": 1000})
     try:
         sender.send("t", b"before", b"k")
         sender.flush()
@@ -174,9 +185,9 @@ def test_flush_with_default_config_raises_service_error_when_broker_is_gone(
     private_broker: embedded.ServerProcess,
 ) -> None:
     """With the default (long) delivery timeout, a flush that times out must still be a ServiceError."""
-    bootstrap = private_broker.address
-    ensure_topics(bootstrap, {"t": 1})
-    sender = Sender(bootstrap)
+    where = Target(private_broker.address)
+    ensure_topics(where, {"t": 1})
+    sender = Sender(where)
     try:
         sender.send("t", b"before", b"k")
         sender.flush()

@@ -307,7 +307,7 @@ def stop_monitor(proc):
 def committed(settings) -> dict[int, int]:
     from stream_app.io import kafka
 
-    reader = kafka.consumer(settings.kafka_bootstrap, settings.consumer_group)
+    reader = kafka.consumer(kafka.target(settings), settings.consumer_group)
     try:
         return {p: reader.committed(kafka.TopicPartition(settings.events_topic, p)) or 0
                 for p in range(settings.events_partitions)}
@@ -321,16 +321,16 @@ def test_group_lag_over_real_tansu(topics):
     from stream_app.worker.worker import Worker
     from tests.test_worker import events, produce
 
-    assert kafka.group_lag(topics.kafka_bootstrap, topics.consumer_group, topics.events_topic) == {0: 0, 1: 0}
-    assert kafka.group_lag(topics.kafka_bootstrap, topics.consumer_group, "no-such-topic") == {}
+    assert kafka.group_lag(kafka.target(topics), topics.consumer_group, topics.events_topic) == {0: 0, 1: 0}
+    assert kafka.group_lag(kafka.target(topics), topics.consumer_group, "no-such-topic") == {}
     n = produce(topics, events(500))
     per_partition = {p: 0 for p in range(topics.events_partitions)}
     for e in events(500):
         per_partition[kafka.partition_for(e.user_id.encode(), topics.events_partitions)] += 1
-    lag = kafka.group_lag(topics.kafka_bootstrap, topics.consumer_group, topics.events_topic)
+    lag = kafka.group_lag(kafka.target(topics), topics.consumer_group, topics.events_topic)
     assert sum(lag.values()) == n == 500 and lag == per_partition  # no worker yet: everything is lag
     Worker(topics, WorkerConfig(models=("pop",))).run(max_idle=3)
-    assert kafka.group_lag(topics.kafka_bootstrap, topics.consumer_group, topics.events_topic) == {0: 0, 1: 0}
+    assert kafka.group_lag(kafka.target(topics), topics.consumer_group, topics.events_topic) == {0: 0, 1: 0}
     assert committed(topics) == per_partition  # caught up for real, not clamped at zero
 
 
@@ -347,7 +347,7 @@ def test_faust_windowed_tables_and_lag_over_real_tansu(topics, tmp_path):
                          "--lag-interval", "1")
     try:
         records = random_records(400, start=time.time() - 700)
-        with kafka.Sender(topics.kafka_bootstrap) as sender:
+        with kafka.Sender(kafka.target(topics)) as sender:
             for r in records:
                 sender.send(topics.metrics_topic, orjson.dumps(r), key=r["model"].encode())
         snap = wait_for(lambda: (s := get_state(port)) and s["records"] == 400 and s, 60, "the 400 records")
@@ -406,7 +406,7 @@ def test_worker_to_monitor_to_alert_over_real_tansu(topics, tmp_path):
         recs = metric_stream("planted", n=200, drop_at=100, start=now - 400, worker="synthetic") + \
             metric_stream("steady", n=200, start=now - 400, worker="synthetic", seed=11)
         recs.sort(key=lambda r: r["ts"])
-        with kafka.Sender(topics.kafka_bootstrap) as sender:
+        with kafka.Sender(kafka.target(topics)) as sender:
             for r in recs:
                 sender.send(topics.metrics_topic, orjson.dumps(r), key=r["model"].encode())
         snap = wait_for(lambda: (s := get_state(port)) and len(s["series"].get("steady", [])) == 200 and s, 30,
@@ -436,7 +436,7 @@ def test_worker_to_monitor_to_alert_over_real_tansu(topics, tmp_path):
         assert snap["tumbling"]["by_model"]["steady"]["all"][-len(windows_before):] == windows_before
         # one new record after the restart: consumed once the group has joined and whatever is
         # replayed from the topic has been skipped
-        with kafka.Sender(topics.kafka_bootstrap) as sender:
+        with kafka.Sender(kafka.target(topics)) as sender:
             sender.send(topics.metrics_topic, orjson.dumps(metric_stream("steady", n=1, start=time.time(),
                                                                          worker="synthetic")[0]))
         snap = wait_for(lambda: (s := get_state(port)) and len(s["series"]["steady"]) == 201 and s, 30,

@@ -30,7 +30,7 @@ def live_settings(embedded_servers, tmp_path_factory) -> Settings:
         alerts_topic=f"alerts-{tag}", consumer_group=f"group-{tag}", key_prefix=f"sr-{tag}",
         state_dir=tmp_path_factory.mktemp("openapi-state"), api_rate=0,
     )
-    kafka.ensure_topics(settings.kafka_bootstrap, embedded.topic_partitions(settings))
+    kafka.ensure_topics(kafka.target(settings), embedded.topic_partitions(settings))
     return settings
 
 

@@ -192,7 +192,7 @@ def own_tansu() -> Iterator[tuple[str, subprocess.Popen]]:
     )
     try:
         bootstrap = f"127.0.0.1:{port}"
-        kafka.wait_for_broker(bootstrap, timeout=30)
+        kafka.wait_for_broker(kafka.Target(bootstrap), timeout=30)
         yield bootstrap, proc
     finally:
         proc.kill()
@@ -203,12 +203,12 @@ def own_tansu() -> Iterator[tuple[str, subprocess.Popen]]:
 def kafka_settings(services: Settings) -> Settings:
     """conftest's real broker, with a fresh 4-partition events topic for this test."""
     settings = services.with_(events_topic=f"producer-{uuid.uuid4().hex[:8]}", events_partitions=4)
-    kafka.ensure_topics(settings.kafka_bootstrap, {settings.events_topic: 4})
+    kafka.ensure_topics(kafka.target(settings), {settings.events_topic: 4})
     return settings
 
 
 def consume_all(settings: Settings, expected: int, timeout: float = 30.0) -> list:
-    consumer = kafka.consumer(settings.kafka_bootstrap, None)
+    consumer = kafka.consumer(kafka.target(settings), None)
     try:
         parts = sorted(consumer.partitions_for_topic(settings.events_topic) or [])
         consumer.assign([kafka.TopicPartition(settings.events_topic, p) for p in parts])
@@ -278,7 +278,7 @@ def test_produce_cli_replays_a_file_and_the_synthetic_stream(kafka_settings: Set
 def test_delivery_errors_surface() -> None:
     fast_fail = {"delivery_timeout_ms": 3000, "request_timeout_ms": 1000, "max_block_ms": 3000, "retries": 1}
     with own_tansu() as (bootstrap, proc):
-        kafka.ensure_topics(bootstrap, {"doomed": 2})
+        kafka.ensure_topics(kafka.Target(bootstrap), {"doomed": 2})
         producer = EventProducer(bootstrap, "doomed", config=fast_fail)
         producer.send(click())
         producer.flush()  # delivered while the broker is up

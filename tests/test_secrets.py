@@ -1,4 +1,5 @@
-"""A password in the Redis URL never reaches an answer, an error or a log: every path that names the URL redacts it."""
+"""A password in the Redis URL or the Kafka settings never reaches an answer, an error or a log: every path that
+names the URL redacts it, and Kafka passwords stay SecretStr."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import logging
 import pytest
 from fastapi.testclient import TestClient
 
-from stream_app.core.errors import ConfigError
+from stream_app.core.errors import ConfigError, ServiceError
 from stream_app.core.settings import Settings, redact
 from stream_app.dev import embedded
+from stream_app.io import kafka
 from stream_app.io.redis import unreachable
 from stream_app.monitor.service import make_state
 from stream_app.serving.api import create_app
@@ -51,3 +53,17 @@ def test_errors_and_logs_name_the_url_without_the_password(caplog):
     with caplog.at_level(logging.WARNING):
         make_state(Settings(redis_url=nowhere()))
     assert "unavailable" in caplog.text and SECRET not in caplog.text
+
+
+def test_kafka_errors_and_client_logs_never_show_the_sasl_password(caplog):
+    """kafka-python's admin client logs its whole configuration at DEBUG; the SASL password is masked there too."""
+    settings = Settings(kafka_bootstrap=f"127.0.0.1:{embedded.free_port('127.0.0.1')}",
+                        kafka_security_protocol="SASL_PLAINTEXT", kafka_sasl_username="streamrec",
+                        kafka_sasl_password=SECRET)
+    where = kafka.target(settings)
+    with caplog.at_level(logging.DEBUG), pytest.raises(ServiceError) as error:
+        kafka.wait_for_broker(where, timeout=1)
+    assert "Starting KafkaAdminClient" in caplog.text  # the line that carried it
+    assert SECRET not in caplog.text and SECRET not in str(error.value)
+    assert "as streamrec" in str(error.value)
+    assert SECRET not in repr(settings) and SECRET not in str(where) and SECRET not in repr(where)

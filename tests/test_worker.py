@@ -35,7 +35,7 @@ def events(n: int, seed: int = 0, users: int = 200, items: int = 100):
 
 def produce(settings, raw_events) -> int:
     n = 0
-    with kafka.Sender(settings.kafka_bootstrap) as sender:
+    with kafka.Sender(kafka.target(settings)) as sender:
         for e in raw_events:
             if e is None or isinstance(e, bytes):  # None: a tombstone
                 sender.send(settings.events_topic, e, key=b"poison")
@@ -46,7 +46,7 @@ def produce(settings, raw_events) -> int:
 
 
 def read_topic(settings, topic: str, timeout: float = 5.0) -> list[dict]:
-    consumer = kafka.consumer(settings.kafka_bootstrap, None)
+    consumer = kafka.consumer(kafka.target(settings), None)
     parts = consumer.partitions_for_topic(topic) or {0}
     consumer.assign([kafka.TopicPartition(topic, p) for p in parts])
     out, deadline = [], time.monotonic() + timeout

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -22,6 +22,15 @@ class Settings(BaseSettings):
 
     kafka_bootstrap: str = "127.0.0.1:9092"
     kafka_client: Literal["kafka-python", "confluent"] = "kafka-python"  # the worker's consumer library
+    # how every Kafka client connects (`stream_app.io.kafka.target` turns these into client options)
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None  # shown as ********** in reprs and logs
+    kafka_ssl_cafile: Path | None = None  # CA bundle that signed the broker's certificate (default: the system's)
+    kafka_ssl_certfile: Path | None = None  # client certificate (PEM), for brokers that require one
+    kafka_ssl_keyfile: Path | None = None  # its private key (PEM)
+    kafka_ssl_password: SecretStr | None = None  # the private key's password, if it has one
     redis_url: str = "redis://127.0.0.1:6379/0"
     events_topic: str = "events"
     metrics_topic: str = "metrics"
@@ -46,9 +55,15 @@ class Settings(BaseSettings):
     api_kafka_cooldown: float = Field(5.0, ge=0)  # after a Kafka failure, POST /events answers 503 at once this long
 
     def environ(self) -> dict[str, str]:
-        """This process's environment plus these settings as STREAMREC_* variables (for child processes)."""
+        """This process's environment plus these settings as STREAMREC_* variables (for child processes):
+        secrets in clear (the child needs them), unset optional fields removed."""
         env = dict(os.environ)
-        env.update({f"STREAMREC_{name.upper()}": str(value) for name, value in self.model_dump().items()})
+        for name, value in self.model_dump().items():
+            key = f"STREAMREC_{name.upper()}"
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
         return env
 
     def with_(self, **changes: object) -> Settings:

@@ -366,8 +366,11 @@ def _port_taken(kind: str | None, host: str, port: int, env_hint: str) -> Servic
 
 
 def start_tansu(port: int, log_dir: Path | str, host: str = "127.0.0.1", *, binary: str | None = None,
-                timeout: float = START_TIMEOUT, detach: bool = False) -> ServerProcess:
+                timeout: float = START_TIMEOUT, detach: bool = False, extra_args: tuple[str, ...] = (),
+                advertise: str | None = None) -> ServerProcess:
     """Start Tansu (memory storage) at host:port, logging to `log_dir/tansu.log`; wait until it answers.
+    `extra_args` go to `tansu broker` (e.g. `--authentication`: clients must authenticate with SASL);
+    `advertise` (HOST:PORT) is the address clients are sent to, when they reach it through a proxy.
 
     `detach=True` lets it outlive this process (own session); otherwise it is
     stopped when this process dies (Linux) and should be `stop()`ped.
@@ -376,8 +379,8 @@ def start_tansu(port: int, log_dir: Path | str, host: str = "127.0.0.1", *, bina
         raise _port_taken(None, host, port, "STREAMREC_KAFKA_BOOTSTRAP=127.0.0.1:PORT (or --bootstrap)")
     binary = binary or find_tansu()
     url = f"tcp://{_fmt(_bind_host(host), port)}"
-    argv = [binary, "broker", "--listener-url", url, "--advertised-listener-url", f"tcp://{_fmt(host, port)}",
-            "--storage-engine", "memory://tansu/"]
+    argv = [binary, "broker", "--listener-url", url, "--advertised-listener-url", f"tcp://{advertise or _fmt(host, port)}",
+            "--storage-engine", "memory://tansu/", *extra_args]
     env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV}
     env.setdefault("NO_COLOR", "1")
     server = _spawn("tansu", argv, host, port, Path(log_dir) / "tansu.log", detach=detach, env=env)
@@ -398,7 +401,8 @@ def start_redis(port: int, directory: Path | str, host: str = "127.0.0.1", *, bi
     argv = [binary, "--port", str(port), "--bind", _bind_host(host), "--save", "", "--appendonly", "no",
             "--dir", str(directory), "--daemonize", "no", "--logfile", "", *extra_args]
     server = _spawn("redis-server", argv, host, port, directory / "redis.log", detach=detach)
-    _wait_healthy(server, lambda: redis_answers(host, port, timeout=1.0) == "pong", timeout,
+    # "auth": started with `--requirepass` or ACL users in `extra_args`, it is up and wants a password
+    _wait_healthy(server, lambda: redis_answers(host, port, timeout=1.0) in ("pong", "auth"), timeout,
                   "STREAMREC_REDIS_URL=redis://127.0.0.1:PORT/0")
     return server
 
@@ -504,6 +508,11 @@ def _our_process(kind: str, pid_file: Path):
     return None
 
 
+def _has_credentials(url: str) -> bool:
+    parts = urlsplit(url)
+    return bool(parts.username or parts.password)
+
+
 def _write_pid(path: Path, pid: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".pid.tmp")
@@ -561,6 +570,12 @@ def _ensure(kind: str, settings: Settings, started: list[tuple[ServerProcess, Pa
             f"nothing answers at {address} and streamrec up only starts servers on this machine; start "
             f"{what} there, or use a local address with {env_hint}"
         )
+    if kind == "redis" and _has_credentials(settings.redis_url):
+        raise ServiceError(
+            f"STREAMREC_REDIS_URL ({redact(settings.redis_url)}) carries credentials, but streamrec up starts only "
+            "a development Redis without a password; start your Redis with that user and password yourself "
+            "(requirepass or an ACL user in its config: `streamrec up` then reuses it), or remove them from the URL"
+        )
     pid_file.unlink(missing_ok=True)  # stale: its process is gone
     if kind == "kafka":
         server = start_tansu(port, state_dir, host, detach=True)
@@ -576,14 +591,14 @@ def up(settings: Settings) -> Iterator[str]:
 
     What this call started is stopped again if a later step fails.
     """
-    from stream_app.io.kafka import ensure_topics
+    from stream_app.io.kafka import ensure_topics, target
 
     started: list[tuple[ServerProcess, Path]] = []
     try:
         yield from _ensure("kafka", settings, started)
         yield from _ensure("redis", settings, started)
         topics = topic_partitions(settings)
-        ensure_topics(settings.kafka_bootstrap, topics)
+        ensure_topics(target(settings), topics)
         yield "topics: " + ", ".join(f"{name} ({n} partition{'s' if n > 1 else ''})" for name, n in topics.items())
     except BaseException:
         for server, pid_file in started:

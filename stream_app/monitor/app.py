@@ -62,7 +62,7 @@ def create_faust_app(settings) -> faust.App:
     data_dir.mkdir(parents=True, exist_ok=True)
     return faust.App(
         app_id(settings),
-        broker=f"kafka://{settings.kafka_bootstrap}",
+        **kafka.target(settings).faust(),  # broker and broker_credentials
         value_serializer="raw", key_serializer="raw",
         web_enabled=False, datadir=str(data_dir), store="memory://",
         topic_replication_factor=1, topic_partitions=1,
@@ -176,14 +176,14 @@ def add_lag_agent(app: faust.App, topics: Topics, tables: Tables, state: Monitor
             update_windows(tables, state, lag_items(sample), sample.ts)
 
 
-def add_lag_timer(app: faust.App, topics: Topics, bootstrap: str, group: str, topic: str, interval: float) -> None:
+def add_lag_timer(app: faust.App, topics: Topics, where: kafka.Target, group: str, topic: str, interval: float) -> None:
     """Every `interval` seconds, the lag of consumer `group` on `topic` as a LagSample on the internal topic."""
 
     @app.timer(interval)
     async def sample_lag():
         loop = asyncio.get_running_loop()
         try:
-            lags = await loop.run_in_executor(None, kafka.group_lag, bootstrap, group, topic)
+            lags = await loop.run_in_executor(None, kafka.group_lag, where, group, topic)
         except Exception as exc:  # the broker may be busy or restarting: the next tick tries again
             log.warning("could not read the consumer lag of %s: %s", group, exc)
             return
@@ -217,7 +217,7 @@ def build_app(settings, state: MonitorState, on_alert: Callable[[dict], None] | 
     tables = create_tables(app, state, expires)
     add_metrics_agent(app, topics, tables, state, on_alert)
     add_lag_agent(app, topics, tables, state)
-    add_lag_timer(app, topics, settings.kafka_bootstrap, lag_group or settings.consumer_group,
+    add_lag_timer(app, topics, kafka.target(settings), lag_group or settings.consumer_group,
                   lag_topic or settings.events_topic, lag_interval)
     copy_windows_on_recover(tables, state)
     app.monitor_tables = tables  # for tests and debugging

@@ -66,8 +66,9 @@ def run(settings, host: str = "127.0.0.1", port: int = 8050, terminal: bool = Fa
         lag_topic: str | None = None) -> None:
     """Run the monitor until interrupted: faust in the main thread, dashboard or terminal view aside."""
     check_windows(tumbling, hopping)
-    kafka.wait_for_broker(settings.kafka_bootstrap)
-    kafka.ensure_topics(settings.kafka_bootstrap, {settings.metrics_topic: 1, settings.alerts_topic: 1})
+    where = kafka.target(settings)
+    kafka.wait_for_broker(where)
+    kafka.ensure_topics(where, {settings.metrics_topic: 1, settings.alerts_topic: 1})
     state = make_state(settings, tumbling=tumbling, hopping=hopping, lag_group=lag_group, lag_topic=lag_topic)
     app = build_app(settings, state, lag_interval=lag_interval, lag_group=lag_group, lag_topic=lag_topic)
     if terminal:

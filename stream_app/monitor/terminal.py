@@ -23,7 +23,7 @@ log = logging.getLogger("streamrec.monitor")
 
 
 def _consumer(settings: Settings, from_beginning: bool):
-    consumer = kafka.consumer(settings.kafka_bootstrap, None, auto_offset_reset="earliest")
+    consumer = kafka.consumer(kafka.target(settings), None, auto_offset_reset="earliest")
     partitions = consumer.partitions_for_topic(settings.metrics_topic) or {0}
     tps = [kafka.TopicPartition(settings.metrics_topic, p) for p in sorted(partitions)]
     consumer.assign(tps)

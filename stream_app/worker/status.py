@@ -110,8 +110,8 @@ def partition_status(settings: Settings, stale_after: float | None = None) -> li
     """Every partition of the events topic, plus any the broker lacks but Redis holds state for
     (up to `events_partitions`); `stale_after` defaults to STALE_AFTER. Raises `ServiceError` when Kafka
     or Redis does not answer."""
-    kafka.wait_for_broker(settings.kafka_bootstrap, timeout=5.0)  # a broker that is down fails fast, not in 30 s
-    bounds = kafka.log_bounds(settings.kafka_bootstrap, settings.events_topic)
+    kafka.wait_for_broker(kafka.target(settings), timeout=5.0)  # a broker that is down fails fast, not in 30 s
+    bounds = kafka.log_bounds(kafka.target(settings), settings.events_topic)
     candidates = sorted(set(bounds) | set(range(settings.events_partitions)))
     client = connect(settings.redis_url)
     try:

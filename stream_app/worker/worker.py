@@ -56,7 +56,7 @@ class Worker:
         self.config = config
         self.shards: dict[int, Shard] = {}
         self.redis = connect(settings.redis_url)
-        self.sender = kafka.Sender(settings.kafka_bootstrap)
+        self.sender = kafka.Sender(kafka.target(settings))
         self.consumer: kafka.GroupConsumer | None = None
         self.waiting: set[int] = set()  # assigned, not loaded: Redis or Kafka down, or stopped at an offset gap
         self.stopped: dict[int, dict] = {}  # partitions stopped at an offset gap -> their alert
@@ -94,7 +94,7 @@ class Worker:
             return {}
         s, starts = self.settings, {}
         try:
-            bounds = kafka.log_bounds(s.kafka_bootstrap, s.events_topic)
+            bounds = kafka.log_bounds(kafka.target(s), s.events_topic)
             for partition in partitions:
                 store = PartitionStore(self.redis, Keys(s.key_prefix, s.events_topic, partition),
                                        self.config.dedup_window, self.config.session_gap, worker_id=self.config.worker_id)
@@ -236,7 +236,7 @@ class Worker:
 
     def _join(self) -> kafka.GroupConsumer:
         s = self.settings
-        return kafka.group_consumer(s.kafka_client, s.kafka_bootstrap, s.consumer_group, s.events_topic, self.assign,
+        return kafka.group_consumer(s.kafka_client, kafka.target(s), s.consumer_group, s.events_topic, self.assign,
                                     self.revoke, self.config.commit_max, self.config.max_wait_ms)
 
     def _unwedge_group(self) -> None:
@@ -254,7 +254,7 @@ class Worker:
             stalled = [r.partition for r in partition_status(s, stale_after=REJOIN_AFTER) if r.problem == STALLED]
             if not stalled:
                 return
-            answer = kafka.delete_group(s.kafka_bootstrap, s.consumer_group)
+            answer = kafka.delete_group(kafka.target(s), s.consumer_group)
         except ServiceError as exc:
             log.warning("%s: cannot check the group's partitions (%s)", self.config.worker_id, exc)
             return
@@ -322,7 +322,7 @@ class Worker:
         self._gaps_checked_at = now
         s = self.settings
         try:
-            bounds = kafka.log_bounds(s.kafka_bootstrap, s.events_topic)
+            bounds = kafka.log_bounds(kafka.target(s), s.events_topic)
         except ServiceError as exc:
             log.warning("%s: cannot check offsets against the log (%s)", self.config.worker_id, exc)
             return
