@@ -224,6 +224,14 @@ def test_post_events_validates_and_names_field_and_rule(server, writer_key):
     assert r.status_code == 422 and "empty" in r.json()["error"]
     r = httpx.post(f"{server}/events", headers=auth, json="click")
     assert r.status_code == 422
+    duplicate = b'{"user_id": "p1", "user_id": "p2", "item_id": "A1", "event_type": "click"}'
+    r = httpx.post(f"{server}/events", content=duplicate, headers={**auth, "Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["field"] == "user_id" and "more than once" in r.json()["error"]
+    r = httpx.post(f"{server}/events", headers=auth, json=[
+        {"user_id": "p1", "item_id": "A1", "event_type": "click"},
+        {"user_id": "p1", "item_id": "A1", "event_type": "click", "ts": time.time() * 1000},  # milliseconds
+    ])
+    assert r.status_code == 422 and r.json()["field"] == "events[1].ts" and "milliseconds" in r.json()["error"]
 
 
 def test_freshness_new_event_is_reflected_within_one_second(api, planted):

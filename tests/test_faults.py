@@ -7,6 +7,7 @@ the shared ones from conftest.py never go down.
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import subprocess
 import sys
@@ -20,6 +21,10 @@ from stream_app.core.settings import Settings
 from stream_app.dev import embedded
 from stream_app.io import kafka
 from stream_app.io.redis import Keys, connect
+from stream_app.worker.config import WorkerConfig
+from stream_app.worker.worker import Worker
+from tests.test_hostile import dead_letter_records, stored, valid
+from tests.test_hostile import produce as produce_raw
 from tests.test_worker import applied, events, produce, read_topic
 
 pytestmark = pytest.mark.integration
@@ -150,3 +155,57 @@ def test_clean_fleet_restart_after_20_s_gets_partitions_back_and_applies_every_e
     assert applied(topics) == first + more
     # The rebalance timeout (kafka.REBALANCE_TIMEOUT_MS) bounds the wait; the clients' default is 300 s.
     assert took < kafka.REBALANCE_TIMEOUT_MS / 1000 + 60, f"partitions came back after {took:.0f} s"
+
+
+def _poison(now: float) -> list[bytes | None]:
+    """One message of every kind of bad input the worker has met; each names an item `poison-*` if it
+    could ever be learned."""
+    def event(**fields) -> dict:
+        return {"user_id": "mallory", "item_id": "poison-x", "event_type": "click", "ts": now, **fields}
+
+    def raw(**fields) -> bytes:
+        return orjson.dumps(event(**fields))
+
+    return [
+        None,  # a tombstone
+        b"{not json",
+        b"[1, 2, 3]",
+        raw(ts="yesterday"),
+        b'{"user_id": "mallory", "item_id": "poison-nan", "event_type": "click", "ts": NaN}',
+        b'{"user_id": "mallory", "item_id": "poison-inf", "event_type": "click", "ts": 1, "value": 1e999}',
+        raw(event_type="teleport", item_id="poison-type"),
+        b"\xff\xfe\x00",
+        raw(item_id="poison-big-context", context={"x": "a" * 70_000}),
+        b'{"user_id": "mallory", "user_id": "alice", "item_id": "poison-dup", "event_type": "click", "ts": 1}',
+        b'{"user_id": "a", "item_id": "poison-dupctx", "event_type": "click", "ts": 1, "context": {"d": 1, "d": 2}}',
+        b'{"user_id": "\\ud800", "item_id": "poison-surrogate", "event_type": "click", "ts": 1}',
+        raw(item_id="poison-ms", ts=now * 1000),
+        raw(item_id="poison-1e300", ts=1e300),
+        raw(item_id="poison-future", ts=now + 7200),
+        raw(item_id="poison-missing", user_id=None),
+        orjson.dumps({k: v for k, v in event(item_id="poison-noitem").items() if k != "item_id"}),
+        raw(item_id="poison-unknown", colour="red"),
+        raw(item_id="poison-empty", user_id=""),
+        raw(item_id="poison-long", user_id="u" * 257),
+        raw(item_id="poison-nested", context={"a": {"b": 1}}),
+        raw(item_id="poison-keys", context={f"k{j}": j for j in range(33)}),
+        bytes(range(256)) * 3600,  # 900 KB, not UTF-8
+        b"x" * (5 << 20),  # 5 MB
+    ]
+
+
+@pytest.mark.parametrize("client", kafka.CLIENTS)
+def test_poison_of_every_kind_is_dead_lettered_with_its_hash_and_nothing_of_it_is_learned(topics, client):
+    topics = topics.with_(kafka_client=client)
+    now = time.time()
+    poison = _poison(now)
+    good = valid(40, 0, now - 100) + valid(40, 100, now - 10, item="j")
+    produce_raw(topics, good[:40] + poison + good[40:], max_request_size=6 << 20)
+    Worker(topics, WorkerConfig(models=("pop",), metrics_interval=3600.0)).run(max_idle=5)
+    applied, items, _ = stored(topics, "pop")
+    assert applied == len(good)
+    assert not [i for i in items if i.startswith("poison")]
+    dead = [orjson.loads(r) for r in dead_letter_records(topics, len(poison))]
+    assert len(dead) == len(poison)
+    assert sorted(d["raw_sha256"] for d in dead) == sorted(hashlib.sha256(p or b"").hexdigest() for p in poison)
+    assert all(d["reason"] and len(orjson.dumps(d)) < 512 * 1024 for d in dead)

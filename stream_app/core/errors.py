@@ -24,6 +24,11 @@ class ServiceError(StreamrecError):
     """An external service (Kafka broker, Redis) is unreachable or misbehaving."""
 
 
+class MessageRefused(ServiceError):
+    """Kafka refused messages for what they are (too large for the topic, an invalid topic, not authorised):
+    sending them again would fail alike, so they were dropped; the message says how many and why."""
+
+
 class FencedError(StreamrecError):
     """This worker no longer owns a partition; another worker took it over."""
 

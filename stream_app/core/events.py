@@ -27,6 +27,7 @@ EVENT_CODE: dict[str, int] = {name: code for code, name in enumerate(EVENT_TYPES
 EVENT_WEIGHTS: dict[str, float] = {"click": 1.0, "favorite": 2.0, "purchase": 3.0}
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_CONTEXT_KEYS = 32
+MAX_CLOCK_SKEW = 3600.0  # seconds an event's ts may be ahead of the receiver's clock, by default
 MAX_ID_CHARS = 256
 
 # NaN and +-inf fail these bounds, so only finite floats pass.

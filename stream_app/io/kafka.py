@@ -43,7 +43,7 @@ from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
 from pydantic import SecretStr
 
-from stream_app.core.errors import ServiceError
+from stream_app.core.errors import MessageRefused, ServiceError
 from stream_app.core.settings import Settings
 
 __all__ = [
@@ -593,8 +593,8 @@ class Sender:
             refused = [m for m in failed if isinstance(m.future.exception, _MESSAGE_FAULTS)]
             self._sent = [m for m in failed if not isinstance(m.future.exception, _MESSAGE_FAULTS)]
             if refused:
-                raise ServiceError(f"{len(refused)} message(s) were refused by Kafka at {self.target}: "
-                                   f"{refused[0].future.exception!r}")
+                raise MessageRefused(f"{len(refused)} message(s) were refused by Kafka at {self.target} and dropped: "
+                                     f"{refused[0].future.exception!r}")
             error = failed[0].future.exception
             if round_ == self.retries or time.monotonic() >= deadline:
                 raise ServiceError(

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.registry import parse_names
 from stream_app.core.errors import InvalidEvent, ServiceError
-from stream_app.core.events import encode
+from stream_app.core.events import MAX_CLOCK_SKEW, check_clock_skew, check_unique_keys, encode
 from stream_app.core.settings import Settings
 from stream_app.core.threads import limit_blas_threads
 from stream_app.serving import openapi
@@ -242,6 +242,7 @@ def _add_event_routes(app: FastAPI, settings: Settings) -> None:
             data = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise ApiError(400, f"the body must be a JSON event object or a list of them ({exc})") from None
+        check_unique_keys(body, data)  # orjson keeps the last of a repeated key; the worker refuses them
         send = functools.partial(_produce, app, settings, data, key.name)
         return await anyio.to_thread.run_sync(send, limiter=app.state.produce_limiter)
 
@@ -316,7 +317,7 @@ def _valid_events(data: Any, writer: str) -> list:
     writer's namespace (`writer:event_id`), so one key cannot suppress another's events."""
     from producers.producer import to_event
 
-    single = isinstance(data, dict)
+    single, now = isinstance(data, dict), time.time()
     items = [data] if single else data
     if not isinstance(items, list):
         raise ApiError(422, f"the body must be an event object or a list of them (got {type(data).__name__})")
@@ -333,6 +334,7 @@ def _valid_events(data: Any, writer: str) -> list:
                                                    f"(got {len(item['event_id'])}); it is kept as key-name:event_id")
                 item = {**item, "event_id": f"{writer}:{item['event_id']}"}
             event = to_event(item)
+            check_clock_skew(event.ts, now, MAX_CLOCK_SKEW)  # the worker would dead-letter it
             encode(event)
         except InvalidEvent as exc:
             if single:

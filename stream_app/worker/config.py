@@ -7,6 +7,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Literal
 
+from stream_app.core.events import MAX_CLOCK_SKEW
+
 # What a worker does with a partition whose stored offset is past the log's end (the broker lost its log):
 # stop it and tell the operator, or carry the model state over and learn the log from its start or its end.
 OffsetGapPolicy = Literal["stop", "earliest", "latest"]
@@ -32,6 +34,6 @@ class WorkerConfig:
     session_gap: float = 1800.0  # a user's implicit session ends after this idle time; sessions expire after it
     idle_expiry: float | None = None  # users and items idle this long (stream time, s) are expired; None: never
     on_offset_gap: OffsetGapPolicy = "stop"
-    max_clock_skew: float | None = 3600.0  # events with ts further ahead of this host's clock are dead letters; None: any
+    max_clock_skew: float | None = MAX_CLOCK_SKEW  # events with ts further ahead of this host's clock are dead letters; None: any
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     seed: int = 0

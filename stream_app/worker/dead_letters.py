@@ -15,7 +15,6 @@ import logging
 import time
 
 import orjson
-from kafka.errors import KafkaError
 
 from stream_app.io import kafka
 
@@ -65,11 +64,11 @@ def send(sender: kafka.Sender, topic: str, msg: kafka.Record, reason: str, worke
     try:
         sender.send(topic, record(msg, reason, worker), key=key)
         return
-    except KafkaError as exc:
+    except kafka.KafkaError as exc:
         first = exc
     log.error("dead letter of %s[%s]@%s refused by Kafka (%r); sending it without its payload",
               msg.topic, msg.partition, msg.offset, first)
     try:
         sender.send(topic, record(msg, f"{reason} [payload left out: {first!r:.200}]", worker, keep=0), key=key)
-    except KafkaError as exc:
+    except kafka.KafkaError as exc:
         log.error("dead letter of %s[%s]@%s lost (%r); reason: %s", msg.topic, msg.partition, msg.offset, exc, reason)

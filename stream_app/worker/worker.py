@@ -27,6 +27,7 @@ import orjson
 from models.registry import parse_names
 from stream_app.core.errors import (
     FencedError,
+    MessageRefused,
     ServiceError,
     StreamrecError,
 )
@@ -290,7 +291,11 @@ class Worker:
             self._commit_kafka()
 
     def _commit(self, shard: Shard) -> None:
-        self.sender.flush()  # dead letters are on Kafka before the offset moves past them
+        try:
+            self.sender.flush()  # dead letters are on Kafka before the offset moves past them
+        except MessageRefused as exc:  # the broker will never take them: reading the batch again would not help
+            log.error("%s: %s; the offset moves on (the messages they were about are still in the events log)",
+                      self.config.worker_id, exc)
         self.applied += shard.commit()
         self.freshness.extend((time.time() - shard.last_ts).tolist())
 
