@@ -1,7 +1,7 @@
 """Session-model benchmark: prequential recall@20 / MRR@20 and learning speed.
 
-    python -m bench.sessions [--input ratings.csv] [--batch-size 1,256] [--models pop,markov,sknn,gru] [--json]
-                             [--out bench/results]
+    python -m bench.sessions [--input ratings.csv] [--batch-size 1,256] [--models pop,markov,sknn,gru,caser]
+                             [--json] [--out bench/results] [--merge]
 
 Two streams:
 
@@ -22,8 +22,10 @@ session at the stated batch size, under both protocols in one pass: seen
 items excluded (repeats counted, not ranked) and included (repeats ranked,
 as in the session-based literature). Learning
 speed (events/s of `learn` alone) is measured for the GRU at batch 256 on
-the stream's own events, with one torch thread and with one per core. Writes
-`sessions.json` and `sessions.md` to `--out`.
+the stream's own events, with one torch thread and with one per core, and
+for Caser (one thread, compiled) at batch 1 and 256. Writes `sessions.json`
+and `sessions.md` to `--out`; `--merge` keeps the figures already there of
+models and streams not run this time.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", default=str(MOVIELENS), help="MovieLens ratings.csv")
     ap.add_argument("--batch-size", default="1,256", help="comma-separated batch sizes")
-    ap.add_argument("--models", default="pop,markov,sknn,gru")
+    ap.add_argument("--models", default="pop,markov,sknn,gru,caser")
     ap.add_argument("--streams", default="movielens,synthetic")
     ap.add_argument("--limit", type=int, default=None, help="only the first N events of each stream")
     ap.add_argument("--session-gap", type=float, default=1e12, help="seconds; MovieLens per-user sequences")
@@ -95,6 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS, help="directory for sessions.json and sessions.md")
+    ap.add_argument("--merge", action="store_true", help="add to the figures already in --out")
     args = ap.parse_args(argv)
     import torch
 
@@ -128,10 +131,30 @@ def main(argv=None) -> int:
                           f"{by_threads[str(threads)]:,.0f} events/s", flush=True)
             torch.set_num_threads(1)
             result["speed"][sname] = {"model": "gru", "batch": 256, "learn_events_per_s_by_threads": by_threads}
+        if "caser" in names:
+            by_batch = {str(b): learn_speed(events, "caser", b, gap, params.get("caser")) for b in (1, 256)}
+            result.setdefault("caser_speed", {})[sname] = by_batch
+            if not args.json:
+                print(f"{sname:10s} caser learn speed: " + ", ".join(f"{eps:,.0f} events/s at batch {b}"
+                                                              for b, eps in by_batch.items()), flush=True)
+    if args.merge and (args.out / "sessions.json").exists():
+        result = merged(json.loads((args.out / "sessions.json").read_text()), result)
     if args.json:
         print(json.dumps(result, indent=1))
     write(result, args.out)
     return 0
+
+
+def merged(old: dict, new: dict) -> dict:
+    """`old` figures with `new` ones laid over them, per stream, protocol, model and section."""
+    out = json.loads(json.dumps(old))
+    for sname, protocols in new["quality"].items():
+        for protocol, models in protocols.items():
+            for name, by_batch in models.items():
+                out["quality"].setdefault(sname, {}).setdefault(protocol, {}).setdefault(name, {}).update(by_batch)
+    for section in ("speed", "caser_speed"):
+        out.setdefault(section, {}).update(new.get(section, {}))
+    return out
 
 
 def write(result: dict, out: Path) -> None:
@@ -159,6 +182,10 @@ def write(result: dict, out: Path) -> None:
             rates = ", ".join(f"{eps:,.0f} events/s with {t} torch thread(s)"
                               for t, eps in speed["learn_events_per_s_by_threads"].items())
             lines += [f"GRU learning alone on {sname} at batch {speed['batch']}: {rates}.", ""]
+        caser = result.get("caser_speed", {}).get(sname)
+        if caser:
+            rates = ", ".join(f"{eps:,.0f} events/s at batch {b}" for b, eps in caser.items())
+            lines += [f"Caser learning alone on {sname} (one thread): {rates}.", ""]
     (out / "sessions.md").write_text("\n".join(lines))
 
 

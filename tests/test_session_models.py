@@ -14,7 +14,7 @@ from models.registry import create
 
 torch.set_num_threads(1)
 
-SESSION_MODELS = ("gru", "markov", "sknn")
+SESSION_MODELS = ("gru", "markov", "sknn", "caser")
 
 
 def planted_stream(n_events: int = 4000, n_items: int = 40, p_next: float = 0.9, seed: int = 0):
@@ -50,7 +50,7 @@ def stream():
     return planted_stream()
 
 
-@pytest.mark.parametrize("name", ["gru", "markov"])
+@pytest.mark.parametrize("name", ["gru", "markov", "caser"])
 def test_planted_next_item_in_top5(name, stream):
     events, succ = stream
     model, feat = train(name, events)
