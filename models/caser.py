@@ -11,7 +11,8 @@ P[u] is the user's vector, the part that says what the user likes whatever came 
 linear by default: the paper's relu there dies out when learning online from scratch.
 
 Online: every event's item is the target of the window before it, under a sampled softmax
-against `negatives` items drawn uniformly among those seen so far. A compiled loop
+against `negatives` draws among the items seen so far (uniform; each item a candidate at most once,
+so a small catalogue makes a full softmax). A compiled loop
 (`models.caser_loop`) learns the batch event by event, each step taken at once (row-wise Adagrad:
 an item's or user's vector, a filter, a row of a layer), so any split of a batch learns
 the same. Then the item joins the user's window and its session's window (row tables, so the

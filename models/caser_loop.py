@@ -106,7 +106,7 @@ def _rate(acc, r, col, g2, lr, eps):  # pragma: no cover - numba
 @njit(cache=True, fastmath=_FAST)
 def learn_events(users, items, sessions, weights, tables, dirty, dense, dense_acc, rng, hyper):  # pragma: no cover
     """Learn the events in order: for each, the user's window predicts the event's item against
-    `n_negatives` items drawn uniformly among those seen (sampled softmax, scaled by the event weight),
+    `n_negatives` draws among the items seen (each item a candidate once; sampled softmax, scaled by the event weight),
     and every row that took part steps at once (row-wise Adagrad: an item's or user's vector, a
     filter with its bias, a row of W1 with its bias); then the item joins the user's and session's windows.
 
@@ -134,6 +134,7 @@ def learn_events(users, items, sessions, weights, tables, dirty, dense, dense_ac
     cand = np.empty(n_neg + 1, np.int64)
     s = np.empty(n_neg + 1, np.float32)
     one = np.float32(1.0)
+    picked = np.full(n_items, -1, np.int64)  # the event that last made each item a candidate
     draw = rng[0]
     for e in range(len(items)):
         u, i, sess, w = users[e], items[e], sessions[e], np.float32(weights[e])
@@ -144,10 +145,12 @@ def learn_events(users, items, sessions, weights, tables, dirty, dense, dense_ac
         # candidates: the item, then the negatives
         cand[0] = i
         nc = 1
+        picked[i] = e
         for _ in range(n_neg):
             draw += np.uint64(1)
             j = _below(draw, n_items)
-            if j != i and count[j, 0] > 0.0:
+            if picked[j] != e and count[j, 0] > 0.0:  # each item once: few items make a full softmax
+                picked[j] = e
                 cand[nc] = j
                 nc += 1
         top = np.float32(-np.inf)
