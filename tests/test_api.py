@@ -533,7 +533,7 @@ def test_serve_with_two_worker_processes(planted, tmp_path):
         log.close()
 
 
-@pytest.mark.parametrize("model", ["gru", "sknn", "markov"])
+@pytest.mark.parametrize("model", ["gru", "sknn", "markov", "caser"])
 def test_session_lookup_leaves_out_the_items_already_in_the_session(topics, model):
     events = [prepare({"user_id": f"u{j % 7}", "item_id": f"I{j % 30}", "event_type": "click",
                        "session_id": f"s{j % 5}", "ts": T0 + j}) for j in range(200)]

@@ -89,3 +89,36 @@ def test_serving_vectors_give_the_scores(trained):
     assert known.all()
     np.testing.assert_allclose(q @ vectors[: batch.n_items].T + bias[: batch.n_items], model.score(batch, rows),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_a_restarted_shard_has_the_model_it_committed(topics):
+    """The windows, rows and layers reach Redis in the commit: a shard resuming after a crash (or
+    kill -9) from the last commit continues with the model as it was then, bit for bit."""
+    from stream_app.core.events import encode, prepare
+    from stream_app.io import kafka
+    from stream_app.io.redis import Keys, PartitionStore, connect
+    from stream_app.worker.config import WorkerConfig
+    from stream_app.worker.shard import Shard
+
+    client = connect(topics.redis_url)
+    keys = Keys(topics.key_prefix, topics.events_topic, 0)
+    stream, _ = skip_stream(964, seed=2)
+    records = [kafka.Record(topics.events_topic, 0, j, None, encode(prepare(
+        {"user_id": e.user_id, "item_id": e.item_id, "event_type": e.event_type, "ts": 1.7e9 + e.ts,
+         "session_id": e.session_id}))) for j, e in enumerate(stream)]
+    config = WorkerConfig(models=("caser",), batch_size=16)
+    live = Shard(PartitionStore(client, keys), config)
+    live.resume()
+    for start in range(0, 900, 300):
+        live.process(kafka.Messages.of(records[start : start + 300]), lambda msg, reason: pytest.fail(reason))
+        live.commit()
+    restarted = Shard(PartitionStore(client, keys), config)
+    assert restarted.resume() == 900
+    before, after = live.models["caser"].export_state(), restarted.models["caser"].export_state()
+    assert set(after) == set(before)
+    for table, value in before.items():
+        np.testing.assert_array_equal(after[table], value, err_msg=table)
+    for shard in (live, restarted):  # and both learn on alike
+        assert shard.process(kafka.Messages.of(records[900:]), lambda msg, reason: pytest.fail(reason)) == 64
+    for table, value in live.models["caser"].export_state().items():
+        np.testing.assert_array_equal(restarted.models["caser"].export_state()[table], value, err_msg=table)
