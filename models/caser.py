@@ -11,12 +11,11 @@ P[u] is the user's vector, the part that says what the user likes whatever came 
 linear by default: the paper's relu there dies out when learning online from scratch.
 
 Online: every event's item is the target of the window before it, under a sampled softmax
-against `negatives` draws among the items seen so far (uniform; each item a candidate at most once,
-so a small catalogue makes a full softmax). A compiled loop
-(`models.caser_loop`) learns the batch event by event, each step taken at once (row-wise Adagrad:
-an item's or user's vector, a filter, a row of a layer), so any split of a batch learns
-the same. Then the item joins the user's window and its session's window (row tables, so the
-worker stores them like any row). Events and user lookups read the user's window (it spans the
+against `negatives` draws among the items seen so far (uniform; each item a candidate at most
+once, so a small catalogue makes a full softmax). A compiled loop (`models.caser_loop`) learns
+the batch event by event, each step taken at once (row-wise Adagrad: an item's or user's vector,
+a filter, a row of a layer), so any split of a batch learns the same. Then the item joins the
+user's window and its session's window (row tables, so the worker stores them like any row). Events and user lookups read the user's window (it spans the
 user's sessions); a lookup by session alone reads the session's window, without a user vector.
 New item rows are a hash of (seed, item id, column), so growing the vocabulary never touches others.
 """
@@ -43,7 +42,7 @@ class Caser(Model):
         "item_out": "item",  # [n_items, 2d] output vectors
         "item_bias": "item",  # [n_items, 1]
         "item_acc": "item",  # [n_items, 3] step accumulators of item_emb, item_out, item_bias
-        "item_count": "item",  # [n_items, 1] weighted events (0: no negative)
+        "item_count": "item",  # [n_items, 1] weighted events (0: never drawn as a negative)
         "user_emb": "user",  # [n_users, d]
         "user_acc": "user",  # [n_users, 1] its step accumulator
         "user_window": "user",  # [n_users, L] the user's last items + 1, newest last, 0 = none
