@@ -122,3 +122,30 @@ def test_a_restarted_shard_has_the_model_it_committed(topics):
         assert shard.process(kafka.Messages.of(records[900:]), lambda msg, reason: pytest.fail(reason)) == 64
     for table, value in live.models["caser"].export_state().items():
         np.testing.assert_array_equal(restarted.models["caser"].export_state()[table], value, err_msg=table)
+
+
+def test_the_api_answers_a_user_from_her_window(topics):
+    """Worker to Redis to the lookup API: a user's answer ranks what her last items predict."""
+    from stream_app.core.events import encode, prepare
+    from stream_app.io import kafka
+    from stream_app.serving.cache import ModelCache
+    from stream_app.serving.recommender import Recommender
+    from stream_app.worker.config import WorkerConfig
+    from stream_app.worker.worker import Worker
+
+    stream, succ = skip_stream(3000, seed=3)
+    with kafka.Sender(kafka.target(topics)) as sender:
+        for e in stream:
+            event = prepare({"user_id": e.user_id, "item_id": e.item_id, "event_type": "click", "ts": 1.7e9 + e.ts,
+                             "session_id": e.session_id})
+            sender.send(topics.events_topic, encode(event), key=event.user_id.encode())
+    Worker(topics, WorkerConfig(models=("caser",))).run(max_idle=3)
+    cache = ModelCache(topics, ("caser",), background=False)
+    cache.refresh()
+    hits = 0
+    users = sorted({e.user_id for e in stream})
+    for user in users:
+        answer = Recommender(cache).for_user(user, 5, "caser", {}, include_seen=True)
+        before_last = [e.item_id for e in stream if e.user_id == user][-2]
+        hits += f"i{succ[int(before_last[1:])]}" in {i["item_id"] for i in answer["items"]}
+    assert hits / len(users) >= 0.7, (hits, len(users))
