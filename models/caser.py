@@ -15,8 +15,9 @@ against `negatives` draws among the items seen so far (uniform; each item a cand
 once, so a small catalogue makes a full softmax). A compiled loop (`models.caser_loop`) learns
 the batch event by event, each step taken at once (row-wise Adagrad: an item's or user's vector,
 a filter, a row of a layer), so any split of a batch learns the same. Then the item joins the
-user's window and its session's window (row tables, so the worker stores them like any row). Events and user lookups read the user's window (it spans the
-user's sessions); a lookup by session alone reads the session's window, without a user vector.
+user's window and its session's window (row tables, so the worker stores them like any row).
+Events and user lookups read the user's window (it spans the user's sessions); a lookup by
+session alone reads the session's window, without a user vector.
 New item rows are a hash of (seed, item id, column), so growing the vocabulary never touches others.
 """
 
