@@ -150,6 +150,37 @@ def test_the_monitor_history_is_kept_in_the_cluster(cluster):
     assert alerts == [{"kind": "drop"}] and lag == [{"lag": 3}]
 
 
+def test_worker_and_api_on_a_cluster_with_an_acl_user_and_tls(topics, tmp_path):
+    """TLS with client certificates on every node and the cluster bus, and test_transport's ACL user
+    (the project's keys only): the URL's user, password and `ssl_*` options reach every node."""
+    from tests.test_transport import ADMIN, SECRET, make_certs
+
+    certs = make_certs(tmp_path / "certs")
+    secured = embedded.start_redis_cluster(
+        [embedded.free_port() for _ in range(3)], tmp_path / "cluster", password=ADMIN,
+        tls=(certs / "server.pem", certs / "server.key", certs / "ca.pem"),
+        extra_args=("--requirepass", ADMIN, "--user", "streamrec", "on", f">{SECRET}", "~{sr:*", "~sr:*", "+@all",
+                    "-@dangerous"))
+    try:
+        query = f"ssl_ca_certs={certs / 'ca.pem'}&ssl_certfile={certs / 'client.pem'}&ssl_keyfile={certs / 'client.key'}"
+        url = secured.tls_url.replace("://", f"://streamrec:{SECRET}@") + f"?{query}"
+        settings = topics.with_(redis_url=url, key_prefix="sr")
+        n = single.produce(settings, single.events(300))
+        Worker(settings, WorkerConfig(models=("pop",))).run(max_idle=3)
+        assert single.applied(settings) == n
+        assert all(node.port in secured.tls_ports for node in connect(url).get_primaries())  # TLS to every node
+        cache = ModelCache(settings, ("pop",), background=False)
+        assert sum(view.version for view in cache.views()) > 0
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            connect(url).set("not-streamrec", 1)  # outside the key prefix
+        wrong = ModelCache(settings.with_(redis_url=url.replace(SECRET, "wrong")), ("pop",), background=False)
+        with pytest.raises(ServiceError) as error:
+            wrong.ping()
+        assert "wrong" not in str(error.value) and SECRET not in str(error.value)
+    finally:
+        secured.stop()
+
+
 @pytest.fixture(scope="module")
 def planted(embedded_servers, cluster, tmp_path_factory):
     """test_api's planted state, written by a real worker into the cluster."""

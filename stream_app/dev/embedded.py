@@ -414,11 +414,17 @@ class RedisClusterServers:
     """A Redis Cluster of `redis-server`s this process started, one primary per node (no replicas)."""
 
     nodes: list[ServerProcess]
+    tls_ports: list[int] = field(default_factory=list)  # each node's TLS port, when started with `tls`
 
     @property
     def url(self) -> str:
-        """The cluster's `STREAMREC_REDIS_URL`, every node a seed."""
+        """The cluster's `STREAMREC_REDIS_URL` (plain TCP; no user or password), every node a seed."""
         return "redis+cluster://" + ",".join(node.address for node in self.nodes)
+
+    @property
+    def tls_url(self) -> str:
+        """`rediss+cluster://` over the nodes' TLS ports; add user, password and the `ssl_*` options."""
+        return "rediss+cluster://" + ",".join(_fmt(node.host, port) for node, port in zip(self.nodes, self.tls_ports))
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -426,11 +432,15 @@ class RedisClusterServers:
 
 
 def start_redis_cluster(ports: list[int], directory: Path | str, host: str = "127.0.0.1", *,
-                        binary: str | None = None, timeout: float = START_TIMEOUT) -> RedisClusterServers:
-    """Start one cluster-mode redis-server (7.0 or later) per port (no persistence; node `p` works in `directory/node-p`,
-    its cluster bus on another free port),
-    give each an equal share of the 16384 slots, join them (CLUSTER ADDSLOTS, MEET) and wait until every
-    node reports `cluster_state:ok`."""
+                        binary: str | None = None, timeout: float = START_TIMEOUT, extra_args: tuple[str, ...] = (),
+                        password: str | None = None, tls: tuple[Path, Path, Path] | None = None) -> RedisClusterServers:
+    """Start one cluster-mode redis-server (7.0 or later) per port, give each an equal share of the 16384
+    slots, join them (CLUSTER ADDSLOTS, MEET) and wait until every node reports `cluster_state:ok`.
+
+    No persistence; node `p` works in `directory/node-p`, its cluster bus on another free port. `extra_args`
+    go to every node (e.g. `--requirepass`, ACL `--user`s; then `password` is the default user's, for the
+    set-up). `tls` = (server certificate, its key, CA), all PEM: every node also listens with TLS on a free
+    port (`tls_ports`, `tls_url`), requires client certificates and runs the cluster bus over TLS."""
     import redis  # here: `up` and the probes above need no Redis client
 
     directory = Path(directory)
@@ -438,11 +448,16 @@ def start_redis_cluster(ports: list[int], directory: Path | str, host: str = "12
     try:
         buses = [free_port(host) for _ in ports]  # the cluster bus: by default port + 10000, maybe past 65535
         for port, bus in zip(ports, buses):
-            cluster.nodes.append(start_redis(
-                port, directory / f"node-{port}", host, binary=binary, timeout=timeout,
-                extra_args=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-port", str(bus)),
-            ))
-        clients = [redis.Redis(_bind_host(host), port, socket_timeout=timeout) for port in ports]
+            args: tuple[str, ...] = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                     "--cluster-port", str(bus))
+            if tls is not None:
+                cluster.tls_ports.append(free_port(host))
+                cert, key, ca = map(str, tls)
+                args += ("--tls-port", str(cluster.tls_ports[-1]), "--tls-cluster", "yes", "--tls-cert-file", cert,
+                         "--tls-key-file", key, "--tls-ca-cert-file", ca, "--tls-auth-clients", "yes")
+            cluster.nodes.append(start_redis(port, directory / f"node-{port}", host, binary=binary, timeout=timeout,
+                                             extra_args=args + extra_args))
+        clients = [redis.Redis(_bind_host(host), port, password=password, socket_timeout=timeout) for port in ports]
         bounds = [16384 * j // len(ports) for j in range(len(ports) + 1)]
         for client, start, end in zip(clients, bounds, bounds[1:]):
             client.execute_command("CLUSTER", "ADDSLOTS", *range(start, end))
