@@ -46,12 +46,13 @@ def on_cluster(settings: Settings, cluster) -> Settings:
     """`settings` with the cluster as Redis and a key prefix whose partitions' hash tags sit on more
     than one node (a random prefix puts 2 partitions on one node a third of the time)."""
     client = connect(cluster.url)
-    for j in itertools.count():
-        prefix = f"{settings.key_prefix}-{j}"
-        tags = [Keys(prefix, settings.events_topic, p).tag for p in range(settings.events_partitions)]
-        if len({client.get_node_from_key(tag).name for tag in tags}) > 1:
-            return settings.with_(redis_url=cluster.url, key_prefix=prefix)
-    raise AssertionError("unreachable")
+
+    def owners(prefix: str) -> set[str]:
+        return {client.get_node_from_key(Keys(prefix, settings.events_topic, p).tag).name
+                for p in range(settings.events_partitions)}
+
+    prefix = next(p for p in (f"{settings.key_prefix}-{j}" for j in itertools.count()) if len(owners(p)) > 1)
+    return settings.with_(redis_url=cluster.url, key_prefix=prefix)
 
 
 def nodes_holding(settings: Settings) -> set[str]:
