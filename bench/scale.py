@@ -216,8 +216,9 @@ def run(servers: Settings, events: list[Event], partitions: int, processes: int,
         "events_per_s": round(n / (end - start), 1),
         "commit_us_per_event": round(1e6 * seconds["commit"] / n, 2) if seconds else None,
         "worker_us_per_event": {step: round(1e6 * s / n, 2) for step, s in seconds.items()},
-        "redis_commands_per_event": round(sum(used.values()) / n, 3),
-        "redis_commands": {name: round(c / n, 3) for name, c in used.most_common() if c},
+        "redis_commands_per_event": round(sum(used.values()) / n, 4),
+        "redis_commands": {name: c for name, c in used.most_common() if c},  # over the replay
+        "commits": used["evalsha"] + used["eval"],  # the commit script's runs
         "freshness_p50_p99_ms": [round(1000 * float(np.percentile(fresh, q)), 1) for q in (50, 99)],
         "freshness_samples": len(fresh),
         "reporting_workers": len(per_worker),
@@ -263,7 +264,7 @@ def render(result: dict) -> tuple[Table, str]:
                     _delta(m["recall"], base["recall"]), f"{m['auc']:.4f}", _delta(m["auc"], base["auc"]),
                     f"{m['ranked']:,}", f"{m['cold_start']:,}", f"{m['repeat']:,}", f"{row['events_per_s']:,.0f}",
                     f"{row['events_per_s'] / first['events_per_s']:.2f}", "-" if commit is None else f"{commit:.1f}",
-                    f"{row['redis_commands_per_event']:.2f}", "{:.0f} / {:.0f}".format(*row["freshness_p50_p99_ms"])]
+                    f"{row['redis_commands_per_event']:.4f}", "{:.0f} / {:.0f}".format(*row["freshness_p50_p99_ms"])]
                 table.add_row(*cells)
                 lines.append("| " + " | ".join(cells) + " |")
     head = (f"# Scale benchmark ({result['when']})\n\n{result['dataset']}, the first {result['events']:,} ratings in "
@@ -272,6 +273,15 @@ def render(result: dict) -> tuple[Table, str]:
             f"pooled over all partitions from the metrics topic; events/s from the first event produced to the last "
             f"applied in Redis; freshness from {result['rounds']} rounds of one marker event per partition after the "
             f"replay. Machine: {result['machine']}.\n\n")
+    steps = list(next(iter(result["runs"].values()))[0]["worker_us_per_event"])
+    lines += ["", "Worker time per event by step, µs (all worker processes' seconds over the events), and commits:", "",
+              "| " + "tree | " * trees + "partitions | workers | " + " | ".join(steps) + " | commits | events/commit |",
+              "|" + "---|" * trees + "---:|" * (len(steps) + 4)]
+    for tree, rows in result["runs"].items():
+        for row in rows:
+            lines.append("| " + f"{tree} | " * trees + f"{row['partitions']} | {row['workers']} | "
+                         + " | ".join(f"{row['worker_us_per_event'].get(s, 0):.1f}" for s in steps)
+                         + f" | {row['commits']:,} | {row['events'] / max(row['commits'], 1):,.0f} |")
     return table, head + "\n".join(lines) + "\n"
 
 
@@ -323,7 +333,7 @@ def main(argv: list[str] | None = None, servers: Settings | None = None) -> dict
                     result["runs"][name].append(run(servers, events, partitions, processes, models, args.k,
                                                     args.rounds, tree, tmp))
     table, page = render(result)
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)  # a log gets the whole table
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "scale.md").write_text(page)
