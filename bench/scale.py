@@ -272,7 +272,7 @@ def render(result: dict) -> tuple[Table, str]:
             f"--processes W --batch-size 1 --sample-rate 1` with {', '.join(result['models'])}. Recall and AUC are "
             f"pooled over all partitions from the metrics topic; events/s from the first event produced to the last "
             f"applied in Redis; freshness from {result['rounds']} rounds of one marker event per partition after the "
-            f"replay. Machine: {result['machine']}.\n\n")
+            f"replay. Machine: {result['machine']}; the grid took {result['grid_minutes']} minutes.\n\n")
     steps = list(next(iter(result["runs"].values()))[0]["worker_us_per_event"])
     lines += ["", "Worker time per event by step, µs (all worker processes' seconds over the events), and commits:", "",
               "| " + "tree | " * trees + "partitions | workers | " + " | ".join(steps) + " | commits | events/commit |",
@@ -317,6 +317,7 @@ def main(argv: list[str] | None = None, servers: Settings | None = None) -> dict
         "dataset": f"MovieLens {args.input.parent.name}", "events": len(events), "models": models, "k": args.k,
         "grid": grid, "rounds": args.rounds, "baseline": args.baseline, "runs": {},
     }
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="streamrec-scale-") as tmp_dir:
         tmp = Path(tmp_dir)
         trees = {"this tree": ROOT}
@@ -332,6 +333,7 @@ def main(argv: list[str] | None = None, servers: Settings | None = None) -> dict
                     print(f"{name}: {partitions} partition(s), {processes} worker process(es) ...", flush=True)
                     result["runs"][name].append(run(servers, events, partitions, processes, models, args.k,
                                                     args.rounds, tree, tmp))
+    result["grid_minutes"] = round((time.monotonic() - started) / 60, 1)
     table, page = render(result)
     Console(width=None if sys.stdout.isatty() else 200).print(table)  # a log gets the whole table
     args.out.mkdir(parents=True, exist_ok=True)
