@@ -378,6 +378,7 @@ class Worker:
                 "applied": self.applied, "dead_letters": self.dead, "offset_gaps": self.gaps,
                 "stopped": sorted(self.stopped),
                 "versions": {str(p): s.version for p, s in self.shards.items()},
+                "seconds": {step: round(s, 4) for step, s in self.seconds.items()},  # this worker's, all shards
             })
             records.append(rec)
         return records
