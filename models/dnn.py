@@ -167,7 +167,11 @@ class DNN(Model):
         return tuple(t.data for kind in _KINDS for t in self._rows(kind))
 
     def _run(self, batch: Batch) -> None:
+        """Learn the events of `batch` that carry an item (not the pop part)."""
         self._ensure(batch.n_users, batch.n_items, batch.n_context)
+        if (with_items := batch.with_items()) is None:
+            return
+        batch = with_items
         # [n] per kind; flags may lag behind tables loaded by import_state
         dirty = tuple(self._changes[kind].flags.ensure(self._rows(kind)[0].n)[:, 0] for kind in _KINDS)
         learn_events((batch.users, batch.items, batch.weights, batch.context), self._all_rows(), self._dense,
@@ -176,10 +180,9 @@ class DNN(Model):
         self._learned = True
 
     def learn(self, batch: Batch) -> None:
-        if (batch_ := batch.with_items()) is None:
-            return
-        self._run(batch_)
-        self._pop.learn(batch_)
+        if len(batch):
+            self._run(batch)
+            self._pop.learn(batch)
 
     def learn_scored(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
         """Learn the batch in segments cut at `rows`, scoring each row alone in between; users without a
