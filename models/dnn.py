@@ -53,7 +53,7 @@ class DNN(Model):
     tables: ClassVar[dict[str, TableKind]] = {
         "user": "user",  # [n_users, dim]
         "user_state": "user",  # [n_users, 2] sightings, Adagrad accumulator
-        "user_recent": "user",  # [n_users, window] last items + 1, oldest first, 0 empty
+        "user_recent": "user",  # [n_users, window] last items + 1 (float32: exact below 2 ** 24), oldest first, 0 empty
         "user_seen": "user",  # [n_users, ceil(seen_bits / 24)] seen-filter bits, 24 per value
         "item": "item",  # [n_items, dim] item tower
         "item_in": "item",  # [n_items, dim] the item as a recent item of the user tower
@@ -96,6 +96,7 @@ class DNN(Model):
         self.dim = dim
         self.hidden = hidden
         self.window = window
+        self.recency = recency
         self.n_negatives = n_negatives
         self.popular_share = popular_share
         self.ring_size = ring_size
