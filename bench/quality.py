@@ -12,7 +12,8 @@ excluded (repeats not ranked) and included (repeats ranked). River's models
 `predict_one`, which is slow, so they (and, for comparison, every other
 model) are also evaluated on a sample of about `--river-sample` events in a
 second run. The speed part times `MF.learn` alone (its defaults, 64 factors)
-against River `FunkMF.learn_one` (64 factors) on the same events.
+against River `FunkMF.learn_one` (64 factors) on the same events, and `learn`
+alone of every model evaluated in full at batch 1 and 256.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from river import optim, reco
 
 from bench.streams import MOVIELENS, PROTOCOLS, movielens, synthetic
 from models.base import Batch, Model, TableKind
+from models.dnn import DNN
 from models.features import Featurizer
 from models.mf import MF
 from models.popularity import Popularity
@@ -75,6 +77,7 @@ MODELS: dict[str, Callable[[], Model]] = {
     "pop-timectx": lambda: Popularity(time_context=True),
     "mf": MF,
     "mf-popneg": lambda: MF(popular_share=0.1),
+    "dnn": DNN,
     # FunkMF's default SGD(0.1) diverges to NaN on these ratings; 0.05 does not.
     "river-funk": lambda: RiverRanker(reco.FunkMF(optimizer=optim.SGD(0.05), seed=0)),
     "river-biased": lambda: RiverRanker(reco.BiasedMF(seed=0)),
@@ -128,6 +131,34 @@ def learn_speed(events: list[Event], batch_size: int = 256, repeats: int = 5) ->
     return {"batch": batch_size, "mf_events_per_s": mf_rate, "river_funk_events_per_s": river_rate, "ratio": mf_rate / river_rate}
 
 
+def learn_rates(events: list[Event], names: list[str], batch_sizes: tuple[int, ...] = (1, 256), limit: int = 20_000,
+                repeats: int = 3) -> list[dict]:
+    """Events/s of `learn` alone for each named model (shipped defaults) over the first `limit` events, at
+    each batch size: the best of `repeats` passes from a fresh model, the models alternated."""
+    out = []
+    for batch_size in batch_sizes:
+        featurizer = Featurizer()
+        batches = [featurizer.batch(events[s : s + batch_size]) for s in range(0, min(limit, len(events)), batch_size)]
+        n_events = sum(len(b) for b in batches)
+        for name in names:
+            MODELS[name]().learn(batches[0])  # compile (or load the cache) outside the clock
+
+        def one_pass(name: str, batches: list[Batch] = batches) -> float:
+            model = MODELS[name]()
+            start = time.perf_counter()
+            for batch in batches:
+                model.learn(batch)
+            return time.perf_counter() - start
+
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(repeats):
+            for name in names:
+                times[name].append(one_pass(name))
+        out += [{"model": name, "batch": batch_size, "events": n_events, "events_per_s": n_events / min(times[name])}
+                for name in names]
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", default=str(MOVIELENS), help="MovieLens ratings.csv")
@@ -169,6 +200,10 @@ def main(argv: list[str] | None = None) -> dict:
         out["speed"] = speed
         print(f"\nlearning alone, batch {speed['batch']}: MF {speed['mf_events_per_s']:,.0f} events/s, "
               f"River FunkMF {speed['river_funk_events_per_s']:,.0f} events/s, ratio {speed['ratio']:.1f}x")
+        out["learn_rates"] = rates = learn_rates(events, full)
+        print("\n| model | batch | learning events/s (MovieLens, first 20,000 events) |\n|---|---:|---:|")
+        for r in rates:
+            print(f"| {r['model']} | {r['batch']} | {r['events_per_s']:,.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return out

@@ -14,6 +14,7 @@ MODELS: dict[str, str] = {
     "gru": "models.gru:GRU4Rec",
     "markov": "models.markov:Markov",
     "sknn": "models.sknn:SessionKNN",
+    "dnn": "models.dnn:DNN",
     "caser": "models.caser:Caser",
 }
 

@@ -124,6 +124,10 @@ def worker(
         None, "--sample-rate", min=0.0, max=1.0, help=f"share of events evaluated (default {WORKER.sample_rate})"
     ),
     k: Optional[int] = typer.Option(None, "--k", min=1, help=f"cut-off of recall@k and friends (default {WORKER.k})"),
+    window: Optional[int] = typer.Option(
+        None, "--window", min=1, help="evaluated events per partition in the metric records' rolling figures"
+        f" (default {WORKER.window})",
+    ),
     group: Optional[str] = typer.Option(None, "--group", help="consumer group [env STREAMREC_CONSUMER_GROUP]"),
     topic: Optional[str] = typer.Option(None, "--topic", help="events topic [env STREAMREC_EVENTS_TOPIC]"),
     max_idle: Optional[float] = typer.Option(None, "--max-idle", help="exit after this many idle seconds"),
@@ -161,8 +165,8 @@ def worker(
     logging.getLogger("kafka").setLevel(logging.WARNING)
     try:
         given: dict[str, Any] = dict(batch_size=batch_size, max_wait_ms=max_wait_ms, commit_max=commit_max,
-                     commit_interval_ms=commit_interval_ms, sample_rate=sample_rate, k=k, idle_expiry=idle_expiry,
-                     on_offset_gap=on_offset_gap)
+                     commit_interval_ms=commit_interval_ms, sample_rate=sample_rate, k=k, window=window,
+                     idle_expiry=idle_expiry, on_offset_gap=on_offset_gap)
         if on_offset_gap is not None and on_offset_gap not in OFFSET_GAP_POLICIES:
             raise ConfigError(f"--on-offset-gap must be one of {', '.join(OFFSET_GAP_POLICIES)} (got {on_offset_gap!r})")
         config = replace(WORKER, models=tuple(parse_names(models)), **{n: v for n, v in given.items() if v is not None})
@@ -422,7 +426,7 @@ def keys_remove(name: str = typer.Argument(..., help="the key to remove")) -> No
     typer.echo(f"removed key {name!r}")
 
 
-BENCHES = ("pipeline", "quality", "sessions", "lookup", "memory")
+BENCHES = ("pipeline", "quality", "sessions", "lookup", "memory", "scale")
 
 
 @app.command()

@@ -27,3 +27,15 @@ def test_demo_learns_reports_its_own_metrics_and_cleans_up(topics):
     assert rows["mf"]["batch"] == 256
     leftover = list(connect(topics.redis_url).scan_iter(match=f"{{{topics.key_prefix}-demo-*", count=1000))
     assert leftover == [], "the demo must remove its Redis keys"
+
+
+def test_demo_refuses_addresses_it_cannot_manage_with_a_clear_message(tmp_path):
+    """A Redis Cluster URL: the demo does not start servers it cannot manage, and says what to do."""
+    from typer.testing import CliRunner
+
+    from stream_app.cli import app
+
+    url = "redis+cluster://user:hunter2@127.0.0.1:1,127.0.0.1:2"
+    result = CliRunner().invoke(app, ["demo"], env={"STREAMREC_REDIS_URL": url, "STREAMREC_STATE_DIR": str(tmp_path)})
+    assert result.exit_code == 2
+    assert "manages plain redis://HOST:PORT/DB URLs only" in result.output and "hunter2" not in result.output

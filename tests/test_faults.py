@@ -17,6 +17,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from stream_app.core.events import encode
 from stream_app.core.settings import Settings
 from stream_app.dev import embedded
 from stream_app.io import kafka
@@ -112,7 +113,10 @@ def test_broker_that_lost_its_log_is_an_offset_gap_stopped_by_default_and_resume
         broker.stop()  # memory storage: its log is gone
         broker = embedded.start_tansu(kafka_port, tmp_path / "tansu2")
         kafka.ensure_topics(kafka.target(settings), topics)
-        after = produce(settings, events(1000, seed=22))  # offsets 0..999 again, below the stored 3000
+        # Offsets 0..999 again, below the stored 3000; all to partition 0: the running worker's consumer may
+        # have made the topic anew with the broker's default partition count before ensure_topics did.
+        after = len(new := [encode(e) for e in events(1000, seed=22)])
+        produce_raw(settings, new)
         _wait(lambda: "STOPPED" in log.read_text(), 120, "the worker to stop the partition at the gap")
         time.sleep(3)
         assert applied(settings) == before, "events of the new log were learned (or skipped) past a gap"

@@ -10,7 +10,6 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from urllib.parse import urlparse
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -38,9 +37,10 @@ def _listening(host: str, port: int) -> bool:
 
 
 def _already_up(settings: Settings) -> bool:
-    kafka_host, _, kafka_port = settings.kafka_bootstrap.split(",")[0].rpartition(":")
-    redis = urlparse(settings.redis_url)
-    return _listening(kafka_host, int(kafka_port)) and _listening(redis.hostname or "127.0.0.1", redis.port or 6379)
+    """Whether the broker and Redis answer already; `ConfigError` for addresses the demo cannot manage
+    (a Redis Cluster, say: start the services yourself and run the worker, API and producer by hand)."""
+    return _listening(*embedded.kafka_address(settings.kafka_bootstrap)) and _listening(
+        *embedded.redis_address(settings.redis_url))
 
 
 def run_demo(

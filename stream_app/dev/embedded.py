@@ -11,8 +11,9 @@ Both yield human-readable lines for the CLI to print.
 
 The building blocks are public for the test fixtures and the demo:
 `free_port()`, `start_tansu(port, log_dir)`, `start_redis(port, directory)`
-(each returns a `ServerProcess`) and `EmbeddedServers`, which starts both on
-free ports and hands out `Settings` pointing at them.
+(each returns a `ServerProcess`), `start_redis_cluster(ports, directory)` (a
+Redis Cluster, one primary per port) and `EmbeddedServers`, which starts Tansu
+and Redis on free ports and hands out `Settings` pointing at them.
 
 Tansu keeps everything in memory: a restarted broker has no topics and no
 data. Redis started here does not persist either (`--save "" --appendonly no`).
@@ -46,7 +47,8 @@ from stream_app.core.settings import Settings, redact
 
 __all__ = [
     "EmbeddedServers", "ServerProcess", "down", "find_redis_server", "find_tansu", "free_port",
-    "kafka_address", "kafka_answers", "redis_address", "redis_answers", "start_redis", "start_tansu",
+    "kafka_address", "kafka_answers", "redis_address", "redis_answers", "RedisClusterServers", "start_redis",
+    "start_redis_cluster", "start_tansu",
     "topic_partitions", "up",
 ]
 
@@ -405,6 +407,80 @@ def start_redis(port: int, directory: Path | str, host: str = "127.0.0.1", *, bi
     _wait_healthy(server, lambda: redis_answers(host, port, timeout=1.0) in ("pong", "auth"), timeout,
                   "STREAMREC_REDIS_URL=redis://127.0.0.1:PORT/0")
     return server
+
+
+@dataclass
+class RedisClusterServers:
+    """A Redis Cluster of `redis-server`s this process started, one primary per node (no replicas)."""
+
+    nodes: list[ServerProcess]
+    tls_ports: list[int] = field(default_factory=list)  # each node's TLS port, when started with `tls`
+
+    @property
+    def url(self) -> str:
+        """The cluster's `STREAMREC_REDIS_URL` (plain TCP; no user or password), every node a seed."""
+        return "redis+cluster://" + ",".join(node.address for node in self.nodes)
+
+    @property
+    def tls_url(self) -> str:
+        """`rediss+cluster://` over the nodes' TLS ports; add user, password and the `ssl_*` options."""
+        return "rediss+cluster://" + ",".join(_fmt(node.host, port) for node, port in zip(self.nodes, self.tls_ports))
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def start_redis_cluster(ports: list[int], directory: Path | str, host: str = "127.0.0.1", *,
+                        binary: str | None = None, timeout: float = START_TIMEOUT, extra_args: tuple[str, ...] = (),
+                        password: str | None = None, tls: tuple[Path, Path, Path] | None = None) -> RedisClusterServers:
+    """Start one cluster-mode redis-server (7.0 or later) per port, give each an equal share of the 16384
+    slots, join them (CLUSTER ADDSLOTS, MEET) and wait until every node reports `cluster_state:ok`.
+
+    No persistence; node `p` works in `directory/node-p`, its cluster bus on another free port. `extra_args`
+    go to every node (e.g. `--requirepass`, ACL `--user`s; then `password` is the default user's, for the
+    set-up). `tls` = (server certificate, its key, CA), all PEM: every node also listens with TLS on a free
+    port (`tls_ports`, `tls_url`), requires client certificates and runs the cluster bus over TLS."""
+    import redis  # here: `up` and the probes above need no Redis client
+
+    directory = Path(directory)
+    cluster = RedisClusterServers([])
+    try:
+        buses = [free_port(host) for _ in ports]  # the cluster bus: by default port + 10000, maybe past 65535
+        for port, bus in zip(ports, buses):
+            args: tuple[str, ...] = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                     "--cluster-port", str(bus))
+            if tls is not None:
+                cluster.tls_ports.append(free_port(host))
+                cert, key, ca = map(str, tls)
+                args += ("--tls-port", str(cluster.tls_ports[-1]), "--tls-cluster", "yes", "--tls-cert-file", cert,
+                         "--tls-key-file", key, "--tls-ca-cert-file", ca, "--tls-auth-clients", "yes")
+            cluster.nodes.append(start_redis(port, directory / f"node-{port}", host, binary=binary, timeout=timeout,
+                                             extra_args=args + extra_args))
+        clients = [redis.Redis(_bind_host(host), port, password=password, socket_timeout=timeout) for port in ports]
+        bounds = [16384 * j // len(ports) for j in range(len(ports) + 1)]
+        for client, start, end in zip(clients, bounds, bounds[1:]):
+            client.execute_command("CLUSTER", "ADDSLOTS", *range(start, end))
+        for client in clients[1:]:
+            client.execute_command("CLUSTER", "MEET", _bind_host(host), ports[0], buses[0])
+        deadline = time.monotonic() + timeout
+        while not all(_cluster_ok(client, len(ports)) for client in clients):
+            if time.monotonic() > deadline:
+                raise ServiceError(f"the Redis Cluster on ports {ports} did not reach cluster_state:ok within "
+                                   f"{timeout:.0f}s; logs are in {directory}/node-*/redis.log")
+            time.sleep(0.1)
+        for client in clients:
+            client.close()
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _cluster_ok(client, size: int) -> bool:
+    """Whether this node sees every slot served and knows all `size` nodes."""
+    info = dict(line.split(":", 1) for line in client.execute_command("CLUSTER", "INFO").decode().split() if ":" in line)
+    return info.get("cluster_state") == "ok" and int(info.get("cluster_known_nodes", 0)) == size
 
 
 def topic_partitions(settings: Settings) -> dict[str, int]:

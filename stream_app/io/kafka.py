@@ -249,6 +249,9 @@ def consumer(where: Target, group_id: str | None, **overrides: Any) -> KafkaCons
         # fewer stalls (+8% raw consume here, more for the worker, whose processing starves the IO thread).
         max_partition_fetch_bytes=4 << 20,
         client_id="streamrec",
+        # Topics are made by `ensure_topics` with their partition counts, never by a consumer's metadata
+        # request (a broker that restarted empty would otherwise recreate them with its default count).
+        allow_auto_create_topics=False,
     )
     config.update(overrides)
     try:

@@ -7,6 +7,10 @@ Every key of one partition shares the hash tag `{<prefix>:<topic>:<partition>}`,
 so a partition's keys live in one cluster slot and one Lua script can change
 them atomically, in one round trip. See README "Redis key layout".
 
+Redis Cluster (`connect` with a `redis+cluster://` URL): every script and MULTI here names all
+its keys in KEYS and stays within one partition's slot; SCAN goes over every node (redis-py's
+cluster `scan_iter`), MGET only ever asks for one partition's keys.
+
 Fencing: claiming a partition increments its `epoch` and stores the result
 as `owner`; every commit's script first compares `owner` with this worker's
 token and writes nothing (FencedError) when it differs, so a worker that lost
@@ -20,32 +24,113 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import orjson
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode
 from redis.commands.core import Script
+from redis.exceptions import ClusterDownError, RedisClusterException, SlotNotCoveredError
 from redis.retry import Retry
 
 from models.base import Model, TableKind
-from stream_app.core.errors import FencedError, ServiceError
+from stream_app.core.errors import ConfigError, FencedError, ServiceError
 from stream_app.core.settings import redact
 
 KINDS = ("user", "item", "session", "context")
 
 
-def connect(url: str, timeout: float = 5.0, fail_fast: bool = False) -> redis.Redis:
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}  # cluster scheme -> redis-py's scheme
+
+Client = redis.Redis | redis.RedisCluster
+# What any Redis call may raise: redis-py's errors, and the cluster client's own (not `RedisError`s).
+FAILURES = (redis.RedisError, RedisClusterException)
+
+
+def connect(url: str, timeout: float = 5.0, fail_fast: bool = False) -> Client:
     """The project's Redis client: `timeout` on connect and on every call, the connection made lazily.
-    `fail_fast` (the lookup API): no retries and no health checks, so a request never waits long."""
+    `fail_fast` (the lookup API): no retries and no health checks, so a request never waits long.
+
+    A `redis+cluster://` or `rediss+cluster://` URL (`cluster_nodes`) gives redis-py's `RedisCluster`,
+    made on first use: its constructor already asks a seed node for the slot map, and a client must
+    be makeable while the cluster is down (the worker waits for it, the API answers 503)."""
+    options: dict[str, Any] = dict(socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30)
     if fail_fast:
-        return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                    retry=Retry(NoBackoff(), 0), health_check_interval=0)
-    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30)
+        options.update(retry=Retry(NoBackoff(), 0), health_check_interval=0)
+    if urlsplit(url).scheme in CLUSTER_SCHEMES:
+        first, others = cluster_nodes(url)
+        return cast(redis.RedisCluster, _LazyCluster(dict(url=first, startup_nodes=others, **options)))
+    return redis.Redis.from_url(url, **options)
+
+
+def cluster_nodes(url: str) -> tuple[str, list[ClusterNode]]:
+    """A cluster URL `redis+cluster://[user:password@]host:port[,host:port...][/0][?options]` as
+    redis-py's single-node URL of its first seed node (scheme `redis`, or `rediss` for
+    `rediss+cluster`; user, password and TLS options kept) and the other seed nodes."""
+    parts = urlsplit(url)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    seeds = [h.strip() for h in hosts.split(",")]
+    nodes = []
+    for seed in seeds:
+        try:
+            node = urlsplit(f"//{seed}")
+            host, port = node.hostname, node.port or 6379
+        except ValueError:  # a port that is no number
+            host = None
+        if not host:
+            raise ConfigError(f"{redact(url)!r} names the seed node {seed!r}, not HOST:PORT; write the cluster "
+                              "as redis+cluster://HOST:PORT[,HOST:PORT...]")
+        nodes.append(ClusterNode(host, port))
+    if parts.path.strip("/") not in ("", "0"):
+        raise ConfigError(f"{redact(url)!r} selects database {parts.path.strip('/')!r}: a Redis Cluster has only "
+                          "database 0; drop the path or write /0")
+    netloc = f"{userinfo}@{seeds[0]}" if userinfo else seeds[0]
+    first = urlunsplit((CLUSTER_SCHEMES[parts.scheme], netloc, parts.path, parts.query, ""))
+    return first, nodes[1:]
+
+
+class _LazyCluster:
+    """A `redis.RedisCluster` made on the first attribute asked for (see `connect`); a cluster that no
+    seed node answers for raises `redis.ConnectionError` then, like a single server that is down."""
+
+    def __init__(self, kwargs: dict[str, Any]):
+        self._kwargs = kwargs
+        self._client: redis.RedisCluster | None = None
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        client = self._client
+        if client is None:
+            with self._lock:
+                if self._client is None:
+                    kwargs = {**self._kwargs, "startup_nodes": list(self._kwargs["startup_nodes"])}
+                    try:
+                        self._client = redis.RedisCluster(**kwargs)
+                    except RedisClusterException as exc:
+                        if not lost(exc):
+                            raise
+                        raise redis.ConnectionError(f"no seed node of the cluster answers ({exc.__cause__})") from None
+                client = self._client
+        return getattr(client, name)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+def lost(exc: BaseException) -> bool:
+    """Whether `exc` means Redis cannot be reached now, so waiting helps: a connection refused or timed
+    out, a server still loading, a cluster that is down, or one none of whose nodes answers."""
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, ClusterDownError, SlotNotCoveredError)):
+        return True
+    return isinstance(exc, RedisClusterException) and isinstance(exc.__cause__, (redis.ConnectionError, redis.TimeoutError))
 
 
 def unreachable(url: str, exc: Exception) -> ServiceError:
@@ -60,7 +145,9 @@ def reachable(url: str) -> Iterator[None]:
     restart) into `ServiceError` naming the server, password redacted, for callers that wait and retry."""
     try:
         yield
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
+    except FAILURES as exc:
+        if not lost(exc):
+            raise
         raise unreachable(url, exc) from None
 
 
@@ -93,7 +180,7 @@ def rows_to_array(fields: Mapping[bytes, Any]) -> np.ndarray:
     return out
 
 
-def session_rows(client: redis.Redis, keys: Keys, model: str, table: str) -> dict[bytes, Any]:
+def session_rows(client: Client, keys: Keys, model: str, table: str) -> dict[bytes, Any]:
     """Row -> float32 bytes of every live session row of a model's table (SCAN, then MGET in chunks)."""
     pattern = keys.table(model, table).replace("{", "\\{").replace("}", "\\}") + ":*"
     names = list(client.scan_iter(match=pattern, count=1000))
@@ -159,7 +246,7 @@ class Snapshot:
     dedup: list[str] = field(default_factory=list)  # event ids of the dedup window (workers)
 
 
-def read_snapshot(client: redis.Redis, keys: Keys, tables: dict[str, dict[str, TableKind]]) -> Snapshot:
+def read_snapshot(client: Client, keys: Keys, tables: dict[str, dict[str, TableKind]]) -> Snapshot:
     """Everything of one partition but its dedup window: one MULTI/EXEC over its hash tag (a consistent
     snapshot), then the session rows (one key each, so SCAN + MGET; each row is written whole)."""
     pipe = client.pipeline(transaction=True)
@@ -216,7 +303,7 @@ class Changes:
 class PartitionStore:
     """Reads and atomically writes one partition's state in Redis."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, dedup_window: int = 100_000, session_ttl: float = 1800.0,
+    def __init__(self, client: Client, keys: Keys, dedup_window: int = 100_000, session_ttl: float = 1800.0,
                  worker_id: str = ""):
         self.client = client
         self.keys = keys
@@ -441,6 +528,6 @@ def _pack(parts: list | np.ndarray) -> tuple[bytes, str]:
     return b"".join(parts), " ".join(map(str, map(len, parts)))
 
 
-def applied_total(client: redis.Redis, prefix: str, topic: str, partitions: Iterable[int]) -> int:
+def applied_total(client: Client, prefix: str, topic: str, partitions: Iterable[int]) -> int:
     """Sum of the applied-event counters of a topic's partitions."""
     return sum(int(client.get(Keys(prefix, topic, p).applied) or 0) for p in partitions)

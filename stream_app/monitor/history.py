@@ -3,6 +3,9 @@
 One capped list per model (history points), one for lag samples, one for alerts, all under
 `<prefix>:monitor:<metrics topic>`. The windowed tables are not here: faust restores them
 from their changelog topics.
+
+Each write is one pipelined round trip, not a transaction: its keys may sit in different slots of a
+Redis Cluster, and a reader never needs a point and its trim together.
 """
 
 from __future__ import annotations
@@ -23,14 +26,14 @@ class RedisHistory:
         self.cap = cap
 
     def _push(self, key: str, item: dict) -> None:
-        pipe = self.client.pipeline()
+        pipe = self.client.pipeline(transaction=False)
         pipe.rpush(key, orjson.dumps(item))
         pipe.ltrim(key, -self.cap, -1)
         pipe.execute()
 
     def push_point(self, model: str, point: dict) -> None:
         key = f"{self.base}:history:{model}"
-        pipe = self.client.pipeline()
+        pipe = self.client.pipeline(transaction=False)
         pipe.sadd(f"{self.base}:models", model)
         pipe.rpush(key, orjson.dumps(point))
         pipe.ltrim(key, -self.cap, -1)

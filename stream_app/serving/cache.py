@@ -15,6 +15,8 @@ views, so answers are at most `refresh_interval` + one reload stale.
 
 Every Redis call has a timeout and no retries; while the last check failed,
 `shard()` raises `ServiceError` (the API turns it into 503 + Retry-After).
+A Redis Cluster works the same: one partition's keys share a slot, so its snapshot
+is still one MULTI/EXEC, and the version check is a pipeline split by node.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-import redis
 
 from models.base import Model
 from models.features import Featurizer
@@ -35,7 +36,7 @@ from models.registry import create
 from stream_app.core.errors import ServiceError
 from stream_app.core.settings import Settings, redact
 from stream_app.io.kafka import partition_for
-from stream_app.io.redis import KINDS, Keys, Snapshot, connect, read_snapshot
+from stream_app.io.redis import FAILURES, KINDS, Client, Keys, Snapshot, connect, read_snapshot
 from stream_app.serving.scorers import AnnIndex, EmbeddingScorer
 from stream_app.serving.view import ShardView
 
@@ -61,7 +62,7 @@ class ModelCache:
     """
 
     def __init__(self, settings: Settings, models: Iterable[str] = ("pop",), *, refresh_interval: float = 0.25,
-                 timeout: float = 1.0, client: redis.Redis | None = None, ann_threshold: int = 50_000,
+                 timeout: float = 1.0, client: Client | None = None, ann_threshold: int = 50_000,
                  ann_rebuild_interval: float = 30.0, background: bool = True):
         self.settings = settings
         self.model_names = tuple(models)
@@ -93,12 +94,13 @@ class ModelCache:
         return user_partition(user_id, self.partitions)
 
     def ping(self) -> None:
-        self._call(self.client.ping)
+        self._call(lambda client: client.ping())
 
     def _call(self, fn, *args: Any) -> Any:
+        """`fn(client, *args)`, any Redis failure (a cluster client's first use included) as `ServiceError`."""
         try:
-            return fn(*args)
-        except redis.RedisError as exc:
+            return fn(self.client, *args)
+        except FAILURES as exc:
             raise ServiceError(f"Redis at {redact(self.settings.redis_url)} is not answering ({exc}); retry shortly") from None
 
     # ---- the request path (no Redis)
@@ -118,7 +120,7 @@ class ModelCache:
         with self._load_lock:
             view = self._views.get(partition)
             if view is None:
-                version = int(self._call(self.client.get, self.keys(partition).version) or 0)
+                version = int(self._call(lambda client: client.get(self.keys(partition).version)) or 0)
                 view = self._install(partition, version)
             return view
 
@@ -165,7 +167,7 @@ class ModelCache:
             for p in range(self.partitions):
                 pipe.get(self.keys(p).version)
             versions = [int(v or 0) for v in pipe.execute()]
-        except redis.RedisError as exc:
+        except FAILURES as exc:
             self._error = f"Redis at {redact(self.settings.redis_url)} is not answering ({exc}); retry shortly"
             return
         now = time.monotonic()
@@ -198,7 +200,7 @@ class ModelCache:
     def _load(self, partition: int) -> ShardView:
         """Partition `partition` as one snapshot read from Redis, its models rebuilt (not yet prepared)."""
         probes = {name: create(name) for name in self.model_names}
-        snap = self._call(read_snapshot, self.client, self.keys(partition), {n: dict(m.tables) for n, m in probes.items()})
+        snap = self._call(read_snapshot, self.keys(partition), {n: dict(m.tables) for n, m in probes.items()})
         f = _featurizer(snap)
         models = {name: model for name, model in probes.items() if _import(partition, name, model, snap)}
         names = list(f.items.names)

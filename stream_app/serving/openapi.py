@@ -16,7 +16,7 @@ from fastapi import FastAPI, Response
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict, Field
 
-from stream_app.core.events import MAX_CONTEXT_KEYS, MAX_ID_CHARS, Event
+from stream_app.core.events import MAX_CLOCK_SKEW, MAX_CONTEXT_KEYS, MAX_ID_CHARS, Event
 from stream_app.core.settings import Settings
 from stream_app.serving.metrics import ApiMetrics
 from stream_app.serving.params import FLAG_VALUES, MAX_K
@@ -235,7 +235,8 @@ def event_schema() -> dict[str, Any]:
     schema["description"] = "One user event; unknown fields are refused (put extra attributes under context)."
     schema["required"] = [f for f in schema["required"] if f != "ts"]
     schema["properties"]["ts"]["anyOf"].append({"type": "null"})
-    schema["properties"]["ts"]["description"] = "seconds since the epoch (absent or null: now)"
+    schema["properties"]["ts"]["description"] = (
+        f"seconds since the epoch (absent or null: now); at most {MAX_CLOCK_SKEW:g} s ahead of the server's clock")
     schema["properties"]["event_id"]["anyOf"][0]["maxLength"] = MAX_CLIENT_EVENT_ID
     schema["properties"]["event_id"]["description"] = "your id for deduplication, stored as `key-name:event_id`"
     return schema

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import redis
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from stream_app.core.settings import Settings
 from stream_app.io import kafka
-from stream_app.io.redis import Keys, connect, unreachable
+from stream_app.io.redis import FAILURES, Client, Keys, connect, unreachable
 
 OFFSET_GAP, TRUNCATED, NO_LOG, STALLED = "offset gap", "truncated", "no log", "stalled"
 STALE_AFTER = 60.0  # seconds without a commit while events wait
@@ -66,15 +65,16 @@ class WorkerStatus:
 _FIELDS = ("owner", "worker", "offset", "applied", "version", "claimed_at", "committed_at")
 
 
-def _stored(client: redis.Redis, settings: Settings, partitions: list[int]) -> tuple[float, list[list]]:
-    """Redis TIME and, per partition, the values of `_FIELDS`: one round trip."""
+def _stored(client: Client, settings: Settings, partitions: list[int]) -> tuple[float, list[list]]:
+    """Redis TIME and, per partition, the values of `_FIELDS`: two round trips (a cluster pipeline
+    cannot carry TIME, a command of no key)."""
+    sec, usec = client.time()
     pipe = client.pipeline(transaction=False)
-    pipe.time()
     for p in partitions:
         keys = Keys(settings.key_prefix, settings.events_topic, p)
         for name in _FIELDS:
             pipe.get(getattr(keys, name))
-    (sec, usec), *values = pipe.execute()
+    values = pipe.execute()
     n = len(_FIELDS)
     return sec + usec / 1e6, [values[j * n : (j + 1) * n] for j in range(len(partitions))]
 
@@ -116,7 +116,7 @@ def partition_status(settings: Settings, stale_after: float | None = None) -> li
     client = connect(settings.redis_url)
     try:
         now, stored = _stored(client, settings, candidates)
-    except redis.RedisError as exc:
+    except FAILURES as exc:
         raise unreachable(settings.redis_url, exc) from None
     finally:
         client.close()

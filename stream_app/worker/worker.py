@@ -215,10 +215,11 @@ class Worker:
                     self._retry_waiting()
                 polled = self.consumer.poll(self.config.commit_max, self.config.max_wait_ms / 1000)
                 recovering = self.waiting.difference(self.stopped)
-                if polled or self.started_at is None or recovering:  # idle time counts from the first assignment
-                    idle_since = time.monotonic()
-                elif max_idle is not None and time.monotonic() - idle_since > max_idle:
-                    break
+                now = time.monotonic()
+                if polled or self.started_at is None or recovering:
+                    idle_since = now
+                elif max_idle is not None and now - max(idle_since, self.started_at) > max_idle:
+                    break  # idle time counts from the first assignment (whose loading may take a while)
                 for messages in polled:
                     self._guarded(messages.partition, self._learn, messages)
                 self._commit_due(idle=not polled)
@@ -377,6 +378,7 @@ class Worker:
                 "applied": self.applied, "dead_letters": self.dead, "offset_gaps": self.gaps,
                 "stopped": sorted(self.stopped),
                 "versions": {str(p): s.version for p, s in self.shards.items()},
+                "seconds": {step: round(s, 4) for step, s in self.seconds.items()},  # this worker's, all shards
             })
             records.append(rec)
         return records

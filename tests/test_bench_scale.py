@@ -1,0 +1,51 @@
+"""The scale benchmark on a small MovieLens slice, against the real broker and Redis; and the worker's
+`--window` flag and step timings it relies on."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from bench import scale
+from bench.streams import movielens
+from producers.producer import EventProducer
+from stream_app.monitor.terminal import read_records
+
+EVENTS = 3000
+
+
+def test_the_scale_benchmark_reports_sane_figures_for_each_grid_point(services, tmp_path):
+    result = scale.main(["--limit", str(EVENTS), "--partitions", "1,2", "--workers", "1,2", "--models", "mf,pop",
+                         "--rounds", "3", "--out", str(tmp_path)], servers=services)
+    rows = result["runs"]["this tree"]
+    assert [(r["partitions"], r["workers"]) for r in rows] == [(1, 1), (2, 2)]
+    for row in rows:
+        assert row["applied"] == row["events"] == EVENTS
+        assert row["reporting_workers"] == row["partitions"]  # both processes held a partition
+        assert row["events_per_s"] > 0 and row["commit_us_per_event"] > 0 and row["redis_commands_per_event"] > 0
+        assert row["freshness_samples"] == 3 * row["partitions"] and 0 < row["commits"] <= EVENTS
+        p50, p99 = row["freshness_p50_p99_ms"]
+        assert 0 < p50 <= p99
+        assert set(row["models"]) == {"mf", "pop"}
+        for m in row["models"].values():
+            assert 0 <= m["recall"] <= 1 and 0.5 < m["auc"] <= 1  # better than chance on MovieLens
+            assert m["ranked"] == m["ranked_total"] > 0  # the metric window held every ranked event
+            assert m["ranked"] + m["cold_start"] + m["repeat"] == EVENTS  # every event evaluated
+    # Users split over two shards: each shard knows fewer items, so more events are cold in their shard.
+    assert rows[1]["models"]["mf"]["cold_start"] > rows[0]["models"]["mf"]["cold_start"]
+    page = (tmp_path / "scale.md").read_text()
+    assert all(f"\n| {p} | {p} | {model} | " in page for p in (1, 2) for model in ("mf", "pop"))
+    assert (tmp_path / "scale.json").exists()
+
+
+def test_the_worker_command_takes_its_metric_window_from_the_flag(topics, tmp_path):
+    with EventProducer(topics) as producer:
+        producer.send_many(movielens(limit=1500))
+    log = tmp_path / "worker.log"
+    proc = subprocess.run(
+        [sys.executable, "-m", "stream_app.cli", "worker", "--window", "200", "--sample-rate", "1", "--max-idle", "4"],
+        env=topics.environ(), stdout=log.open("wb"), stderr=subprocess.STDOUT, timeout=180)
+    assert proc.returncode == 0, log.read_text()[-2000:]
+    (record,) = read_records(topics).values()
+    assert record["evaluated"] <= 2 * 200 < record["evaluated_total"]  # one window per partition
+    assert record["applied"] == 1500 and record["seconds"]["commit"] > 0 and record["seconds"]["learn"] > 0
