@@ -548,3 +548,6 @@ def test_session_lookup_leaves_out_the_items_already_in_the_session(topics, mode
     remembered = {view.item_names[i] for i in view.models[model].session_items(view.featurizer.sessions.get("s:s0"))}
     assert remembered and remembered <= in_session
     assert shown and not shown & remembered, f"{model} recommended items the session already has"
+    # each answer names the item of the session closest to it
+    reasons = [i["reason"] for i in answer["items"]]
+    assert all(r["kind"] == "session" and r["session_id"] == "s0" and r["item_id"] in remembered for r in reasons), reasons

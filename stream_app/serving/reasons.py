@@ -23,6 +23,11 @@ def strongest(history: np.ndarray) -> dict[int, str]:
     return out
 
 
+def session_history(items: np.ndarray) -> np.ndarray:  # [n, 2]
+    """A session's items (oldest first) as a history of clicks, for `similar_to_history`."""
+    return np.stack([np.asarray(items, np.int64), np.full(len(items), EVENT_TYPES.index("click"))], axis=1)
+
+
 def similar_to_history(view: ShardView, model: str, idx: np.ndarray, history: np.ndarray,
                        context: dict[str, str]) -> list[dict]:
     """For each recommended row in `idx`, the item of the user's recent history closest to it.

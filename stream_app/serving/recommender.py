@@ -16,7 +16,7 @@ from models.base import Model
 from models.registry import create
 from stream_app.serving.cache import ModelCache
 from stream_app.serving.params import ApiError
-from stream_app.serving.reasons import popular, similar_to_history
+from stream_app.serving.reasons import popular, session_history, similar_to_history
 from stream_app.serving.scorers import top_k
 from stream_app.serving.view import ShardView, query_batch
 
@@ -89,8 +89,13 @@ class Recommender:
                 if m.query != "session":
                     reason["note"] = f"{used} ranks for users, not sessions; answered by popularity in context"
             idx, scores = view.rank(used, m, batch, k, exclude)
-            items = [{"item_id": view.item_names[i], "score": s, "reason": reason}
-                     for i, s in zip(idx.tolist(), scores.tolist())]
+            if exclude is not None and len(exclude):  # the session item closest to each answer
+                reasons = [{**r, "kind": "session", "session_id": session_id} if r["kind"] == "similar_to" else r
+                           for r in similar_to_history(view, used, idx, session_history(exclude), context)]
+            else:
+                reasons = [reason] * len(idx)
+            items = [{"item_id": view.item_names[i], "score": s, "reason": r}
+                     for i, s, r in zip(idx.tolist(), scores.tolist(), reasons)]
         return {"user_id": None, "session_id": session_id, "model": model, "model_version": view.version,
                 "partition": view.partition, "items": items}
 
