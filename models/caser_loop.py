@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from models.mf_loop import _below
+from models.kernels import below
 
 # Change bits per item row (a bit per item table), for drain_changes.
 IN = np.uint8(1)  # input embedding
@@ -19,10 +19,10 @@ OUT = np.uint8(2)  # output vector and bias
 ACC = np.uint8(4)  # step accumulators
 COUNT = np.uint8(8)
 ALL = IN | OUT | ACC | COUNT
-_FAST = {"reassoc", "contract", "nsz", "arcp", "afn"}
+FAST = {"reassoc", "contract", "nsz", "arcp", "afn"}
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=FAST)
 def encode(win, u, E, P, dense, leak, emat, o, hpos, x):  # pragma: no cover - numba
     """x [2d] = [z, P[u]] for the window `win` [L] of user row u (-1: none, a zero user vector), with
     z = relu(W1 [vertical conv outputs, max over time of relu(horizontal convs)] + b1). Keeps what the
@@ -76,14 +76,14 @@ def scratch(L: int, d: int, n_o: int, n_h: int) -> tuple[np.ndarray, np.ndarray,
     return np.empty((L, d), np.float32), np.empty(n_o, np.float32), np.empty(L * n_h, np.int64)
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=FAST)
 def encode_rows(wins, users, E, P, dense, leak, emat, o, hpos, X):  # pragma: no cover - numba
     """X[r] = encode(wins[r], users[r]) for each row r."""
     for r in range(len(users)):
         encode(wins[r], users[r], E, P, dense, leak, emat, o, hpos, X[r])
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=FAST)
 def score_rows(X, V, b, out):  # pragma: no cover - numba
     """out [R, n] = X [R, 2d] . V[:n] + b[:n]: each score summed in one order whatever n is, so a grown
     vocabulary leaves the scores of earlier items as they were, to the last bit."""
@@ -95,7 +95,7 @@ def score_rows(X, V, b, out):  # pragma: no cover - numba
             out[r, j] = acc
 
 
-@njit(cache=True, fastmath=_FAST, inline="always")
+@njit(cache=True, fastmath=FAST, inline="always")
 def _rate(acc, r, col, g2, lr, eps):  # pragma: no cover - numba
     """Row-wise Adagrad: add a row's mean squared gradient g2 to its accumulator acc[r, col]; its step size."""
     a = acc[r, col] + g2
@@ -103,7 +103,7 @@ def _rate(acc, r, col, g2, lr, eps):  # pragma: no cover - numba
     return lr / (np.sqrt(a) + eps)
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=FAST)
 def learn_events(users, items, sessions, weights, tables, dirty, dense, dense_acc, rng, hyper):  # pragma: no cover
     """Learn the events in order: for each, the user's window predicts the event's item against
     `n_negatives` draws among the items seen (each item a candidate once; sampled softmax, scaled by the event weight),
@@ -148,7 +148,7 @@ def learn_events(users, items, sessions, weights, tables, dirty, dense, dense_ac
         picked[i] = e
         for _ in range(n_neg):
             draw += np.uint64(1)
-            j = _below(draw, n_items)
+            j = below(draw, n_items)
             if picked[j] != e and count[j, 0] > 0.0:  # each item once: few items make a full softmax
                 picked[j] = e
                 cand[nc] = j

@@ -27,7 +27,7 @@ import numpy as np
 
 from models.base import Batch, Model, PopularityState, TableKind
 from models.dnn_loop import learn_events, query
-from models.mf_loop import SEEN_BITS_PER_WORD, splitmix
+from models.kernels import SEEN_BITS_PER_WORD, splitmix
 from models.popularity import Popularity
 from models.rows import Changes, RowTable, hashed_normal
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from models.mf_loop import _FAST, _below, _mark_seen, _seen, _uniform
+from models.kernels import FAST, below, is_seen, mark_seen, uniform
 
 
-@njit(cache=True, fastmath=_FAST, inline="always")
+@njit(cache=True, fastmath=FAST, inline="always")
 def _tower(u, context, e, rows, dense, recency, x, pre, a, q):
     """The user tower of user u (-1: unknown) with context row `context[e]`:
     x = [U[u], mean C[c], mean V_in[recent] weighted recency ** age] [3d]; pre = W1 x + b1 [h];
@@ -66,7 +66,7 @@ def _tower(u, context, e, rows, dense, recency, x, pre, a, q):
     return n_ctx, w_sum
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=FAST)
 def query(users, context, rows, dense, recency, out, known):
     """out [R, d]: the query vector of each row (user, context row); known [R]: whether the user has a row."""
     d, h = rows[0].shape[1], dense[0].shape[0]
@@ -79,7 +79,7 @@ def query(users, context, rows, dense, recency, out, known):
         known[r] = 0 <= u < rows[0].shape[0] and rows[1][u, 0] >= 1.0
 
 
-@njit(cache=True, fastmath=_FAST, inline="always")
+@njit(cache=True, fastmath=FAST, inline="always")
 def _adagrad_row(M, r, g, scale, l2, state, col, lr, decay, eps):
     """M[r] -= rate * (scale * g + l2 * M[r]), rate = lr / sqrt(eps + acc) with the row's accumulator
     state[r, col] = decay * acc + mean square of the gradient (row-wise Adagrad, decayed)."""
@@ -95,7 +95,7 @@ def _adagrad_row(M, r, g, scale, l2, state, col, lr, decay, eps):
         M[r, k] -= rate * (scale * g[k] + l2 * M[r, k])
 
 
-@njit(cache=True, fastmath=_FAST, inline="always")
+@njit(cache=True, fastmath=FAST, inline="always")
 def _draw(u, i, rows, recent, n_ring, draw, seen_bits, popular_share):
     """A negative for user u's event on item i: from the ring of recent positives with probability
     popular_share, else uniform over the item rows; an item learned already, not i, not in u's seen
@@ -107,17 +107,17 @@ def _draw(u, i, rows, recent, n_ring, draw, seen_bits, popular_share):
     while j < 0 and tries < 16:
         tries += 1
         draw += one
-        popular = n_ring > 0 and _uniform(draw) < popular_share
+        popular = n_ring > 0 and uniform(draw) < popular_share
         draw += one
-        c = recent[_below(draw, n_ring)] if popular else _below(draw, n_items)
+        c = recent[below(draw, n_ring)] if popular else below(draw, n_items)
         ok = 0 <= c < n_items and c != i and item_state[c, 0] > 0.0
         if ok and seen_bits > 0 and tries <= 8:
-            ok = not _seen(user_seen, u, c, seen_bits)
+            ok = not is_seen(user_seen, u, c, seen_bits)
         j = c if ok else -1
     return j, draw
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=FAST)
 def learn_events(batch, rows, dense, acc, dirty, ring, sampling, steps):
     """Learn the events in order: each event's item against sampled negatives under a sampled softmax
     with logQ correction (Q: the sampling probability of each candidate), then one step of every row
@@ -246,7 +246,7 @@ def learn_events(batch, rows, dense, acc, dirty, ring, sampling, steps):
             user_recent[u, t] = user_recent[u, t + 1]
         user_recent[u, L - 1] = np.float32(i + 1)
         if seen_bits > 0:
-            _mark_seen(user_seen, u, i, seen_bits)
+            mark_seen(user_seen, u, i, seen_bits)
         recent[pos % n_recent] = i
         pos += 1
         if pos >= 2 * n_recent:

@@ -25,7 +25,8 @@ import numpy as np
 from numba import njit
 
 from models.base import Batch, Model, PopularityState, TableKind
-from models.mf_loop import ALL, BIAS, SEEN, SEEN_BITS_PER_WORD, STATE, VECTOR, learn_events, query, rewind, splitmix
+from models.kernels import SEEN_BITS_PER_WORD, splitmix
+from models.mf_loop import ALL, BIAS, SEEN, STATE, VECTOR, learn_events, query, rewind
 from models.popularity import Popularity
 from models.rows import Changes, RowTable
 

@@ -13,64 +13,14 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from models.kernels import FAST, below, is_seen, mark_seen, uniform
+
 # Change bits per row (a bit per table of a kind), for drain_changes.
 STATE = np.uint8(1)  # sightings or accumulator
 VECTOR = np.uint8(2)
 BIAS = np.uint8(4)
 SEEN = np.uint8(8)  # the user's seen filter
 ALL = STATE | VECTOR | BIAS | SEEN
-SEEN_BITS_PER_WORD = 24  # a float32 holds integers below 2 ** 24 exactly
-# Reassociation lets the dot products and row updates vectorise; NaN/inf semantics stay exact.
-_FAST = {"reassoc", "contract", "nsz", "arcp", "afn"}
-
-
-@njit(cache=True)
-def splitmix(x):
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-@njit(cache=True)
-def _uniform(x):
-    """A float in [0, 1): draw number x of a counter-based stream."""
-    return (splitmix(x) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
-
-
-@njit(cache=True)
-def _below(x, n):
-    """An integer in [0, n): draw number x of a counter-based stream (a multiply, no division)."""
-    return np.int64(((splitmix(x) >> np.uint64(32)) * np.uint64(n)) >> np.uint64(32))
-
-
-@njit(cache=True)
-def _seen_slot(j, n_bits):
-    """Where item j's filter bit is in a user's seen row: (word, bit mask). The bit is a hash of j
-    mapped to [0, n_bits) by a multiply (no division)."""
-    h = (np.uint64(j) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)  # Fibonacci hashing
-    b = int((h * np.uint64(n_bits)) >> np.uint64(32))
-    return b // SEEN_BITS_PER_WORD, 1 << (b % SEEN_BITS_PER_WORD)
-
-
-@njit(cache=True)
-def _seen(seen, u, j, n_bits):
-    """Whether item j's bit is set in user u's seen filter (seen: [n_users, words] float32 integers)."""
-    word, bit = _seen_slot(j, n_bits)
-    return int(seen[u, word]) & bit != 0
-
-
-@njit(cache=True)
-def _mark_seen(seen, u, j, n_bits):
-    """Set item j's bit in user u's seen filter; False when it was set already."""
-    word, bit = _seen_slot(j, n_bits)
-    w = int(seen[u, word])
-    if w & bit:
-        return False
-    seen[u, word] = np.float32(w | bit)
-    return True
-
-
 @njit(cache=True)
 def query(users, context, U, user_state, C, ctx_state, admit, out):
     """out [R, d]: out[r] = U[user] + mean of the admitted C[c]; unknown ids add nothing."""
@@ -88,7 +38,7 @@ def query(users, context, U, user_state, C, ctx_state, admit, out):
                 out[r] += C[c] / n
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=FAST)
 def _rate(state, r, g2, lr, decay, eps):
     """The step size of row r after a gradient with mean square g2 (RMSprop, accumulator state[r, 1])."""
     acc = np.float32(decay) * state[r, 1] + np.float32(1.0 - decay) * max(np.float32(g2), np.float32(0.0))
@@ -96,7 +46,7 @@ def _rate(state, r, g2, lr, decay, eps):
     return np.float32(lr) / np.sqrt(np.float32(eps) + acc)
 
 
-@njit(cache=True, fastmath=_FAST, inline="always")
+@njit(cache=True, fastmath=FAST, inline="always")
 def _step(M, r, a, x, l2, state, lr, decay, eps):
     """M[r] += rate * (a * x - l2 * M[r]); False when that gradient is 0 (nothing changes)."""
     dim = M.shape[1]
@@ -152,7 +102,7 @@ def _count_sightings(e, u, i, context, rows, dirty, admit):
     return n_ctx
 
 
-@njit(cache=True, fastmath=_FAST, inline="always")
+@njit(cache=True, fastmath=FAST, inline="always")
 def _event_query(e, u, i, context, share, rows, admit, q, g_neg):
     """q = U[u] (zero while the user is not admitted) + share * the admitted C[c]; zeroes g_neg.
     Returns (q . V[i], q . q, V[i] . V[i])."""
@@ -176,7 +126,7 @@ def _event_query(e, u, i, context, share, rows, admit, q, g_neg):
     return qv, qq, vv_i
 
 
-@njit(cache=True, fastmath=_FAST, inline="always")
+@njit(cache=True, fastmath=FAST, inline="always")
 def _candidate(q, V, item_bias, c):
     """(q . V[c], V[c] . V[c], the score q . V[c] + b[c]) of candidate item c."""
     d = np.float32(0.0)
@@ -187,7 +137,7 @@ def _candidate(q, V, item_bias, c):
     return d, cc, d + item_bias[c, 0]
 
 
-@njit(cache=True, fastmath=_FAST, inline="always")
+@njit(cache=True, fastmath=FAST, inline="always")
 def _draw_negative(u, i, q, s_i, rows, recent, draw, pos, sampling):
     """A negative for the event (user u, item i, score s_i): the highest-scoring of up to negative_pool
     valid candidates within 4 * negative_pool draws, fewer once the best is already hard (s_i - s_j <=
@@ -206,12 +156,12 @@ def _draw_negative(u, i, q, s_i, rows, recent, draw, pos, sampling):
         popular = False
         if popular_share > 0.0 and pos > 0:
             draw += one
-            popular = _uniform(draw) < popular_share
+            popular = uniform(draw) < popular_share
         draw += one
-        c = recent[int(_uniform(draw) * min(pos, n_recent))] if popular else _below(draw, n_items)
+        c = recent[int(uniform(draw) * min(pos, n_recent))] if popular else below(draw, n_items)
         if c < 0 or c >= n_items or c == i or item_state[c, 0] == 0.0:  # 0: a freed row, or not learned yet
             continue
-        if seen_bits > 0 and _seen(user_seen, u, c, seen_bits):
+        if seen_bits > 0 and is_seen(user_seen, u, c, seen_bits):
             spare = c
             continue
         d, cc, s_c = _candidate(q, V, item_bias, c)
@@ -238,7 +188,7 @@ def _log_item(V, item_bias, j, epoch, log, n_log):
     return n_log + 1
 
 
-@njit(cache=True, fastmath=_FAST, inline="always")
+@njit(cache=True, fastmath=FAST, inline="always")
 def _step_negative(j, g, rate, q, g_neg, rows, item_dirty, steps):
     """Step negative item j (BPR gradient g) with `rate` as it is scored, adding g * V[j] to g_neg first."""
     _, _, _, V, item_bias, _, _, _ = rows
@@ -262,7 +212,7 @@ def _push_recent(recent, pos, i):
     return pos
 
 
-@njit(cache=True, fastmath=_FAST, inline="always")
+@njit(cache=True, fastmath=FAST, inline="always")
 def _own_gradient(u, i, g_sum, g_neg, g_q, rows):
     """g_q = g_sum V[i] - g_neg, the gradient of q summed over the negatives; returns (g_q . g_q,
     g_q . U[u], U[u] . U[u])."""
@@ -279,7 +229,7 @@ def _own_gradient(u, i, g_sum, g_neg, g_q, rows):
     return gg, gu, uu
 
 
-@njit(cache=True, fastmath=_FAST, inline="always")
+@njit(cache=True, fastmath=FAST, inline="always")
 def _step_user(u, rate, g_q, l2_sum, U, user_dirty):
     """U[u] += rate * (g_q - l2_sum U[u])."""
     for k in range(U.shape[1]):
@@ -287,7 +237,7 @@ def _step_user(u, rate, g_q, l2_sum, U, user_dirty):
     user_dirty[u] |= VECTOR
 
 
-@njit(cache=True, fastmath=_FAST, inline="always")
+@njit(cache=True, fastmath=FAST, inline="always")
 def _step_item(i, rate, g_sum, q, l2_sum, V, item_dirty):
     """V[i] += rate * (g_sum q - l2_sum V[i])."""
     for k in range(V.shape[1]):
@@ -295,7 +245,7 @@ def _step_item(i, rate, g_sum, q, l2_sum, V, item_dirty):
     item_dirty[i] |= VECTOR
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=FAST)
 def learn_events(batch, rows, dirty, ring, probe, log, sampling, steps):
     """Learn the events in order, as `models.mf` describes.
 
@@ -349,7 +299,7 @@ def learn_events(batch, rows, dirty, ring, probe, log, sampling, steps):
             # gradient of V[j]: -g q - l2 V[j]; its squared norm from the dot products at hand
             g2 = (g * (g * qq + (l2 + l2) * dot) + l2 * l2 * vv) * inv_dim
             _step_negative(j, g, _rate(item_state, j, g2, negative_lr, decay, eps), q, g_neg, rows, item_dirty, steps)
-        if seen_bits > 0 and _mark_seen(user_seen, u, i, seen_bits):
+        if seen_bits > 0 and mark_seen(user_seen, u, i, seen_bits):
             user_dirty[u] |= SEEN
         pos = _push_recent(recent, pos, i)
         if n_used == 0:
@@ -376,7 +326,7 @@ def learn_events(batch, rows, dirty, ring, probe, log, sampling, steps):
     log[3][0] = n_log
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=FAST)
 def rewind(S, Q, log_epoch, log_item, log_row, n_log):
     """Scores S [R, n] of the final rows, turned into each scored row's own time: for an item changed
     after row r was scored, row r takes the row as logged at its first change after r. Walking the log

@@ -1,0 +1,58 @@
+"""Numba helpers the compiled per-event loops share (`mf_loop`, `dnn_loop`, `caser_loop`): counter-based
+random draws, and the hashed per-user filter of seen items."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+SEEN_BITS_PER_WORD = 24  # a float32 holds integers below 2 ** 24 exactly
+# Reassociation lets the dot products and row updates vectorise; NaN/inf semantics stay exact.
+FAST = {"reassoc", "contract", "nsz", "arcp", "afn"}
+
+
+@njit(cache=True)
+def splitmix(x):
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@njit(cache=True)
+def uniform(x):
+    """A float in [0, 1): draw number x of a counter-based stream."""
+    return (splitmix(x) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+
+
+@njit(cache=True)
+def below(x, n):
+    """An integer in [0, n): draw number x of a counter-based stream (a multiply, no division)."""
+    return np.int64(((splitmix(x) >> np.uint64(32)) * np.uint64(n)) >> np.uint64(32))
+
+
+@njit(cache=True)
+def seen_slot(j, n_bits):
+    """Where item j's filter bit is in a user's seen row: (word, bit mask). The bit is a hash of j
+    mapped to [0, n_bits) by a multiply (no division)."""
+    h = (np.uint64(j) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)  # Fibonacci hashing
+    b = int((h * np.uint64(n_bits)) >> np.uint64(32))
+    return b // SEEN_BITS_PER_WORD, 1 << (b % SEEN_BITS_PER_WORD)
+
+
+@njit(cache=True)
+def is_seen(seen, u, j, n_bits):
+    """Whether item j's bit is set in user u's seen filter (seen: [n_users, words] float32 integers)."""
+    word, bit = seen_slot(j, n_bits)
+    return int(seen[u, word]) & bit != 0
+
+
+@njit(cache=True)
+def mark_seen(seen, u, j, n_bits):
+    """Set item j's bit in user u's seen filter; False when it was set already."""
+    word, bit = seen_slot(j, n_bits)
+    w = int(seen[u, word])
+    if w & bit:
+        return False
+    seen[u, word] = np.float32(w | bit)
+    return True
