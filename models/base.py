@@ -121,10 +121,14 @@ class Model(ABC):
     # True when the model learns event by event, so that learning a batch in any split leaves
     # the same state; `learn_scored` then scores each event just before learning it.
     sequential: ClassVar[bool] = False
+    # True when only learning changes the blobs: a drain then reports them unchanged (an empty id list)
+    # unless the model set `_learned` since the last drain or import.
+    blobs_change_on_learn: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._stored_rows: dict[str, StoredRows] = {}
         self._stored_blobs: dict[str, StoredBlob] = {}
+        self._learned = False
 
     def _table(self, name: str, table: RowTable, changes: Changes, bit: int = 1, clip: bool = False) -> RowTable:
         """Store `table` as `name` (returned, to keep), its changed rows tracked by `changes`."""
@@ -198,13 +202,16 @@ class Model(ABC):
         self._clear_changes()
         for name, blob in self._stored_blobs.items():
             blob.load(state[name])
+        self._learned = False
 
     def drain_changes(self) -> dict[str, np.ndarray | None]:
         """Rows changed since the last call, per table (None: the whole blob)."""
         out: dict[str, np.ndarray | None] = {
             name: rows.changes.rows(rows.table.n, rows.bit) for name, rows in self._stored_rows.items()
         }
-        out.update(dict.fromkeys(self._stored_blobs))
+        unchanged = self.blobs_change_on_learn and not self._learned
+        out.update(dict.fromkeys(self._stored_blobs, np.zeros(0, np.int64) if unchanged else None))
+        self._learned = False
         self._clear_changes()
         return out
 

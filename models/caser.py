@@ -29,7 +29,7 @@ import numpy as np
 
 from models.base import Batch, Model, TableKind
 from models.caser_loop import ACC, COUNT, IN, OUT, encode_rows, learn_events, score_rows, scratch
-from models.rows import Changes, RowTable, hashed_normal
+from models.rows import Changes, RowTable, counter_words, hashed_normal, load_counter
 
 
 class Caser(Model):
@@ -210,12 +210,10 @@ class Caser(Model):
         self._w_acc[:] = np.asarray(acc, np.float32).ravel()
 
     def _export_meta(self) -> np.ndarray:  # [1, 4]
-        draw = int(self._rng[0])
-        return np.array([[(draw >> (16 * k)) & 0xFFFF for k in range(4)]], np.float64)
+        return np.array([counter_words(self._rng)], np.float64)
 
     def _load_meta(self, meta: np.ndarray) -> None:
-        meta = np.asarray(meta).ravel()
-        self._rng[0] = np.uint64(sum(int(meta[k]) << (16 * k) for k in range(4)))
+        load_counter(self._rng, np.asarray(meta).ravel())
 
     def import_state(self, state: dict[str, np.ndarray]) -> None:
         """Rows missing from a shorter table, and item vectors a store never wrote (zeros), start as for new ids."""

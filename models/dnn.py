@@ -29,7 +29,7 @@ from models.base import Batch, Model, PopularityState, TableKind
 from models.dnn_loop import learn_events, query
 from models.kernels import SEEN_BITS_PER_WORD, splitmix
 from models.popularity import Popularity
-from models.rows import Changes, RowTable, hashed_normal
+from models.rows import Changes, RowTable, counter_words, hashed_normal, load_counter
 
 _KINDS = ("user", "item", "context")
 
@@ -50,6 +50,7 @@ class DNN(Model):
     name = "dnn"
     query = "user"
     sequential = True
+    blobs_change_on_learn = True
     tables: ClassVar[dict[str, TableKind]] = {
         "user": "user",  # [n_users, dim]
         "user_state": "user",  # [n_users, 2] sightings, Adagrad accumulator
@@ -137,7 +138,6 @@ class DNN(Model):
         self._blob("weights", lambda: self._w[None, :], self._load_weights)
         self._blob("recent", lambda: self._recent[None, :], self._load_recent)
         self._blob("meta", self._export_meta, self._load_meta)
-        self._learned = False
 
     def _rows(self, kind: str) -> tuple[RowTable, ...]:
         """The tables of one id kind (always of one length)."""
@@ -245,13 +245,11 @@ class DNN(Model):
         self._recent[: len(recent)] = recent
 
     def _export_meta(self) -> np.ndarray:  # [1, 6]
-        rng = int(self._rng[0])
-        words = [(rng >> (16 * k)) & 0xFFFF for k in range(4)]
-        return np.array([[*words, int(self._cursor[0]), float(self._total[0])]], np.float64)
+        return np.array([[*counter_words(self._rng), int(self._cursor[0]), float(self._total[0])]], np.float64)
 
     def _load_meta(self, meta: np.ndarray) -> None:
         meta = np.asarray(meta, np.float64).ravel()
-        self._rng[0] = np.uint64(sum(int(meta[k]) << (16 * k) for k in range(4)))
+        load_counter(self._rng, meta)
         self._cursor[0] = int(meta[4])
         self._total[0] = meta[5]
 
@@ -267,14 +265,6 @@ class DNN(Model):
         blank = np.flatnonzero(~self._item.data.any(axis=1))
         self._init_items(blank)
         self._changes["item"].clear()
-        self._learned = False
-
-    def drain_changes(self) -> dict[str, np.ndarray | None]:
-        out = super().drain_changes()
-        if not self._learned:  # blobs change with every learn; an empty id list means "unchanged"
-            out.update(dict.fromkeys(self._stored_blobs, np.zeros(0, np.int64)))
-        self._learned = False
-        return out
 
     def forget(self, kind: TableKind, ids: np.ndarray) -> None:
         if kind not in _KINDS:

@@ -28,7 +28,7 @@ from models.base import Batch, Model, PopularityState, TableKind
 from models.kernels import SEEN_BITS_PER_WORD, splitmix
 from models.mf_loop import ALL, BIAS, SEEN, STATE, VECTOR, learn_events, query, rewind
 from models.popularity import Popularity
-from models.rows import Changes, RowTable
+from models.rows import Changes, RowTable, counter_words, load_counter
 
 _KINDS = ("user", "item", "context")
 
@@ -65,6 +65,7 @@ class MF(Model):
     name = "mf"
     query = "user"
     sequential = True
+    blobs_change_on_learn = True
     tables: ClassVar[dict[str, TableKind]] = {
         "user": "user",  # [n_users, dim]
         "user_state": "user",  # [n_users, 2] sightings, accumulator
@@ -144,7 +145,6 @@ class MF(Model):
         self._rng = np.array([splitmix(np.uint64(seed))], np.uint64)
         self._blob("recent", lambda: self._recent[None, :], self._load_recent)
         self._blob("meta", self._export_meta, self._load_meta)
-        self._learned = False
         # `learn`'s probe and log: nothing scored (the same types as `learn_scored`'s, so one compiled loop
         # serves both)
         self._no_probe = (np.zeros(0, np.int64), np.zeros((0, dim), np.float32), np.zeros(0, np.bool_))
@@ -239,12 +239,11 @@ class MF(Model):
     # -- state: the tables registered in __init__, plus what is special here -------------------------
 
     def _export_meta(self) -> np.ndarray:  # [1, 5]
-        rng = int(self._rng[0])
-        return np.array([[*((rng >> (16 * k)) & 0xFFFF for k in range(4)), int(self._cursor[0])]], np.float64)
+        return np.array([[*counter_words(self._rng), int(self._cursor[0])]], np.float64)
 
     def _load_meta(self, meta: np.ndarray) -> None:
         meta = np.asarray(meta).ravel()
-        self._rng[0] = np.uint64(sum(int(meta[k]) << (16 * k) for k in range(4)))
+        load_counter(self._rng, meta)
         self._cursor[0] = int(meta[4])
 
     def _load_recent(self, recent: np.ndarray) -> None:
@@ -264,14 +263,6 @@ class MF(Model):
             for table in tables:
                 table.ensure(n)
         init_items(self._item.data, np.arange(loaded, self._item.n), 0, self.seed, self.init_scale)
-        self._learned = False
-
-    def drain_changes(self) -> dict[str, np.ndarray | None]:
-        out = super().drain_changes()
-        if not self._learned:  # blobs change with every learn; an empty id list means "unchanged"
-            out.update(dict.fromkeys(self._stored_blobs, np.zeros(0, np.int64)))
-        self._learned = False
-        return out
 
     def forget(self, kind: TableKind, ids: np.ndarray) -> None:
         if kind not in _KINDS:

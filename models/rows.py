@@ -115,3 +115,14 @@ def hashed_normal(seed: int, table: int, rows: np.ndarray, width: int) -> np.nda
         key2 = _splitmix(key + np.uint64(1))
         u2 = (key2 >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
     return np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2.0 * np.pi * u2)
+
+
+def counter_words(counter: np.ndarray) -> list[int]:
+    """A uint64 draw counter (`counter[0]`) as four 16-bit words, each exact in a float64 blob."""
+    x = int(counter[0])
+    return [(x >> (16 * k)) & 0xFFFF for k in range(4)]
+
+
+def load_counter(counter: np.ndarray, words: np.ndarray) -> None:
+    """Set `counter[0]` from the four 16-bit words `counter_words` gave."""
+    counter[0] = np.uint64(sum(int(words[k]) << (16 * k) for k in range(4)))
