@@ -39,8 +39,8 @@ def _listening(host: str, port: int) -> bool:
 def _already_up(settings: Settings) -> bool:
     """Whether the broker and Redis answer already; `ConfigError` for addresses the demo cannot manage
     (a Redis Cluster, say: start the services yourself and run the worker, API and producer by hand)."""
-    return _listening(*embedded.kafka_address(settings.kafka_bootstrap)) and _listening(
-        *embedded.redis_address(settings.redis_url))
+    kafka, redis = embedded.kafka_address(settings.kafka_bootstrap), embedded.redis_address(settings.redis_url)
+    return _listening(*kafka) and _listening(*redis)
 
 
 def run_demo(
