@@ -92,12 +92,21 @@ class Workers:
                 self.proc.wait()
 
 
+def get_each(redis, names: list[str]) -> list:
+    """GET of each key, one pipelined round trip (the partitions' keys live in different cluster slots,
+    which one MGET may not span)."""
+    pipe = redis.pipeline(transaction=False)
+    for name in names:
+        pipe.get(name)
+    return pipe.execute()
+
+
 def wait_claimed(redis, keys: list[Keys], members: int, workers: Workers, timeout: float = 180.0) -> None:
     """Wait until every partition is claimed and `members` distinct workers hold them (the group settled)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         workers.check()
-        owners = redis.mget([k.worker for k in keys])
+        owners = get_each(redis, [k.worker for k in keys])
         if all(owners) and len(set(owners)) == members:
             return
         time.sleep(0.1)
@@ -152,7 +161,7 @@ def freshness(redis, settings: Settings, rounds: int, timeout: float = 30.0) -> 
     samples: list[float] = []
     with kafka.Sender(kafka.target(settings)) as sender:
         for r in range(rounds):
-            before = [int(v or 0) for v in redis.mget([k.applied for k in keys])]
+            before = [int(v or 0) for v in get_each(redis, [k.applied for k in keys])]
             sent = {}
             for p in range(len(keys)):
                 event = prepare({"user_id": f"scale-marker-{p}", "item_id": "scale-marker", "event_type": "click"})
@@ -164,7 +173,7 @@ def freshness(redis, settings: Settings, rounds: int, timeout: float = 30.0) -> 
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"marker round {r}: partitions {sorted(sent)} did not apply within {timeout:.0f} s")
                 now = time.time()
-                applied = redis.mget([keys[p].applied for p in sent])
+                applied = get_each(redis, [keys[p].applied for p in sent])
                 for p, value in zip(list(sent), applied):
                     if int(value or 0) > before[p]:
                         samples.append(now - sent.pop(p))

@@ -29,7 +29,7 @@ from models.base import Batch, Model, PopularityState, TableKind
 from models.dnn_loop import learn_events, query
 from models.kernels import SEEN_BITS_PER_WORD, splitmix
 from models.popularity import Popularity
-from models.rows import Changes, RowTable, counter_words, hashed_normal, load_counter
+from models.rows import Changes, RowTable, counter_words, hashed_normal, load_counter, load_ring
 
 _KINDS = ("user", "item", "context")
 
@@ -136,7 +136,7 @@ class DNN(Model):
         self._rng = np.array([splitmix(np.uint64(seed))], np.uint64)
         self._total = np.zeros(1, np.float64)
         self._blob("weights", lambda: self._w[None, :], self._load_weights)
-        self._blob("recent", lambda: self._recent[None, :], self._load_recent)
+        self._blob("recent", lambda: self._recent[None, :], lambda stored: load_ring(self._recent, stored))
         self._blob("meta", self._export_meta, self._load_meta)
 
     def _rows(self, kind: str) -> tuple[RowTable, ...]:
@@ -238,11 +238,6 @@ class DNN(Model):
         weights = np.asarray(weights, np.float32).ravel()
         if len(weights) == len(self._w):  # another length: another configuration, so start afresh
             self._w[:] = weights
-
-    def _load_recent(self, recent: np.ndarray) -> None:
-        recent = np.asarray(recent).ravel()[: self.ring_size]
-        self._recent[:] = -1
-        self._recent[: len(recent)] = recent
 
     def _export_meta(self) -> np.ndarray:  # [1, 6]
         return np.array([[*counter_words(self._rng), int(self._cursor[0]), float(self._total[0])]], np.float64)

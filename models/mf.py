@@ -28,7 +28,7 @@ from models.base import Batch, Model, PopularityState, TableKind
 from models.kernels import SEEN_BITS_PER_WORD, splitmix
 from models.mf_loop import ALL, BIAS, SEEN, STATE, VECTOR, learn_events, query, rewind
 from models.popularity import Popularity
-from models.rows import Changes, RowTable, counter_words, load_counter
+from models.rows import Changes, RowTable, counter_words, load_counter, load_ring
 
 _KINDS = ("user", "item", "context")
 
@@ -143,7 +143,7 @@ class MF(Model):
         self._recent = np.full(recent_size, -1, np.int64)
         self._cursor = np.zeros(1, np.int64)
         self._rng = np.array([splitmix(np.uint64(seed))], np.uint64)
-        self._blob("recent", lambda: self._recent[None, :], self._load_recent)
+        self._blob("recent", lambda: self._recent[None, :], lambda stored: load_ring(self._recent, stored))
         self._blob("meta", self._export_meta, self._load_meta)
         # `learn`'s probe and log: nothing scored (the same types as `learn_scored`'s, so one compiled loop
         # serves both)
@@ -245,11 +245,6 @@ class MF(Model):
         meta = np.asarray(meta).ravel()
         load_counter(self._rng, meta)
         self._cursor[0] = int(meta[4])
-
-    def _load_recent(self, recent: np.ndarray) -> None:
-        recent = np.asarray(recent).ravel()[: self.recent_size]
-        self._recent[:] = -1
-        self._recent[: len(recent)] = recent
 
     def import_state(self, state: dict[str, np.ndarray]) -> None:
         """Columns missing from narrower item vectors, and rows missing from shorter tables of a kind,

@@ -126,3 +126,10 @@ def counter_words(counter: np.ndarray) -> list[int]:
 def load_counter(counter: np.ndarray, words: np.ndarray) -> None:
     """Set `counter[0]` from the four 16-bit words `counter_words` gave."""
     counter[0] = np.uint64(sum(int(words[k]) << (16 * k) for k in range(4)))
+
+
+def load_ring(ring: np.ndarray, stored: np.ndarray) -> None:
+    """Refill a ring of recent item ids [size] from its stored copy (any shape), -1 where none is stored."""
+    stored = np.asarray(stored).ravel()[: len(ring)]
+    ring[:] = -1
+    ring[: len(stored)] = stored
