@@ -14,7 +14,6 @@ import time
 import uuid
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from stream_app.core.events import encode, prepare
@@ -27,6 +26,7 @@ from stream_app.serving.keys import KeyStore, keys_file
 from stream_app.serving.recommender import Recommender
 from stream_app.worker.config import WorkerConfig
 from stream_app.worker.worker import Worker
+from tests.live_api import live
 
 pytestmark = pytest.mark.integration
 
@@ -94,18 +94,8 @@ def writer_key(planted) -> str:
 @pytest.fixture(scope="module")
 def server(planted, writer_key):
     """A real uvicorn serving the API on a free loopback port."""
-    app = create_app(planted.with_(api_models="pop", api_refresh=0.1))
-    port = embedded.free_port("127.0.0.1")
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    with live(planted.with_(api_models="pop", api_refresh=0.1)) as base:
+        yield base
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import orjson
 import psutil
-import uvicorn
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -29,30 +28,13 @@ from stream_app.dev import embedded
 from stream_app.io import kafka
 from stream_app.serving.api import create_app
 from stream_app.serving.keys import KeyStore, keys_file
+from tests.live_api import live
 
 EVENT = {"user_id": "u1", "item_id": "i1", "event_type": "click"}
 
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-@contextlib.contextmanager
-def live(settings: Settings) -> Iterator[str]:
-    """A real uvicorn serving the API on a free loopback port, in a thread."""
-    port = embedded.free_port("127.0.0.1")
-    srv = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(20)
 
 
 def produced(settings: Settings, want: int, timeout: float = 30.0) -> list:

@@ -19,7 +19,8 @@ from stream_app.dev import embedded
 from stream_app.io import kafka
 from stream_app.serving.api import create_app
 from stream_app.serving.keys import KeyStore, keys_file
-from tests.test_api_security import bearer, live
+from tests.live_api import live
+from tests.test_api_security import bearer
 
 pytestmark = pytest.mark.integration
 
