@@ -14,9 +14,10 @@ every partition is claimed, and measured:
   included), this benchmark's own polling subtracted;
 - freshness: after the replay, rounds of one marker event per partition (ts = now); the time until the
   partition's applied count in Redis moves, p50/p99.
-Every partition learns its own items today, so quality falls as partitions are added (README: Benchmarks).
-`--baseline REF` runs the workers of commit REF over the same grid in the same run (REF must have
-`worker --window`). Writes bench/results/scale.json and scale.md.
+`--items local,shared` runs the grid with each partition learning its own items (`--local-items`) and with
+one item state for all partitions (`--shared-items`, README "Scale-out"). `--baseline REF` runs the
+workers of commit REF over the same grid in the same run, with local items (REF must have `worker
+--window`). Writes bench/results/scale.json and scale.md.
 """
 
 from __future__ import annotations
@@ -67,10 +68,11 @@ def command_counts(redis) -> Counter:
 class Workers:
     """`streamrec worker --processes W` of a source tree, as a child process with its log in a file."""
 
-    def __init__(self, settings: Settings, tree: Path, processes: int, models: str, k: int, window: int, log: Path):
+    def __init__(self, settings: Settings, tree: Path, processes: int, models: str, k: int, window: int, log: Path,
+                 extra: tuple[str, ...] = ()):
         self.command = [sys.executable, "-m", "stream_app.cli", "worker", "--processes", str(processes),
                         "--models", models, "--batch-size", "1", "--sample-rate", "1.0", "--k", str(k),
-                        "--window", str(window)]
+                        "--window", str(window), *extra]
         self.log = log
         env = {**settings.environ(), "PYTHONPATH": str(tree)}
         with open(log, "wb") as out:
@@ -182,7 +184,7 @@ def freshness(redis, settings: Settings, rounds: int, timeout: float = 30.0) -> 
 
 
 def run(servers: Settings, events: list[Event], partitions: int, processes: int, models: list[str], k: int,
-        rounds: int, tree: Path, tmp: Path) -> dict:
+        rounds: int, tree: Path, tmp: Path, extra: tuple[str, ...] = ()) -> dict:
     """One grid point: fresh topics with `partitions` partitions, the workers of `tree`, the replay, the figures."""
     tag = uuid.uuid4().hex[:8]
     settings = servers.with_(events_topic=f"scale-{tag}", metrics_topic=f"scale-metrics-{tag}",
@@ -198,7 +200,8 @@ def run(servers: Settings, events: list[Event], partitions: int, processes: int,
     applied_total(redis, settings.key_prefix, settings.events_topic, range(partitions))
     per_poll = command_counts(redis) - before
 
-    workers = Workers(settings, tree, processes, ",".join(models), k, window=n, log=tmp / f"workers-{tag}.log")
+    workers = Workers(settings, tree, processes, ",".join(models), k, window=n, log=tmp / f"workers-{tag}.log",
+                      extra=extra)
     try:
         wait_claimed(redis, keys, min(processes, partitions), workers)
         before = command_counts(redis)
@@ -311,6 +314,7 @@ def main(argv: list[str] | None = None, servers: Settings | None = None) -> dict
     parser.add_argument("--input", type=Path, default=MOVIELENS, help="MovieLens ratings.csv")
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=20, help="freshness marker rounds per grid point")
+    parser.add_argument("--items", default="local,shared", help="item state of the workers: local, shared or both")
     parser.add_argument("--baseline", default=None, help="also run the workers of this commit over the grid")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -329,19 +333,23 @@ def main(argv: list[str] | None = None, servers: Settings | None = None) -> dict
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="streamrec-scale-") as tmp_dir:
         tmp = Path(tmp_dir)
-        trees = {"this tree": ROOT}
+        items = [i.strip() for i in args.items.split(",") if i.strip()]
+        if set(items) - {"local", "shared"}:
+            parser.error(f"--items takes local and/or shared, not {args.items!r}")
+        trees: dict[str, tuple[Path, tuple[str, ...]]] = {
+            f"{item} items": (ROOT, (f"--{item}-items",)) for item in items}
         if args.baseline:
-            trees[args.baseline] = checkout(args.baseline, tmp / "baseline")
+            trees[args.baseline] = (checkout(args.baseline, tmp / "baseline"), ())
         with ExitStack() as stack:
             if servers is None:
                 servers = stack.enter_context(embedded.EmbeddedServers(tmp)).settings()
-            for name, tree in trees.items():
+            for name, (tree, extra) in trees.items():
                 warm_up(tree, args.input, ",".join(models))
                 result["runs"][name] = []
                 for partitions, processes in grid:
                     print(f"{name}: {partitions} partition(s), {processes} worker process(es) ...", flush=True)
                     result["runs"][name].append(run(servers, events, partitions, processes, models, args.k,
-                                                    args.rounds, tree, tmp))
+                                                    args.rounds, tree, tmp, extra))
     result["grid_minutes"] = round((time.monotonic() - started) / 60, 1)
     table, page = render(result)
     Console(width=None if sys.stdout.isatty() else 200).print(table)  # a log gets the whole table

@@ -25,6 +25,10 @@ import numpy as np
 from models.rows import Changes, RowTable
 
 TableKind = Literal["user", "item", "session", "context", "blob"]
+# How a table's rows combine across shards with shared items: "sum" rows are sums of per-event changes
+# (counts, and embeddings and step accumulators moved by additive steps); "decayed" rows are sums of
+# time-decayed weights at the log2 scale `Model.decay_scale` gives.
+Sharing = Literal["sum", "decayed"]
 _FIRST = np.zeros(1, np.int64)
 
 
@@ -124,10 +128,14 @@ class Model(ABC):
     # True when only learning changes the blobs: a drain then reports them unchanged (an empty id list)
     # unless the model set `_learned` since the last drain or import.
     blobs_change_on_learn: ClassVar[bool] = False
+    # Item tables every shard keeps a replica of when items are shared across partitions, and how their
+    # changes combine; the other item tables stay the shard's own (README "Scale-out").
+    shared: ClassVar[dict[str, Sharing]] = {}
 
     def __init__(self) -> None:
         self._stored_rows: dict[str, StoredRows] = {}
         self._stored_blobs: dict[str, StoredBlob] = {}
+        self._parts: dict[str, Model] = {}  # prefix -> a model this one is built on
         self._learned = False
 
     def _table(self, name: str, table: RowTable, changes: Changes, bit: int = 1, clip: bool = False) -> RowTable:
@@ -143,6 +151,14 @@ class Model(ABC):
         """Store the tables of a model this one is built on, as `prefix + name`."""
         self._stored_rows.update((prefix + name, rows) for name, rows in part._stored_rows.items())
         self._stored_blobs.update((prefix + name, blob) for name, blob in part._stored_blobs.items())
+        self._parts[prefix] = part
+
+    def _part_of(self, table: str) -> tuple[Model, str] | None:
+        """The included model that owns `table`, and the table's name there; None when it is this model's own."""
+        for prefix, part in self._parts.items():
+            if table.startswith(prefix) and table[len(prefix):] in part.tables:
+                return part, table[len(prefix):]
+        return None
 
     def _clear_changes(self) -> None:
         for changes in {id(rows.changes): rows.changes for rows in self._stored_rows.values()}.values():
@@ -214,6 +230,32 @@ class Model(ABC):
         self._learned = False
         self._clear_changes()
         return out
+
+    # -- shared items: what a shard needs to fold the other shards' item changes into its replica -------
+
+    def reserve_items(self, n: int) -> None:
+        """Grow the item tables to `n` rows, each new row as for a new item (rows made by other shards)."""
+        raise NotImplementedError(f"{type(self).__name__} shares no item tables")
+
+    def decay_scale(self, table: str) -> float | None:
+        """The log2 scale of a "decayed" table's counts (None: no clock yet)."""
+        part = self._part_of(table)
+        return None if part is None else part[0].decay_scale(part[1])
+
+    def absorb(self, table: str, rows: np.ndarray, delta: np.ndarray, scale: float | None = None) -> None:
+        """Add another shard's change `delta` [R, w] to the shared item table `table` at `rows` (unique; grown
+        as needed); a "decayed" delta comes at the log2 scale `scale`. The rows count as changed."""
+        part = self._part_of(table)
+        if part is not None:
+            part[0].absorb(part[1], rows, delta, scale)
+            return
+        self.reserve_items(int(rows.max()) + 1)
+        stored = self._stored_rows[table]
+        t = stored.table
+        if delta.shape[1] > t.width:
+            t.ensure(t.n, delta.shape[1])
+        t.data[rows, : delta.shape[1]] += delta
+        stored.changes.mark(rows, stored.bit)
 
     @abstractmethod
     def forget(self, kind: TableKind, ids: np.ndarray) -> None:

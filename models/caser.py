@@ -27,7 +27,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from models.base import Batch, Model, TableKind
+from models.base import Batch, Model, Sharing, TableKind
 from models.caser_loop import ACC, COUNT, IN, OUT, encode_rows, learn_events, score_rows, scratch
 from models.rows import Changes, RowTable, counter_words, hashed_normal, load_counter
 
@@ -52,6 +52,7 @@ class Caser(Model):
         "weight_acc": "blob",  # [1, n_v + L n_h + d] their step accumulators, one per filter and row of W1
         "meta": "blob",  # [1, 4] the draw counter as four 16-bit words
     }
+    shared: ClassVar[dict[str, Sharing]] = dict.fromkeys(("item_emb", "item_out", "item_bias", "item_acc", "item_count"), "sum")
 
     def __init__(self, window: int = 5, dim: int = 50, vertical: int = 4, horizontal: int = 16, negatives: int = 256,
                  lr: float = 0.1, emb_lr: float = 0.05, eps: float = 1e-6, init_std: float = 0.03, leak: float = 1.0,
@@ -228,6 +229,9 @@ class Caser(Model):
         for t, table in ((self._emb, 1), (self._out, 2)):
             blank = np.flatnonzero(~t.data.any(axis=1))
             t.data[blank] = hashed_normal(self.seed, table, blank, t.width) * self.init_std
+
+    def reserve_items(self, n: int) -> None:
+        self._ensure(n, 0, 0)
 
     def forget(self, kind: TableKind, ids: np.ndarray) -> None:
         ids = np.asarray(ids, np.int64)

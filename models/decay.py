@@ -43,6 +43,18 @@ class DecayClock:
         self.t0: float | None = None
         self._held = False
 
+    @property
+    def scale(self) -> float | None:
+        """`t0 / half_life`, the log2 scale of the counts (None before the first event)."""
+        return None if self.t0 is None else self.t0 / self.half_life
+
+    def rebase(self, scale: float) -> float:
+        """The factor that brings counts kept at the log2 scale `scale` to this clock's (which starts
+        there when it has not started yet)."""
+        if self.t0 is None:
+            self.t0 = scale * self.half_life
+        return float(2.0 ** np.clip(scale - self.t0 / self.half_life, -MAX_LAG, MAX_EXPONENT))
+
     def advance(self, ts: np.ndarray) -> float | None:
         """Make `t0` ready for a batch of events at `ts` [B]; returns the factor by which the caller must
         multiply all its counts (None: leave them)."""

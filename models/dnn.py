@@ -25,7 +25,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from models.base import Batch, Model, PopularityState, TableKind
+from models.base import Batch, Model, PopularityState, Sharing, TableKind
 from models.dnn_loop import learn_events, query
 from models.kernels import SEEN_BITS_PER_WORD, splitmix
 from models.popularity import Popularity
@@ -68,6 +68,10 @@ class DNN(Model):
         "weights": "blob",  # [1, n] the MLP's W1, b1, W2, b2 flattened, then their accumulators
         "recent": "blob",  # [1, ring_size] item ids of the latest positives
         "meta": "blob",  # [1, 6] RNG counter as four 16-bit words, ring cursor, total sightings
+    }
+    shared: ClassVar[dict[str, Sharing]] = {
+        **dict.fromkeys(("item", "item_in", "item_bias", "item_state"), "sum"),
+        **dict.fromkeys(("pop_count", "pop_ctx_count"), "decayed"),
     }
 
     def __init__(
@@ -260,6 +264,10 @@ class DNN(Model):
         blank = np.flatnonzero(~self._item.data.any(axis=1))
         self._init_items(blank)
         self._changes["item"].clear()
+
+    def reserve_items(self, n: int) -> None:
+        self._ensure(self._user.n, n, self._ctx.n)
+        self._pop.reserve_items(n)
 
     def forget(self, kind: TableKind, ids: np.ndarray) -> None:
         if kind not in _KINDS:

@@ -10,7 +10,7 @@ features (each context key=value, plus hour of day and day of week from `ts`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any, Protocol
@@ -54,9 +54,14 @@ class RawEvent:
 
 
 class Vocab:
-    """String id -> dense row, growing; idle ids can be expired and their rows reused."""
+    """String id -> dense row, growing; idle ids can be expired and their rows reused.
+
+    With `resolve` set, rows come from elsewhere instead (one vocabulary that several shards share):
+    it maps unknown ids to their rows, all of a batch in one call, and rows are never reused.
+    """
 
     def __init__(self) -> None:
+        self.resolve: Callable[[list[str]], list[int]] | None = None
         self.index: dict[str, int] = {}
         self.names: list[str | None] = []
         self._seen = np.zeros(16)  # [capacity] stream time each row was last seen
@@ -78,9 +83,26 @@ class Vocab:
         """The row of `key`, or -1 when unknown."""
         return self.index.get(key, -1)
 
+    def put(self, key: str, row: int, ts: float = 0.0) -> None:
+        """Map `key` to `row` (a row handed out elsewhere: see `resolve`); no-op when `key` is known."""
+        if key in self.index:
+            return
+        if row >= len(self.names):
+            self.names.extend([None] * (row + 1 - len(self.names)))
+            if row >= len(self._seen):
+                self._seen = np.concatenate([self._seen, np.zeros(max(row + 1, 2 * len(self._seen)) - len(self._seen))])
+        self.names[row] = key
+        self._seen[row] = ts
+        self.index[key] = row
+        self._new[key] = row
+        self._removed.discard(key)
+
     def add(self, key: str, ts: float = 0.0) -> int:
         """The row of `key`, handing out a new (or freed) row when unknown."""
         row = self.index.get(key)
+        if row is None and self.resolve is not None:
+            self.put(key, self.resolve([key])[0], ts)
+            return self.index[key]
         if row is None:
             if self._free:
                 row = self._free.pop()
@@ -101,6 +123,12 @@ class Vocab:
     def add_many(self, keys: list[str | None], ts: np.ndarray) -> np.ndarray:
         """Rows of `keys` (None codes as -1), adding unknown ones in order; `ts`: [len(keys)]."""
         rows = list(map(self.index.get, keys, repeat(-2)))  # type: ignore[arg-type]  # None is never a key: -2
+        if -2 in rows and self.resolve is not None:  # every unknown id in one call
+            unknown = [k for k in dict.fromkeys(k for k, r in zip(keys, rows) if r == -2) if k is not None]
+            if unknown:
+                for name, given in zip(unknown, self.resolve(unknown)):
+                    self.put(name, given)
+                rows = list(map(self.index.get, keys, repeat(-2)))  # type: ignore[arg-type]
         if -2 in rows:  # None, or unknown ids: added one by one, so a repeated new id gets one row
             for j, row in enumerate(rows):
                 if row == -2:

@@ -24,7 +24,7 @@ from typing import ClassVar
 import numpy as np
 from numba import njit
 
-from models.base import Batch, Model, PopularityState, TableKind
+from models.base import Batch, Model, PopularityState, Sharing, TableKind
 from models.kernels import SEEN_BITS_PER_WORD, splitmix
 from models.mf_loop import ALL, BIAS, SEEN, STATE, VECTOR, learn_events, query, rewind
 from models.popularity import Popularity
@@ -80,6 +80,10 @@ class MF(Model):
         "pop_meta": "blob",
         "recent": "blob",  # [1, recent_size] item ids of the latest positives, -1 empty
         "meta": "blob",  # [1, 5] RNG counter as four 16-bit words, ring cursor
+    }
+    shared: ClassVar[dict[str, Sharing]] = {
+        **dict.fromkeys(("item", "item_bias", "item_state"), "sum"),
+        **dict.fromkeys(("pop_count", "pop_ctx_count"), "decayed"),
     }
 
     def __init__(
@@ -258,6 +262,10 @@ class MF(Model):
             for table in tables:
                 table.ensure(n)
         init_items(self._item.data, np.arange(loaded, self._item.n), 0, self.seed, self.init_scale)
+
+    def reserve_items(self, n: int) -> None:
+        self._ensure(self._user.n, n, self._ctx.n)
+        self._pop.reserve_items(n)
 
     def forget(self, kind: TableKind, ids: np.ndarray) -> None:
         if kind not in _KINDS:

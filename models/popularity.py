@@ -7,7 +7,7 @@ from typing import ClassVar
 import numpy as np
 from numba import njit
 
-from models.base import Batch, Model, PopularityState, TableKind
+from models.base import Batch, Model, PopularityState, Sharing, TableKind
 from models.decay import DecayClock, growth
 from models.rows import Changes, RowTable, shares
 
@@ -43,6 +43,7 @@ class Popularity(Model):
     name = "pop"
     sequential = True
     tables: ClassVar[dict[str, TableKind]] = {"count": "item", "ctx_count": "item", "meta": "blob"}
+    shared: ClassVar[dict[str, Sharing]] = {"count": "decayed", "ctx_count": "decayed"}
 
     def __init__(
         self, half_life: float = 30 * 86400.0, context_weight: float = 1.0, time_context: bool = False, seed: int = 0
@@ -100,6 +101,19 @@ class Popularity(Model):
             np.add.at(mix, (r, where), 1.0 / valid.sum(axis=1)[r])
             out += self.context_weight * (mix @ (ctx[:, used] / col_total[used]).T)
         return out
+
+    def reserve_items(self, n: int) -> None:
+        self._count.ensure(n)
+        self._ctx.ensure(n)
+        self._changes.flags.ensure(n)
+
+    def decay_scale(self, table: str) -> float | None:
+        return self._clock.scale
+
+    def absorb(self, table: str, rows: np.ndarray, delta: np.ndarray, scale: float | None = None) -> None:
+        if scale is not None:
+            delta = delta * self._clock.rebase(scale)
+        super().absorb(table, rows, delta)
 
     def popularity(self) -> PopularityState:
         return PopularityState(self._count.data, self._ctx.data, self.context_weight, self._context)

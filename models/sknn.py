@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from models.base import Batch, Model, TableKind
+from models.base import Batch, Model, Sharing, TableKind
 from models.rows import Changes, RowTable, shares
 
 
@@ -38,6 +38,7 @@ class SessionKNN(Model):
         "count": "item",  # [n_items, 1] event counts
         "meta": "blob",  # [[stamp counter]]
     }
+    shared: ClassVar[dict[str, Sharing]] = {"count": "sum"}
 
     def __init__(self, k: int = 100, sample_size: int = 1000, max_session_len: int = 100, query_len: int = 10,
                  sessions_per_item: int = 1000, pop_weight: float = 1e-3, seed: int = 0):
@@ -186,6 +187,10 @@ class SessionKNN(Model):
                 continue
             for i in (data[s, 1:][data[s, 1:] > 0] - 1).astype(np.int64).tolist():
                 self._index_add(i, s)
+
+    def reserve_items(self, n: int) -> None:
+        self._count.ensure(n)
+        self._items_changed.flags.ensure(n)
 
     def forget(self, kind: TableKind, ids: np.ndarray) -> None:
         ids = np.asarray(ids, np.int64)

@@ -148,6 +148,12 @@ def worker(
         "stops and alerts), earliest (learn the new log from its start, keeping the model) or latest (from its end)"
         f" (default {WORKER.on_offset_gap})",
     ),
+    shared_items: Optional[bool] = typer.Option(
+        None, "--shared-items/--local-items",
+        help="one item vocabulary and item state for all partitions, each shard folding in the others' item "
+        "changes (README \"Scale-out\"); or each partition's own (default: "
+        f"{'shared' if WORKER.shared_items else 'local'})",
+    ),
     processes: int = typer.Option(
         1, "--processes", min=1, help="group members to run, one process each (up to one per partition and core)"
     ),
@@ -166,7 +172,7 @@ def worker(
     try:
         given: dict[str, Any] = dict(batch_size=batch_size, max_wait_ms=max_wait_ms, commit_max=commit_max,
                      commit_interval_ms=commit_interval_ms, sample_rate=sample_rate, k=k, window=window,
-                     idle_expiry=idle_expiry, on_offset_gap=on_offset_gap)
+                     idle_expiry=idle_expiry, on_offset_gap=on_offset_gap, shared_items=shared_items)
         if on_offset_gap is not None and on_offset_gap not in OFFSET_GAP_POLICIES:
             raise ConfigError(f"--on-offset-gap must be one of {', '.join(OFFSET_GAP_POLICIES)} (got {on_offset_gap!r})")
         config = replace(WORKER, models=tuple(parse_names(models)), **{n: v for n, v in given.items() if v is not None})

@@ -17,24 +17,29 @@ EVENTS = 3000
 def test_the_scale_benchmark_reports_sane_figures_for_each_grid_point(services, tmp_path):
     result = scale.main(["--limit", str(EVENTS), "--partitions", "1,2", "--workers", "1,2", "--models", "mf,pop",
                          "--rounds", "3", "--out", str(tmp_path)], servers=services)
-    rows = result["runs"]["this tree"]
-    assert [(r["partitions"], r["workers"]) for r in rows] == [(1, 1), (2, 2)]
-    for row in rows:
-        assert row["applied"] == row["events"] == EVENTS
-        assert row["reporting_workers"] == row["partitions"]  # both processes held a partition
-        assert row["events_per_s"] > 0 and row["commit_us_per_event"] > 0 and row["redis_commands_per_event"] > 0
-        assert row["freshness_samples"] == 3 * row["partitions"] and 0 < row["commits"] <= EVENTS
-        p50, p99 = row["freshness_p50_p99_ms"]
-        assert 0 < p50 <= p99
-        assert set(row["models"]) == {"mf", "pop"}
-        for m in row["models"].values():
-            assert 0 <= m["recall"] <= 1 and 0.5 < m["auc"] <= 1  # better than chance on MovieLens
-            assert m["ranked"] == m["ranked_total"] > 0  # the metric window held every ranked event
-            assert m["ranked"] + m["cold_start"] + m["repeat"] == EVENTS  # every event evaluated
-    # Users split over two shards: each shard knows fewer items, so more events are cold in their shard.
-    assert rows[1]["models"]["mf"]["cold_start"] > rows[0]["models"]["mf"]["cold_start"]
+    assert set(result["runs"]) == {"local items", "shared items"}
+    for rows in result["runs"].values():
+        assert [(r["partitions"], r["workers"]) for r in rows] == [(1, 1), (2, 2)]
+        for row in rows:
+            assert row["applied"] == row["events"] == EVENTS
+            assert row["reporting_workers"] == row["partitions"]  # both processes held a partition
+            assert row["events_per_s"] > 0 and row["commit_us_per_event"] > 0 and row["redis_commands_per_event"] > 0
+            assert row["freshness_samples"] == 3 * row["partitions"] and 0 < row["commits"] <= EVENTS
+            p50, p99 = row["freshness_p50_p99_ms"]
+            assert 0 < p50 <= p99
+            assert set(row["models"]) == {"mf", "pop"}
+            for m in row["models"].values():
+                assert 0 <= m["recall"] <= 1 and 0.5 < m["auc"] <= 1  # better than chance on MovieLens
+                assert m["ranked"] == m["ranked_total"] > 0  # the metric window held every ranked event
+                assert m["ranked"] + m["cold_start"] + m["repeat"] == EVENTS  # every event evaluated
+    local, shared = result["runs"]["local items"], result["runs"]["shared items"]
+    # Users split over two shards: with local items each shard knows fewer items, so more events are cold
+    # in their shard; with shared items an item one shard has seen is in every shard's catalogue.
+    assert local[1]["models"]["mf"]["cold_start"] > local[0]["models"]["mf"]["cold_start"]
+    assert shared[1]["models"]["mf"]["cold_start"] < local[1]["models"]["mf"]["cold_start"]
     page = (tmp_path / "scale.md").read_text()
-    assert all(f"\n| {p} | {p} | {model} | " in page for p in (1, 2) for model in ("mf", "pop"))
+    assert all(f"\n| {tree} | {p} | {p} | {model} | " in page
+               for tree in ("local items", "shared items") for p in (1, 2) for model in ("mf", "pop"))
     assert (tmp_path / "scale.json").exists()
 
 

@@ -273,3 +273,36 @@ def test_each_row_is_scored_just_before_it_is_learned(name: str, stream) -> None
             start = j
         if start < len(batch):
             reference.learn(batch.take(slice(start, None)))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_replica_absorbing_what_another_learned_holds_its_item_rows(name: str, stream) -> None:
+    """Shared items (worker/items.py): a model's changes to its shared item tables, its rows less those of
+    a new model grown by `reserve_items`, absorbed by another new model, give that model the same rows."""
+    model = registry.create(name, seed=0)
+    if not model.shared:
+        pytest.skip(f"{name} keeps no shared item tables")
+    coded, _ = stream
+    for batch in coded[:20]:
+        model.learn(batch)
+    n = coded[19].n_items
+    fresh = registry.create(name, seed=0)
+    fresh.reserve_items(n)
+    start, learned = copy_state(fresh), copy_state(model)
+    replica = registry.create(name, seed=0)
+    replica.reserve_items(n)
+    for table, how in model.shared.items():
+        now = np.asarray(learned[table], np.float64)
+        before = np.zeros_like(now)
+        given = np.asarray(start[table], np.float64)
+        before[: len(given), : given.shape[1]] = given[: len(now), : now.shape[1]]
+        delta = now - before
+        rows = np.flatnonzero(delta.any(axis=1))
+        assert len(rows), f"{table}: nothing learned"
+        replica.absorb(table, rows, delta[rows], model.decay_scale(table) if how == "decayed" else None)
+    got = replica.export_state()
+    for table in model.shared:
+        mine = np.asarray(got[table], np.float64)
+        theirs = np.asarray(learned[table], np.float64)
+        width = theirs.shape[1]
+        assert_same(mine[: len(theirs), :width], theirs)

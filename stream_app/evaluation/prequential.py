@@ -192,6 +192,14 @@ class Evaluator:
             self._window((name, EVENT_TYPES[code]), self.by_type).add(values[types == code])
         self.evaluated[name] = self.evaluated.get(name, 0) + len(rows)
 
+    def know(self, items: np.ndarray) -> None:
+        """Put `items` in the catalogue (seen in the stream elsewhere: shared items)."""
+        if len(items):
+            size = int(items.max()) + 1
+            if len(self._known) < size:
+                self._known = np.concatenate([self._known, np.zeros(size - len(self._known), bool)])
+            self._known[items] = True
+
     def forget(self, kind: str, ids: np.ndarray) -> None:
         """Forget expired ids: a user's or session's seen items, or an item's place in the catalogue."""
         if kind == "item":

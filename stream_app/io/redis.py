@@ -220,6 +220,10 @@ class Keys:
     history = property(lambda self: self._key("history"), doc="hash: user row -> int32 (item, type) pairs")
     open_sessions = property(lambda self: self._key("open_sessions"), doc="hash: user id -> 'session|last ts'")
     gaps = property(lambda self: self._key("gaps"), doc="list: JSON record of each offset gap the state was carried over")
+    item_log = property(lambda self: self._key("items:log"), doc="list: the item changes of each commit (shared items)")
+    item_log_base = property(lambda self: self._key("items:log:base"), doc="entries trimmed from the head of `item_log`")
+    item_cursors = property(lambda self: self._key("items:cursors"),
+                            doc="hash: partition -> index of the next entry of its `item_log` to fold in")
 
     def vocab(self, kind: str) -> str:
         return f"{self.tag}:vocab:{kind}"
@@ -244,6 +248,7 @@ class Snapshot:
     models: dict[str, dict[str, np.ndarray]]  # model -> table -> array; a blob never written is absent
     token: int = 0  # the reader's fencing token (workers)
     dedup: list[str] = field(default_factory=list)  # event ids of the dedup window (workers)
+    cursors: dict[int, int] = field(default_factory=dict)  # partition -> next entry of its item log to fold in
 
 
 def read_snapshot(client: Client, keys: Keys, tables: dict[str, dict[str, TableKind]]) -> Snapshot:
@@ -256,16 +261,17 @@ def read_snapshot(client: Client, keys: Keys, tables: dict[str, dict[str, TableK
         pipe.hgetall(keys.vocab(kind))
     pipe.hgetall(keys.open_sessions)
     pipe.hgetall(keys.history)
+    pipe.hgetall(keys.item_cursors)
     reads = [(name, table, kind) for name, model in tables.items() for table, kind in model.items() if kind != "session"]
     for name, table, kind in reads:
         (pipe.get if kind == "blob" else pipe.hgetall)(keys.table(name, table))
-    version, offset, applied, *vocab_raw, opened_raw, history_raw = (got := pipe.execute())[: 5 + len(KINDS)]
+    version, offset, applied, *vocab_raw, opened_raw, history_raw, cursors_raw = (got := pipe.execute())[: 6 + len(KINDS)]
     opened = {}
     for user, raw in opened_raw.items():
         key, _, ts = raw.decode().rpartition("|")
         opened[user.decode()] = (key, float(ts))
     models: dict[str, dict[str, np.ndarray]] = {name: {} for name in tables}
-    for (name, table, kind), raw in zip(reads, got[5 + len(KINDS):]):
+    for (name, table, kind), raw in zip(reads, got[6 + len(KINDS):]):
         if kind != "blob":
             models[name][table] = rows_to_array(raw)
         elif raw is not None:
@@ -282,6 +288,7 @@ def read_snapshot(client: Client, keys: Keys, tables: dict[str, dict[str, TableK
         open_sessions=opened,
         history={int(u): np.frombuffer(v, np.int32).reshape(-1, 2) for u, v in history_raw.items()},
         models=models,
+        cursors={int(p): int(c) for p, c in cursors_raw.items()},
     )
 
 
@@ -289,7 +296,7 @@ def read_snapshot(client: Client, keys: Keys, tables: dict[str, dict[str, TableK
 class Changes:
     """One micro-batch's writes for one partition."""
 
-    next_offset: int
+    next_offset: int | None  # None: no event read yet (a commit of folded-in item changes only)
     applied: int
     vocab_new: dict[str, dict[str, int]]
     vocab_removed: dict[str, set[str]]
@@ -298,6 +305,9 @@ class Changes:
     history: dict[int, bytes]  # user row -> int32 (item row, event type) pairs
     tables: list[tuple[str, str, str, np.ndarray | None, np.ndarray]]  # model, table, kind, ids (None: blob), values
     expired: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> rows freed this batch
+    item_log: bytes | None = None  # shared items: this commit's item changes, for the other partitions
+    cursors: dict[int, int] = field(default_factory=dict)  # shared items: the other partitions' logs folded in so far
+    log_trim: int = 0  # entries to drop from the head of the item log (every partition has folded them in)
 
 
 class PartitionStore:
@@ -420,7 +430,14 @@ class PartitionStore:
                             w.call("DEL", k.session_row(model, table, r))
                     elif table_kind == kind:
                         w.fields("HDEL", k.table(model, table), fields)
-        w.call("SET", k.offset, ch.next_offset)
+        if ch.log_trim:
+            w.call("LTRIM", k.item_log, ch.log_trim, -1)
+            w.call("INCRBY", k.item_log_base, ch.log_trim)
+        if ch.item_log is not None:
+            w.call("RPUSH", k.item_log, ch.item_log)
+        w.hset(k.item_cursors, list(ch.cursors), list(map(str, ch.cursors.values())))
+        if ch.next_offset is not None:
+            w.call("SET", k.offset, ch.next_offset)
         w.call("INCRBY", k.applied, ch.applied)
         w.call("INCR", k.version)
 
@@ -526,6 +543,70 @@ def _pack(parts: list | np.ndarray) -> tuple[bytes, str]:
     if isinstance(parts[0], str):
         parts = [p.encode() for p in parts]
     return b"".join(parts), " ".join(map(str, map(len, parts)))
+
+
+class SharedVocab:
+    """Rows of ids that every partition of a topic shares (items, context values): one hash per kind,
+    rows handed out in order by a counter in the same slot. Not fenced: an id's row never changes, so
+    any worker, a fenced one too, may ask."""
+
+    def __init__(self, client: Client, prefix: str, topic: str, kind: str):
+        tag = f"{{{prefix}:{topic}:shared}}"
+        self.client, self.keys = client, [f"{tag}:vocab:{kind}", f"{tag}:vocab:{kind}:n"]
+        self._script: Script | None = None
+
+    def __call__(self, names: list[str]) -> list[int]:
+        if self._script is None:
+            self._script = self.client.register_script(_SHARED_ROWS)
+        rows: list[int] = []
+        for start in range(0, len(names), _MAX_ARGS):
+            rows += self._script(keys=self.keys, args=names[start : start + _MAX_ARGS])
+        return rows
+
+
+# KEYS: the kind's hash (id -> row) and its counter; ARGV: ids. Returns their rows, new ids getting the next ones.
+_SHARED_ROWS = """
+local out = {}
+for i, name in ipairs(ARGV) do
+  local row = redis.call('HGET', KEYS[1], name)
+  if not row then
+    row = redis.call('INCR', KEYS[2]) - 1
+    redis.call('HSET', KEYS[1], name, row)
+  end
+  out[i] = tonumber(row)
+end
+return out
+"""
+
+
+def read_item_log(client: Client, keys: Keys, start: int, count: int) -> tuple[int, list[bytes]]:
+    """Up to `count` entries of a partition's item log from index `start` on (indexes count trimmed
+    entries too), read atomically with the trimmed count; returns the index of the first entry given
+    (above `start` when entries up to it were trimmed) and the entries."""
+    first, entries = client.register_script(_READ_LOG)(keys=[keys.item_log, keys.item_log_base], args=[start, count])
+    return int(first), list(entries)
+
+
+# KEYS: the log, its trimmed count; ARGV: start index, count. Returns {index of the first entry, entries}.
+_READ_LOG = """
+local base = tonumber(redis.call('GET', KEYS[2]) or '0')
+local from = math.max(tonumber(ARGV[1]) - base, 0)
+return {base + from, redis.call('LRANGE', KEYS[1], from, from + tonumber(ARGV[2]) - 1)}
+"""
+
+
+def log_trim(client: Client, keys: Keys, readers: Iterable[int]) -> int:
+    """How many entries of a partition's item log every reader (partitions) has folded in and its
+    head may drop: the least of their committed cursors, less the entries trimmed already."""
+    pipe = client.pipeline(transaction=False)
+    pipe.get(keys.item_log_base)
+    readers = list(readers)
+    for reader in readers:
+        pipe.hget(Keys(keys.prefix, keys.topic, reader).item_cursors, str(keys.partition))
+    base, *cursors = pipe.execute()
+    if not readers:
+        return 0
+    return max(0, min(int(c or 0) for c in cursors) - int(base or 0))
 
 
 def applied_total(client: Client, prefix: str, topic: str, partitions: Iterable[int]) -> int:

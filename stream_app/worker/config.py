@@ -35,5 +35,7 @@ class WorkerConfig:
     idle_expiry: float | None = None  # users and items idle this long (stream time, s) are expired; None: never
     on_offset_gap: OffsetGapPolicy = "stop"
     max_clock_skew: float | None = MAX_CLOCK_SKEW  # events with ts further ahead of this host's clock are dead letters; None: any
+    shared_items: bool = False  # one item vocabulary and item state for all partitions (README "Scale-out")
+    fold_interval_ms: int = 200  # shared items: how often the other partitions' item changes are folded in
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     seed: int = 0

@@ -26,6 +26,7 @@ from stream_app.evaluation.prequential import Evaluator, restore, step
 from stream_app.io import kafka
 from stream_app.io.redis import Changes, PartitionStore
 from stream_app.worker.config import WorkerConfig
+from stream_app.worker.items import SharedItems
 
 HISTORY = 50  # recent (item, event type) pairs kept per user for exclusion and reasons
 STEPS = ("decode", "featurize", "evaluate", "learn", "history", "commit")  # of `Shard.process`, timed
@@ -43,6 +44,7 @@ class _Pending:
     """What a shard has learned since its last commit."""
 
     events: int = 0
+    folded: bool = False  # the other partitions' item changes were folded in (shared items)
     next_offset: int | None = None
     since: float | None = None  # when the first of them was learned (monotonic)
     ids: dict[str, None] = field(default_factory=dict)  # new event ids, in order
@@ -54,7 +56,9 @@ class _Pending:
 class Shard:
     """One partition's models, vocabularies, evaluator and dedup window."""
 
-    def __init__(self, store: PartitionStore, config: WorkerConfig, seconds: dict[str, float] | None = None):
+    def __init__(self, store: PartitionStore, config: WorkerConfig, seconds: dict[str, float] | None = None,
+                 partitions: int = 1):
+        """`partitions`: how many the events topic has (the item logs a shard folds in, with shared items)."""
         self.store = store
         self.config = config
         self.featurizer = Featurizer(session_gap=config.session_gap)
@@ -71,6 +75,8 @@ class Shard:
         self.last_ts = np.zeros(0)  # event times of the last commit (freshness)
         self._expired_at = -float("inf")
         self.seconds = dict.fromkeys(STEPS, 0.0) if seconds is None else seconds  # wall time per step
+        self.shared = (SharedItems(store, self.models, self.featurizer, partitions, self.evaluator.know)
+                       if config.shared_items else None)
 
     def resume(self) -> int | None:
         """Claim the partition and load its state; returns the offset to seek to."""
@@ -90,6 +96,8 @@ class Shard:
             np.fromiter(f.items.index.values(), np.int64, len(f.items.index)),
             {u: h[:, 0] for u, h in snap.history.items()},
         )
+        if self.shared is not None:
+            self.shared.loaded(snap.cursors)
         self.offset = self.committed = snap.offset
         return snap.offset
 
@@ -102,7 +110,9 @@ class Shard:
         f = self.featurizer
         plan: list[tuple[TableKind, Vocab, float]] = [("session", f.sessions, self.config.session_gap)]
         if self.config.idle_expiry is not None:
-            plan += [("user", f.users, self.config.idle_expiry), ("item", f.items, self.config.idle_expiry)]
+            plan.append(("user", f.users, self.config.idle_expiry))
+            if self.shared is None:  # shared items are never expired: their rows are every shard's
+                plan.append(("item", f.items, self.config.idle_expiry))
         freed: dict[str, np.ndarray] = {}
         for kind, vocab, idle in plan:
             rows = vocab.expire(now - idle)
@@ -128,7 +138,13 @@ class Shard:
             batch = f.batch(events[start : start + size])
             self._refill(batch)
             t = _tick(clock, "featurize", t)
-            step([self.evaluator], batch, self.models, clock)  # each row scored just before it is learned
+            if self.shared is None:
+                step([self.evaluator], batch, self.models, clock)  # each row scored just before it is learned
+            else:
+                self.shared.reserve(batch.n_items)
+                scales = self.shared.scales()
+                step([self.evaluator], batch, self.models, clock)
+                self.shared.rescaled(scales)
             t = time.perf_counter()
             users, history = batch.users.tolist(), self.history
             for u, i, e in zip(users, batch.items.tolist(), batch.event_types.tolist()):
@@ -157,6 +173,18 @@ class Shard:
                     del self.dedup[event_id]
         return len(events)
 
+    def fold(self) -> int:
+        """Fold the other partitions' changes to the shared items in; they reach Redis with the next commit,
+        which they make due. Returns the log entries folded."""
+        if self.shared is None:
+            return 0
+        folded = self.shared.fold()
+        if folded:
+            self.pending.folded = True
+            if self.pending.since is None:
+                self.pending.since = time.monotonic()
+        return folded
+
     def _refill(self, batch) -> None:
         """Give models back, from Redis, the session states of this batch that their LRU dropped."""
         sessions = None
@@ -173,15 +201,18 @@ class Shard:
         """Write everything learned since the last commit, with the next offset, in one atomic
         Redis write; returns the events committed."""
         pending, f = self.pending, self.featurizer
-        if pending.next_offset is None:
+        if pending.next_offset is None and not pending.folded:
             return 0
         t = time.perf_counter()
         tables: list = []
+        shared: list = []  # the changed rows of shared item tables
         for name, model in self.models.items():
             state = model.export_state()
             for table, ids in model.drain_changes().items():
                 values = state[table] if ids is None else state[table][ids]
                 tables.append((name, table, model.tables[table], ids, values))
+                if ids is not None and table in model.shared and len(ids):
+                    shared.append((name, table, ids, values))
         ts = np.array(pending.ts, np.float64)  # [n]
         expired = self._expire(float(ts.max())) if len(ts) else {}
         vocab_new, vocab_removed = {}, {}
@@ -204,8 +235,13 @@ class Shard:
             tables=tables,
             expired=expired,
         )
+        if self.shared is not None:
+            changes.item_log = self.shared.publish(shared)
+            changes.cursors = dict(self.shared.cursors)
+            changes.log_trim = self.shared.trim()
         self.version = self.store.commit(changes)
-        self.committed = pending.next_offset
+        if pending.next_offset is not None:
+            self.committed = pending.next_offset
         self.last_ts = ts
         self.pending = _Pending()
         self.commit_seconds = _tick(self.seconds, "commit", t) - t

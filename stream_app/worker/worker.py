@@ -69,6 +69,7 @@ class Worker:
         self._unassigned_since = time.monotonic()
         self._joined_at = time.monotonic()
         self._reminded_at = time.monotonic()
+        self._folded_at = time.monotonic()
         self.running = True
         self.applied = 0
         self.dead = 0
@@ -99,7 +100,7 @@ class Worker:
             for partition in partitions:
                 store = PartitionStore(self.redis, Keys(s.key_prefix, s.events_topic, partition),
                                        self.config.dedup_window, self.config.session_gap, worker_id=self.config.worker_id)
-                shard = Shard(store, self.config, self.seconds)
+                shard = Shard(store, self.config, self.seconds, len(bounds) or s.events_partitions)
                 with reachable(s.redis_url):
                     start = self._checked_start(partition, shard, shard.resume(), bounds.get(partition))
                 if partition not in self.stopped:
@@ -222,6 +223,7 @@ class Worker:
                     break  # idle time counts from the first assignment (whose loading may take a while)
                 for messages in polled:
                     self._guarded(messages.partition, self._learn, messages)
+                self._fold_due()
                 self._commit_due(idle=not polled)
                 if not polled:
                     self._check_gaps()
@@ -276,6 +278,14 @@ class Worker:
             if not len(messages):
                 return
         shard.process(messages, self.dead_letter)
+
+    def _fold_due(self) -> None:
+        """With shared items: every `fold_interval_ms`, each shard folds in the other partitions' item changes."""
+        if not self.config.shared_items or time.monotonic() - self._folded_at < self.config.fold_interval_ms / 1000:
+            return
+        self._folded_at = time.monotonic()
+        for partition, shard in list(self.shards.items()):
+            self._guarded(partition, shard.fold)
 
     def _commit_due(self, idle: bool) -> None:
         """Commit the shards whose learning is due in Redis: all of them when the stream is idle, else
