@@ -18,6 +18,7 @@ import redis
 from fastapi.testclient import TestClient
 
 import tests.test_api as single_api
+import tests.test_shared_items as shared
 import tests.test_worker as single
 from stream_app.core.errors import ConfigError, ServiceError
 from stream_app.core.events import prepare
@@ -118,6 +119,16 @@ def test_every_event_is_applied_once_across_nodes(settings):
 def test_kill_9_mid_stream_then_restart_applies_every_event_exactly_once(settings, tmp_path):
     single.test_kill_9_mid_stream_then_restart_applies_every_event_exactly_once(settings, tmp_path, "kafka-python")
     assert len(nodes_holding(settings)) > 1
+
+
+def test_shared_items_fold_across_nodes(settings):
+    """The shared vocabulary's slot, and each partition's item log in its own slot, on several nodes."""
+    shared.test_shards_fold_each_others_item_changes_into_equal_replicas(settings)
+    assert len(nodes_holding(settings)) > 1
+
+
+def test_kill_9_with_shared_items_applies_every_item_change_once_on_the_cluster(settings, tmp_path):
+    shared.test_kill_9_with_shared_items_applies_every_item_change_once(settings, tmp_path, "kafka-python")
 
 
 def test_fencing_and_the_dedup_window_hold_on_the_cluster(settings):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from models.features import Vocab
+from stream_app.core.errors import FencedError
 from stream_app.core.events import encode, prepare
 from stream_app.io import kafka
 from stream_app.io.redis import Keys, PartitionStore, SharedVocab, connect
@@ -116,6 +117,21 @@ def test_a_restarted_shard_neither_loses_nor_repeats_folded_changes(topics):
     s0.commit()
     assert s1.fold() == 1
     np.testing.assert_allclose(table(s1, *COUNTED)[:, 0], expected_counts(s1, events))
+
+
+def test_a_fenced_zombie_publishes_no_item_changes(topics):
+    events = list(stream(200, seed=7, users=20, items=30))
+    zombie = shard_of(topics, 0)
+    owner = shard_of(topics, 0)  # claims the partition: the first shard is fenced from now on
+    learn(zombie, events)
+    with pytest.raises(FencedError):
+        zombie.commit()
+    assert zombie.store.client.llen(zombie.store.keys.item_log) == 0
+    learn(owner, events)
+    owner.commit()
+    other = shard_of(topics, 1)
+    assert other.fold() == 1
+    np.testing.assert_allclose(table(other, *COUNTED)[:, 0], expected_counts(other, events))
 
 
 def test_the_item_log_is_trimmed_once_every_partition_folded_it(topics, monkeypatch):
