@@ -127,6 +127,10 @@ def test_shared_items_fold_across_nodes(settings):
     assert len(nodes_holding(settings)) > 1
 
 
+def test_a_fenced_zombie_publishes_no_item_changes_on_the_cluster(settings):
+    shared.test_a_fenced_zombie_publishes_no_item_changes(settings)
+
+
 def test_kill_9_with_shared_items_applies_every_item_change_once_on_the_cluster(settings, tmp_path):
     shared.test_kill_9_with_shared_items_applies_every_item_change_once(settings, tmp_path, "kafka-python")
 
