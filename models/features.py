@@ -123,12 +123,9 @@ class Vocab:
     def add_many(self, keys: list[str | None], ts: np.ndarray) -> np.ndarray:
         """Rows of `keys` (None codes as -1), adding unknown ones in order; `ts`: [len(keys)]."""
         rows = list(map(self.index.get, keys, repeat(-2)))  # type: ignore[arg-type]  # None is never a key: -2
-        if -2 in rows and self.resolve is not None:  # every unknown id in one call
-            unknown = [k for k in dict.fromkeys(k for k, r in zip(keys, rows) if r == -2) if k is not None]
-            if unknown:
-                for name, given in zip(unknown, self.resolve(unknown)):
-                    self.put(name, given)
-                rows = list(map(self.index.get, keys, repeat(-2)))  # type: ignore[arg-type]
+        if -2 in rows and self.resolve is not None:
+            self.prefetch([k for k, r in zip(keys, rows) if r == -2])
+            rows = list(map(self.index.get, keys, repeat(-2)))  # type: ignore[arg-type]
         if -2 in rows:  # None, or unknown ids: added one by one, so a repeated new id gets one row
             for j, row in enumerate(rows):
                 if row == -2:
@@ -138,6 +135,15 @@ class Vocab:
         known = out >= 0
         np.maximum.at(self._seen, out[known], ts[known])
         return out
+
+    def prefetch(self, keys: Iterable[str | None]) -> None:
+        """With `resolve`: map every unknown id among `keys` (None skipped) in one call."""
+        if self.resolve is None:
+            return
+        unknown = [k for k in dict.fromkeys(keys) if k is not None and k not in self.index]
+        if unknown:
+            for name, given in zip(unknown, self.resolve(unknown)):
+                self.put(name, given)
 
     def expire(self, older_than: float) -> np.ndarray:
         """Free every id last seen before `older_than`; returns their rows."""

@@ -132,26 +132,27 @@ class SharedItems:
 
     def fold(self) -> int:
         """Fold the other partitions' new log entries into the replicas; returns how many were folded."""
-        folded = 0
         keys = self.store.keys
+        entries = []
         for source in self.sources:
             start = self.cursors[source]
-            first, entries = read_item_log(self.store.client, Keys(keys.prefix, keys.topic, source), start, FOLD_ENTRIES)
+            first, got = read_item_log(self.store.client, Keys(keys.prefix, keys.topic, source), start, FOLD_ENTRIES)
             if first > start:
                 log.error("partition %s: %s changes of partition %s to the shared items were trimmed before they "
                           "were folded in here; its replica misses them", keys.partition, first - start, source)
-            for entry in entries:
-                self._absorb(*decode(entry))
-            self.cursors[source] = first + len(entries)
-            folded += len(entries)
-        return folded
-
-    def _absorb(self, tables: list[tuple[str, str, float | None, np.ndarray, np.ndarray]], names: dict[int, str]) -> None:
-        for row, name in names.items():
-            self.featurizer.items.put(name, row)
+            entries += [decode(entry) for entry in got]
+            self.cursors[source] = first + len(got)
+        names = {row: name for _, named in entries for row, name in named.items()}
         if names:
+            for row, name in names.items():
+                self.featurizer.items.put(name, row)
             self.know(np.fromiter(names, np.int64, len(names)))
             self.reserve(len(self.featurizer.items))
+        for tables, _ in entries:
+            self._absorb(tables)
+        return len(entries)
+
+    def _absorb(self, tables: list[tuple[str, str, float | None, np.ndarray, np.ndarray]]) -> None:
         for name, table, scale, rows, delta in tables:
             model = self.models.get(name)
             if model is None or table not in model.shared:

@@ -133,6 +133,9 @@ class Shard:
         events, new_ids = self._decode(messages, dead_letter)
         t = _tick(clock, "decode", t)
         f = self.featurizer
+        if self.shared is not None:  # the rows of a whole poll's new items and context values in two calls
+            f.items.prefetch(e.item_id for e in events)
+            f.contexts.prefetch(k for e in events for k in f.context_keys(e.context, e.ts))
         size = self.config.batch_size
         for start in range(0, len(events), size):
             batch = f.batch(events[start : start + size])
