@@ -23,7 +23,7 @@ import bisect
 import logging
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -310,6 +310,12 @@ class Messages:
     def next_offset(self) -> int:
         """The offset after the last message."""
         return self.record(len(self.values) - 1).offset + 1
+
+    def chunks(self, size: int) -> Iterator[Messages]:
+        """The messages in runs of at most `size`, in order."""
+        for start in range(0, len(self.values), size):
+            yield Messages(self.partition, self.values[start : start + size], self._native[start : start + size],
+                           self._record)
 
     def since(self, offset: int) -> Messages:
         """The messages at `offset` or later."""

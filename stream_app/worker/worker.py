@@ -42,6 +42,7 @@ from stream_app.worker.shard import STEPS, Shard
 from stream_app.worker.status import STALLED, partition_status
 
 log = logging.getLogger("streamrec.worker")
+EXCHANGE_EVENTS = 64  # shared items: events learned between checks for a due fold and commit within a poll
 RETRY_FIRST, RETRY_MAX = 0.5, 10.0  # seconds between attempts to reload partitions while Redis or Kafka is down
 GAP_CHECK_EVERY = 30.0  # seconds between checks, when idle, of the owned partitions against the log's end
 REJOIN_AFTER = 20.0  # seconds without a partition, while others stall, before a member unwedges its group
@@ -277,7 +278,17 @@ class Worker:
             messages = messages.since(shard.offset)
             if not len(messages):
                 return
-        shard.process(messages, self.dead_letter)
+        if not self.config.shared_items:
+            shard.process(messages, self.dead_letter)
+            return
+        # Shared items: what other partitions learn reaches this one only through commits and folds, so a
+        # long poll is learned in runs with both in between, as when the stream keeps up.
+        for run in messages.chunks(max(self.config.batch_size, EXCHANGE_EVENTS)):
+            if self.shards.get(messages.partition) is not shard:
+                return  # dropped (fenced) or suspended by a failed commit: the next owner or load re-reads it
+            shard.process(run, self.dead_letter)
+            self._fold_due()
+            self._commit_due(idle=False)
 
     def _fold_due(self) -> None:
         """With shared items: every `fold_interval_ms`, each shard folds in the other partitions' item changes."""
