@@ -54,3 +54,18 @@ def test_the_worker_command_takes_its_metric_window_from_the_flag(topics, tmp_pa
     (record,) = read_records(topics).values()
     assert record["evaluated"] <= 2 * 200 < record["evaluated_total"]  # one window per partition
     assert record["applied"] == 1500 and record["seconds"]["commit"] > 0 and record["seconds"]["learn"] > 0
+
+
+def test_the_exchange_benchmark_ranks_every_event_with_shared_items(tmp_path):
+    from bench import exchange
+
+    result = exchange.main(["--limit", "2000", "--partitions", "2", "--every", "100", "--out", str(tmp_path)])
+    one, local, shared = result["runs"]
+    assert (one["partitions"], local["partitions"], shared["partitions"]) == (1, 2, 2)
+    assert (local["items"], shared["items"]) == ("local", "shared")
+    for run in result["runs"]:
+        for m in run["models"].values():
+            assert 0 < m["recall"] <= 1 and 0.5 < m["auc"] <= 1
+    # one catalogue: an item one shard has seen is rankable in the other
+    assert shared["models"]["mf"]["ranked"] > local["models"]["mf"]["ranked"]
+    assert (tmp_path / "exchange.md").read_text().count("\n| shared | 2 | 100 |") == 1
