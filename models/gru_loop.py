@@ -111,11 +111,11 @@ def _axpy(y, a, x):  # pragma: no cover - numba
 def learn_events(inv, items, weights, sess, tables, flat, flat_acc, dirty, rng, sizes, steps, score_at, res):  # pragma: no cover
     """Learn the events in order. Event e, of session u = inv[e] with item i, when the session has items
     already: from h_back[u] the GRU steps through the last k of them (its window) to h; the logits
-    h . out[j] + m . emb[j] + bias[j] (m the mean embedding of its last `mean_items` items) of i and
-    N uniform draws go into BPR-max, scaled by the event's weight; every weight and item row that took
-    part steps at once by Adagrad. Then i counts, and the session advances through it. An event with
-    score_at[e] = r >= 0 is first scored as `score_rows` would score it then, into res [R, n] row r;
-    an item -1 (a query) is only scored.
+    h . out[j] + m . emb[j] + bias[j] (m the mean embedding of its last `mean_items` items) of i and of
+    those of N uniform draws that name items seen already (count > 0) go into BPR-max, scaled by the
+    event's weight; every weight and item row that took part steps at once by Adagrad. Then i counts,
+    and the session advances through it. An event with score_at[e] = r >= 0 is first scored as
+    `score_rows` would score it then, into res [R, n] row r; an item -1 (a query) is only scored.
 
     sess = (h [U, H], h_back [U, H], win [U, L]), updated in place; tables = (emb [n, E], out [n, H],
     bias [n, 1], acc [n, E + H + 1] Adagrad accumulators of emb, out and bias, count [n]); flat, flat_acc
@@ -134,7 +134,7 @@ def learn_events(inv, items, weights, sess, tables, flat, flat_acc, dirty, rng, 
     w_ih, w_hh, b_ih, b_hh = dense
     g_flat = np.empty_like(flat)
     g_ih, g_hh, gb_ih, gb_hh = dense_views(g_flat, H, E)
-    # work space: the window's input gates, recurrent gates and states; gradients
+    # work space: the window's gate values (r, z, n), recurrent gates (W_hh h + b_hh) and states; gradients
     xg, gh, hs = np.empty((bptt, 3 * H), np.float32), np.empty((bptt, 3 * H), np.float32), np.empty((bptt + 1, H), np.float32)
     m_vec, dh, dprev, dm = np.empty(E, np.float32), np.empty(H, np.float32), np.empty(H, np.float32), np.empty(E, np.float32)
     dgi, dgh, dx = np.empty(3 * H, np.float32), np.empty(3 * H, np.float32), np.empty(E, np.float32)
@@ -166,11 +166,15 @@ def learn_events(inv, items, weights, sess, tables, flat, flat_acc, dirty, rng, 
             M = session_mean(win[u], emb, mean_items, m_vec)
             # candidates and their logits
             cand[0] = i
-            for c in range(1, C):
+            nc = 1
+            for _ in range(n_neg):
                 draw += np.uint64(1)
-                cand[c] = below(draw, n)
+                j = below(draw, n)
+                if count[j] > 0.0:  # seen already: a draw of an item yet to come would push it down before it shows
+                    cand[nc] = j
+                    nc += 1
             hT = hs[T]
-            for c in range(C):
+            for c in range(nc):
                 j = cand[c]
                 acc_s = bias[j, 0]
                 for k in range(H):
@@ -178,10 +182,10 @@ def learn_events(inv, items, weights, sess, tables, flat, flat_acc, dirty, rng, 
                 for k in range(E):
                     acc_s += m_vec[k] * emb[j, k]
                 s[c] = acc_s
-            if not np.isnan(bpr_max(s, cand, bpreg, g)):  # nan: no negative (a catalogue of one item)
+            if not np.isnan(bpr_max(s[:nc], cand[:nc], bpreg, g[:nc])):  # nan: no negative
                 # each distinct candidate once, its gradient summed over its copies
                 nr = 0
-                for c in range(C):
+                for c in range(nc):
                     j = cand[c]
                     if slot[j] < 0:
                         slot[j] = nr
@@ -217,9 +221,7 @@ def learn_events(inv, items, weights, sess, tables, flat, flat_acc, dirty, rng, 
                 for t in range(T - 1, -1, -1):
                     hp = hs[t]
                     for k in range(H):
-                        r_ = np.float32(0.5) + np.float32(0.5) * np.tanh(np.float32(0.5) * (xg[t, k] + gh[t, k]))
-                        z_ = np.float32(0.5) + np.float32(0.5) * np.tanh(np.float32(0.5) * (xg[t, H + k] + gh[t, H + k]))
-                        n_ = np.tanh(xg[t, 2 * H + k] + r_ * gh[t, 2 * H + k])
+                        r_, z_, n_ = xg[t, k], xg[t, H + k], xg[t, 2 * H + k]  # the gates' values
                         d = dh[k]
                         dan = d * (one - z_) * (one - n_ * n_)
                         dar = dan * gh[t, 2 * H + k] * r_ * (one - r_)

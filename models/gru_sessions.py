@@ -11,6 +11,8 @@ from numba import njit
 from models.kernels import FAST
 from models.rows import Changes, RowTable
 
+_HALF = np.float32(0.5)
+
 
 @njit(cache=True, fastmath=FAST, error_model="numpy")
 def input_gates(x, w_ih, b_ih, xg):  # pragma: no cover - numba
@@ -24,8 +26,8 @@ def input_gates(x, w_ih, b_ih, xg):  # pragma: no cover - numba
 
 @njit(cache=True, fastmath=FAST, error_model="numpy")
 def gru_step(xg, h, w_hh, b_hh, gh, out):  # pragma: no cover - numba
-    """out = GRUCell step from state h [H] with input gates xg = W_ih x + b_ih (gates r, z, n);
-    keeps gh [3H] = W_hh h + b_hh for a backward pass."""
+    """out = GRUCell step from state h [H] with input gates xg = W_ih x + b_ih (gates r, z, n). For a
+    backward pass, keeps gh [3H] = W_hh h + b_hh and leaves in xg the gates' values r, z, n."""
     H = h.shape[0]
     for k in range(3 * H):
         acc = b_hh[k]
@@ -33,10 +35,11 @@ def gru_step(xg, h, w_hh, b_hh, gh, out):  # pragma: no cover - numba
             acc += w_hh[k, m] * h[m]
         gh[k] = acc
     for k in range(H):
-        r = 0.5 + 0.5 * np.tanh(0.5 * (xg[k] + gh[k]))  # sigmoid
-        z = 0.5 + 0.5 * np.tanh(0.5 * (xg[H + k] + gh[H + k]))
+        r = _HALF + _HALF * np.tanh(_HALF * (xg[k] + gh[k]))  # sigmoid
+        z = _HALF + _HALF * np.tanh(_HALF * (xg[H + k] + gh[H + k]))
         n = np.tanh(xg[2 * H + k] + r * gh[2 * H + k])
-        out[k] = (1.0 - z) * n + z * h[k]
+        out[k] = (np.float32(1.0) - z) * n + z * h[k]
+        xg[k], xg[H + k], xg[2 * H + k] = r, z, n
 
 
 @njit(cache=True, fastmath=FAST, error_model="numpy")

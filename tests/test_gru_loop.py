@@ -49,7 +49,10 @@ def test_one_event_step_matches_autograd():
     for k in range(0, len(warm), 7):
         model.learn(feat.batch(warm[k : k + 7]))
     model.drain_changes()
+    for k in range(6):  # items in the vocabulary, not yet seen: no negatives
+        feat.items.add(f"later{k}")
     b = feat.batch([RawEvent("u1", "i4", "purchase", 100.0, "s1")])  # weight 3
+    model.score(b, np.zeros(1, np.int64))  # makes the rows of the new items
     before = {k: np.array(v, copy=True) for k, v in model.export_state().items()}
     s, i, w = int(b.sessions[0]), int(b.items[0]), float(b.weights[0])
     row = before["session"][s]
@@ -60,7 +63,9 @@ def test_one_event_step_matches_autograd():
     assert (win >= 0).sum() >= max(bptt, M)  # the window and the mean are full
     n = b.n_items
     counter = int(model._rng[0])
-    cand = np.array([i] + [below(np.uint64(counter + c), n) for c in range(1, N + 1)], np.int64)
+    draws = [below(np.uint64(counter + c), n) for c in range(1, N + 1)]
+    cand = np.array([i] + [j for j in draws if before["item_count"][j, 0] > 0])
+    assert 1 < len(cand) < N + 1  # some draws named items not seen yet
 
     flat = torch.tensor(before["weights"][0], requires_grad=True)
     a, c = 3 * H * E, 3 * H * (E + H)
