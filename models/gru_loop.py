@@ -140,9 +140,8 @@ def learn_events(inv, items, weights, sess, tables, flat, flat_acc, dirty, rng, 
     dgi, dgh, dx = np.empty(3 * H, np.float32), np.empty(3 * H, np.float32), np.empty(E, np.float32)
     cand, s, g = np.empty(C, np.int64), np.empty(C, np.float32), np.empty(C, np.float32)
     rows, g_row = np.empty(C, np.int64), np.empty(C, np.float32)  # distinct candidates, their summed gradient
-    e_rows, d_emb = np.empty(C + L, np.int64), np.empty((C + L, E), np.float32)  # embedding rows, their gradients
+    e_rows, d_emb = np.empty(L, np.int64), np.empty((L, E), np.float32)  # the window's and mean's rows, their gradients
     slot, e_slot = np.full(n, -1, np.int64), np.full(n, -1, np.int64)  # where a row is, this event (-1: not)
-    d_row = np.empty(H, np.float32)
     step_x, step_g, step_h = np.empty(3 * H, np.float32), np.empty(3 * H, np.float32), np.empty(H, np.float32)
     one = np.float32(1.0)
     draw = rng[0]
@@ -193,24 +192,23 @@ def learn_events(inv, items, weights, sess, tables, flat, flat_acc, dirty, rng, 
                         g_row[nr] = 0.0
                         nr += 1
                     g_row[slot[j]] += w * g[c]
-                dh[:] = 0.0
-                dm[:] = 0.0
-                for r in range(nr):
-                    j, gr = rows[r], g_row[r]
-                    _axpy(dh, gr, out[j])
-                    _axpy(dm, gr, emb[j])
-                    e_slot[j] = r
-                    e_rows[r] = j
-                    for k in range(E):
-                        d_emb[r, k] = gr * m_vec[k]
-                ne = nr
-                for p in range(L - max(T, mean_items), L):  # the window's and the mean's items join them
+                # the window's and the mean's items, each once, with their embeddings' gradients
+                ne = 0
+                for p in range(L - max(T, mean_items), L):
                     j = win[u, p]
                     if j >= 0 and e_slot[j] < 0:
                         e_slot[j] = ne
                         e_rows[ne] = j
                         d_emb[ne] = 0.0
                         ne += 1
+                dh[:] = 0.0
+                dm[:] = 0.0
+                for r in range(nr):
+                    j, gr = rows[r], g_row[r]
+                    _axpy(dh, gr, out[j])
+                    _axpy(dm, gr, emb[j])
+                    if e_slot[j] >= 0:  # a candidate of the window: its rank-1 gradient gr m joins the rest
+                        _axpy(d_emb[e_slot[j]], gr, m_vec)
                 if M:
                     dm /= np.float32(M)
                     for p in range(L - mean_items, L):
@@ -245,13 +243,24 @@ def learn_events(inv, items, weights, sess, tables, flat, flat_acc, dirty, rng, 
                     dh[:] = dprev
                 # every step at once
                 adagrad(flat, flat_acc, g_flat, lr)
-                for r in range(nr):
-                    j = rows[r]
+                for r in range(nr):  # a candidate's rows in one pass: gradients gr h (out), gr (bias), gr m (emb)
+                    j, gr = rows[r], g_row[r]
                     for k in range(H):
-                        d_row[k] = g_row[r] * hT[k]
-                    adagrad(out[j], acc[j, E : E + H], d_row, lr)
-                    adagrad(bias[j], acc[j, E + H :], g_row[r : r + 1], lr)
+                        gk = gr * hT[k]
+                        a = acc[j, E + k] + gk * gk
+                        acc[j, E + k] = a
+                        out[j, k] -= lr * gk / (np.sqrt(a) + _EPS)
+                    a = acc[j, E + H] + gr * gr
+                    acc[j, E + H] = a
+                    bias[j, 0] -= lr * gr / (np.sqrt(a) + _EPS)
+                    if M and e_slot[j] < 0:
+                        for k in range(E):
+                            gk = gr * m_vec[k]
+                            a = acc[j, k] + gk * gk
+                            acc[j, k] = a
+                            emb[j, k] -= emb_lr * gk / (np.sqrt(a) + _EPS)
                     slot[j] = -1
+                    dirty[j] = 1
                 for r in range(ne):
                     j = e_rows[r]
                     adagrad(emb[j], acc[j, :E], d_emb[r], emb_lr)
