@@ -112,10 +112,11 @@ def learn_events(inv, items, weights, sess, tables, flat, flat_acc, dirty, rng, 
     """Learn the events in order. Event e, of session u = inv[e] with item i, when the session has items
     already: from h_back[u] the GRU steps through the last k of them (its window) to h; the logits
     h . out[j] + m . emb[j] + bias[j] (m the mean embedding of its last `mean_items` items) of i and of
-    those of N uniform draws that name items seen already (count > 0) go into BPR-max, scaled by the
-    event's weight; every weight and item row that took part steps at once by Adagrad. Then i counts,
-    and the session advances through it. An event with score_at[e] = r >= 0 is first scored as
-    `score_rows` would score it then, into res [R, n] row r; an item -1 (a query) is only scored.
+    those of N uniform draws that name items seen already (count > 0) go into BPR-max (whatever the
+    event's weight); every weight and item row that took part steps at once by Adagrad. Then i counts
+    (by the event's weight), and the session advances through it. An event with score_at[e] = r >= 0
+    is first scored as `score_rows` would score it then, into res [R, n] row r; an item -1 (a query)
+    is only scored.
 
     sess = (h [U, H], h_back [U, H], win [U, L]), updated in place; tables = (emb [n, E], out [n, H],
     bias [n, 1], acc [n, E + H + 1] Adagrad accumulators of emb, out and bias, count [n]); flat, flat_acc
@@ -191,7 +192,7 @@ def learn_events(inv, items, weights, sess, tables, flat, flat_acc, dirty, rng, 
                         rows[nr] = j
                         g_row[nr] = 0.0
                         nr += 1
-                    g_row[slot[j]] += w * g[c]
+                    g_row[slot[j]] += g[c]
                 # the window's and the mean's items, each once, with their embeddings' gradients
                 ne = 0
                 for p in range(L - max(T, mean_items), L):

@@ -80,7 +80,7 @@ def test_one_event_step_matches_autograd():
     m = emb[torch.from_numpy(win[-M:])].mean(0)
     ct = torch.from_numpy(cand)
     logits = out[ct] @ h + emb[ct] @ m + bias[ct, 0]
-    loss = w * torch_bpr_max(logits, ct, 0.7)
+    loss = torch_bpr_max(logits, ct, 0.7)  # the same for any event weight
     loss.backward()
 
     def adagrad(x: np.ndarray, acc: np.ndarray, g: np.ndarray, lr: float) -> tuple[np.ndarray, np.ndarray]:
