@@ -112,3 +112,23 @@ def test_one_event_step_matches_autograd():
                                     new[a:c].view(3 * H, H), new[c : c + 3 * H], new[c + 3 * H :])[0]
     np.testing.assert_allclose(model.hidden_state(s), h_want.numpy(), **tol)
     assert after["item_count"][i, 0] == before["item_count"][i, 0] + w
+
+
+def test_any_split_of_a_batch_learns_the_same():
+    """Sequential: a batch learned whole or in parts leaves the same weights, item rows and hidden states."""
+    rng = np.random.default_rng(1)
+    events = [RawEvent(f"u{k % 5}", f"i{rng.integers(30)}", "click", float(k), f"s{k % 5}") for k in range(300)]
+    feat = Featurizer()
+    batches = [feat.batch(events[k : k + 100]) for k in range(0, 300, 100)]
+    whole, parts = (GRU4Rec(hidden=8, embedding=6, negatives=20, seed=2) for _ in range(2))
+    for b in batches:
+        whole.learn(b)
+        for cut in (slice(0, 13), slice(13, 14), slice(14, 100)):
+            parts.learn(b.take(cut))
+    a, b = whole.export_state(), parts.export_state()
+    for table in ("weights", "item_emb", "item_out", "item_bias", "item_acc", "item_count"):
+        np.testing.assert_array_equal(a[table], b[table], err_msg=table)
+    H = whole.hidden
+    np.testing.assert_array_equal(a["session"][:, -2 * H :], b["session"][:, -2 * H :])  # h, h_back (stamps differ)
+    np.testing.assert_array_equal(a["meta"][0, 3:], b["meta"][0, 3:])  # the same draws
+    assert np.abs(a["weights"][1]).max() > 0  # it did learn
