@@ -128,32 +128,27 @@ class GRU4Rec(Model):
         self._count[rows] = 0.0
 
     # -- the sequential pass -------------------------------------------------------------
-    def _forward(self, batch: Batch) -> dict:
-        """Advance every session through the batch without learning, each row from its session's
-        state (`gru_scan`, compiled, row by row in stream order)."""
+    def _forward(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's session state without learning the batch: h [B, H] and the last items [B, L], from
+        the stored state through the session's earlier rows of the batch (`gru_scan`, compiled)."""
         cache = self._cache
         if cache is not None and cache[0] is batch and cache[1] == self._version:
             return cache[2]
         self._ensure_items(batch.n_items)
         uniq, inv = np.unique(batch.sessions, return_inverse=True)
         h, h_back, win = self._sessions.gather(uniq)
-        B, H = len(batch), self.hidden
-        pre_h, pre_h_back = np.empty((B, H), np.float32), np.empty((B, H), np.float32)
-        pre_win = np.empty((B, self._keep), np.int64)
-        gru_scan(inv.astype(np.int64), batch.items, h, h_back, win, self.bptt, self._emb, self._dense, pre_h, pre_h_back,
-                 pre_win)
-        out = {"uniq": uniq, "h": h, "h_back": h_back, "win": win, "pre_h": pre_h, "pre_h_back": pre_h_back,
-               "pre_win": pre_win}
-        self._cache = (batch, self._version, out)
-        return out
+        pre_h = np.empty((len(batch), self.hidden), np.float32)
+        pre_win = np.empty((len(batch), self._keep), np.int64)
+        gru_scan(inv.astype(np.int64), batch.items, h, h_back, win, self.bptt, self._emb, self._dense, pre_h, pre_win)
+        self._cache = (batch, self._version, (pre_h, pre_win))
+        return pre_h, pre_win
 
     # -- Model ---------------------------------------------------------------------------
     def score(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
-        fw = self._forward(batch)
-        n = batch.n_items
+        pre_h, pre_win = self._forward(batch)
         rows = np.asarray(rows, np.int64)
-        out = np.empty((len(rows), n), np.float32)  # [R, n]
-        score_rows(fw["pre_h"][rows], self._session_mean(fw["pre_win"][rows]), self._out, self._emb, self._bias, out)
+        out = np.empty((len(rows), batch.n_items), np.float32)  # [R, n_items]
+        score_rows(pre_h[rows], self._session_mean(pre_win[rows]), self._out, self._emb, self._bias, out)
         return out
 
     def _session_mean(self, win: np.ndarray) -> np.ndarray:  # [R, E]

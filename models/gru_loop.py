@@ -1,9 +1,9 @@
 """The compiled training loop of `models.gru.GRU4Rec`: events one by one in stream order, each a step of
 its own (forward and backward by hand), so every event learns from the weights the one before left.
 
-Shapes: H hidden, E embedding, L items kept per session, k = bptt, N negatives, n items.
-`dense` = (w_ih [3H, E], w_hh [3H, H], b_ih [3H], b_hh [3H]) in torch's GRUCell layout (gates r, z, n),
-`dense_acc` their elementwise Adagrad accumulators, alike.
+Shapes: H hidden, E embedding, L items kept per session, k = bptt, N negatives, n items. The GRU's
+weights are one flat array whose `dense_views` are (w_ih [3H, E], w_hh [3H, H], b_ih [3H], b_hh [3H])
+in torch's GRUCell layout (gates r, z, n); their elementwise Adagrad accumulators are alike.
 """
 
 from __future__ import annotations

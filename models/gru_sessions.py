@@ -64,9 +64,9 @@ def advance(u, item, h, h_back, win, k, emb, dense, xg, gh, new):  # pragma: no 
 
 
 @njit(cache=True, fastmath=FAST, error_model="numpy")
-def gru_scan(inv, items, h, h_back, win, k, emb, dense, pre_h, pre_h_back, pre_win):  # pragma: no cover - numba
-    """Rows in stream order: record the state of each row's session u = inv[j] (pre_*), then
-    `advance` it with the row's item (none for -1)."""
+def gru_scan(inv, items, h, h_back, win, k, emb, dense, pre_h, pre_win):  # pragma: no cover - numba
+    """Rows in stream order: record h and the last items of each row's session u = inv[j] (pre_h [B, H],
+    pre_win [B, L]), then `advance` it with the row's item (none for -1)."""
     H = h.shape[1]
     xg = np.empty(3 * H, np.float32)
     gh = np.empty(3 * H, np.float32)
@@ -74,7 +74,6 @@ def gru_scan(inv, items, h, h_back, win, k, emb, dense, pre_h, pre_h_back, pre_w
     for j in range(len(inv)):
         u = inv[j]
         pre_h[j] = h[u]
-        pre_h_back[j] = h_back[u]
         pre_win[j] = win[u]
         if items[j] >= 0:
             advance(u, items[j], h, h_back, win, k, emb, dense, xg, gh, new)
