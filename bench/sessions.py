@@ -21,9 +21,9 @@ Every figure is prequential (`stream_app.evaluation`), ranked per
 session at the stated batch size, under both protocols in one pass: seen
 items excluded (repeats counted, not ranked) and included (repeats ranked,
 as in the session-based literature). Learning
-speed (events/s of `learn` alone) is measured for the GRU at batch 256 on
-the stream's own events, with one torch thread and with one per core, and
-for Caser (one thread, compiled) at batch 1 and 256. Writes `sessions.json`
+speed (events/s of `learn` alone, on the stream's own events) is measured
+for the GRU and Caser (compiled loops, one thread) at batch 1 and 256.
+Writes `sessions.json`
 and `sessions.md` to `--out`; `--merge` keeps the figures already there of
 models and streams not run this time.
 """
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ from models.registry import create
 from stream_app.evaluation.prequential import Evaluator, run
 
 RESULTS = Path(__file__).parent / "results"
+SPEED = {"gru_speed": "GRU", "caser_speed": "Caser"}  # result section -> model, of the learning speeds
 
 
 def evaluate(events, names, batch_size, session_gap, params=None, progress=False) -> dict[str, dict[str, dict]]:
@@ -99,9 +99,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS, help="directory for sessions.json and sessions.md")
     ap.add_argument("--merge", action="store_true", help="add to the figures already in --out")
     args = ap.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(1)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     sizes = [int(b) for b in args.batch_size.split(",")]
     params = json.loads(args.params)
@@ -111,7 +108,7 @@ def main(argv=None) -> int:
             streams[s] = (movielens(args.input, args.limit), args.session_gap)
         elif s == "synthetic":
             streams[s] = (synthetic(args.limit or args.synthetic_events), 1800.0)
-    result: dict = {"quality": {}, "speed": {}}
+    result: dict = {"quality": {}}
     for sname, (events, gap) in streams.items():
         for b in sizes:
             for protocol, by_model in evaluate(events, names, b, gap, params, args.progress).items():
@@ -121,22 +118,13 @@ def main(argv=None) -> int:
                         print(f"{sname:10s} {protocol:12s} {name:7s} batch={b:4d} recall@20={r['recall']:.4f} "
                               f"mrr@20={r['mrr']:.4f} evaluated={r['evaluated']} repeat={r['repeat']} {r['seconds']:.0f}s",
                               flush=True)
-        if "gru" in names:
-            by_threads = {}
-            for threads in sorted({1, os.cpu_count() or 1}):  # one core (a worker process per core), all cores
-                torch.set_num_threads(threads)
-                by_threads[str(threads)] = learn_speed(events, "gru", 256, gap, params.get("gru"))
+        for name in ("gru", "caser"):
+            if name in names:
+                by_batch = {str(b): learn_speed(events, name, b, gap, params.get(name)) for b in (1, 256)}
+                result.setdefault(f"{name}_speed", {})[sname] = by_batch
                 if not args.json:
-                    print(f"{sname:10s} gru learn speed at batch 256, {threads} torch thread(s): "
-                          f"{by_threads[str(threads)]:,.0f} events/s", flush=True)
-            torch.set_num_threads(1)
-            result["speed"][sname] = {"model": "gru", "batch": 256, "learn_events_per_s_by_threads": by_threads}
-        if "caser" in names:
-            by_batch = {str(b): learn_speed(events, "caser", b, gap, params.get("caser")) for b in (1, 256)}
-            result.setdefault("caser_speed", {})[sname] = by_batch
-            if not args.json:
-                print(f"{sname:10s} caser learn speed: " + ", ".join(f"{eps:,.0f} events/s at batch {b}"
-                                                              for b, eps in by_batch.items()), flush=True)
+                    print(f"{sname:10s} {name} learn speed: " + ", ".join(f"{eps:,.0f} events/s at batch {b}"
+                                                                   for b, eps in by_batch.items()), flush=True)
     if args.merge and (args.out / "sessions.json").exists():
         result = merged(json.loads((args.out / "sessions.json").read_text()), result)
     if args.json:
@@ -152,13 +140,14 @@ def merged(old: dict, new: dict) -> dict:
         for protocol, models in protocols.items():
             for name, by_batch in models.items():
                 out["quality"].setdefault(sname, {}).setdefault(protocol, {}).setdefault(name, {}).update(by_batch)
-    for section in ("speed", "caser_speed"):
+    out.pop("speed", None)  # the torch GRU's speed by threads, before its compiled loop
+    for section in SPEED:
         out.setdefault(section, {}).update(new.get(section, {}))
     return out
 
 
 def write(result: dict, out: Path) -> None:
-    """sessions.json, and sessions.md: recall@20 / MRR@20 per stream, model and batch size, and GRU speed."""
+    """sessions.json, and sessions.md: recall@20 / MRR@20 per stream, model and batch size, and learning speeds."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "sessions.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = ["# Session models: prequential recall@20 / MRR@20 (python -m bench.sessions)", "",
@@ -177,15 +166,11 @@ def write(result: dict, out: Path) -> None:
                          else "- | -" for b in sizes]
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
             lines.append("")
-        speed = result["speed"].get(sname)
-        if speed:
-            rates = ", ".join(f"{eps:,.0f} events/s with {t} torch thread(s)"
-                              for t, eps in speed["learn_events_per_s_by_threads"].items())
-            lines += [f"GRU learning alone on {sname} at batch {speed['batch']}: {rates}.", ""]
-        caser = result.get("caser_speed", {}).get(sname)
-        if caser:
-            rates = ", ".join(f"{eps:,.0f} events/s at batch {b}" for b, eps in caser.items())
-            lines += [f"Caser learning alone on {sname} (one thread): {rates}.", ""]
+        for section, model in SPEED.items():
+            by_batch = result.get(section, {}).get(sname)
+            if by_batch:
+                rates = ", ".join(f"{eps:,.0f} events/s at batch {b}" for b, eps in by_batch.items())
+                lines += [f"{model} learning alone on {sname} (one thread): {rates}.", ""]
     (out / "sessions.md").write_text("\n".join(lines))
 
 
