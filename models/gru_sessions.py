@@ -1,5 +1,5 @@
 """GRU4Rec's per-session states: stored rows with a bound on those kept in memory, and the compiled
-scan that advances them through a batch in stream order."""
+GRU steps that advance them (through a batch in stream order, or one event at a time)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,24 @@ from collections import OrderedDict
 import numpy as np
 from numba import njit
 
+from models.kernels import FAST
 from models.rows import Changes, RowTable
 
 
-@njit(cache=True, fastmath=True, error_model="numpy")
-def _gru_step(xg, h, w_hh, b_hh, gh, out):  # pragma: no cover - numba
-    """out = GRUCell step from state h with input gates xg = W_ih x + b_ih (gates r, z, n)."""
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def input_gates(x, w_ih, b_ih, xg):  # pragma: no cover - numba
+    """xg [3H] = W_ih x + b_ih for the input x [E]."""
+    for g in range(xg.shape[0]):
+        acc = b_ih[g]
+        for m in range(x.shape[0]):
+            acc += w_ih[g, m] * x[m]
+        xg[g] = acc
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def gru_step(xg, h, w_hh, b_hh, gh, out):  # pragma: no cover - numba
+    """out = GRUCell step from state h [H] with input gates xg = W_ih x + b_ih (gates r, z, n);
+    keeps gh [3H] = W_hh h + b_hh for a backward pass."""
     H = h.shape[0]
     for k in range(3 * H):
         acc = b_hh[k]
@@ -27,41 +39,42 @@ def _gru_step(xg, h, w_hh, b_hh, gh, out):  # pragma: no cover - numba
         out[k] = (1.0 - z) * n + z * h[k]
 
 
-@njit(cache=True, fastmath=True, error_model="numpy")
-def gru_scan(xg, inv, items, h, h_back, win, k, emb, w_ih, b_ih, w_hh, b_hh, pre_h, pre_h_back, pre_win):  # pragma: no cover
-    """Rows in stream order: record each row's session state, then step it with the row's item.
-
-    xg [B, 3H] = W_ih x + b_ih of each row. Per session (updated in place): h [U, H], its last
-    L items win [U, L] (-1 pads, newest last), whose last k are the BPTT window, and h_back
-    [U, H], the state before that window's first item; an item leaving the window advances
-    h_back through it.
-    """
-    H = h.shape[1]
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def advance(u, item, h, h_back, win, k, emb, dense, xg, gh, new):  # pragma: no cover - numba
+    """Session u takes `item`: h [U, H] steps through it, it joins the last items win [U, L] (-1 pads,
+    newest last), whose last k are the BPTT window; h_back [U, H] is the state before that window's
+    first item, so an item leaving the window advances h_back through it. dense = (w_ih, w_hh, b_ih,
+    b_hh); xg, gh [3H] and new [H] are work space."""
+    w_ih, w_hh, b_ih, b_hh = dense
     L = win.shape[1]
+    old = win[u, L - k]
+    if old >= 0:  # the window is full: its oldest item leaves it
+        input_gates(emb[old], w_ih, b_ih, xg)
+        gru_step(xg, h_back[u], w_hh, b_hh, gh, new)
+        h_back[u] = new
+    for p in range(L - 1):
+        win[u, p] = win[u, p + 1]
+    win[u, L - 1] = item
+    input_gates(emb[item], w_ih, b_ih, xg)
+    gru_step(xg, h[u], w_hh, b_hh, gh, new)
+    h[u] = new
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def gru_scan(inv, items, h, h_back, win, k, emb, dense, pre_h, pre_h_back, pre_win):  # pragma: no cover - numba
+    """Rows in stream order: record the state of each row's session u = inv[j] (pre_*), then
+    `advance` it with the row's item (none for -1)."""
+    H = h.shape[1]
+    xg = np.empty(3 * H, np.float32)
     gh = np.empty(3 * H, np.float32)
     new = np.empty(H, np.float32)
-    xo = np.empty(3 * H, np.float32)
     for j in range(len(inv)):
         u = inv[j]
         pre_h[j] = h[u]
         pre_h_back[j] = h_back[u]
         pre_win[j] = win[u]
-        if items[j] < 0:
-            continue
-        old = win[u, L - k]
-        if old >= 0:  # the window is full: its oldest item leaves it
-            for g in range(3 * H):
-                acc = b_ih[g]
-                for m in range(emb.shape[1]):
-                    acc += w_ih[g, m] * emb[old, m]
-                xo[g] = acc
-            _gru_step(xo, h_back[u], w_hh, b_hh, gh, new)
-            h_back[u] = new
-        for p in range(L - 1):
-            win[u, p] = win[u, p + 1]
-        win[u, L - 1] = items[j]
-        _gru_step(xg[j], h[u], w_hh, b_hh, gh, new)
-        h[u] = new
+        if items[j] >= 0:
+            advance(u, items[j], h, h_back, win, k, emb, dense, xg, gh, new)
 
 
 class SessionStates:

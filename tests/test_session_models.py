@@ -124,13 +124,13 @@ def test_gru_state_includes_earlier_rows_of_batch(stream):
     rows = np.arange(len(b))
     got = model.score(b, rows)
     # a fresh, step-by-step run of torch's GRU cell with the model's weights
-    w = model._dense(model._w.detach())
+    w_ih, w_hh, b_ih, b_hh = (torch.from_numpy(a) for a in model._dense)
     cell = torch.nn.GRUCell(model.embedding, model.hidden)
     with torch.no_grad():
-        cell.weight_ih.copy_(w["w_ih"])
-        cell.weight_hh.copy_(w["w_hh"])
-        cell.bias_ih.copy_(w["b_ih"])
-        cell.bias_hh.copy_(w["b_hh"])
+        cell.weight_ih.copy_(w_ih)
+        cell.weight_hh.copy_(w_hh)
+        cell.bias_ih.copy_(b_ih)
+        cell.bias_hh.copy_(b_hh)
     state = model.export_state()
     emb, out, bias = state["item_emb"], state["item_out"], state["item_bias"][:, 0]
     kept = state["session"][:, 1 : state["session"].shape[1] - 2 * model.hidden]  # last items + 1, newest last
