@@ -23,7 +23,8 @@ items excluded (repeats counted, not ranked) and included (repeats ranked,
 as in the session-based literature). Learning
 speed (events/s of `learn` alone) is measured for the GRU at batch 256 on
 the stream's own events, with one torch thread and with one per core, and
-for Caser (one thread, compiled) at batch 1 and 256. Writes `sessions.json`
+for Caser (one thread, compiled) and the blend (its members learning too)
+at batch 1 and 256. Writes `sessions.json`
 and `sessions.md` to `--out`; `--merge` keeps the figures already there of
 models and streams not run this time.
 """
@@ -131,12 +132,14 @@ def main(argv=None) -> int:
                           f"{by_threads[str(threads)]:,.0f} events/s", flush=True)
             torch.set_num_threads(1)
             result["speed"][sname] = {"model": "gru", "batch": 256, "learn_events_per_s_by_threads": by_threads}
-        if "caser" in names:
-            by_batch = {str(b): learn_speed(events, "caser", b, gap, params.get("caser")) for b in (1, 256)}
-            result.setdefault("caser_speed", {})[sname] = by_batch
+        for name, limit in (("caser", 30_000), ("blend", 10_000)):  # blend: every member learns too
+            if name not in names:
+                continue
+            by_batch = {str(b): learn_speed(events, name, b, gap, params.get(name), limit) for b in (1, 256)}
+            result.setdefault(f"{name}_speed", {})[sname] = by_batch
             if not args.json:
-                print(f"{sname:10s} caser learn speed: " + ", ".join(f"{eps:,.0f} events/s at batch {b}"
-                                                              for b, eps in by_batch.items()), flush=True)
+                print(f"{sname:10s} {name} learn speed: " + ", ".join(f"{eps:,.0f} events/s at batch {b}"
+                                                               for b, eps in by_batch.items()), flush=True)
     if args.merge and (args.out / "sessions.json").exists():
         result = merged(json.loads((args.out / "sessions.json").read_text()), result)
     if args.json:
@@ -152,7 +155,7 @@ def merged(old: dict, new: dict) -> dict:
         for protocol, models in protocols.items():
             for name, by_batch in models.items():
                 out["quality"].setdefault(sname, {}).setdefault(protocol, {}).setdefault(name, {}).update(by_batch)
-    for section in ("speed", "caser_speed"):
+    for section in ("speed", "caser_speed", "blend_speed"):
         out.setdefault(section, {}).update(new.get(section, {}))
     return out
 
@@ -182,10 +185,11 @@ def write(result: dict, out: Path) -> None:
             rates = ", ".join(f"{eps:,.0f} events/s with {t} torch thread(s)"
                               for t, eps in speed["learn_events_per_s_by_threads"].items())
             lines += [f"GRU learning alone on {sname} at batch {speed['batch']}: {rates}.", ""]
-        caser = result.get("caser_speed", {}).get(sname)
-        if caser:
-            rates = ", ".join(f"{eps:,.0f} events/s at batch {b}" for b, eps in caser.items())
-            lines += [f"Caser learning alone on {sname} (one thread): {rates}.", ""]
+        for name, what in (("caser", "Caser learning alone"), ("blend", "Blend learning (its members included)")):
+            by_batch = result.get(f"{name}_speed", {}).get(sname)
+            if by_batch:
+                rates = ", ".join(f"{eps:,.0f} events/s at batch {b}" for b, eps in by_batch.items())
+                lines += [f"{what} on {sname} (one thread): {rates}.", ""]
     (out / "sessions.md").write_text("\n".join(lines))
 
 

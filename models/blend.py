@@ -47,14 +47,16 @@ class Blend(Model):
     members: registry names of the models blended; length_buckets: session lengths (earlier events) from
     which a new weight group starts (the first group, length 1 up, is always there); lr: Adagrad step of
     the weights; init: every weight's start; eps: what count-like scores get before their log, as a
-    share of the row's mean.
+    share of the row's mean; seen_bits: bits of each session's filter of seen items, which the loss leaves
+    out (0: none); top: how many of each member's best items get a reciprocal-rank feature (0: none).
     """
 
     name = "blend"
     query: ClassVar[Literal["user", "session"]] = "session"
 
-    def __init__(self, members: tuple[str, ...] = ("dnn", "markov", "sknn", "caser"), length_buckets: tuple[int, ...] = (),
-                 lr: float = 0.05, init: float = 0.5, eps: float = 1e-3, seen_bits: int = 4096, seed: int = 0):
+    def __init__(self, members: tuple[str, ...] = ("gru", "dnn", "markov", "sknn", "caser", "mf"),
+                 length_buckets: tuple[int, ...] = (3, 10, 50), lr: float = 0.01, init: float = 0.5, eps: float = 1e-3,
+                 seen_bits: int = 4096, top: int = 100, seed: int = 0):
         super().__init__()
         if not members or "blend" in members:
             raise ValueError(f"a blend needs member models other than blend (got {members!r})")
@@ -64,12 +66,14 @@ class Blend(Model):
         self.init = init
         self.eps = eps
         self.seen_bits = seen_bits
+        self.top = top
         self.seed = seed
         self.parts = {m: create(m, seed=seed) for m in self.members}
         # what base declares per class depends here on the members: set per instance
         self.sequential = all(p.sequential for p in self.parts.values())  # type: ignore[misc]
         self._groups = 2 + len(self.length_buckets)
-        width = self._groups * len(self.members)  # weights of each group, one after the other
+        self._f = len(self.members) * (2 if top > 0 else 1)  # features: z-scores, then reciprocal ranks
+        width = self._groups * self._f  # weights of each group, one after the other
         self._ctx_changed, self._sessions_changed = Changes(), Changes()
         # [n_context, 2 * width]: the context value's weight offsets, then their Adagrad accumulators
         self._ctx = self._table("context", RowTable(2 * width), self._ctx_changed)
@@ -111,14 +115,14 @@ class Blend(Model):
         return c[(c >= 0) & (c < self._ctx.n)]
 
     def weights(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
-        """Each row's member weights, as it is scored now. # [R, M]"""
+        """Each row's weights, as it is scored now. # [R, F]"""
         self._ctx.ensure(batch.n_context)
         groups = self._group(self._lengths(batch))
         return np.stack([self._weight(batch, j, int(groups[j])) for j in rows.tolist()]) if len(rows) else \
-            np.zeros((0, len(self.members)))
+            np.zeros((0, self._f))
 
-    def _weight(self, batch: Batch, j: int, g: int) -> np.ndarray:  # [M]
-        m = len(self.members)
+    def _weight(self, batch: Batch, j: int, g: int) -> np.ndarray:  # [F]
+        m = self._f
         w = self._base[g * m : (g + 1) * m].copy()
         c = self._contexts(batch, j)
         if len(c):
@@ -126,8 +130,8 @@ class Blend(Model):
         return w
 
     def _step(self, batch: Batch, j: int, g: int, z: np.ndarray) -> None:
-        """One Adagrad step of the weights of row j (group g) on its item, given its features z [M, n]."""
-        m = len(self.members)
+        """One Adagrad step of the weights of row j (group g) on its item, given its features z [F, n]."""
+        m = self._f
         s = self._weight(batch, j, g) @ z  # [n]
         if self.seen_bits > 0 and 0 <= batch.sessions[j] < self._seen.n:  # seen items are no answer
             seen = _seen(self._seen.data, batch.sessions[j], len(s), self.seen_bits)
@@ -135,7 +139,7 @@ class Blend(Model):
             s[seen] = -np.inf
         p = np.exp(s - s.max())
         p /= p.sum()
-        grad = z @ p - z[:, batch.items[j]]  # [M]
+        grad = z @ p - z[:, batch.items[j]]  # [F]
         width = self._groups * m
         cols = slice(g * m, (g + 1) * m)
         acc = self._base[width:][cols]
@@ -151,19 +155,24 @@ class Blend(Model):
             self._ctx_changed.mark(c)
 
     # -- features --------------------------------------------------------------------------
-    def _standardise(self, scores: np.ndarray) -> np.ndarray:
-        """Each row z-scored, after a log when it has no negative score. # [R, n] -> [R, n]"""
-        s = np.nan_to_num(np.asarray(scores, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        counts = (s >= 0).all(axis=1)
-        if counts.any():
-            c = s[counts]
-            s[counts] = np.log(c + self.eps * np.maximum(c.mean(axis=1, keepdims=True), 1e-12))
-        s -= s.mean(axis=1, keepdims=True)
-        std = s.std(axis=1, keepdims=True)
-        return s / np.where(std > 0, std, 1.0)
-
-    def _features(self, member_scores: list[np.ndarray]) -> np.ndarray:  # [R, M, n]
-        return np.stack([self._standardise(s) for s in member_scores], axis=1)
+    def _features(self, member_scores: list[np.ndarray]) -> np.ndarray:
+        """One row's features: each member's scores z-scored (after a log when none is negative), then,
+        with `top`, 10 / (10 + rank) for each member's `top` best items (0 for the rest). # M x [n] -> [F, n]"""
+        n = len(member_scores[0])
+        out = np.zeros((self._f, n))
+        m = len(member_scores)
+        k = min(self.top, n)
+        for f, raw in enumerate(member_scores):
+            s = np.nan_to_num(np.asarray(raw, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+            if n and s.min() >= 0:
+                s = np.log(s + self.eps * max(s.mean(), 1e-12))
+            s -= s.mean()
+            std = s.std()
+            out[f] = s / std if std > 0 else s
+            if k > 0:
+                best = np.argpartition(-out[f], k - 1)[:k]
+                out[m + f, best[np.argsort(-out[f, best], kind="stable")]] = 10.0 / (10.0 + np.arange(k))
+        return out
 
     # -- Model -----------------------------------------------------------------------------
     def _ensure(self, batch: Batch) -> None:
@@ -182,19 +191,18 @@ class Blend(Model):
         self._ensure(batch)
         has_item = batch.items >= 0
         need = np.union1d(rows, np.flatnonzero(has_item))  # [N] ascending
-        z = self._features([p.learn_scored(batch, need) for p in self.parts.values()])  # [N, M, n]
+        scores = [p.learn_scored(batch, need) for p in self.parts.values()]  # M x [N, n_items]
         lengths = self._lengths(batch)
         groups = self._group(lengths).tolist()
         asked = {j: r for r, j in enumerate(rows.tolist())}
         out = np.empty((len(rows), batch.n_items))  # [R, n_items]
+        before = {} if self.sequential else {j: self._weight(batch, j, groups[j]) for j in asked}
         for k, j in enumerate(need.tolist()):
-            if j in asked and not self.sequential:
-                out[asked[j]] = self._weight(batch, j, groups[j]) @ z[k]
-        for k, j in enumerate(need.tolist()):
-            if j in asked and self.sequential:
-                out[asked[j]] = self._weight(batch, j, groups[j]) @ z[k]
+            z = self._features([s[k] for s in scores])  # [F, n_items]
+            if j in asked:
+                out[asked[j]] = (before[j] if before else self._weight(batch, j, groups[j])) @ z
             if has_item[j]:
-                self._step(batch, j, groups[j], z[k])
+                self._step(batch, j, groups[j], z)
                 if self.seen_bits > 0:
                     mark_seen(self._seen.data, batch.sessions[j], batch.items[j], self.seen_bits)
         # each session's length after its last row with an item
@@ -207,18 +215,23 @@ class Blend(Model):
 
     def score(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
         self._ensure(batch)
-        z = self._features([p.score(batch, rows) for p in self.parts.values()])  # [R, M, n]
-        w = self.weights(batch, rows)  # [R, M]
-        return np.einsum("rm,rmn->rn", w, z)
+        scores = [p.score(batch, rows) for p in self.parts.values()]  # M x [R, n_items]
+        w = self.weights(batch, rows)  # [R, F]
+        out = np.empty((len(rows), batch.n_items))
+        for r in range(len(rows)):
+            out[r] = w[r] @ self._features([s[r] for s in scores])
+        return out
 
     def contributions(self, batch: Batch, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For the one-row query `batch`: its member weights [M], and each member's part of the blend's
-        score of `items` (weight times standardised score) [len(items), M]."""
+        """For the one-row query `batch`: its weights [F] (each member's on its z-scores, then on its
+        reciprocal ranks), and each member's part of the blend's score of `items` [len(items), M]."""
         self._ensure(batch)
         first = np.zeros(1, np.int64)
-        z = self._features([p.score(batch, first) for p in self.parts.values()])[0]  # [M, n]
+        z = self._features([p.score(batch, first)[0] for p in self.parts.values()])  # [F, n_items]
         w = self.weights(batch, first)[0]
-        return w, (w[:, None] * z[:, items]).T
+        parts = w[:, None] * z[:, items]  # [F, len(items)]
+        m = len(self.members)
+        return w, (parts[:m] + parts[m:] if self.top > 0 else parts).T
 
     # -- state -----------------------------------------------------------------------------
     def export_state(self) -> dict[str, np.ndarray]:
