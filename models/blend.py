@@ -76,12 +76,13 @@ class Blend(Model):
         width = self._groups * self._f  # weights of each group, one after the other
         self._ctx_changed, self._sessions_changed = Changes(), Changes()
         # [n_context, 2 * width]: the context value's weight offsets, then their Adagrad accumulators
-        self._ctx = self._table("context", RowTable(2 * width), self._ctx_changed)
-        self._length = self._table("length", RowTable(1), self._sessions_changed)  # [n_sessions, 1] events so far
+        self._ctx = self._table("context", RowTable(2 * width, np.float32), self._ctx_changed)
+        self._length = self._table("length", RowTable(1, np.float32), self._sessions_changed)  # [n_sessions, 1] events so far
         # [n_sessions, ceil(seen_bits / 24)] the session's items, hashed to bits, 24 per value
         words = max(1, -(-seen_bits // SEEN_BITS_PER_WORD))
         self._seen = self._table("seen", RowTable(words, np.float32), self._sessions_changed)
-        self._base = np.concatenate([np.full(width, init), np.zeros(width)])  # [2 * width] weights, accumulators
+        # [2 * width] the weights, then their Adagrad accumulators
+        self._base = np.concatenate([np.full(width, init, np.float32), np.zeros(width, np.float32)])
         self._blob("base", lambda: self._base[None, :], self._load_base)
         tables: dict[str, TableKind] = {"context": "context", "length": "session", "seen": "session", "base": "blob"}
         for m, part in self.parts.items():
@@ -90,7 +91,7 @@ class Blend(Model):
 
     # -- weights ---------------------------------------------------------------------------
     def _load_base(self, base: np.ndarray) -> None:
-        self._base = np.array(np.asarray(base, np.float64).ravel())
+        self._base = np.array(np.asarray(base, np.float32).ravel())
 
     def _lengths(self, batch: Batch) -> np.ndarray:
         """Events of each row's session before it (stored, then this batch's earlier rows). # [B]"""
