@@ -110,20 +110,22 @@ def test_a_restarted_shard_has_the_blend_it_committed(topics):
 
 
 @pytest.mark.integration
-def test_worker_publishes_blend_metrics_and_answers_name_the_members(topics):
+def test_worker_publishes_blend_metrics_and_answers_name_the_members(topics, tmp_path):
     """`streamrec worker --models blend` learns and publishes blend's metric records; the lookup API's
     answers carry a reason naming each member with its weights."""
     from stream_app.core.events import prepare
     from stream_app.serving.cache import ModelCache
     from stream_app.serving.recommender import Recommender
-    from stream_app.worker.config import WorkerConfig
-    from stream_app.worker.worker import Worker
-    from tests.test_worker import produce, read_topic
+    from tests.test_worker import _worker_process, produce, read_topic
 
     stream = planted_stream(1500, seed=5)
     produce(topics, [prepare({"user_id": e.user_id, "item_id": e.item_id, "event_type": e.event_type, "ts": e.ts,
                               "session_id": e.session_id, "context": e.context}) for e in stream])
-    Worker(topics, WorkerConfig(models=("pop", "blend"), metrics_interval=0.5)).run(max_idle=3)
+    proc = _worker_process(topics, tmp_path / "worker.log", "--models", "pop,blend", "--max-idle", "3")
+    try:
+        assert proc.wait(timeout=300) == 0, (tmp_path / "worker.log").read_text()[-2000:]
+    finally:
+        proc.kill()
     records = [r for r in read_topic(topics, topics.metrics_topic) if r["model"] == "blend"]
     assert records and records[-1]["evaluated"] > 0 and 0.0 < records[-1]["recall"] <= 1.0
     cache = ModelCache(topics, ("pop", "blend"), background=False)
