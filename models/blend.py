@@ -1,20 +1,22 @@
 """An online ensemble: other models' scores, combined with weights learned from the stream itself.
 
-Each member model scores every item; each member's row of scores is standardised over the items
-(z-score: minus its mean, over its standard deviation), after log(s + eps) for members whose
-scores are counts or shares (never negative), and the blend scores
+Each member model scores every item. Two features per member and item: the member's scores
+standardised over the items (z-score, after log(s + eps * mean) for members whose scores are never
+negative: counts and shares), and 10 / (10 + rank) for the member's `top` best items (0 below).
+The blend scores
 
-    score(i) = sum_m w[g, m] * z_m(i),   w[g] = base[g] + mean over the event's context values c of ctx[c, g]
+    score(i) = sum_f w[g, f] * x_f(i),   w[g] = base[g] + mean over the event's context values c of ctx[c, g]
 
 where the group g is the query kind: 0 ("user": the event's session has no earlier event, so only the
-user's history speaks) or, for a session with earlier events, 1 + the bucket of its length
-(`length_buckets`). After scoring an event, and only then, each weight takes one Adagrad step of the
-softmax loss of the combined score of the event's item among all items:
+user's history speaks; a user lookup without an open session) or, for a session with earlier events,
+1 + the bucket of its length (`length_buckets`). After scoring an event, and only then, the weights
+of its group (base and its context values' rows) take one Adagrad step of the softmax loss of the
+event's item among the items its session has not seen (a hashed filter per session):
 
-    d loss / d w[g, m] = sum_i p(i) z_m(i) - z_m(true),   p = softmax(score)
+    d loss / d w[g, f] = sum_i p(i) x_f(i) - x_f(true),   p = softmax(score)
 
 so the weights learn only from events already scored. Members are created from the registry with
-the blend's seed and keep their state as tables of the blend, under the prefix `name + "."`.
+the blend's seed; their tables are the blend's, named `member + "." + table`.
 """
 
 from __future__ import annotations
