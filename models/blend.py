@@ -133,12 +133,14 @@ class Blend(Model):
         return w
 
     def _step(self, batch: Batch, j: int, g: int, z: np.ndarray) -> None:
-        """One Adagrad step of the weights of row j (group g) on its item, given its features z [F, n]."""
+        """One Adagrad step of the weights of row j (group g) on its item, given its features z [F, n];
+        none for an item the session had seen (a repeat: what is to rank is what it has not seen)."""
         m = self._f
         s = self._weight(batch, j, g) @ z  # [n]
         if self.seen_bits > 0 and 0 <= batch.sessions[j] < self._seen.n:  # seen items are no answer
             seen = _seen(self._seen.data, batch.sessions[j], len(s), self.seen_bits)
-            seen[batch.items[j]] = False
+            if seen[batch.items[j]]:
+                return
             s[seen] = -np.inf
         p = np.exp(s - s.max())
         p /= p.sum()
