@@ -22,7 +22,8 @@ session at the stated batch size, under both protocols in one pass: seen
 items excluded (repeats counted, not ranked) and included (repeats ranked,
 as in the session-based literature). Learning
 speed (events/s of `learn` alone, on the stream's own events) is measured
-for the GRU and Caser (compiled loops, one thread) at batch 1 and 256.
+for the GRU and Caser (compiled loops, one thread) and the blend (its members
+learning too) at batch 1 and 256.
 Writes `sessions.json`
 and `sessions.md` to `--out`; `--merge` keeps the figures already there of
 models and streams not run this time.
@@ -42,7 +43,8 @@ from models.registry import create
 from stream_app.evaluation.prequential import Evaluator, run
 
 RESULTS = Path(__file__).parent / "results"
-SPEED = {"gru_speed": "GRU", "caser_speed": "Caser"}  # result section -> model, of the learning speeds
+SPEED = {"gru_speed": "GRU", "caser_speed": "Caser", "blend_speed": "Blend (its members included)"}  # section -> model
+SPEED_EVENTS = {"blend": 10_000}  # events timed, where not the default of `learn_speed`
 
 
 def evaluate(events, names, batch_size, session_gap, params=None, progress=False) -> dict[str, dict[str, dict]]:
@@ -118,9 +120,10 @@ def main(argv=None) -> int:
                         print(f"{sname:10s} {protocol:12s} {name:7s} batch={b:4d} recall@20={r['recall']:.4f} "
                               f"mrr@20={r['mrr']:.4f} evaluated={r['evaluated']} repeat={r['repeat']} {r['seconds']:.0f}s",
                               flush=True)
-        for name in ("gru", "caser"):
+        for name in ("gru", "caser", "blend"):
             if name in names:
-                by_batch = {str(b): learn_speed(events, name, b, gap, params.get(name)) for b in (1, 256)}
+                limit = SPEED_EVENTS.get(name, 30_000)
+                by_batch = {str(b): learn_speed(events, name, b, gap, params.get(name), limit) for b in (1, 256)}
                 result.setdefault(f"{name}_speed", {})[sname] = by_batch
                 if not args.json:
                     print(f"{sname:10s} {name} learn speed: " + ", ".join(f"{eps:,.0f} events/s at batch {b}"

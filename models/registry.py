@@ -16,6 +16,7 @@ MODELS: dict[str, str] = {
     "sknn": "models.sknn:SessionKNN",
     "dnn": "models.dnn:DNN",
     "caser": "models.caser:Caser",
+    "blend": "models.blend:Blend",
 }
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from models.base import Batch, Model
+from models.blend import Blend
 from stream_app.core.events import EVENT_TYPES, EVENT_WEIGHTS
 from stream_app.serving.view import ShardView
 
@@ -57,4 +59,20 @@ def similar_to_history(view: ShardView, model: str, idx: np.ndarray, history: np
         a = anchors[j]
         out.append({"kind": "similar_to", "item_id": view.item_names[a], "event_type": kinds.get(a, "click"),
                     "by": how, "similarity": sim})
+    return out
+
+
+def with_blend(model: Model, batch: Batch, idx: np.ndarray, reasons: list[dict]) -> list[dict]:
+    """For a blend, each reason with the members that made the score: each one's weights (on its
+    standardised score and on its reciprocal rank) and its part of the item's score, largest first."""
+    if not isinstance(model, Blend) or len(idx) == 0:
+        return reasons
+    weights, parts = model.contributions(batch, idx)  # [F], [k, M]
+    m = len(model.members)
+    rank_weights = weights[m:] if len(weights) > m else np.zeros(m)
+    out = []
+    for reason, row in zip(reasons, parts.tolist()):
+        members = [{"model": name, "weight": float(weights[f]), "rank_weight": float(rank_weights[f]), "part": part}
+                   for f, (name, part) in enumerate(zip(model.members, row))]
+        out.append({**reason, "blend": sorted(members, key=lambda e: -e["part"])})
     return out

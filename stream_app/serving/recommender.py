@@ -16,7 +16,7 @@ from models.base import Model
 from models.registry import create
 from stream_app.serving.cache import ModelCache
 from stream_app.serving.params import ApiError
-from stream_app.serving.reasons import popular, session_history, similar_to_history
+from stream_app.serving.reasons import popular, session_history, similar_to_history, with_blend
 from stream_app.serving.scorers import top_k
 from stream_app.serving.view import ShardView, query_batch
 
@@ -64,6 +64,7 @@ class Recommender:
             idx, scores = view.rank(used, m, batch, k, exclude)
             reasons = (similar_to_history(view, used, idx, history, context) if history is not None
                        else [popular(context)] * len(idx))
+            reasons = with_blend(m, batch, idx, reasons)
             names = view.item_names
             items = [{"item_id": names[i], "score": s, "reason": r}
                      for i, s, r in zip(idx.tolist(), scores.tolist(), reasons)]
@@ -94,6 +95,7 @@ class Recommender:
                            for r in similar_to_history(view, used, idx, session_history(exclude), context)]
             else:
                 reasons = [reason] * len(idx)
+            reasons = with_blend(m, batch, idx, reasons)
             items = [{"item_id": view.item_names[i], "score": s, "reason": r}
                      for i, s, r in zip(idx.tolist(), scores.tolist(), reasons)]
         return {"user_id": None, "session_id": session_id, "model": model, "model_version": view.version,

@@ -1,0 +1,279 @@
+"""An online ensemble: other models' scores, combined with weights learned from the stream itself.
+
+Each member model scores every item. Two features per member and item: the member's scores
+standardised over the items (z-score, after log(s + eps * mean) for members whose scores are never
+negative: counts and shares), and 10 / (10 + rank) for the member's `top` best items (0 below).
+The blend scores
+
+    score(i) = sum_f w[g, f] * x_f(i),   w[g] = base[g] + mean over the event's context values c of ctx[c, g]
+
+where the group g is the query kind: 0 ("user": the event's session has no earlier event, so only the
+user's history speaks; a user lookup without an open session) or, for a session with earlier events,
+1 + the bucket of its length (`length_buckets`). After scoring an event, and only then, the weights
+of its group (base and its context values' rows) take one Adagrad step of the softmax loss of the
+event's item among the items its session has not seen (a hashed filter per session):
+
+    d loss / d w[g, f] = sum_i p(i) x_f(i) - x_f(true),   p = softmax(score)
+
+so the weights learn only from events already scored. Members are created from the registry with
+the blend's seed; their tables are the blend's, named `member + "." + table`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import numpy as np
+from numba import njit
+
+from models.base import Batch, Model, TableKind
+from models.kernels import SEEN_BITS_PER_WORD, is_seen, mark_seen
+from models.registry import create
+from models.rows import Changes, RowTable
+
+_NONE = np.zeros(0, np.int64)
+
+
+@njit(cache=True)
+def _seen(seen, s, n, n_bits):  # pragma: no cover - numba
+    """Which of items 0..n-1 session s's seen filter holds. # [n] bool"""
+    out = np.zeros(n, np.bool_)
+    for j in range(n):
+        out[j] = is_seen(seen, s, j, n_bits)
+    return out
+
+
+class Blend(Model):
+    """Member models' standardised scores, weighted per (query kind, context value); see the module docstring.
+
+    members: registry names of the models blended; length_buckets: session lengths (earlier events) from
+    which a new weight group starts (the first group, length 1 up, is always there); lr: Adagrad step of
+    the weights; init: every weight's start; eps: what count-like scores get before their log, as a
+    share of the row's mean; seen_bits: bits of each session's filter of seen items, which the loss leaves
+    out (0: none); top: how many of each member's best items get a reciprocal-rank feature (0: none).
+    """
+
+    name = "blend"
+    query: ClassVar[Literal["user", "session"]] = "session"
+
+    def __init__(self, members: tuple[str, ...] = ("gru", "dnn", "markov", "sknn", "caser", "mf"),
+                 length_buckets: tuple[int, ...] = (3, 10, 50), lr: float = 0.01, init: float = 0.5, eps: float = 1e-3,
+                 seen_bits: int = 4096, top: int = 100, seed: int = 0):
+        super().__init__()
+        if not members or "blend" in members:
+            raise ValueError(f"a blend needs member models other than blend (got {members!r})")
+        self.members = tuple(members)
+        self.length_buckets = np.asarray(length_buckets, np.int64)
+        self.lr = lr
+        self.init = init
+        self.eps = eps
+        self.seen_bits = seen_bits
+        self.top = top
+        self.seed = seed
+        self.parts = {m: create(m, seed=seed) for m in self.members}
+        # what base declares per class depends here on the members: set per instance
+        self.sequential = all(p.sequential for p in self.parts.values())  # type: ignore[misc]
+        self._groups = 2 + len(self.length_buckets)
+        self._f = len(self.members) * (2 if top > 0 else 1)  # features: z-scores, then reciprocal ranks
+        width = self._groups * self._f  # weights of each group, one after the other
+        self._ctx_changed, self._sessions_changed = Changes(), Changes()
+        # [n_context, 2 * width]: the context value's weight offsets, then their Adagrad accumulators
+        self._ctx = self._table("context", RowTable(2 * width, np.float32), self._ctx_changed)
+        self._length = self._table("length", RowTable(1, np.float32), self._sessions_changed)  # [n_sessions, 1] events so far
+        # [n_sessions, ceil(seen_bits / 24)] the session's items, hashed to bits, 24 per value
+        words = max(1, -(-seen_bits // SEEN_BITS_PER_WORD))
+        self._seen = self._table("seen", RowTable(words, np.float32), self._sessions_changed)
+        # [2 * width] the weights, then their Adagrad accumulators
+        self._base = np.concatenate([np.full(width, init, np.float32), np.zeros(width, np.float32)])
+        self._blob("base", lambda: self._base[None, :], self._load_base)
+        tables: dict[str, TableKind] = {"context": "context", "length": "session", "seen": "session", "base": "blob"}
+        for m, part in self.parts.items():
+            tables.update((f"{m}.{t}", kind) for t, kind in part.tables.items())
+        self.tables = tables  # type: ignore[misc]
+
+    # -- weights ---------------------------------------------------------------------------
+    def _load_base(self, base: np.ndarray) -> None:
+        self._base = np.array(np.asarray(base, np.float32).ravel())
+
+    def _lengths(self, batch: Batch) -> np.ndarray:
+        """Events of each row's session before it (stored, then this batch's earlier rows). # [B]"""
+        stored = self._length.data[:, 0]
+        out = np.zeros(len(batch), np.int64)
+        running: dict[int, int] = {}
+        for j, s in enumerate(batch.sessions.tolist()):
+            n = running.get(s)
+            if n is None:
+                n = int(stored[s]) if 0 <= s < len(stored) else 0
+            out[j] = n
+            if batch.items[j] >= 0:
+                running[s] = n + 1
+        return out
+
+    def _group(self, lengths: np.ndarray) -> np.ndarray:  # [B] weight group of each row
+        return np.where(lengths > 0, 1 + np.searchsorted(self.length_buckets, lengths, side="right"), 0)
+
+    def _contexts(self, batch: Batch, j: int) -> np.ndarray:
+        """The context values of row j that have a weight row."""
+        c = batch.context[j]
+        return c[(c >= 0) & (c < self._ctx.n)]
+
+    def weights(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
+        """Each row's weights, as it is scored now. # [R, F]"""
+        self._ctx.ensure(batch.n_context)
+        groups = self._group(self._lengths(batch))
+        return np.stack([self._weight(batch, j, int(groups[j])) for j in rows.tolist()]) if len(rows) else \
+            np.zeros((0, self._f))
+
+    def _weight(self, batch: Batch, j: int, g: int) -> np.ndarray:  # [F]
+        m = self._f
+        w = self._base[g * m : (g + 1) * m].copy()
+        c = self._contexts(batch, j)
+        if len(c):
+            w += self._ctx.data[c, g * m : (g + 1) * m].mean(axis=0)
+        return w
+
+    def _step(self, batch: Batch, j: int, g: int, z: np.ndarray) -> None:
+        """One Adagrad step of the weights of row j (group g) on its item, given its features z [F, n];
+        none for an item the session had seen (a repeat: what is to rank is what it has not seen)."""
+        m = self._f
+        s = self._weight(batch, j, g) @ z  # [n]
+        if self.seen_bits > 0 and 0 <= batch.sessions[j] < self._seen.n:  # seen items are no answer
+            seen = _seen(self._seen.data, batch.sessions[j], len(s), self.seen_bits)
+            if seen[batch.items[j]]:
+                return
+            s[seen] = -np.inf
+        p = np.exp(s - s.max())
+        p /= p.sum()
+        grad = z @ p - z[:, batch.items[j]]  # [F]
+        width = self._groups * m
+        cols = slice(g * m, (g + 1) * m)
+        acc = self._base[width:][cols]
+        acc += grad * grad
+        self._base[:width][cols] -= self.lr * grad / np.sqrt(acc + 1e-8)
+        c = self._contexts(batch, j)
+        if len(c):
+            share = grad / len(c)
+            rows = self._ctx.data[c]
+            rows[:, width:][:, cols] += share * share
+            rows[:, :width][:, cols] -= self.lr * share / np.sqrt(rows[:, width:][:, cols] + 1e-8)
+            self._ctx.data[c] = rows
+            self._ctx_changed.mark(c)
+
+    # -- features --------------------------------------------------------------------------
+    def _features(self, member_scores: list[np.ndarray]) -> np.ndarray:
+        """One row's features: each member's scores z-scored (after a log when none is negative), then,
+        with `top`, 10 / (10 + rank) for each member's `top` best items (0 for the rest). # M x [n] -> [F, n]"""
+        n = len(member_scores[0])
+        out = np.zeros((self._f, n))
+        m = len(member_scores)
+        k = min(self.top, n)
+        for f, raw in enumerate(member_scores):
+            s = np.nan_to_num(np.asarray(raw, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+            if n and s.min() >= 0:
+                s = np.log(s + self.eps * max(s.mean(), 1e-12))
+            s -= s.mean()
+            std = s.std()
+            out[f] = s / std if std > 0 else s
+            if k > 0:
+                best = np.argpartition(-out[f], k - 1)[:k]
+                out[m + f, best[np.argsort(-out[f, best], kind="stable")]] = 10.0 / (10.0 + np.arange(k))
+        return out
+
+    # -- Model -----------------------------------------------------------------------------
+    def _ensure(self, batch: Batch) -> None:
+        self._ctx.ensure(batch.n_context)
+        n_sessions = max(batch.n_sessions, int(batch.sessions.max()) + 1 if len(batch) else 0)
+        self._length.ensure(n_sessions)
+        self._seen.ensure(n_sessions)
+
+    def learn(self, batch: Batch) -> None:
+        self.learn_scored(batch, _NONE)
+
+    def learn_scored(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
+        """Members learn the batch scoring its rows; then, row by row, the blend scores the rows asked
+        for and steps its weights on each row with an item (a sequential blend scores row j with the
+        weights of rows < j, otherwise every row with the weights from before the batch)."""
+        self._ensure(batch)
+        has_item = batch.items >= 0
+        need = np.union1d(rows, np.flatnonzero(has_item))  # [N] ascending
+        scores = [p.learn_scored(batch, need) for p in self.parts.values()]  # M x [N, n_items]
+        lengths = self._lengths(batch)
+        groups = self._group(lengths).tolist()
+        asked = {j: r for r, j in enumerate(rows.tolist())}
+        out = np.empty((len(rows), batch.n_items))  # [R, n_items]
+        before = {} if self.sequential else {j: self._weight(batch, j, groups[j]) for j in asked}
+        for k, j in enumerate(need.tolist()):
+            z = self._features([s[k] for s in scores])  # [F, n_items]
+            if j in asked:
+                out[asked[j]] = (before[j] if before else self._weight(batch, j, groups[j])) @ z
+            if has_item[j]:
+                self._step(batch, j, groups[j], z)
+                if self.seen_bits > 0:
+                    mark_seen(self._seen.data, batch.sessions[j], batch.items[j], self.seen_bits)
+        # each session's length after its last row with an item
+        sessions, from_end = np.unique(batch.sessions[has_item][::-1], return_index=True)
+        if len(sessions):
+            self._length.data[sessions, 0] = (lengths[has_item] + 1)[::-1][from_end]
+            self._sessions_changed.mark(sessions)
+        self._learned = True
+        return out
+
+    def score(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
+        self._ensure(batch)
+        scores = [p.score(batch, rows) for p in self.parts.values()]  # M x [R, n_items]
+        w = self.weights(batch, rows)  # [R, F]
+        out = np.empty((len(rows), batch.n_items))
+        for r in range(len(rows)):
+            out[r] = w[r] @ self._features([s[r] for s in scores])
+        return out
+
+    def contributions(self, batch: Batch, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For the one-row query `batch`: its weights [F] (each member's on its z-scores, then on its
+        reciprocal ranks), and each member's part of the blend's score of `items` [len(items), M]."""
+        self._ensure(batch)
+        first = np.zeros(1, np.int64)
+        z = self._features([p.score(batch, first)[0] for p in self.parts.values()])  # [F, n_items]
+        w = self.weights(batch, first)[0]
+        parts = w[:, None] * z[:, items]  # [F, len(items)]
+        m = len(self.members)
+        return w, (parts[:m] + parts[m:] if self.top > 0 else parts).T
+
+    # -- state -----------------------------------------------------------------------------
+    def export_state(self) -> dict[str, np.ndarray]:
+        state = super().export_state()
+        for m, part in self.parts.items():
+            state.update((f"{m}.{t}", v) for t, v in part.export_state().items())
+        return state
+
+    def import_state(self, state: dict[str, np.ndarray]) -> None:
+        super().import_state(state)
+        for m, part in self.parts.items():
+            part.import_state({t: state[f"{m}.{t}"] for t in part.tables})
+
+    def drain_changes(self) -> dict[str, np.ndarray | None]:
+        out = super().drain_changes()
+        for m, part in self.parts.items():
+            out.update((f"{m}.{t}", rows) for t, rows in part.drain_changes().items())
+        return out
+
+    def forget(self, kind: TableKind, ids: np.ndarray) -> None:
+        ids = np.asarray(ids, np.int64)
+        if kind == "context":
+            self._ctx.reset(ids)
+        elif kind == "session":
+            self._length.reset(ids)
+            self._seen.reset(ids)
+        for part in self.parts.values():
+            part.forget(kind, ids)
+
+    def evicted(self, kind: TableKind, ids: np.ndarray) -> np.ndarray:
+        found = [part.evicted(kind, ids) for part in self.parts.values()]
+        return np.unique(np.concatenate(found)) if found else _NONE
+
+    def import_rows(self, table: str, ids: np.ndarray, values: np.ndarray) -> None:
+        m, _, t = table.partition(".")
+        self.parts[m].import_rows(t, ids, values)
+
+    def session_items(self, session: int) -> np.ndarray:
+        """The session's items as the member that remembers most of them has them."""
+        return max((p.session_items(session) for p in self.parts.values()), key=len)

@@ -1,0 +1,140 @@
+"""The blend: better than its members where they are complementary, and learning only from the past."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from models.blend import Blend
+from models.features import Featurizer
+from models.registry import create
+from stream_app.evaluation.prequential import Evaluator, run
+from tests.test_model_contract import batches, planted_stream
+
+K = 10
+
+
+def test_beats_complementary_members() -> None:
+    """On the planted stream, Markov knows each session's next item of its cluster's cycle but not the
+    user's cluster after a jump; the two-tower DNN knows the cluster but not the cycle's order."""
+    events = planted_stream(6000, seed=3)
+    evaluator = Evaluator(k=K, window=10**9)
+    models = {"markov": create("markov", seed=0), "dnn": create("dnn", seed=0),
+              "blend": Blend(members=("markov", "dnn"), seed=0)}
+    run(events, models, Featurizer(), evaluator, batch_size=16)
+    recall = {n: evaluator.summary(n)["recall"] for n in models}
+    assert recall["blend"] > max(recall["markov"], recall["dnn"]) + 0.03, recall
+
+
+def test_scores_and_steps_see_only_earlier_events() -> None:
+    """Row j's score, and the weights after row j, do not depend on the items of later rows."""
+    featurizer = Featurizer()
+    coded = batches(featurizer, planted_stream(1200, seed=1))
+    a, b = Blend(members=("markov", "dnn"), seed=0), Blend(members=("markov", "dnn"), seed=0)
+    for batch in coded[:-1]:
+        a.learn(batch)
+        b.learn(batch)
+    last = coded[-1]
+    j = len(last) // 2
+    items = last.items.copy()
+    items[j + 1 :] = items[j + 1 :][::-1]  # another future after row j
+    other = replace(last, items=items)
+    rows = np.array([j])
+    np.testing.assert_array_equal(a.learn_scored(last.take(slice(0, j + 1)), rows),
+                                  b.learn_scored(other.take(slice(0, j + 1)), rows))
+    np.testing.assert_array_equal(a.export_state()["base"], b.export_state()["base"])
+    a.learn(last.take(slice(j + 1, None)))
+    b.learn(other.take(slice(j + 1, None)))
+    assert not np.array_equal(a.export_state()["base"], b.export_state()["base"])  # now the futures differ
+
+
+def test_weights_learn_from_outcomes() -> None:
+    """Weights move from their start, and the reason's parts add up to the blend's score."""
+    featurizer = Featurizer()
+    model = Blend(members=("markov", "dnn"), seed=0)
+    start = model.export_state()["base"].copy()
+    for batch in batches(featurizer, planted_stream(2000, seed=1)):
+        model.learn(batch)
+    assert not np.allclose(model.export_state()["base"], start)
+    probe = featurizer.batch(planted_stream(1, seed=2, t0=1.8e9))
+    items = np.arange(5)
+    weights, parts = model.contributions(probe, items)
+    assert weights.shape == (4,) and parts.shape == (5, 2)
+    np.testing.assert_allclose(parts.sum(axis=1), model.score(probe, np.zeros(1, np.int64))[0, items])
+
+
+def _records(topic: str, n: int) -> list:
+    from stream_app.core.events import encode, prepare
+    from stream_app.io import kafka
+
+    # a second apart: no session ends within the stream
+    return [kafka.Record(topic, 0, j, None, encode(prepare(
+        {"user_id": e.user_id, "item_id": e.item_id, "event_type": e.event_type, "ts": 1.7e9 + j,
+         "session_id": e.session_id, "context": e.context}))) for j, e in enumerate(planted_stream(n, seed=4))]
+
+
+@pytest.mark.integration
+def test_a_restarted_shard_has_the_blend_it_committed(topics):
+    """Members' rows and the blend's weights reach Redis in the commit: a shard resuming from the last
+    commit (after a crash or kill -9) goes on with the blend as it was then, bit for bit."""
+    from stream_app.io import kafka
+    from stream_app.io.redis import Keys, PartitionStore, connect
+    from stream_app.worker.config import WorkerConfig
+    from stream_app.worker.shard import Shard
+
+    client = connect(topics.redis_url)
+    keys = Keys(topics.key_prefix, topics.events_topic, 0)
+    records = _records(topics.events_topic, 700)
+    config = WorkerConfig(models=("blend",), batch_size=16)
+    live = Shard(PartitionStore(client, keys), config)
+    live.resume()
+    for start in range(0, 600, 200):
+        live.process(kafka.Messages.of(records[start : start + 200]), lambda msg, reason: pytest.fail(reason))
+        live.commit()
+    restarted = Shard(PartitionStore(client, keys), config)
+    assert restarted.resume() == 600
+    before, after = live.models["blend"].export_state(), restarted.models["blend"].export_state()
+    assert set(after) == set(before) and {"base", "gru.meta", "markov.succ"} <= set(after)
+    def same(a: dict, b: dict, **tolerance) -> None:
+        """Equal as the store keeps them: float32."""
+        for table, value in b.items():
+            got = np.asarray(a[table], np.float32)
+            np.testing.assert_allclose(got, np.asarray(value, np.float32), err_msg=table, **tolerance)
+
+    same(after, before, rtol=0, atol=0)
+    for shard in (live, restarted):  # and both learn on alike (members' float64 counts came back as float32)
+        assert shard.process(kafka.Messages.of(records[600:]), lambda msg, reason: pytest.fail(reason)) == 100
+    same(restarted.models["blend"].export_state(), live.models["blend"].export_state(), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.integration
+def test_worker_publishes_blend_metrics_and_answers_name_the_members(topics, tmp_path):
+    """`streamrec worker --models blend` learns and publishes blend's metric records; the lookup API's
+    answers carry a reason naming each member with its weights."""
+    from stream_app.core.events import prepare
+    from stream_app.serving.cache import ModelCache
+    from stream_app.serving.recommender import Recommender
+    from tests.test_worker import _worker_process, produce, read_topic
+
+    stream = planted_stream(1500, seed=5)
+    produce(topics, [prepare({"user_id": e.user_id, "item_id": e.item_id, "event_type": e.event_type, "ts": e.ts,
+                              "session_id": e.session_id, "context": e.context}) for e in stream])
+    proc = _worker_process(topics, tmp_path / "worker.log", "--models", "pop,blend", "--max-idle", "3")
+    try:
+        assert proc.wait(timeout=300) == 0, (tmp_path / "worker.log").read_text()[-2000:]
+    finally:
+        proc.kill()
+    records = [r for r in read_topic(topics, topics.metrics_topic) if r["model"] == "blend"]
+    assert records and records[-1]["evaluated"] > 0 and 0.0 < records[-1]["recall"] <= 1.0
+    cache = ModelCache(topics, ("pop", "blend"), background=False)
+    cache.refresh()
+    recommender = Recommender(cache)
+    for answer in (recommender.for_session(stream[-1].session_id, 5, "blend", {"device": "ios"}),
+                   recommender.for_user(stream[-1].user_id, 5, "blend", {}, include_seen=False)):
+        assert len(answer["items"]) == 5
+        for item in answer["items"]:
+            members = item["reason"]["blend"]
+            assert [m["model"] for m in sorted(members, key=lambda m: m["model"])] == sorted(Blend().members)
+            assert item["score"] == pytest.approx(sum(m["part"] for m in members), rel=1e-4, abs=1e-4)
