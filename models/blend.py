@@ -90,6 +90,7 @@ class Blend(Model):
         for m, part in self.parts.items():
             tables.update((f"{m}.{t}", kind) for t, kind in part.tables.items())
         self.tables = tables  # type: ignore[misc]
+        self.shared = {f"{m}.{t}": how for m, part in self.parts.items() for t, how in part.shared.items()}  # type: ignore[misc]
 
     # -- weights ---------------------------------------------------------------------------
     def _load_base(self, base: np.ndarray) -> None:
@@ -255,6 +256,19 @@ class Blend(Model):
         for m, part in self.parts.items():
             out.update((f"{m}.{t}", rows) for t, rows in part.drain_changes().items())
         return out
+
+    def reserve_items(self, n: int) -> None:
+        for part in self.parts.values():
+            if part.shared:
+                part.reserve_items(n)
+
+    def decay_scale(self, table: str) -> float | None:
+        m, _, t = table.partition(".")
+        return self.parts[m].decay_scale(t)
+
+    def absorb(self, table: str, rows: np.ndarray, delta: np.ndarray, scale: float | None = None) -> None:
+        m, _, t = table.partition(".")
+        self.parts[m].absorb(t, rows, delta, scale)
 
     def forget(self, kind: TableKind, ids: np.ndarray) -> None:
         ids = np.asarray(ids, np.int64)

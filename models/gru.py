@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from models.base import Batch, Model, TableKind
+from models.base import Batch, Model, Sharing, TableKind
 from models.gru_loop import dense_views, learn_events, score_rows
 from models.gru_sessions import SessionStates, gru_scan
 from models.kernels import splitmix
@@ -47,6 +47,7 @@ class GRU4Rec(Model):
         "weights": "blob",  # [2, n_weights]: GRU weights (w_ih, w_hh, b_ih, b_hh); Adagrad accumulators
         "meta": "blob",  # [1, 7]: stamp counter, events learned, batches learned, draw counter as four 16-bit words
     }
+    shared: ClassVar[dict[str, Sharing]] = dict.fromkeys(_ITEM_TABLES, "sum")
 
     def __init__(self, hidden: int = 100, embedding: int = 64, negatives: int = 1024, bpreg: float = 1.0, bptt: int = 4,
                  mean_items: int = 20, lr: float = 0.05, emb_lr: float = 0.1, init_std: float = 0.1,
@@ -248,6 +249,20 @@ class GRU4Rec(Model):
         items = self._items_changed.rows(self._n)
         self._items_changed.clear()
         return dict.fromkeys(_ITEM_TABLES, items) | super().drain_changes()
+
+    def reserve_items(self, n: int) -> None:
+        self._ensure_items(n)
+
+    def absorb(self, table: str, rows: np.ndarray, delta: np.ndarray, scale: float | None = None) -> None:
+        self._ensure_items(int(rows.max()) + 1)
+        if table == "item_count":
+            self._count[rows] += delta[:, 0]
+        else:
+            target = dict(zip(_ITEM_TABLES, (self._emb, self._out, self._bias, self._acc)))[table]
+            target[rows, : delta.shape[1]] += delta
+        self._items_changed.mark(rows)
+        self._version += 1
+        self._cache = None
 
     def forget(self, kind: TableKind, ids: np.ndarray) -> None:
         ids = np.asarray(ids, np.int64)
