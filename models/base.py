@@ -10,7 +10,7 @@ those rows to Redis.
 A model registers its tables in its constructor (`_table` for a `RowTable` with
 the `Changes` that track its rows, `_blob` for a blob), and `export_state`,
 `import_state` and `drain_changes` follow from them; a model overrides these
-only for state kept otherwise (GRU's torch tensors) or loaded specially.
+only for state kept otherwise (GRU's item arrays, the blend's members) or loaded specially.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Model names -> classes, imported lazily so `pop` never pulls in torch."""
+"""Model names -> classes, imported lazily so a process imports (and numba compiles) only the models it runs."""
 
 from __future__ import annotations
 
