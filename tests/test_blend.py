@@ -80,21 +80,10 @@ def test_a_restarted_shard_has_the_blend_it_committed(topics):
     """Members' rows and the blend's weights reach Redis in the commit: a shard resuming from the last
     commit (after a crash or kill -9) goes on with the blend as it was then, bit for bit."""
     from stream_app.io import kafka
-    from stream_app.io.redis import Keys, PartitionStore, connect
-    from stream_app.worker.config import WorkerConfig
-    from stream_app.worker.shard import Shard
+    from tests.test_worker import committed_then_resumed
 
-    client = connect(topics.redis_url)
-    keys = Keys(topics.key_prefix, topics.events_topic, 0)
     records = _records(topics.events_topic, 700)
-    config = WorkerConfig(models=("blend",), batch_size=16)
-    live = Shard(PartitionStore(client, keys), config)
-    live.resume()
-    for start in range(0, 600, 200):
-        live.process(kafka.Messages.of(records[start : start + 200]), lambda msg, reason: pytest.fail(reason))
-        live.commit()
-    restarted = Shard(PartitionStore(client, keys), config)
-    assert restarted.resume() == 600
+    live, restarted = committed_then_resumed(topics, "blend", records[:600], 200)
     before, after = live.models["blend"].export_state(), restarted.models["blend"].export_state()
     assert set(after) == set(before) and {"base", "gru.meta", "markov.succ"} <= set(after)
     def same(a: dict, b: dict, **tolerance) -> None:

@@ -96,24 +96,13 @@ def test_a_restarted_shard_has_the_model_it_committed(topics):
     kill -9) from the last commit continues with the model as it was then, bit for bit."""
     from stream_app.core.events import encode, prepare
     from stream_app.io import kafka
-    from stream_app.io.redis import Keys, PartitionStore, connect
-    from stream_app.worker.config import WorkerConfig
-    from stream_app.worker.shard import Shard
+    from tests.test_worker import committed_then_resumed
 
-    client = connect(topics.redis_url)
-    keys = Keys(topics.key_prefix, topics.events_topic, 0)
     stream, _ = skip_stream(964, seed=2)
     records = [kafka.Record(topics.events_topic, 0, j, None, encode(prepare(
         {"user_id": e.user_id, "item_id": e.item_id, "event_type": e.event_type, "ts": 1.7e9 + e.ts,
          "session_id": e.session_id}))) for j, e in enumerate(stream)]
-    config = WorkerConfig(models=("caser",), batch_size=16)
-    live = Shard(PartitionStore(client, keys), config)
-    live.resume()
-    for start in range(0, 900, 300):
-        live.process(kafka.Messages.of(records[start : start + 300]), lambda msg, reason: pytest.fail(reason))
-        live.commit()
-    restarted = Shard(PartitionStore(client, keys), config)
-    assert restarted.resume() == 900
+    live, restarted = committed_then_resumed(topics, "caser", records[:900], 300)
     before, after = live.models["caser"].export_state(), restarted.models["caser"].export_state()
     assert set(after) == set(before)
     for table, value in before.items():

@@ -111,6 +111,22 @@ def test_same_event_id_is_learned_once(topics):
     assert applied(topics) == 1
 
 
+def committed_then_resumed(settings, model: str, records: list, step: int) -> tuple[Shard, Shard]:
+    """A shard of partition 0 running `model` that learns `records` `step` at a time, committing after
+    each, and a second shard resumed from Redis after the last commit (as after a kill -9)."""
+    client = connect(settings.redis_url)
+    keys = Keys(settings.key_prefix, settings.events_topic, 0)
+    config = WorkerConfig(models=(model,), batch_size=16)
+    live = Shard(PartitionStore(client, keys), config)
+    live.resume()
+    for start in range(0, len(records), step):
+        live.process(kafka.Messages.of(records[start : start + step]), lambda msg, reason: pytest.fail(reason))
+        live.commit()
+    restarted = Shard(PartitionStore(client, keys), config)
+    assert restarted.resume() == len(records)
+    return live, restarted
+
+
 def _worker_process(settings, log_path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "stream_app.cli", "worker", "--batch-size", "100", *extra],
