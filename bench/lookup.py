@@ -36,7 +36,12 @@ requests are `GET /recommendations?session_id=S&model=gru` for live sessions
 server read it from Redis. Freshness is not measured there (session answers
 carry no item reasons).
 
-Writes bench/results/lookup.json and lookup.md (sessions_lookup.* for session lookups).
+`--stream movielens` replays MovieLens latest-small instead (610 users with long histories, so reasons
+have up to 50 recent items to explain from), and `--each` serves each model alone, so every model
+answers with its own reasons (popularity alone explains through co-occurrence).
+
+Writes bench/results/lookup.json and lookup.md (sessions_lookup.* for session lookups; lookup_movielens.*
+for MovieLens).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -59,6 +65,7 @@ from urllib.parse import quote, urlencode
 import numpy as np
 
 from bench.baseline import checkout
+from bench.streams import movielens
 from models import registry
 from stream_app.core.events import encode, prepare
 from stream_app.dev import embedded
@@ -72,9 +79,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ("ios", "android", "web")
 GOAL_OPEN_RATE, GOAL_P99_MS, GOAL_CLIENTS, GOAL_RPS = 500.0, 10.0, 16, 1000.0
 SESSION_LEN = 10  # mean events per session in the session workload
-# models/registry.py does not list MF yet (models/mf.py is being written): the benchmark registers it in its own
-# processes, and in the server's through this sitecustomize (uvicorn's worker processes start fresh interpreters).
-MF_SHIM = 'from models import registry\nregistry.MODELS.setdefault("mf", "models.mf:MF")\n'
 
 
 def make_events(n: int, items: int, users: int, seed: int, sessions: int = 0) -> list:
@@ -95,11 +99,11 @@ def make_events(n: int, items: int, users: int, seed: int, sessions: int = 0) ->
                                                     devices.tolist(), types.tolist()))]
 
 
-def params(rng: random.Random, users: int, sessions: int = 0) -> dict:
+def params(rng: random.Random, users: list[str], sessions: int = 0) -> dict:
     """A user lookup (80% known users), or with `sessions` a lookup of a live session."""
     if sessions:
         return {"session_id": f"s{rng.randrange(sessions)}", "k": "20", "context.device": rng.choice(DEVICES)}
-    user = f"u{rng.randrange(users)}" if rng.random() < 0.8 else f"new-{rng.randrange(10**9)}"
+    user = rng.choice(users) if rng.random() < 0.8 else f"new-{rng.randrange(10**9)}"
     return {"user_id": user, "k": "20", "context.device": rng.choice(DEVICES)}
 
 
@@ -267,13 +271,14 @@ class Server:
         self.log.close()
 
 
-def measure(server: Server, args, model: str, users: int, items: int, sessions: int) -> dict:
+def measure(server: Server, args, model: str, users: list[str], items: list[str], sessions: int) -> dict:
+    """`items`: item ids, most popular first."""
     rng = random.Random(0)
     host, port = "127.0.0.1", server.port
     recs = [encode_get(host, port, "/recommendations", {**params(rng, users, sessions), "model": model})
             for _ in range(4096)]
-    similar = [encode_get(host, port, f"/items/i{min(int(rng.paretovariate(1.0)), items - 1)}/similar", {"k": "20"})
-               for _ in range(1024)]
+    similar = [encode_get(host, port, f"/items/{items[min(int(rng.paretovariate(1.0)), len(items)) - 1]}/similar",
+                          {"k": "20"}) for _ in range(1024)]
 
     async def go() -> dict:
         await closed_loop(host, port, 4, 2.0, recs)  # warm-up: every worker process has loaded its shards
@@ -287,7 +292,7 @@ def measure(server: Server, args, model: str, users: int, items: int, sessions: 
     return run_async(go())
 
 
-def freshness(settings, env: dict, server: Server, models: str, samples: int, tmp: Path) -> dict:
+def freshness(settings, env: dict, server: Server, models: str, samples: int, tmp: Path, items: list[str]) -> dict:
     """Produce one event of a new user at a time; time until an answer's reasons point at its item."""
     import httpx
 
@@ -301,13 +306,13 @@ def freshness(settings, env: dict, server: Server, models: str, samples: int, tm
         with kafka.Sender(kafka.target(settings), config={"linger_ms": 0}) as sender, \
                 httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=5) as client:
             # the worker starts (restores its state, joins the group) before the clock runs
-            warm = prepare({"user_id": f"warm-{uuid.uuid4().hex[:6]}", "item_id": "i3", "event_type": "click"})
+            warm = prepare({"user_id": f"warm-{uuid.uuid4().hex[:6]}", "item_id": items[2], "event_type": "click"})
             sender.send(settings.events_topic, encode(warm), key=warm.user_id.encode())
             sender.flush()
-            if _reflected(client, warm.user_id, "i3", 120.0) is None:
+            if _reflected(client, warm.user_id, items[2], 120.0) is None:
                 raise SystemExit(f"the worker did not start; see {tmp / 'worker.log'}")
             for j in range(samples):
-                user, item = f"fresh-{uuid.uuid4().hex[:8]}", f"i{1 + j % 50}"
+                user, item = f"fresh-{uuid.uuid4().hex[:8]}", items[1 + j % 50]
                 event = prepare({"user_id": user, "item_id": item, "event_type": "purchase",
                                  "context": {"device": "ios"}})
                 produced = time.perf_counter()
@@ -356,6 +361,11 @@ def _histogram(lat_ms: np.ndarray) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stream", choices=("synthetic", "movielens"), default="synthetic",
+                        help="the Zipf stream below, or MovieLens latest-small (long user histories)")
+    parser.add_argument("--limit", type=int, default=None, help="MovieLens: only the first N ratings")
+    parser.add_argument("--each", action="store_true",
+                        help="serve each model alone (its own reasons) instead of the first beside the others")
     parser.add_argument("--items", type=int, default=20_000)
     parser.add_argument("--users", type=int, default=20_000)
     parser.add_argument("--events", type=int, default=100_000)
@@ -372,20 +382,20 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     tmp = Path(tempfile.mkdtemp(prefix="streamrec-lookup-"))
-    shim = "mf" in models and "mf" not in registry.MODELS
-    if shim:
-        registry.MODELS["mf"] = "models.mf:MF"
-        (tmp / "shim").mkdir()
-        (tmp / "shim" / "sitecustomize.py").write_text(MF_SHIM)
     query = registry.create(models[0]).query
-    sessions = args.events // SESSION_LEN if query == "session" else 0
-    result: dict = {"bench": "lookup", "query": query, "models": list(models), "items": args.items,
-                    "users": args.users, "events": args.events, **({"sessions": sessions} if sessions else {}),
+    if args.stream == "movielens":
+        events, sessions = movielens(limit=args.limit), 0
+    else:
+        sessions = args.events // SESSION_LEN if query == "session" else 0
+        events = make_events(args.events, args.items, args.users, seed=0, sessions=sessions)
+    users = sorted({e.user_id for e in events})
+    items = [i for i, _ in Counter(e.item_id for e in events).most_common()]
+    result: dict = {"bench": "lookup", "stream": args.stream, "query": query, "models": list(models),
+                    "items": len(items), "users": len(users), "events": len(events),
+                    **({"sessions": sessions} if sessions else {}),
                     "host": platform.node(), "python": platform.python_version(),
                     "cpus": os.cpu_count(), "load_average_at_start": list(os.getloadavg()),
-                    "http": _http_stack()}
-    if shim:
-        result["note"] = "mf registered for this run (models/registry.py does not list it yet)"
+                    "http": _http_stack(), "clients": args.clients, "rate": args.rate}
     if "mf" in models:
         from models.mf import MF
 
@@ -395,9 +405,9 @@ def main(argv: list[str] | None = None) -> dict:
         settings = servers.settings(events_topic=f"events-{tag}", consumer_group=f"bench-{tag}",
                                     key_prefix=f"bench-{tag}")
         kafka.ensure_topics(kafka.target(settings), embedded.topic_partitions(settings))
-        print(f"producing {args.events} events over {args.items} items ...", flush=True)
+        print(f"producing {len(events)} events over {len(items)} items ...", flush=True)
         with kafka.Sender(kafka.target(settings), config={"linger_ms": 20}) as sender:
-            for e in make_events(args.events, args.items, args.users, seed=0, sessions=sessions):
+            for e in events:
                 sender.send(settings.events_topic, encode(e), key=e.user_id.encode())
         print(f"worker learning with {','.join(models)} ...", flush=True)
         started = time.perf_counter()
@@ -414,12 +424,15 @@ def main(argv: list[str] | None = None) -> dict:
         result["items_per_shard"] = int(view.valid_items.sum())
 
         env = settings.environ()
-        env["PYTHONPATH"] = os.pathsep.join([str(tmp / "shim")] * shim + [str(ROOT)])
-        configs: list[tuple[str, str, str, int, Path | None]] = [
-            (f"{models[0]}, --workers {w}", ",".join(models), models[0], int(w), None) for w in args.workers.split(",")
-        ]
-        if models[0] != "pop":
-            configs.append(("pop, --workers 1", ",".join(models), "pop", 1, None))
+        env["PYTHONPATH"] = str(ROOT)
+        if args.each:  # each model served alone: its reasons come from its own state
+            configs: list[tuple[str, str, str, int, Path | None]] = [
+                (f"{m} alone, --workers {w}", m, m, int(w), None) for m in models for w in args.workers.split(",")]
+        else:
+            configs = [(f"{models[0]}, --workers {w}", ",".join(models), models[0], int(w), None)
+                       for w in args.workers.split(",")]
+            if models[0] != "pop":
+                configs.append(("pop, --workers 1", ",".join(models), "pop", 1, None))
         if args.baseline:
             base_dir = checkout(args.baseline, tmp / "baseline")
             configs.append((f"pop, baseline {args.baseline}", "pop", "pop", 1, base_dir))
@@ -433,7 +446,7 @@ def main(argv: list[str] | None = None) -> dict:
             server = Server(run_env, serve_models, workers, tmp / f"serve-{len(runs)}.log", cwd=cwd)
             try:
                 server.wait_ready()
-                got = measure(server, args, model, args.users, args.items, sessions)
+                got = measure(server, args, model, users, items, sessions)
             finally:
                 if name != f"{configs[0][0]}":
                     server.stop()
@@ -445,8 +458,8 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             if not sessions:
                 print("freshness ...", flush=True)
-                result["freshness"] = freshness(settings, env, first_server, ",".join(models),
-                                                args.freshness_samples, tmp)
+                result["freshness"] = freshness(settings, env, first_server, configs[0][1],
+                                                args.freshness_samples, tmp, items)
         finally:
             first_server.stop()
     result["goals"] = _goals(runs, args)
@@ -466,15 +479,19 @@ def _http_stack() -> str:
 
 
 def _goals(runs: list[dict], args) -> dict:
-    """Each goal against each run of the main model (the current code)."""
-    main = [r for r in runs if r["config"].startswith(runs[0]["model"] + ",")]
+    """Each goal against each run of the current code (baselines left out)."""
     out = {}
-    for r in main:
+    for r in runs:
+        if "baseline" in r["config"]:
+            continue
         o, c = r["open_loop"], r["closed_loop"]
         out[r["config"]] = {
             f"open loop {args.rate:g} req/s p99 <= {GOAL_P99_MS:g} ms": {
                 "p99_ms": o["p99_ms"], "achieved_rps": o["rps"],
                 "met": bool(o["p99_ms"] is not None and o["p99_ms"] <= GOAL_P99_MS and o["errors"] == 0)},
+            f"{args.clients} clients p99 <= {GOAL_P99_MS:g} ms": {
+                "p99_ms": c["p99_ms"], "met": bool(c["p99_ms"] is not None and c["p99_ms"] <= GOAL_P99_MS
+                                                   and c["errors"] == 0)},
             f"{args.clients} clients >= {GOAL_RPS:g} req/s": {
                 "rps": c["rps"], "met": bool(c["rps"] is not None and c["rps"] >= GOAL_RPS and c["errors"] == 0)},
         }
@@ -484,10 +501,13 @@ def _goals(runs: list[dict], args) -> dict:
 def _write(result: dict, args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "sessions_lookup" if result["query"] == "session" else "lookup"
+    if result["stream"] != "synthetic":
+        stem += f"_{result['stream']}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     what = (f"session lookups of {result['sessions']} live sessions" if result["query"] == "session"
             else "user lookups")
-    lines = [f"# Lookup benchmark ({what}; {', '.join(result['models'])}; {result['items']} items, "
+    stream = "MovieLens latest-small, " if result["stream"] == "movielens" else ""
+    lines = [f"# Lookup benchmark ({stream}{what}; {', '.join(result['models'])}; {result['items']} items, "
              f"{result['items_per_shard']} per shard" + (f", {result['factors']} factors" if "factors" in result else "")
              + f"; {result['cpus']} CPUs, load average {result['load_average_at_start'][0]:.1f} at start; "
              f"{result['http']})", ""]

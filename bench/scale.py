@@ -1,4 +1,4 @@
-"""Scale benchmark: MovieLens through P partitions and W worker processes, quality read from the metrics topic.
+"""Scale benchmark: MovieLens or the synthetic stream through P partitions and W workers, quality from the metrics topic.
 
 Run: `streamrec bench --only scale` (or `python -m bench.scale`). Starts its own Tansu and Redis on free
 ports; then, for each (partitions, workers) of the grid, on fresh topics with that many partitions:
@@ -43,7 +43,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.baseline import checkout
-from bench.streams import MOVIELENS, movielens
+from bench.streams import MOVIELENS, movielens, synthetic
 from producers.producer import EventProducer
 from stream_app.core.events import Event, encode, prepare
 from stream_app.core.settings import Settings
@@ -312,6 +312,9 @@ def main(argv: list[str] | None = None, servers: Settings | None = None) -> dict
     parser.add_argument("--models", default="mf,pop")
     parser.add_argument("--limit", type=int, default=None, help="only the first N ratings")
     parser.add_argument("--input", type=Path, default=MOVIELENS, help="MovieLens ratings.csv")
+    parser.add_argument("--stream", choices=("movielens", "synthetic"), default="movielens",
+                        help="replay MovieLens (--input) or the synthetic stream with planted device effects")
+    parser.add_argument("--synthetic-events", type=int, default=60_000)
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=20, help="freshness marker rounds per grid point")
     parser.add_argument("--items", default="local,shared", help="item state of the workers: local, shared or both")
@@ -322,17 +325,24 @@ def main(argv: list[str] | None = None, servers: Settings | None = None) -> dict
     if len(grid) != len(args.partitions.split(",")) or len(grid) != len(args.workers.split(",")):
         parser.error("--partitions and --workers need the same number of values")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    events = movielens(args.input, args.limit)
+    if args.stream == "movielens":
+        events, dataset = movielens(args.input, args.limit), f"MovieLens {args.input.parent.name}"
+    else:
+        events, dataset = synthetic(args.limit or args.synthetic_events), "The synthetic stream (seed 0)"
     result: dict = {
         "bench": "scale", "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.node()}, {os.cpu_count()} CPUs shared with other jobs, load average "
                    f"{os.getloadavg()[0]:.1f} at start, Python {platform.python_version()}",
-        "dataset": f"MovieLens {args.input.parent.name}", "events": len(events), "models": models, "k": args.k,
+        "dataset": dataset, "events": len(events), "models": models, "k": args.k,
         "grid": grid, "rounds": args.rounds, "baseline": args.baseline, "runs": {},
     }
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="streamrec-scale-") as tmp_dir:
         tmp = Path(tmp_dir)
+        sample = args.input
+        if args.stream == "synthetic":  # what the warm-up evaluates
+            sample = tmp / "synthetic.jsonl"
+            sample.write_bytes(b"\n".join(encode(e) for e in events[:2000]) + b"\n")
         items = [i.strip() for i in args.items.split(",") if i.strip()]
         if set(items) - {"local", "shared"}:
             parser.error(f"--items takes local and/or shared, not {args.items!r}")
@@ -344,7 +354,7 @@ def main(argv: list[str] | None = None, servers: Settings | None = None) -> dict
             if servers is None:
                 servers = stack.enter_context(embedded.EmbeddedServers(tmp)).settings()
             for name, (tree, extra) in trees.items():
-                warm_up(tree, args.input, ",".join(models))
+                warm_up(tree, sample, ",".join(models))
                 result["runs"][name] = []
                 for partitions, processes in grid:
                     print(f"{name}: {partitions} partition(s), {processes} worker process(es) ...", flush=True)

@@ -323,3 +323,21 @@ def test_gru_sessions_dropped_by_its_lru_come_back_from_redis(topics):
     # Float rounding alone (a few 1e-6 over the stream) against what lost states cost (about 1).
     assert gap(bounded) < 1e-4, "a session restored from Redis did not continue where it stopped"
     assert gap(forgetful) > 0.1, "forgetting sessions changed nothing: the stream cannot tell"
+
+
+def test_polls_shrink_so_that_slow_learning_answers_the_group_in_time(topics):
+    """A poll never holds more events than the worker learns in a quarter of the max poll interval:
+    else a worker learning slowly (all models at batch 1) is dropped by its group mid-poll."""
+    from stream_app.worker import worker as module
+
+    worker = Worker(topics, WorkerConfig(models=("pop",), commit_max=8192))
+    assert worker.poll_size() == module.FIRST_POLL  # speed not known yet
+    record = kafka.Record(topic=topics.events_topic, partition=0, offset=0, key=None, value=b"{}")
+    polled = [kafka.Messages.of([record] * 1000)]
+    budget = module.POLL_SHARE * kafka.REBALANCE_TIMEOUT_MS / 1000
+    worker._timed(polled, time.monotonic() - 4.0)  # 4 ms per event
+    slow = worker.poll_size()
+    assert slow < 8192 and slow * 0.004 <= budget * 1.01 and (slow + 1) * 0.004 > budget * 0.99
+    for _ in range(30):
+        worker._timed(polled, time.monotonic() - 0.01)  # 10 µs per event
+    assert worker.poll_size() == 8192

@@ -148,21 +148,40 @@ class SharedItems:
                 self.featurizer.items.put(name, row)
             self.know(np.fromiter(names, np.int64, len(names)))
             self.reserve(len(self.featurizer.items))
-        for tables, _ in entries:
-            self._absorb(tables)
+        self._absorb([tables for tables, _ in entries])
         return len(entries)
 
-    def _absorb(self, tables: list[tuple[str, str, float | None, np.ndarray, np.ndarray]]) -> None:
-        for name, table, scale, rows, delta in tables:
-            model = self.models.get(name)
-            if model is None or table not in model.shared:
-                continue  # a model this shard does not run
-            before = np.array(model.export_state()[table][rows], np.float64, ndmin=2)
-            model.absorb(table, rows, delta, scale)
-            after = np.array(model.export_state()[table][rows], np.float64, ndmin=2)  # rounded as the table keeps it
-            base = self._fit((name, table), after.shape[1])
-            base[rows, : before.shape[1]] -= before
+    def _absorb(self, entries: list[list[tuple[str, str, float | None, np.ndarray, np.ndarray]]]) -> None:
+        """Fold the entries' deltas into the replicas. Each touched row's base moves by what folding
+        changed in it (as the table keeps it, rounded), so that a commit publishes only what was learned
+        here. Each model's state is exported once before and once after all entries."""
+        parts: dict[tuple[str, str], list[np.ndarray]] = {}
+        for tables in entries:
+            for name, table, _, rows, _ in tables:
+                model = self.models.get(name)
+                if model is not None and table in model.shared:  # else a model this shard does not run
+                    parts.setdefault((name, table), []).append(rows)
+        touched = {key: np.unique(np.concatenate(rows)) for key, rows in parts.items()}
+        before = self._values(touched)
+        for tables in entries:
+            for name, table, scale, rows, delta in tables:
+                if (name, table) in touched:
+                    self.models[name].absorb(table, rows, delta, scale)
+        for key, after in self._values(touched).items():
+            rows, old = touched[key], before[key]
+            base = self._fit(key, after.shape[1])
+            base[rows, : old.shape[1]] -= old
             base[rows, : after.shape[1]] += after
+
+    def _values(self, touched: dict[tuple[str, str], np.ndarray]) -> dict[tuple[str, str], np.ndarray]:
+        """The current values of some rows of shared tables (model, table) -> rows, one export per model."""
+        states: dict[str, dict] = {}
+        out = {}
+        for (name, table), rows in touched.items():
+            if name not in states:
+                states[name] = self.models[name].export_state()
+            out[(name, table)] = np.array(states[name][table][rows], np.float64, ndmin=2)
+        return out
 
     def _fit(self, key: tuple[str, str], width: int) -> np.ndarray:
         """The base of a table, at least `width` wide (new columns are zeros, as the tables' are)."""

@@ -47,6 +47,10 @@ RETRY_FIRST, RETRY_MAX = 0.5, 10.0  # seconds between attempts to reload partiti
 GAP_CHECK_EVERY = 30.0  # seconds between checks, when idle, of the owned partitions against the log's end
 REJOIN_AFTER = 20.0  # seconds without a partition, while others stall, before a member unwedges its group
 REMIND_EVERY = 30.0  # seconds between reminders of stopped partitions, or of holding none
+# A poll takes at most as many events as the worker learns in this share of the max poll interval: a
+# worker learning slowly (many models at batch 1) must poll again before the group counts it gone.
+POLL_SHARE = 0.25
+FIRST_POLL = 256  # events of the first poll, before the learning speed is known
 
 
 class Worker:
@@ -71,6 +75,7 @@ class Worker:
         self._joined_at = time.monotonic()
         self._reminded_at = time.monotonic()
         self._folded_at = time.monotonic()
+        self._event_seconds: float | None = None  # learning time per event, moving average of the polls
         self.running = True
         self.applied = 0
         self.dead = 0
@@ -215,7 +220,7 @@ class Worker:
             while self.running:
                 if self.waiting:
                     self._retry_waiting()
-                polled = self.consumer.poll(self.config.commit_max, self.config.max_wait_ms / 1000)
+                polled = self.consumer.poll(self.poll_size(), self.config.max_wait_ms / 1000)
                 recovering = self.waiting.difference(self.stopped)
                 now = time.monotonic()
                 if polled or self.started_at is None or recovering:
@@ -224,6 +229,7 @@ class Worker:
                     break  # idle time counts from the first assignment (whose loading may take a while)
                 for messages in polled:
                     self._guarded(messages.partition, self._learn, messages)
+                self._timed(polled, now)
                 self._fold_due()
                 self._commit_due(idle=not polled)
                 if not polled:
@@ -238,6 +244,22 @@ class Worker:
                 signal.signal(sig, handler)
             gc.set_threshold(*thresholds)
             self.close()
+
+    def poll_size(self) -> int:
+        """Events to poll at most: `commit_max`, or fewer when learning them would take longer than
+        `POLL_SHARE` of the max poll interval at the speed measured so far."""
+        if self._event_seconds is None:
+            return min(self.config.commit_max, FIRST_POLL)
+        budget = POLL_SHARE * kafka.REBALANCE_TIMEOUT_MS / 1000
+        return max(1, min(self.config.commit_max, int(budget / self._event_seconds)))
+
+    def _timed(self, polled: list[kafka.Messages], since: float) -> None:
+        """Update the learning time per event with a poll learned from `since` (monotonic)."""
+        events = sum(len(m) for m in polled)
+        if events:
+            per_event = (time.monotonic() - since) / events
+            old = self._event_seconds
+            self._event_seconds = per_event if old is None else 0.5 * (old + per_event)
 
     def _join(self) -> kafka.GroupConsumer:
         s = self.settings
