@@ -24,7 +24,10 @@ import numpy as np
 
 from models.rows import Changes, RowTable
 
-TableKind = Literal["user", "item", "session", "context", "blob"]
+# What a table's rows are indexed by: a vocabulary's ids ("user", "item", "session", "context"; rows of
+# expired ids are forgotten), slots the model allots itself and recycles ("own"; never expired from
+# outside), or nothing: one array written whole ("blob").
+TableKind = Literal["user", "item", "session", "context", "own", "blob"]
 # How a table's rows combine across shards with shared items: "sum" rows are sums of per-event changes
 # (counts, and embeddings and step accumulators moved by additive steps); "decayed" rows are sums of
 # time-decayed weights at the log2 scale `Model.decay_scale` gives.

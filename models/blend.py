@@ -57,7 +57,7 @@ class Blend(Model):
     query: ClassVar[Literal["user", "session"]] = "session"
 
     def __init__(self, members: tuple[str, ...] = ("gru", "dnn", "markov", "sknn", "caser", "mf"),
-                 length_buckets: tuple[int, ...] = (3, 10, 50), lr: float = 0.01, init: float = 0.5, eps: float = 1e-3,
+                 length_buckets: tuple[int, ...] = (3, 10, 50), lr: float = 0.005, init: float = 0.5, eps: float = 1e-3,
                  seen_bits: int = 4096, top: int = 100, seed: int = 0):
         super().__init__()
         if not members or "blend" in members:

@@ -11,10 +11,11 @@ and the `k` most similar vote for their items with weight sim(n);
 popularity (`pop_weight` times the item's share) breaks ties and covers
 sessions without neighbours.
 
-State: each session's last `max_session_len` distinct items (a "session"
-table whose column 0 is a recency stamp), item counts (an "item" table) and
-a stamp counter (blob). The item index is derived from the session table and
-rebuilt on import.
+State: the last `max_sessions` sessions, live or ended, each in a slot of its own (an "own" table
+recycled oldest first, so ended sessions stay neighbours after their session rows expire): a recency
+stamp, then its last `max_session_len` distinct items; each live session's slot (a "session" table);
+item counts (an "item" table); and the stamp and slot counters (blob). The item index is derived
+from the slots and rebuilt on import.
 """
 
 from __future__ import annotations
@@ -34,56 +35,87 @@ class SessionKNN(Model):
     query = "session"
     sequential = True
     tables: ClassVar[dict[str, TableKind]] = {
-        "items": "session",  # [n_sessions, 1 + max_session_len]: stamp (0 = empty), then item ids + 1, 0 pads, newest last
+        "items": "own",  # [n_slots, 1 + max_session_len]: stamp (0 = empty), then item ids + 1, 0 pads, newest last
+        "slot": "session",  # [n_sessions, 1] the live session's slot + 1 (0: none yet)
         "count": "item",  # [n_items, 1] event counts
-        "meta": "blob",  # [[stamp counter]]
+        "meta": "blob",  # [[stamp counter, slots handed out]]
     }
     shared: ClassVar[dict[str, Sharing]] = {"count": "sum"}
 
     def __init__(self, k: int = 100, sample_size: int = 1000, max_session_len: int = 100, query_len: int = 10,
-                 sessions_per_item: int = 1000, pop_weight: float = 1e-3, seed: int = 0):
+                 sessions_per_item: int = 1000, max_sessions: int = 20_000, pop_weight: float = 1e-3, seed: int = 0):
         super().__init__()
         self.k = k
         self.sample_size = sample_size
         self.max_session_len = max_session_len
         self.query_len = query_len
         self.sessions_per_item = sessions_per_item
+        self.max_sessions = max_sessions
         self.pop_weight = pop_weight
         self.seed = seed
-        self._items_changed, self._sessions_changed = Changes(), Changes()
+        self._items_changed, self._sessions_changed, self._slots_changed = Changes(), Changes(), Changes()
         # ids + 1: a zero row is empty
-        self._items = self._table("items", RowTable(1 + max_session_len, np.float64, 0.0), self._sessions_changed)
+        self._items = self._table("items", RowTable(1 + max_session_len, np.float64, 0.0), self._slots_changed)
+        self._slot = self._table("slot", RowTable(1, np.float64, 0.0), self._sessions_changed)
         self._count = self._table("count", RowTable(1, np.float64, 0.0), self._items_changed)
         self._stamp = 0
-        self._blob("meta", lambda: np.array([[float(self._stamp)]]), self._load_stamp)
-        self._index: dict[int, dict[int, None]] = {}  # item -> sessions holding it, least recent first
+        self._handed = 0  # slots handed out so far; the next is `_handed % max_sessions`
+        self._blob("meta", lambda: np.array([[float(self._stamp), float(self._handed)]]), self._load_meta)
+        self._index: dict[int, dict[int, None]] = {}  # item -> slots holding it, least recent first
+        self._owner: dict[int, int] = {}  # slot -> the live session in it
 
     # -- helpers -------------------------------------------------------------------------
-    def _row(self, s: int) -> np.ndarray:
-        return self._items.data[s] if 0 <= s < self._items.n else np.zeros(1 + self.max_session_len)
+    def _slot_of(self, s: int) -> int:
+        """Session s's slot, -1 when it has none."""
+        return int(self._slot.data[s, 0]) - 1 if 0 <= s < self._slot.n else -1
+
+    def _new_slot(self, s: int) -> int:
+        """A slot for session s: the next one round the ring, its earlier session (ended or not) dropped."""
+        v = self._handed % self.max_sessions
+        self._handed += 1
+        table = self._items.ensure(max(self._items.n, v + 1))
+        for i in (table[v, 1:][table[v, 1:] > 0] - 1).astype(np.int64).tolist():
+            idx = self._index.get(i)
+            if idx is not None:
+                idx.pop(v, None)
+        table[v] = 0.0
+        old = self._owner.pop(v, None)
+        if old is not None:  # a session still live when its slot came round again starts afresh
+            self._slot.data[old, 0] = 0.0
+            self._sessions_changed.mark([old])
+        self._owner[v] = s
+        self._slot.data[s, 0] = v + 1
+        self._sessions_changed.mark([s])
+        return v
+
+    def _row(self, v: int) -> np.ndarray:
+        return self._items.data[v] if 0 <= v < self._items.n else np.zeros(1 + self.max_session_len)
 
     def session_items(self, session: int) -> np.ndarray:
         """The session's last `max_session_len` distinct items, oldest first."""
-        seq = self._row(session)[1:]
+        seq = self._row(self._slot_of(session))[1:]
         return (seq[seq > 0] - 1).astype(np.int64)
 
-    def _index_add(self, item: int, s: int) -> None:
-        sessions = self._index.get(item)
-        if sessions is None:
-            sessions = self._index[item] = {}
-        sessions.pop(s, None)
-        sessions[s] = None
-        if len(sessions) > self.sessions_per_item:
-            del sessions[next(iter(sessions))]
+    def _index_add(self, item: int, v: int) -> None:
+        slots = self._index.get(item)
+        if slots is None:
+            slots = self._index[item] = {}
+        slots.pop(v, None)
+        slots[v] = None
+        if len(slots) > self.sessions_per_item:
+            del slots[next(iter(slots))]
 
     def _append(self, s: int, item: int) -> None:
         """Add `item` to session `s` (moving it to the end when already there).
 
-        Every item of the session then moves `s` to the end of its index entry, so each
-        entry is ordered by session stamp and holds the `sessions_per_item` most recently
-        active sessions containing the item: the same index `import_state` rebuilds.
+        Every item of the session then moves its slot to the end of its index entry, so each
+        entry is ordered by stamp and holds the `sessions_per_item` most recently active
+        sessions containing the item: the same index `import_state` rebuilds.
         """
-        row = self._items.data[s]
+        v = self._slot_of(s)
+        if v < 0:
+            v = self._new_slot(s)
+        row = self._items.data[v]
         self._stamp += 1
         row[0] = self._stamp
         seq = row[1:]
@@ -98,9 +130,10 @@ class SessionKNN(Model):
             if dropped >= 0:
                 idx = self._index.get(dropped)
                 if idx is not None:
-                    idx.pop(s, None)
+                    idx.pop(v, None)
         for i in (seq[seq > 0] - 1).astype(np.int64).tolist():
-            self._index_add(i, s)
+            self._index_add(i, v)
+        self._slots_changed.mark([v])
 
     def _query_items(self, batch: Batch, rows: np.ndarray) -> list[np.ndarray]:
         """Each row's session items so far (state, then this batch's earlier rows), oldest first."""
@@ -127,12 +160,11 @@ class SessionKNN(Model):
             return
         batch = with_items
         count = self._count.ensure(batch.n_items)
-        self._items.ensure(max(batch.n_sessions, int(batch.sessions.max()) + 1))
+        self._slot.ensure(max(batch.n_sessions, int(batch.sessions.max()) + 1))
         np.add.at(count[:, 0], batch.items, batch.weights.astype(np.float64))
         for s, i in zip(batch.sessions.tolist(), batch.items.tolist()):
             self._append(s, i)
         self._items_changed.mark(batch.items)
-        self._sessions_changed.mark(batch.sessions)
 
     def score(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
         n = batch.n_items
@@ -142,7 +174,7 @@ class SessionKNN(Model):
             q = seq[-self.query_len :]
             if len(q) == 0:
                 continue
-            me = int(batch.sessions[row])
+            me = self._slot_of(int(batch.sessions[row]))
             cand: set[int] = set()
             for i in q.tolist():
                 cand.update(self._index.get(i, ()))
@@ -167,12 +199,14 @@ class SessionKNN(Model):
             out[r] += np.bincount(ids[ok], weights=votes, minlength=n)[:n]
         return out
 
-    def _load_stamp(self, meta: np.ndarray) -> None:
-        self._stamp = int(np.asarray(meta).ravel()[0])
+    def _load_meta(self, meta: np.ndarray) -> None:
+        meta = np.asarray(meta).ravel()
+        self._stamp = int(meta[0])
+        self._handed = int(meta[1]) if len(meta) > 1 else 0
 
     def import_state(self, state: dict[str, np.ndarray]) -> None:
-        """Session rows of another length are fitted to `max_session_len` (newest items kept, pads first);
-        the item index is rebuilt from them."""
+        """Slot rows of another length are fitted to `max_session_len` (newest items kept, pads first);
+        the item index and the slots' live sessions are rebuilt from them."""
         items = np.asarray(state["items"], np.float64)
         if items.shape[1] > 1 + self.max_session_len:  # keep the newest items
             items = np.concatenate([items[:, :1], items[:, -self.max_session_len :]], axis=1)
@@ -182,31 +216,31 @@ class SessionKNN(Model):
         super().import_state({**state, "items": items})
         self._index = {}
         data = self._items.data
-        for s in np.argsort(data[:, 0], kind="stable").tolist():
-            if data[s, 0] <= 0:
+        for v in np.argsort(data[:, 0], kind="stable").tolist():
+            if data[v, 0] <= 0:
                 continue
-            for i in (data[s, 1:][data[s, 1:] > 0] - 1).astype(np.int64).tolist():
-                self._index_add(i, s)
+            for i in (data[v, 1:][data[v, 1:] > 0] - 1).astype(np.int64).tolist():
+                self._index_add(i, v)
+        slots = self._slot.data[:, 0].astype(np.int64) - 1
+        self._owner = {int(slots[s]): s for s in np.flatnonzero(slots >= 0).tolist()}
 
     def reserve_items(self, n: int) -> None:
         self._count.ensure(n)
         self._items_changed.flags.ensure(n)
 
     def forget(self, kind: TableKind, ids: np.ndarray) -> None:
+        """An expired session leaves its slot as it is: ended sessions stay neighbours until their slot
+        comes round again. An expired item leaves every slot."""
         ids = np.asarray(ids, np.int64)
         if kind == "session":
-            ids = ids[(ids >= 0) & (ids < self._items.n)]
+            ids = ids[(ids >= 0) & (ids < self._slot.n)]
             for s in ids.tolist():
-                seq = self._items.data[s, 1:]
-                for i in (seq[seq > 0] - 1).astype(np.int64).tolist():
-                    idx = self._index.get(i)
-                    if idx is not None:
-                        idx.pop(s, None)
-            self._items.reset(ids)
+                self._owner.pop(self._slot_of(s), None)
+            self._slot.reset(ids)
         elif kind == "item":
             self._count.reset(ids)
             for i in ids.tolist():
-                for s in self._index.pop(i, {}):
-                    seq = self._items.data[s, 1:]
+                for v in self._index.pop(i, {}):
+                    seq = self._items.data[v, 1:]
                     seq[seq == i + 1] = 0.0
-                    self._sessions_changed.mark([s])
+                    self._slots_changed.mark([v])

@@ -273,3 +273,18 @@ def test_sknn_has_no_clock_so_jumps_in_time_change_nothing():
     assert after_a(steady, f1, 1.7e9 + 300) == after_a(jumping, f2, 1.7e308)
     for table, value in steady.export_state().items():
         assert np.array_equal(jumping.export_state()[table], value), table
+
+
+def test_sknn_ended_sessions_stay_neighbours_until_their_slot_comes_round():
+    """The worker expires a session's rows after the session gap; sknn's neighbours are past sessions,
+    so an ended session keeps voting until `max_sessions` newer sessions took its slot."""
+    model, feat = create("sknn", seed=3, max_sessions=3), Featurizer(time_features=False)
+    model.learn(sessions(feat, "old", "ax", 1.7e9))
+    model.forget("session", np.array([feat.sessions.get("old0")]))  # as the worker's expiry does
+    model.learn(sessions(feat, "other", "y", 1.7e9 + 5))  # as popular as x, in no session with a
+    ranked = after_a(model, feat, 1.7e9 + 10)
+    assert ranked.index("ix") < ranked.index("iy")
+    model.learn(sessions(feat, "new", "by bz", 1.7e9 + 20))  # the third session since old0 takes its slot
+    ranked = after_a(model, feat, 1.7e9 + 30)
+    assert ranked.index("ix") > ranked.index("iy")  # y is now more popular, and x has no neighbour left
+    assert (model.export_state()["items"][:, 0] > 0).sum() == 3  # three slots, every one in use

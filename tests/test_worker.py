@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from stream_app.core.errors import FencedError
+from models.features import RawEvent
 from stream_app.core.events import encode, prepare
 from stream_app.io import kafka
 from stream_app.io.redis import Changes, Keys, PartitionStore, applied_total, connect
@@ -341,3 +342,23 @@ def test_polls_shrink_so_that_slow_learning_answers_the_group_in_time(topics):
     for _ in range(30):
         worker._timed(polled, time.monotonic() - 0.01)  # 10 µs per event
     assert worker.poll_size() == 8192
+
+
+def test_sknn_keeps_ended_sessions_as_neighbours_across_expiry_and_restart(topics):
+    """Sessions whose rows the worker expired (idle past the session gap, stream time) still vote in
+    sknn, and do so again after a restart from Redis."""
+    records = []
+    for j in range(40):  # session j: a then x, or b then y; an hour apart, so each has expired when the next starts
+        for k, item in enumerate("ax" if j % 2 else "by"):
+            e = prepare({"user_id": f"u{j}", "item_id": f"i{item}", "event_type": "click", "ts": 1.7e9 + 3600 * j + k,
+                         "session_id": f"s{j}"})
+            records.append(kafka.Record(topics.events_topic, 0, len(records), None, encode(e)))
+    live, restarted = committed_then_resumed(topics, "sknn", records, 20)
+    for shard in (live, restarted):
+        f = shard.featurizer
+        assert f.sessions.get("s0") < 0  # expired
+        probe = RawEvent("probe", "ia", "click", 1.7e9 + 3600 * 41, "probe")
+        scores = shard.models["sknn"].score(f.batch([probe, probe]), np.array([1]))[0]  # after a, in a new session
+        x, y = f.items.get("ix"), f.items.get("iy")  # as popular as each other: only neighbours tell them apart
+        assert scores[x] > 2 * scores[y]
+        assert int((shard.models["sknn"].export_state()["items"][:, 0] > 0).sum()) >= 39
