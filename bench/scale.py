@@ -45,6 +45,7 @@ from rich.table import Table
 from bench.baseline import checkout
 from bench.streams import MOVIELENS, movielens, synthetic
 from producers.producer import EventProducer
+from producers.replay import replay
 from stream_app.core.events import Event, encode, prepare
 from stream_app.core.settings import Settings
 from stream_app.dev import embedded
@@ -184,7 +185,7 @@ def freshness(redis, settings: Settings, rounds: int, timeout: float = 30.0) -> 
 
 
 def run(servers: Settings, events: list[Event], partitions: int, processes: int, models: list[str], k: int,
-        rounds: int, tree: Path, tmp: Path, extra: tuple[str, ...] = ()) -> dict:
+        rounds: int, tree: Path, tmp: Path, extra: tuple[str, ...] = (), rate: float | None = None) -> dict:
     """One grid point: fresh topics with `partitions` partitions, the workers of `tree`, the replay, the figures."""
     tag = uuid.uuid4().hex[:8]
     settings = servers.with_(events_topic=f"scale-{tag}", metrics_topic=f"scale-metrics-{tag}",
@@ -207,7 +208,10 @@ def run(servers: Settings, events: list[Event], partitions: int, processes: int,
         before = command_counts(redis)
         start = time.perf_counter()
         with EventProducer(settings, config={"linger_ms": 20}) as producer:
-            producer.send_many(iter(events))
+            if rate is None:
+                producer.send_many(iter(events))
+            else:
+                replay(events, producer, rate=rate)
         produced = time.perf_counter() - start
         end, polls, applied = wait_applied(redis, settings, n, workers, timeout=max(600.0, n / 50))
         used = command_counts(redis) - before
@@ -279,9 +283,11 @@ def render(result: dict) -> tuple[Table, str]:
                     f"{row['redis_commands_per_event']:.4f}", "{:.0f} / {:.0f}".format(*row["freshness_p50_p99_ms"])]
                 table.add_row(*cells)
                 lines.append("| " + " | ".join(cells) + " |")
-    head = (f"# Scale benchmark ({result['when']})\n\n{result['dataset']}, the first {result['events']:,} ratings in "
-            f"time order, produced as fast as possible keyed by user, through P partitions and `streamrec worker "
-            f"--processes W --batch-size 1 --sample-rate 1` with {', '.join(result['models'])}. Recall and AUC are "
+    pace = f"at {result['rate']:,.0f} events/s" if result.get("rate") else "as fast as possible"
+    head = (f"# Scale benchmark ({result['when']})\n\n{result['dataset']}, the first {result['events']:,} events in "
+            f"time order, produced {pace} keyed by user, through P partitions and `streamrec worker "
+            f"--processes W --batch-size 1 --sample-rate 1{' ' + result['worker_args'] if result.get('worker_args') else ''}` "
+            f"with {', '.join(result['models'])}. Recall and AUC are "
             f"pooled over all partitions from the metrics topic; events/s from the first event produced to the last "
             f"applied in Redis; freshness from {result['rounds']} rounds of one marker event per partition after the "
             f"replay. Machine: {result['machine']}; the grid took {result['grid_minutes']} minutes.\n\n")
@@ -319,6 +325,9 @@ def main(argv: list[str] | None = None, servers: Settings | None = None) -> dict
     parser.add_argument("--rounds", type=int, default=20, help="freshness marker rounds per grid point")
     parser.add_argument("--items", default="local,shared", help="item state of the workers: local, shared or both")
     parser.add_argument("--baseline", default=None, help="also run the workers of this commit over the grid")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="produce this many events/s (default: as fast as possible, a backlog)")
+    parser.add_argument("--worker-args", default="", help='more options of `streamrec worker`, e.g. "--commit-max 256"')
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     grid = list(zip((int(p) for p in args.partitions.split(",")), (int(w) for w in args.workers.split(","))))
@@ -334,7 +343,8 @@ def main(argv: list[str] | None = None, servers: Settings | None = None) -> dict
         "machine": f"{platform.node()}, {os.cpu_count()} CPUs shared with other jobs, load average "
                    f"{os.getloadavg()[0]:.1f} at start, Python {platform.python_version()}",
         "dataset": dataset, "events": len(events), "models": models, "k": args.k,
-        "grid": grid, "rounds": args.rounds, "baseline": args.baseline, "runs": {},
+        "grid": grid, "rounds": args.rounds, "baseline": args.baseline,
+        "worker_args": args.worker_args, "rate": args.rate, "runs": {},
     }
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="streamrec-scale-") as tmp_dir:
@@ -346,10 +356,11 @@ def main(argv: list[str] | None = None, servers: Settings | None = None) -> dict
         items = [i.strip() for i in args.items.split(",") if i.strip()]
         if set(items) - {"local", "shared"}:
             parser.error(f"--items takes local and/or shared, not {args.items!r}")
+        more = tuple(args.worker_args.split())
         trees: dict[str, tuple[Path, tuple[str, ...]]] = {
-            f"{item} items": (ROOT, (f"--{item}-items",)) for item in items}
+            f"{item} items": (ROOT, (f"--{item}-items", *more)) for item in items}
         if args.baseline:
-            trees[args.baseline] = (checkout(args.baseline, tmp / "baseline"), ())
+            trees[args.baseline] = (checkout(args.baseline, tmp / "baseline"), more)
         with ExitStack() as stack:
             if servers is None:
                 servers = stack.enter_context(embedded.EmbeddedServers(tmp)).settings()
@@ -359,7 +370,7 @@ def main(argv: list[str] | None = None, servers: Settings | None = None) -> dict
                 for partitions, processes in grid:
                     print(f"{name}: {partitions} partition(s), {processes} worker process(es) ...", flush=True)
                     result["runs"][name].append(run(servers, events, partitions, processes, models, args.k,
-                                                    args.rounds, tree, tmp, extra))
+                                                    args.rounds, tree, tmp, extra, args.rate))
     result["grid_minutes"] = round((time.monotonic() - started) / 60, 1)
     table, page = render(result)
     Console(width=None if sys.stdout.isatty() else 200).print(table)  # a log gets the whole table

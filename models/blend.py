@@ -228,16 +228,21 @@ class Blend(Model):
             out[r] = w[r] @ self._features([s[r] for s in scores])
         return out
 
-    def contributions(self, batch: Batch, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For the one-row query `batch`: its weights [F] (each member's on its z-scores, then on its
-        reciprocal ranks), and each member's part of the blend's score of `items` [len(items), M]."""
+    def explain(self, batch: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For the one-row query `batch`, in one pass: its scores [n_items] (as `score`), its weights
+        [F] and its features [F, n_items], for `contributions`."""
         self._ensure(batch)
         first = np.zeros(1, np.int64)
         z = self._features([p.score(batch, first)[0] for p in self.parts.values()])  # [F, n_items]
         w = self.weights(batch, first)[0]
-        parts = w[:, None] * z[:, items]  # [F, len(items)]
+        return w @ z, w, z
+
+    def contributions(self, weights: np.ndarray, z: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Each member's part of the blend's score of `items` [len(items), M], from `explain`'s weights
+        and features; the parts of an item add up to its score."""
+        parts = weights[:, None] * z[:, items]  # [F, len(items)]
         m = len(self.members)
-        return w, (parts[:m] + parts[m:] if self.top > 0 else parts).T
+        return (parts[:m] + parts[m:] if self.top > 0 else parts).T
 
     # -- state -----------------------------------------------------------------------------
     def export_state(self) -> dict[str, np.ndarray]:

@@ -60,9 +60,11 @@ def test_weights_learn_from_outcomes() -> None:
     assert not np.allclose(model.export_state()["base"], start)
     probe = featurizer.batch(planted_stream(1, seed=2, t0=1.8e9))
     items = np.arange(5)
-    weights, parts = model.contributions(probe, items)
+    scores, weights, z = model.explain(probe)
+    np.testing.assert_allclose(scores, model.score(probe, np.zeros(1, np.int64))[0])
+    parts = model.contributions(weights, z, items)
     assert weights.shape == (4,) and parts.shape == (5, 2)
-    np.testing.assert_allclose(parts.sum(axis=1), model.score(probe, np.zeros(1, np.int64))[0, items])
+    np.testing.assert_allclose(parts.sum(axis=1), scores[items])
 
 
 def _records(topic: str, n: int) -> list:

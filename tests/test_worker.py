@@ -12,8 +12,8 @@ import numpy as np
 import orjson
 import pytest
 
-from stream_app.core.errors import FencedError
 from models.features import RawEvent
+from stream_app.core.errors import FencedError
 from stream_app.core.events import encode, prepare
 from stream_app.io import kafka
 from stream_app.io.redis import Changes, Keys, PartitionStore, applied_total, connect

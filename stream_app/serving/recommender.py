@@ -12,7 +12,8 @@ import time
 
 import numpy as np
 
-from models.base import Model
+from models.base import Batch, Model
+from models.blend import Blend
 from models.registry import create
 from stream_app.serving.cache import ModelCache
 from stream_app.serving.params import ApiError
@@ -61,10 +62,10 @@ class Recommender:
                 session_row = f.sessions.get(f.open_sessions[user_id][0])
             batch = query_batch(view, user_id, context, time.time(), session_row=session_row)
             exclude = history[:, 0] if history is not None and not include_seen else None
-            idx, scores = view.rank(used, m, batch, k, exclude)
+            idx, scores, explained = self._rank(view, used, m, batch, k, exclude)
             reasons = (similar_to_history(view, used, idx, history, context) if history is not None
                        else [popular(context)] * len(idx))
-            reasons = with_blend(m, batch, idx, reasons)
+            reasons = with_blend(m, explained, idx, reasons)
             names = view.item_names
             items = [{"item_id": names[i], "score": s, "reason": r}
                      for i, s, r in zip(idx.tolist(), scores.tolist(), reasons)]
@@ -89,17 +90,26 @@ class Recommender:
                 reason = popular(context)
                 if m.query != "session":
                     reason["note"] = f"{used} ranks for users, not sessions; answered by popularity in context"
-            idx, scores = view.rank(used, m, batch, k, exclude)
+            idx, scores, explained = self._rank(view, used, m, batch, k, exclude)
             if exclude is not None and len(exclude):  # the session item closest to each answer
                 reasons = [{**r, "kind": "session", "session_id": session_id} if r["kind"] == "similar_to" else r
                            for r in similar_to_history(view, used, idx, session_history(exclude), context)]
             else:
                 reasons = [reason] * len(idx)
-            reasons = with_blend(m, batch, idx, reasons)
+            reasons = with_blend(m, explained, idx, reasons)
             items = [{"item_id": view.item_names[i], "score": s, "reason": r}
                      for i, s, r in zip(idx.tolist(), scores.tolist(), reasons)]
         return {"user_id": None, "session_id": session_id, "model": model, "model_version": view.version,
                 "partition": view.partition, "items": items}
+
+    @staticmethod
+    def _rank(view: ShardView, name: str, model: Model, batch: Batch, k: int, exclude: np.ndarray | None
+              ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+        """`view.rank`, and for a blend the weights and features its reasons are made of (one pass)."""
+        if not isinstance(model, Blend):
+            return (*view.rank(name, model, batch, k, exclude), None)
+        raw, weights, z = model.explain(batch)
+        return (*view.rank(name, model, batch, k, exclude, raw=raw), (weights, z))
 
     @staticmethod
     def _pick(view: ShardView, model: str) -> tuple[str, Model | None]:

@@ -106,13 +106,14 @@ class ShardView:
 
     # ---- ranking
 
-    def rank(self, name: str, model: Model, batch: Batch, k: int, exclude: np.ndarray | None = None
-             ) -> tuple[np.ndarray, np.ndarray]:
+    def rank(self, name: str, model: Model, batch: Batch, k: int, exclude: np.ndarray | None = None,
+             raw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(top-k rows best first, their scores) of `model` for the one-row query `batch`.
 
-        Uses the prepared scorer when there is one (through the ANN index for an embedding model
-        that has one), else `model.score`."""
-        scorer = self.scorers.get(name)
+        Uses `raw` when given (the model's scores of every item, computed already), else the prepared
+        scorer when there is one (through the ANN index for an embedding model that has one), else
+        `model.score`."""
+        scorer = None if raw is not None else self.scorers.get(name)
         if isinstance(scorer, EmbeddingScorer):
             q, known = scorer.query(batch)
             index = self.ann.get(name, (None, None))[0]
@@ -127,7 +128,7 @@ class ShardView:
         elif isinstance(scorer, PopScorer):
             scores = scorer.scores(batch)
         else:
-            scores = self._generic(model, batch)
+            scores = self._generic(model, batch, raw)
         if exclude is not None and len(exclude):
             scores[exclude[(exclude >= 0) & (exclude < len(scores))]] = -np.inf
         idx = top_k(scores, k)
@@ -144,9 +145,9 @@ class ShardView:
         order = top_k(cand_scores, k)
         return cand[order], cand_scores[order]
 
-    def _generic(self, model: Model, batch: Batch) -> np.ndarray:
-        """`model.score` fitted to this view's items, rows of no item and non-finite scores at -inf."""
-        raw = np.asarray(model.score(batch, _FIRST_ROW)[0], np.float32)
+    def _generic(self, model: Model, batch: Batch, raw: np.ndarray | None = None) -> np.ndarray:
+        """`model.score` (or `raw`) fitted to this view's items, rows of no item and non-finite scores at -inf."""
+        raw = np.asarray(model.score(batch, _FIRST_ROW)[0] if raw is None else raw, np.float32)
         scores = np.full(self.n_items, -np.inf, np.float32)
         n = min(len(raw), self.n_items)
         scores[:n] = raw[:n]
