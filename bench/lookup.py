@@ -383,8 +383,8 @@ def main(argv: list[str] | None = None) -> dict:
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     tmp = Path(tempfile.mkdtemp(prefix="streamrec-lookup-"))
     query = registry.create(models[0]).query
-    if args.stream == "movielens":
-        events, sessions = movielens(limit=args.limit), 0
+    if args.stream == "movielens":  # user lookups, whatever the model
+        events, sessions, query = movielens(limit=args.limit), 0, "user"
     else:
         sessions = args.events // SESSION_LEN if query == "session" else 0
         events = make_events(args.events, args.items, args.users, seed=0, sessions=sessions)
