@@ -69,3 +69,16 @@ def test_the_exchange_benchmark_ranks_every_event_with_shared_items(tmp_path):
     # one catalogue: an item one shard has seen is rankable in the other
     assert shared["models"]["mf"]["ranked"] > local["models"]["mf"]["ranked"]
     assert (tmp_path / "exchange.md").read_text().count("\n| shared | 2 | 100 |") == 1
+
+
+def test_the_scale_benchmark_paces_the_synthetic_stream_and_passes_worker_options(services, tmp_path):
+    n = 1500
+    result = scale.main(["--stream", "synthetic", "--limit", str(n), "--partitions", "1", "--workers", "1",
+                         "--items", "shared", "--models", "pop", "--rate", "500", "--worker-args", "--commit-max 512",
+                         "--rounds", "2", "--out", str(tmp_path)], servers=services)
+    (row,) = result["runs"]["shared items"]
+    assert row["applied"] == row["events"] == n
+    assert row["events_per_s"] < 500 * 1.1  # paced: the replay takes at least n / rate seconds
+    assert row["models"]["pop"]["repeat"] > 0  # the synthetic stream's re-views, not MovieLens
+    page = (tmp_path / "scale.md").read_text()
+    assert "The synthetic stream" in page and "produced at 500 events/s" in page and "--commit-max 512" in page
