@@ -130,7 +130,9 @@ def worker(
     ),
     group: Optional[str] = typer.Option(None, "--group", help="consumer group [env STREAMREC_CONSUMER_GROUP]"),
     topic: Optional[str] = typer.Option(None, "--topic", help="events topic [env STREAMREC_EVENTS_TOPIC]"),
-    max_idle: Optional[float] = typer.Option(None, "--max-idle", help="exit after this many idle seconds"),
+    max_idle: Optional[float] = typer.Option(
+        None, "--max-idle", help="exit after this many idle seconds once no partition of the topic lags"
+    ),
     idle_expiry: Optional[float] = typer.Option(
         None, "--idle-expiry", min=1.0, help="expire users and items idle this many seconds of stream time (bounds memory)"
     ),

@@ -6,6 +6,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -180,6 +181,40 @@ def test_two_workers_split_partitions_and_apply_every_event_once(topics, tmp_pat
     assigned = [[line for line in log.read_text().splitlines() if "assigned [" in line and "assigned []" not in line]
                 for log in logs]
     assert all(assigned), f"a worker never got a partition: {assigned}"
+
+
+def test_an_idle_worker_with_max_idle_stays_while_another_member_holds_a_lagging_partition(topics):
+    """`--max-idle` ends a worker once the topic is drained, not merely its own partitions: a member that
+    holds part of the topic without learning it keeps the worker, which takes its partitions over."""
+    n = produce(topics, events(2000, seed=4, users=300))
+    rival = kafka.group_consumer(topics.kafka_client, kafka.target(topics), topics.consumer_group, topics.events_topic,
+                                 lambda parts: dict.fromkeys(parts), lambda parts: None, 10, 100)
+    held, done = set(), threading.Event()
+
+    def hold() -> None:  # polls, so that it stays a healthy member, and learns nothing
+        while not done.is_set():
+            held.update(m.partition for m in rival.poll(10, 0.1))
+        rival.close()
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    deadline = time.monotonic() + 30
+    while not held and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert held, "the rival member never got a partition"
+    worker = Worker(topics, WorkerConfig(max_wait_ms=50))
+    runner = threading.Thread(target=worker.run, kwargs={"max_idle": 1}, daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 30
+    while worker.started_at is None and time.monotonic() < deadline:  # the group rebalances over both members
+        time.sleep(0.1)
+    time.sleep(6)  # idle far longer than max_idle, its own partitions drained
+    lagging = applied(topics) < n
+    assert runner.is_alive() or not lagging, "the worker left partitions with events to learn"
+    done.set()  # the rival leaves: its partitions go to the worker
+    runner.join(timeout=120)
+    assert not runner.is_alive()
+    assert applied(topics) == n
 
 
 def test_processes_option_runs_group_members_that_split_the_partitions(topics, tmp_path):

@@ -45,6 +45,7 @@ log = logging.getLogger("streamrec.worker")
 EXCHANGE_EVENTS = 64  # shared items: events learned between checks for a due fold and commit within a poll
 RETRY_FIRST, RETRY_MAX = 0.5, 10.0  # seconds between attempts to reload partitions while Redis or Kafka is down
 GAP_CHECK_EVERY = 30.0  # seconds between checks, when idle, of the owned partitions against the log's end
+DRAIN_CHECK_EVERY = 2.0  # seconds between checks, once idle for `max_idle`, that no partition lags
 REJOIN_AFTER = 20.0  # seconds without a partition, while others stall, before a member unwedges its group
 REMIND_EVERY = 30.0  # seconds between reminders of stopped partitions, or of holding none
 # A poll takes at most as many events as the worker learns in this share of the max poll interval: a
@@ -73,6 +74,7 @@ class Worker:
         self._gaps_checked_at = time.monotonic()
         self._unassigned_since = time.monotonic()
         self._joined_at = time.monotonic()
+        self._drain_checked_at = 0.0
         self._reminded_at = time.monotonic()
         self._folded_at = time.monotonic()
         self._event_seconds: float | None = None  # learning time per event, moving average of the polls
@@ -200,8 +202,8 @@ class Worker:
         self.dead += 1
 
     def run(self, max_idle: float | None = None, stop_after: int | None = None) -> None:
-        """Consume until stopped (SIGTERM/SIGINT), idle for `max_idle` s, or `stop_after` applied events (time
-        spent waiting for Redis or Kafka to come back is not idle)."""
+        """Consume until stopped (SIGTERM/SIGINT), `stop_after` applied events, or idle for `max_idle` s with no
+        partition of the topic left lagging (time spent waiting for Redis or Kafka to come back is not idle)."""
         # One BLAS thread: workers scale by processes (--processes), and BLAS threads spin against each other.
         limit_blas_threads(1)
         # Rarer garbage collections: the clients allocate objects per message, and with a shard's state in
@@ -223,10 +225,10 @@ class Worker:
                 polled = self.consumer.poll(self.poll_size(), self.config.max_wait_ms / 1000)
                 recovering = self.waiting.difference(self.stopped)
                 now = time.monotonic()
-                if polled or self.started_at is None or recovering:
+                if polled or recovering:
                     idle_since = now
-                elif max_idle is not None and now - max(idle_since, self.started_at) > max_idle:
-                    break  # idle time counts from the first assignment (whose loading may take a while)
+                elif max_idle is not None and now - max(idle_since, self._idle_from()) > max_idle and self._drained():
+                    break
                 for messages in polled:
                     self._guarded(messages.partition, self._learn, messages)
                 self._timed(polled, now)
@@ -244,6 +246,28 @@ class Worker:
                 signal.signal(sig, handler)
             gc.set_threshold(*thresholds)
             self.close()
+
+    def _idle_from(self) -> float:
+        """Idle time counts from the first assignment (whose loading may take a while), or from joining."""
+        return self._joined_at if self.started_at is None else self.started_at
+
+    def _drained(self) -> bool:
+        """True when no partition of the topic has events waiting that a worker could learn (those stopped
+        at an offset gap or truncated wait for an operator): an idle member stays while another partition
+        lags, to take it over when its owner dies or the group hands partitions round (checked every
+        `DRAIN_CHECK_EVERY` s)."""
+        now = time.monotonic()
+        if now - self._drain_checked_at < DRAIN_CHECK_EVERY:
+            return False
+        self._drain_checked_at = now
+        try:
+            lagging = [r.partition for r in partition_status(self.settings) if r.lag and r.problem in (None, STALLED)]
+        except ServiceError as exc:
+            log.warning("%s: idle, but cannot check the other partitions (%s)", self.config.worker_id, exc)
+            return False
+        if lagging:
+            log.info("%s: idle, staying while partitions %s have events to learn", self.config.worker_id, lagging)
+        return not lagging
 
     def poll_size(self) -> int:
         """Events to poll at most: `commit_max`, or fewer when learning them would take longer than
