@@ -175,7 +175,7 @@ def test_worker_and_api_on_a_cluster_with_an_acl_user_and_tls(topics, tmp_path):
     secured = embedded.start_redis_cluster(
         [embedded.free_port() for _ in range(3)], tmp_path / "cluster", password=ADMIN,
         tls=(certs / "server.pem", certs / "server.key", certs / "ca.pem"),
-        extra_args=("--requirepass", ADMIN, "--user", "streamrec", "on", f">{SECRET}", "~{sr:*", "~sr:*", "+@all",
+        extra_args=("--requirepass", ADMIN, "--user", "streamrec", "on", f">{SECRET}", "~{sr:*", "~sr:*", "&sr:*", "+@all",
                     "-@dangerous"))
     try:
         query = f"ssl_ca_certs={certs / 'ca.pem'}&ssl_certfile={certs / 'client.pem'}&ssl_keyfile={certs / 'client.key'}"

@@ -197,7 +197,8 @@ def secured_redis(kind: str, directory: Path, certs: Path) -> tuple[embedded.Ser
         return server, f"redis://:{SECRET}@127.0.0.1:{port}/0"
     if kind == "acl":  # the project's keys only: partitions' `{sr:<topic>:<n>}:...`, the monitor's `sr:monitor:...`
         server = embedded.start_redis(port, directory, extra_args=(
-            "--requirepass", ADMIN, "--user", "streamrec", "on", f">{SECRET}", "~{sr:*", "~sr:*", "+@all", "-@dangerous"))
+            "--requirepass", ADMIN, "--user", "streamrec", "on", f">{SECRET}", "~{sr:*", "~sr:*", "&sr:*", "+@all",
+            "-@dangerous"))
         return server, f"redis://streamrec:{SECRET}@127.0.0.1:{port}/0"
     tls_port = embedded.free_port()
     server = embedded.start_redis(port, directory, extra_args=(

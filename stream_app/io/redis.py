@@ -224,6 +224,11 @@ class Keys:
     item_log_base = property(lambda self: self._key("items:log:base"), doc="entries trimmed from the head of `item_log`")
     item_cursors = property(lambda self: self._key("items:cursors"),
                             doc="hash: partition -> index of the next entry of its `item_log` to fold in")
+    changes = property(lambda self: self._key("changes"),
+                       doc="list: per commit, 'VERSION JSON' of the keys (and hash fields) it wrote, the last "
+                           "`CHANGES_KEPT`: what a server re-reads to catch up")
+    commits = property(lambda self: f"{self.prefix}:{self.topic}:commits",
+                       doc="pub/sub channel (no key): 'PARTITION VERSION' after every commit of any partition")
 
     def vocab(self, kind: str) -> str:
         return f"{self.tag}:vocab:{kind}"
@@ -290,6 +295,116 @@ def read_snapshot(client: Client, keys: Keys, tables: dict[str, dict[str, TableK
         models=models,
         cursors={int(p): int(c) for p, c in cursors_raw.items()},
     )
+
+
+def read_changes(client: Client, keys: Keys, tables: dict[str, dict[str, TableKind]], base: Snapshot,
+                 version: int) -> Snapshot | None:
+    """`base` brought up to at least `version` by re-reading only the keys and hash fields that the commits
+    after it wrote (their `changes` entries): two round trips, a small read where `read_snapshot` reads every
+    row. None when the entries no longer reach back to `base` (read a full snapshot then).
+
+    The result carries the version of the last entry read; rows it re-read may already hold later commits
+    (never older ones), and the next catch-up re-reads those commits' keys again. Keys that expire by TTL
+    (session rows) write no entry: a full snapshot now and then drops them."""
+    behind = version - base.version
+    if behind <= 0:
+        return base
+    if behind > CHANGES_KEPT:
+        return None
+    entries = []
+    for raw in client.lrange(keys.changes, -min(CHANGES_KEPT, behind + 8), -1):
+        head, _, body = cast(bytes, raw).partition(b" ")
+        if int(head) > base.version:
+            entries.append((int(head), body))
+    if not entries or [v for v, _ in entries] != list(range(base.version + 1, base.version + 1 + len(entries))):
+        return None
+    touched: dict[str, set | None] = {}
+    for _, body in entries:
+        for key, fields in orjson.loads(body).items():
+            seen = touched.setdefault(key, set())
+            if fields is None or seen is None:
+                touched[key] = None
+            else:
+                seen.update(map(str, fields))
+    hashes: dict[str, tuple[str, Any]] = {keys.vocab(kind): ("vocab", kind) for kind in KINDS}
+    hashes.update({keys.open_sessions: ("open", ""), keys.history: ("history", "")})
+    plain, session_prefix = {}, {}
+    for name, model in tables.items():
+        for table, kind in model.items():
+            key = keys.table(name, table)
+            if kind == "session":
+                session_prefix[key + ":"] = (name, table)
+            elif kind == "blob":
+                plain[key] = (name, table)
+            else:
+                hashes[key] = ("table", (name, table))
+    reads: list[tuple[str, Any, list]] = []  # (what, where, fields)
+    pipe = client.pipeline(transaction=True)
+    for key, fields in touched.items():
+        if key in hashes and fields:
+            names = sorted(fields)
+            pipe.hmget(key, names)
+            reads.append((*hashes[key], names))
+        elif key in plain:
+            pipe.get(key)
+            reads.append(("blob", plain[key], []))
+        else:
+            prefix, _, row = key.rpartition(":")
+            if prefix + ":" in session_prefix:
+                pipe.get(key)
+                reads.append(("session", (*session_prefix[prefix + ":"], int(row)), []))
+    got = pipe.execute() if reads else []
+    vocabs, opened, history = dict(base.vocabs), dict(base.open_sessions), dict(base.history)
+    models = {name: dict(state) for name, state in base.models.items()}
+    rows: dict[tuple[str, str], dict[int, Any]] = {}
+    for (what, where, fields), values in zip(reads, got):
+        if what == "vocab":
+            vocab = vocabs[where] = dict(base.vocabs[where])  # each key is read once
+            for name, row in zip(fields, values):
+                if row is None:
+                    vocab.pop(name, None)
+                else:
+                    vocab[name] = int(row)
+        elif what == "open":
+            for user, raw in zip(fields, values):
+                if raw is None:
+                    opened.pop(user, None)
+                else:
+                    key, _, ts = raw.decode().rpartition("|")
+                    opened[user] = (key, float(ts))
+        elif what == "history":
+            for user, raw in zip(fields, values):
+                if raw is None:
+                    history.pop(int(user), None)
+                else:
+                    history[int(user)] = np.frombuffer(raw, np.int32).reshape(-1, 2)
+        elif what == "table":
+            rows.setdefault(where, {}).update(zip(map(int, fields), values))
+        elif what == "blob":
+            if values is not None:
+                models[where[0]][where[1]] = unpack_blob(values)
+        else:  # a session row
+            rows.setdefault(where[:2], {})[where[2]] = values
+    for (name, table), changed in rows.items():
+        models.setdefault(name, {})[table] = _patched(models[name].get(table), changed)
+    return Snapshot(version=entries[-1][0], offset=base.offset, applied=base.applied, vocabs=vocabs,
+                    open_sessions=opened, history=history, models=models, cursors=base.cursors)
+
+
+def _patched(table: np.ndarray | None, changed: dict[int, Any]) -> np.ndarray:
+    """A copy of `table` with the rows in `changed` (row -> float32 bytes, None: deleted, a zero row)."""
+    stored = {str(r).encode(): v for r, v in changed.items() if v is not None}
+    new = rows_to_array(stored)
+    old = np.zeros((0, 1), np.float32) if table is None else table
+    n = max(len(old), len(new), max(changed) + 1)
+    out = np.zeros((n, max(old.shape[1], new.shape[1])), np.float32)
+    out[: len(old), : old.shape[1]] = old
+    rows = np.fromiter(changed, np.int64, len(changed))
+    out[rows] = 0.0
+    if stored:
+        ids = np.fromiter(map(int, stored), np.int64, len(stored))
+        out[ids, : new.shape[1]] = new[ids]
+    return out
 
 
 @dataclass
@@ -385,7 +500,9 @@ class PartitionStore:
         if self._script is None:
             self._script = self.client.register_script(_FENCED_WRITE)
         try:
-            version = self._script(keys=[k.owner, k.committed_at, *writes.keys], args=[self.token, *writes.args])
+            version = self._script(keys=[k.owner, k.committed_at, k.changes, *writes.keys],
+                                   args=[self.token, orjson.dumps(writes.touched), CHANGES_KEPT, k.commits,
+                                         k.partition, *writes.args])
         except redis.ResponseError as exc:
             if str(exc).startswith("FENCED"):
                 raise FencedError(
@@ -453,8 +570,11 @@ return token
 """
 
 # One round trip, atomic, fenced: KEYS[1] is `owner`, ARGV[1] the caller's token, KEYS[2] `committed_at`
-# (set to the server's time); then per write ARGV holds m (the command and its arguments), the index of
-# its key in KEYS, the command, its arguments.
+# (set to the server's time), KEYS[3] `changes`; ARGV[2] the JSON of the keys written, ARGV[3] how many
+# `changes` entries to keep, ARGV[4] the commits channel, ARGV[5] the partition; then per write ARGV holds
+# m (the command and its arguments), the index of its key in KEYS, the command, its arguments. The last
+# write is the INCR of `version`: the script returns the new version, logs the change entry under it and
+# announces it on the channel.
 # `HSET*` is HSET with packed arguments (fields blob, its spec, values blob, its spec; see `_pack`).
 _FENCED_WRITE = """
 local function split(blob, spec)
@@ -478,7 +598,7 @@ local owner = redis.call('GET', KEYS[1])
 if owner ~= ARGV[1] then return redis.error_reply('FENCED ' .. tostring(owner)) end
 local now = redis.call('TIME')
 redis.call('SET', KEYS[2], now[1] .. '.' .. string.format('%06d', now[2]))
-local i, result = 2, nil
+local i, result = 6, nil
 while i <= #ARGV do
   local m, key = tonumber(ARGV[i]), KEYS[tonumber(ARGV[i + 1])]
   if ARGV[i + 2] == 'HSET*' then
@@ -497,9 +617,13 @@ while i <= #ARGV do
   end
   i = i + 2 + m
 end
+redis.call('RPUSH', KEYS[3], result .. ' ' .. ARGV[2])
+redis.call('LTRIM', KEYS[3], -tonumber(ARGV[3]), -1)
+redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. result)
 return result
 """
 _MAX_ARGS = 4000  # per command: Lua's unpack() takes about 8000 values at most
+CHANGES_KEPT = 64  # commits whose change entries a partition keeps (a server further behind reads everything)
 
 
 class _Writes:
@@ -509,15 +633,20 @@ class _Writes:
         self.keys: list[str] = []
         self.args: list = []
         self._index: dict[str, int] = {}
+        self.touched: dict[str, list | None] = {}  # key -> hash fields set or deleted (None: the key itself)
 
     def call(self, command: str, key: str, *args) -> None:
         index = self._index.get(key)
         if index is None:
             self.keys.append(key)
-            index = self._index[key] = len(self.keys) + 2  # KEYS[1], KEYS[2]: owner, committed_at
+            index = self._index[key] = len(self.keys) + 3  # KEYS[1..3]: owner, committed_at, changes
         self.args += (len(args) + 1, index, command, *args)
+        if command in ("SET", "DEL"):
+            self.touched[key] = None
 
     def fields(self, command: str, key: str, values: list) -> None:
+        """A command over hash fields (HDEL), split to fit Lua's argument limit."""
+        self.touched.setdefault(key, []).extend(values)  # type: ignore[union-attr]
         for start in range(0, len(values), _MAX_ARGS):
             self.call(command, key, *values[start : start + _MAX_ARGS])
 
@@ -527,6 +656,7 @@ class _Writes:
         cost the client more than the rest of the commit."""
         if not len(fields):
             return
+        self.touched.setdefault(key, []).extend(fields)  # type: ignore[union-attr]
         self.call("HSET*", key, *_pack(fields), *_pack(values))
 
 

@@ -8,10 +8,13 @@ in Redis, prepared for lookups, plus, above a configurable catalogue size,
 hnswlib indexes of the embedding models.
 
 A refresher thread reads every shard's `version` key (INCR per worker commit)
-in one pipelined round trip every `refresh_interval` seconds; a shard whose
-version moved is re-read as one consistent snapshot (`stream_app.io.redis.read_snapshot`),
-prepared and swapped in. Requests never wait for Redis: they read the current
-views, so answers are at most `refresh_interval` + one reload stale.
+in one pipelined round trip whenever a worker announces a commit on the
+`commits` channel, and at least every `refresh_interval` seconds. A shard whose
+version moved catches up by re-reading only what the commits since its view
+wrote (`stream_app.io.redis.read_changes`), or, when too far behind and every
+`full_interval` seconds, as one consistent snapshot (`read_snapshot`); the new
+view is prepared and swapped in. Requests never wait for Redis: they read the
+current views, so answers are one catch-up behind a commit.
 
 Every Redis call has a timeout and no retries; while the last check failed,
 `shard()` raises `ServiceError` (the API turns it into 503 + Retry-After).
@@ -21,6 +24,7 @@ is still one MULTI/EXEC, and the version check is a pipeline split by node.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -36,7 +40,7 @@ from models.registry import create
 from stream_app.core.errors import ServiceError
 from stream_app.core.settings import Settings, redact
 from stream_app.io.kafka import partition_for
-from stream_app.io.redis import FAILURES, KINDS, Client, Keys, Snapshot, connect, read_snapshot
+from stream_app.io.redis import FAILURES, KINDS, Client, Keys, Snapshot, connect, read_changes, read_snapshot
 from stream_app.serving.scorers import AnnIndex, EmbeddingScorer
 from stream_app.serving.view import ShardView
 
@@ -52,10 +56,11 @@ def user_partition(user_id: str, n: int) -> int:
 class ModelCache:
     """Per-shard serving state rebuilt from Redis, refreshed in the background when a shard's `version` moves.
 
-    A refresher thread reads every shard's `version` key in one round trip every `refresh_interval`
-    seconds and rebuilds (then prepares) the shards whose version moved; requests only read the
-    views it swapped in, so the request path makes no Redis call at all. While the latest check
-    failed (Redis unreachable), `shard()` raises `ServiceError` (the API answers 503).
+    A refresher thread reads every shard's `version` key in one round trip when a commit is announced
+    (at least every `refresh_interval` seconds) and rebuilds (then prepares) the shards whose version
+    moved, from the rows that changed; requests only read the views it swapped in, so the request path
+    makes no Redis call at all. While the latest check failed (Redis unreachable), `shard()` raises
+    `ServiceError` (the API answers 503).
 
     Above `ann_threshold` items, embedding models also get hnswlib indexes (user recommendations and
     similar items), rebuilt in the refresher thread at most every `ann_rebuild_interval` seconds.
@@ -63,7 +68,7 @@ class ModelCache:
 
     def __init__(self, settings: Settings, models: Iterable[str] = ("pop",), *, refresh_interval: float = 0.25,
                  timeout: float = 1.0, client: Client | None = None, ann_threshold: int = 50_000,
-                 ann_rebuild_interval: float = 30.0, background: bool = True):
+                 ann_rebuild_interval: float = 30.0, background: bool = True, full_interval: float = 600.0):
         self.settings = settings
         self.model_names = tuple(models)
         for name in self.model_names:
@@ -74,6 +79,8 @@ class ModelCache:
         self.ann_threshold = ann_threshold
         self.ann_rebuild_interval = ann_rebuild_interval
         self.background = background
+        self.full_interval = full_interval
+        self._full_at: dict[int, float] = {}  # partition -> when its last full snapshot was read (monotonic)
         self.client = client or connect(settings.redis_url, timeout, fail_fast=True)
         self._views: dict[int, ShardView] = {}
         self._checked: dict[int, float] = {}
@@ -84,6 +91,7 @@ class ModelCache:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.reloads = 0
+        self.full_reloads = 0
         self.last_reload_seconds = 0.0
         self.ann_builds = 0
 
@@ -152,13 +160,32 @@ class ModelCache:
         self.background = False
 
     def _run(self) -> None:
+        commits: Any = None  # a pub/sub connection to the commits channel, while Redis answers
+        warned = False  # that announcements fail (said once per outage)
         while not self._stop.is_set():
             started = time.monotonic()
             try:
                 self.refresh()
             except Exception:  # noqa: BLE001 - the thread must survive anything; refresh() recorded Redis errors
                 log.warning("model cache refresh failed", exc_info=True)
-            self._stop.wait(max(0.0, self.refresh_interval - (time.monotonic() - started)))
+            wait = max(0.0, self.refresh_interval - (time.monotonic() - started))
+            try:
+                if commits is None:
+                    commits = self.client.pubsub(ignore_subscribe_messages=True)
+                    commits.subscribe(self.keys(0).commits)
+                if commits.get_message(timeout=wait) is not None:
+                    while commits.get_message(timeout=0) is not None:  # one refresh for every commit announced so far
+                        pass
+                warned = False
+            except FAILURES as exc:  # polled only, until Redis answers again
+                if not warned:
+                    warned = True
+                    log.warning("no commit announcements on %s (%s); checking versions every %.2f s",
+                                self.keys(0).commits, exc, self.refresh_interval)
+                _closed(commits)
+                commits = None
+                self._stop.wait(wait)
+        _closed(commits)
 
     def refresh(self) -> None:
         """Check every shard's version (one round trip) and rebuild the shards that moved."""
@@ -188,7 +215,7 @@ class ModelCache:
 
     def _install(self, partition: int, version: int) -> ShardView:
         started = time.perf_counter()
-        view = self._load(partition).prepare()
+        view = self._load(partition, version).prepare()
         for name in view.models:
             view.ann[name] = self._ann.get((partition, name), (None, None))
         self.last_reload_seconds = time.perf_counter() - started
@@ -197,15 +224,24 @@ class ModelCache:
         self._checked[partition] = time.monotonic()
         return view
 
-    def _load(self, partition: int) -> ShardView:
-        """Partition `partition` as one snapshot read from Redis, its models rebuilt (not yet prepared)."""
+    def _load(self, partition: int, version: int | None = None) -> ShardView:
+        """Partition `partition` read from Redis, its models rebuilt (not yet prepared): its current view
+        caught up to `version` from the rows that changed, else (and every `full_interval` s) a full snapshot."""
         probes = {name: create(name) for name in self.model_names}
-        snap = self._call(read_snapshot, self.keys(partition), {n: dict(m.tables) for n, m in probes.items()})
+        tables = {n: dict(m.tables) for n, m in probes.items()}
+        keys, old, snap = self.keys(partition), self._views.get(partition), None
+        if (version is not None and old is not None and old.snapshot is not None
+                and time.monotonic() - self._full_at.get(partition, 0.0) < self.full_interval):
+            snap = self._call(read_changes, keys, tables, old.snapshot, version)
+        if snap is None:
+            self._full_at[partition] = time.monotonic()
+            self.full_reloads += 1
+            snap = self._call(read_snapshot, keys, tables)
         f = _featurizer(snap)
         models = {name: model for name, model in probes.items() if _import(partition, name, model, snap)}
         names = list(f.items.names)
         valid = np.array([n is not None for n in names], bool)
-        return ShardView(partition, snap.version, time.monotonic(), f, names, valid, snap.history, models)
+        return ShardView(partition, snap.version, time.monotonic(), f, names, valid, snap.history, models, snap)
 
     def _maybe_build_ann(self) -> None:
         """(Re)build hnswlib indexes of embedding models above the threshold, at most every rebuild interval."""
@@ -227,6 +263,13 @@ class ModelCache:
                 self._ann[(p, name)] = (recs, sims)
                 view.ann[name] = (recs, sims)
                 self.ann_builds += 1
+
+
+def _closed(commits: Any) -> None:
+    """Close a pub/sub connection (None: none), whatever state it is in."""
+    if commits is not None:
+        with contextlib.suppress(Exception):
+            commits.close()
 
 
 def _featurizer(snap: Snapshot) -> Featurizer:

@@ -31,6 +31,9 @@ class ApiMetrics:
         self.served = Gauge("streamrec_api_model_served", "Models with state in each shard", ["partition", "model"],
                             registry=registry)
         self.reloads = Gauge("streamrec_api_cache_reloads", "Shard reloads from Redis so far", registry=registry)
+        self.full_reloads = Gauge("streamrec_api_cache_full_reloads",
+                                  "Shard reloads that read the whole shard (the others re-read the rows commits changed)",
+                                  registry=registry)
         self.reload_s = Gauge("streamrec_api_cache_last_reload_seconds", "Duration of the last shard reload",
                               registry=registry)
 
@@ -44,6 +47,7 @@ class ApiMetrics:
             for name in cache.model_names:
                 self.served.labels(str(p), name).set(1 if name in view.models else 0)
         self.reloads.set(cache.reloads)
+        self.full_reloads.set(cache.full_reloads)
         self.reload_s.set(cache.last_reload_seconds)
         return generate_latest(self.registry)
 

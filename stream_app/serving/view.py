@@ -16,6 +16,7 @@ import numpy as np
 
 from models.base import Batch, Model
 from models.features import Featurizer
+from stream_app.io.redis import Snapshot
 from stream_app.serving.scorers import (
     AnnIndex,
     Cooccurrence,
@@ -46,6 +47,7 @@ class ShardView:
     valid_items: np.ndarray  # [n_items] bool: row currently mapped to an item id
     history: dict[int, np.ndarray]  # user row -> [n, 2] (item row, event type code), oldest first
     models: dict[str, Model]
+    snapshot: Snapshot | None = field(default=None, repr=False)  # what it was built from: the base of the next
     scorers: dict[str, PopScorer | EmbeddingScorer] = field(default_factory=dict, repr=False)
     ann: dict[str, tuple[AnnIndex | None, AnnIndex | None]] = field(default_factory=dict, repr=False)
     _cooc: Cooccurrence | None = field(default=None, repr=False)

@@ -1,0 +1,126 @@
+"""The lookup cache catches up from the rows each commit changed, and wakes on announced commits, against a
+real Redis (shards driven directly, as the worker drives them)."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+import pytest
+
+from stream_app.core.events import encode, prepare
+from stream_app.io import kafka
+from stream_app.io.redis import CHANGES_KEPT, Keys, PartitionStore, connect, read_snapshot
+from stream_app.serving.cache import ModelCache
+from stream_app.worker.config import WorkerConfig
+from stream_app.worker.shard import Shard
+
+pytestmark = pytest.mark.integration
+
+MODELS = ("pop", "mf", "gru", "sknn")  # item, user, session, "own" and blob tables
+
+
+def stream(n: int, seed: int, t0: float, users: int = 60, items: int = 80):
+    """Events of `users` users over `items` items, `ts` ten seconds apart; half carry a session id."""
+    rng = random.Random(seed)
+    for j in range(n):
+        user = rng.randrange(users)
+        yield prepare({"user_id": f"u{user}", "item_id": f"i{rng.randrange(items)}",
+                       "event_type": rng.choice(["click", "purchase", "favorite"]), "ts": t0 + 10 * j,
+                       "context": {"device": rng.choice(["ios", "android"])},
+                       **({"session_id": f"s{user}-{j // 20}"} if user % 2 else {})})
+
+
+def shard_of(settings) -> Shard:
+    store = PartitionStore(connect(settings.redis_url), Keys(settings.key_prefix, settings.events_topic, 0))
+    shard = Shard(store, WorkerConfig(models=MODELS, batch_size=50, idle_expiry=3000.0, session_gap=600.0))
+    shard.resume()
+    return shard
+
+
+def learn(shard: Shard, events: list, first: int, per_commit: int) -> int:
+    """Learn `events` from offset `first`, committing every `per_commit` events; returns the commits made."""
+    commits = 0
+    for start in range(0, len(events), per_commit):
+        part = events[start : start + per_commit]
+        records = [kafka.Record("events", 0, first + start + j, None, encode(e)) for j, e in enumerate(part)]
+        assert shard.process(kafka.Messages.of(records), lambda msg, reason: pytest.fail(reason)) == len(part)
+        shard.commit()
+        commits += 1
+    return commits
+
+
+def assert_same_state(caught_up, full) -> None:
+    assert caught_up.version == full.version
+    assert caught_up.vocabs == full.vocabs
+    assert caught_up.open_sessions == full.open_sessions
+    assert caught_up.history.keys() == full.history.keys()
+    for user, items in full.history.items():
+        np.testing.assert_array_equal(caught_up.history[user], items)
+    for name, tables in full.models.items():
+        for table, values in tables.items():
+            mine = caught_up.models[name][table]
+            rows, cols = max(len(mine), len(values)), max(mine.shape[1], values.shape[1])
+            padded = [np.pad(a, ((0, rows - len(a)), (0, cols - a.shape[1]))) for a in (mine, values)]
+            np.testing.assert_array_equal(*padded, err_msg=f"{name}.{table}")
+
+
+def test_a_view_caught_up_from_the_changed_rows_equals_a_full_snapshot(topics):
+    shard = shard_of(topics)
+    first = list(stream(600, seed=1, t0=1.7e9))
+    learn(shard, first, 0, 200)
+    cache = ModelCache(topics, MODELS, background=False, refresh_interval=0.0)
+    before = cache.shard(0)
+    cache.refresh()  # the other partition's (empty) view too
+    full = cache.full_reloads
+    assert set(before.models) == set(MODELS)
+    # later events: new users, items and sessions, and (stream time far on) expired users, items and sessions
+    later = list(stream(400, seed=2, t0=1.7e9 + 20_000, users=90, items=120))
+    commits = learn(shard, later, len(first), 40)
+    assert commits <= CHANGES_KEPT
+    view = cache.shard(0)
+    assert cache.full_reloads == full, "the view was read whole, not caught up"
+    assert view.version == before.version + commits
+    assert len(view.featurizer.users.index) != len(before.featurizer.users.index)
+    probes = {name: dict(model.tables) for name, model in shard.models.items()}
+    assert view.snapshot is not None
+    assert_same_state(view.snapshot, read_snapshot(cache.client, cache.keys(0), probes))
+    user = later[-1].user_id
+    fresh = ModelCache(topics, MODELS, background=False).shard(0)
+    for name in MODELS:
+        batch = view.featurizer.query(user, {"device": "ios"}, later[-1].ts)
+        np.testing.assert_allclose(view.models[name].score(batch, np.zeros(1, np.int64)),
+                                   fresh.models[name].score(batch, np.zeros(1, np.int64)), rtol=1e-6, err_msg=name)
+
+
+def test_a_view_too_far_behind_the_change_log_is_read_whole(topics):
+    shard = shard_of(topics)
+    events = list(stream(CHANGES_KEPT + 20, seed=3, t0=1.7e9))
+    learn(shard, events[:10], 0, 10)
+    cache = ModelCache(topics, ("pop",), background=False, refresh_interval=0.0)
+    cache.shard(0)
+    cache.refresh()
+    full = cache.full_reloads
+    learn(shard, events[10:], 10, 1)  # more commits than the log keeps
+    view = cache.shard(0)
+    assert cache.full_reloads == full + 1
+    assert view.version == int(cache.client.get(cache.keys(0).version))
+
+
+def test_the_background_cache_wakes_on_an_announced_commit_not_its_poll(topics):
+    shard = shard_of(topics)
+    events = list(stream(200, seed=4, t0=1.7e9))
+    learn(shard, events[:100], 0, 100)
+    cache = ModelCache(topics, ("pop",), refresh_interval=30.0)  # polling alone would take 30 s
+    try:
+        old = cache.shard(0).version
+        time.sleep(0.5)  # the refresher has subscribed
+        learn(shard, events[100:], 100, 100)
+        committed = time.monotonic()
+        while cache.shard(0).version == old and time.monotonic() - committed < 5:
+            time.sleep(0.01)
+        assert cache.shard(0).version == old + 1
+        assert time.monotonic() - committed < 2.0
+    finally:
+        cache.close()
