@@ -349,7 +349,7 @@ def catch_up(settings, models: tuple[str, ...], items: list[str], commits: int =
     shard = Shard(store, WorkerConfig(models=models))
     shard.resume()  # claims the partition: the freshness worker claims it back
     cache = ModelCache(settings, models, background=False, refresh_interval=0.0)
-    cache.shard(0)
+    cache.refresh()  # every shard loaded whole once
     full, offset, times = cache.full_reloads, shard.offset or 0, []
     events = [encode(prepare({"user_id": f"catch-up-{j}", "item_id": items[j % 50], "event_type": "purchase"}))
               for j in range(commits)]
