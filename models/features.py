@@ -169,6 +169,28 @@ class Vocab:
         """How many ids are mapped now."""
         return len(self.index)
 
+    def updated(self, changes: Mapping[str, int | None]) -> Vocab:
+        """A copy with `changes` applied (name -> its row now, None: removed), as `restore` of the changed
+        mapping would leave it, for the cost of copying the arrays plus the changes instead of a walk over
+        every name."""
+        out = Vocab()
+        out.index, out.names = dict(self.index), list(self.names)
+        free = set(self._free)
+        for name, row in changes.items():
+            old = out.index.pop(name, None)
+            if old is not None and out.names[old] == name:  # (its row may be another name's already)
+                out.names[old] = None
+                free.add(old)
+            if row is not None:
+                if row >= len(out.names):
+                    free.update(range(len(out.names), row))
+                    out.names.extend([None] * (row + 1 - len(out.names)))
+                out.names[row] = name
+                out.index[name] = row
+        out._seen = np.zeros(max(len(out.names), 16))
+        out._free = sorted(r for r in free if out.names[r] is None)
+        return out
+
     def restore(self, mapping: Mapping[str, int]) -> None:
         """Rebuild from a saved name -> row mapping (rows not in it become free)."""
         size = max(mapping.values(), default=-1) + 1

@@ -9,10 +9,11 @@ import time
 import numpy as np
 import pytest
 
+from models.features import Vocab
 from stream_app.core.events import encode, prepare
 from stream_app.io import kafka
 from stream_app.io.redis import CHANGES_KEPT, Keys, PartitionStore, connect, read_snapshot
-from stream_app.serving.cache import ModelCache
+from stream_app.serving.cache import VOCABS, ModelCache
 from stream_app.worker.config import WorkerConfig
 from stream_app.worker.shard import Shard
 
@@ -49,6 +50,12 @@ def learn(shard: Shard, events: list, first: int, per_commit: int) -> int:
         shard.commit()
         commits += 1
     return commits
+
+
+def pairs(cooc) -> np.ndarray:
+    """The (user, item) pairs of a co-occurrence index, sorted."""
+    users = np.repeat(np.arange(len(cooc.user_ptr) - 1), np.diff(cooc.user_ptr))
+    return np.stack([users, cooc.user_items])
 
 
 def assert_same_state(caught_up, full) -> None:
@@ -88,6 +95,13 @@ def test_a_view_caught_up_from_the_changed_rows_equals_a_full_snapshot(topics):
     assert_same_state(view.snapshot, read_snapshot(cache.client, cache.keys(0), probes))
     user = later[-1].user_id
     fresh = ModelCache(topics, MODELS, background=False).shard(0)
+    for attr in VOCABS:  # the vocabularies updated in place of restored, as a full read restores them
+        mine, full_vocab = getattr(view.featurizer, attr), getattr(fresh.featurizer, attr)
+        assert mine.index == full_vocab.index, attr
+        assert all(name is None for name in mine.names[len(full_vocab.names):]), attr  # freed rows at the end
+        assert mine.names[: len(full_vocab.names)] == full_vocab.names, attr
+    np.testing.assert_array_equal(pairs(view.cooccurrence()), pairs(fresh.cooccurrence()))
+    assert len(view.cooccurrence().user_items) > 0
     for name in MODELS:
         batch = view.featurizer.query(user, {"device": "ios"}, later[-1].ts)
         np.testing.assert_allclose(view.models[name].score(batch, np.zeros(1, np.int64)),
@@ -124,3 +138,25 @@ def test_the_background_cache_wakes_on_an_announced_commit_not_its_poll(topics):
         assert time.monotonic() - committed < 2.0
     finally:
         cache.close()
+
+
+def test_a_vocabulary_updated_with_changes_equals_one_restored_from_the_changed_mapping():
+    rng = random.Random(9)
+    for _ in range(200):
+        mapping = {f"n{j}": row for j, row in enumerate(rng.sample(range(40), rng.randrange(30)))}
+        changed, changes = dict(mapping), {}
+        for name in rng.sample(sorted(mapping), rng.randrange(len(mapping) + 1)):  # some leave ...
+            del changed[name]
+            changes[name] = None
+        free = sorted(set(range(60)) - set(changed.values()))
+        for j in range(rng.randrange(10)):  # ... and new ones take free rows, those they left included
+            row = free.pop(rng.randrange(len(free)))
+            changed[f"new{j}"] = changes[f"new{j}"] = row
+        base, restored = Vocab(), Vocab()
+        base.restore(mapping)
+        restored.restore(changed)
+        updated = base.updated(dict(rng.sample(sorted(changes.items()), len(changes))))  # in any order
+        assert updated.index == restored.index
+        n = len(restored.names)
+        assert updated.names[:n] == restored.names and not any(updated.names[n:])
+        assert [r for r in updated._free if r < n] == restored._free

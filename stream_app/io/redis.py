@@ -254,6 +254,10 @@ class Snapshot:
     token: int = 0  # the reader's fencing token (workers)
     dedup: list[str] = field(default_factory=list)  # event ids of the dedup window (workers)
     cursors: dict[int, int] = field(default_factory=dict)  # partition -> next entry of its item log to fold in
+    # Caught up from a base (`read_changes`): the names each vocabulary changed (-> row, None: removed), and
+    # the users whose history changed; None: read whole.
+    vocab_changes: dict[str, dict[str, int | None]] | None = None
+    history_changed: set[int] | None = None
 
 
 def read_snapshot(client: Client, keys: Keys, tables: dict[str, dict[str, TableKind]]) -> Snapshot:
@@ -355,16 +359,20 @@ def read_changes(client: Client, keys: Keys, tables: dict[str, dict[str, TableKi
                 reads.append(("session", (*session_prefix[prefix + ":"], int(row)), []))
     got = pipe.execute() if reads else []
     vocabs, opened, history = dict(base.vocabs), dict(base.open_sessions), dict(base.history)
+    vocab_changes: dict[str, dict[str, int | None]] = {}
+    history_changed: set[int] = set()
     models = {name: dict(state) for name, state in base.models.items()}
     rows: dict[tuple[str, str], dict[int, Any]] = {}
     for (what, where, fields), values in zip(reads, got):
         if what == "vocab":
             vocab = vocabs[where] = dict(base.vocabs[where])  # each key is read once
+            delta = vocab_changes[where] = {}
             for name, row in zip(fields, values):
                 if row is None:
                     vocab.pop(name, None)
+                    delta[name] = None
                 else:
-                    vocab[name] = int(row)
+                    vocab[name] = delta[name] = int(row)
         elif what == "open":
             for user, raw in zip(fields, values):
                 if raw is None:
@@ -373,6 +381,7 @@ def read_changes(client: Client, keys: Keys, tables: dict[str, dict[str, TableKi
                     key, _, ts = raw.decode().rpartition("|")
                     opened[user] = (key, float(ts))
         elif what == "history":
+            history_changed.update(map(int, fields))
             for user, raw in zip(fields, values):
                 if raw is None:
                     history.pop(int(user), None)
@@ -388,7 +397,8 @@ def read_changes(client: Client, keys: Keys, tables: dict[str, dict[str, TableKi
     for (name, table), changed in rows.items():
         models.setdefault(name, {})[table] = _patched(models[name].get(table), changed)
     return Snapshot(version=entries[-1][0], offset=base.offset, applied=base.applied, vocabs=vocabs,
-                    open_sessions=opened, history=history, models=models, cursors=base.cursors)
+                    open_sessions=opened, history=history, models=models, cursors=base.cursors,
+                    vocab_changes=vocab_changes, history_changed=history_changed)
 
 
 def _patched(table: np.ndarray | None, changed: dict[int, Any]) -> np.ndarray:

@@ -45,6 +45,7 @@ from stream_app.serving.scorers import AnnIndex, EmbeddingScorer
 from stream_app.serving.view import ShardView
 
 log = logging.getLogger("streamrec.serving")
+VOCABS = ("users", "items", "sessions", "contexts")  # the featurizer's vocabulary of each of `KINDS`
 
 
 @lru_cache(maxsize=65536)
@@ -215,7 +216,13 @@ class ModelCache:
 
     def _install(self, partition: int, version: int) -> ShardView:
         started = time.perf_counter()
-        view = self._load(partition, version).prepare()
+        old = self._views.get(partition)
+        view = self._load(partition, version)
+        snap, cooc = view.snapshot, None
+        if old is not None and snap is not None and snap.history_changed is not None:
+            cooc = old.cooccurrence().updated(snap.history, snap.history_changed, len(view.featurizer.users),
+                                              view.n_items)
+        view = view.prepare(cooc)
         for name in view.models:
             view.ann[name] = self._ann.get((partition, name), (None, None))
         self.last_reload_seconds = time.perf_counter() - started
@@ -237,7 +244,7 @@ class ModelCache:
             self._full_at[partition] = time.monotonic()
             self.full_reloads += 1
             snap = self._call(read_snapshot, keys, tables)
-        f = _featurizer(snap)
+        f = _featurizer(snap, None if old is None else old.featurizer)
         models = {name: model for name, model in probes.items() if _import(partition, name, model, snap)}
         names = list(f.items.names)
         valid = np.array([n is not None for n in names], bool)
@@ -272,11 +279,15 @@ def _closed(commits: Any) -> None:
             commits.close()
 
 
-def _featurizer(snap: Snapshot) -> Featurizer:
-    """The partition's vocabularies and open sessions, as the worker left them."""
+def _featurizer(snap: Snapshot, base: Featurizer | None) -> Featurizer:
+    """The partition's vocabularies and open sessions, as the worker left them: `base`'s vocabularies
+    updated when the snapshot was caught up from the one `base` was made of."""
     f = Featurizer()
-    for kind, vocab in zip(KINDS, (f.users, f.items, f.sessions, f.contexts)):
-        vocab.restore(snap.vocabs[kind])
+    for kind, attr in zip(KINDS, VOCABS):
+        if base is not None and snap.vocab_changes is not None:
+            setattr(f, attr, getattr(base, attr).updated(snap.vocab_changes.get(kind, {})))
+        else:
+            getattr(f, attr).restore(snap.vocabs[kind])
     f.open_sessions.update(snap.open_sessions)
     return f
 

@@ -203,6 +203,21 @@ class AnnIndex:
         return found
 
 
+def _pairs(history: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(users, items) of every entry of `history` (user row -> [n, 2] (item row, event type))."""
+    if not history:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    lengths = np.fromiter((len(h) for h in history.values()), np.int64, len(history))
+    users = np.repeat(np.fromiter(history.keys(), np.int64, len(history)), lengths)
+    return users, np.concatenate(list(history.values()))[:, 0].astype(np.int64)
+
+
+def _keys(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> np.ndarray:
+    """The sorted unique keys user * n_items + item of the pairs within bounds."""
+    ok = (items >= 0) & (items < n_items) & (users >= 0) & (users < n_users)
+    return np.unique(users[ok] * n_items + items[ok])
+
+
 @dataclass
 class Cooccurrence:
     """Binary user x item incidence of the shard's recent histories, both directions as CSR arrays."""
@@ -215,15 +230,28 @@ class Cooccurrence:
 
     @classmethod
     def build(cls, history: dict[int, np.ndarray], n_users: int, n_items: int) -> Cooccurrence:
-        if history:
-            lengths = np.fromiter((len(h) for h in history.values()), np.int64, len(history))
-            users = np.repeat(np.fromiter(history.keys(), np.int64, len(history)), lengths)
-            items = np.concatenate(list(history.values()))[:, 0].astype(np.int64)
-            ok = (items >= 0) & (items < n_items) & (users < n_users)
-            pairs = np.unique(users[ok] * n_items + items[ok])
-            users, items = pairs // n_items, pairs % n_items
-        else:
-            users = items = np.zeros(0, np.int64)
+        return cls._of(*_pairs(history), n_users, n_items)
+
+    def updated(self, history: dict[int, np.ndarray], changed: Iterable[int], n_users: int,
+                n_items: int) -> Cooccurrence:
+        """This incidence with the users in `changed` taken anew from `history` (absent there: no items),
+        vectorised over the pairs it keeps, where `build` walks every user's history."""
+        changed = np.fromiter(changed, np.int64)
+        users = np.repeat(np.arange(len(self.user_ptr) - 1), np.diff(self.user_ptr))
+        keep = ~np.isin(users, changed) & (users < n_users) & (self.user_items < n_items)
+        kept = users[keep] * n_items + self.user_items[keep]  # sorted and unique, as `_of_keys` left them
+        new = _keys(*_pairs({u: history[u] for u in changed.tolist() if u in history}), n_users, n_items)
+        return Cooccurrence._of_keys(np.insert(kept, np.searchsorted(kept, new), new), n_users, n_items)
+
+    @classmethod
+    def _of(cls, users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> Cooccurrence:
+        """From (user, item) pairs, repeats allowed."""
+        return cls._of_keys(_keys(users, items, n_users, n_items), n_users, n_items)
+
+    @classmethod
+    def _of_keys(cls, pairs: np.ndarray, n_users: int, n_items: int) -> Cooccurrence:
+        """From the sorted unique keys user * n_items + item of its pairs."""
+        users, items = pairs // n_items, pairs % n_items
         order = np.argsort(items, kind="stable")
         item_ptr = np.zeros(n_items + 1, np.int64)
         np.cumsum(np.bincount(items, minlength=n_items), out=item_ptr[1:])

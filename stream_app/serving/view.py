@@ -58,8 +58,10 @@ class ShardView:
     def n_items(self) -> int:
         return len(self.item_names)
 
-    def prepare(self) -> ShardView:
-        """Precompute scorers, similarity vectors and co-occurrence (call before the view is shared)."""
+    def prepare(self, cooccurrence: Cooccurrence | None = None) -> ShardView:
+        """Precompute scorers, similarity vectors and co-occurrence (`cooccurrence` when given: call before
+        the view is shared)."""
+        self._cooc = cooccurrence
         # One query per model now, so that tables a model grows lazily to the vocabulary's size
         # grow here and not under concurrent requests.
         warm = self.featurizer.query(None, {}, time.time())
