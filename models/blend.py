@@ -164,20 +164,23 @@ class Blend(Model):
     def _features(self, member_scores: list[np.ndarray]) -> np.ndarray:
         """One row's features: each member's scores z-scored (after a log when none is negative), then,
         with `top`, 10 / (10 + rank) for each member's `top` best items (0 for the rest). # M x [n] -> [F, n]"""
-        n = len(member_scores[0])
+        s = np.nan_to_num(np.asarray(member_scores, np.float64), nan=0.0, posinf=0.0, neginf=0.0)  # [M, n]
+        m, n = s.shape
         out = np.zeros((self._f, n))
-        m = len(member_scores)
+        if n:
+            positive = s.min(axis=1) >= 0  # [M]
+            if positive.any():
+                p = s[positive]
+                s[positive] = np.log(p + self.eps * np.maximum(p.mean(axis=1, keepdims=True), 1e-12))
+        s -= s.mean(axis=1, keepdims=True)
+        std = s.std(axis=1, keepdims=True)
+        np.divide(s, std, out=out[:m], where=std > 0)
+        out[:m][(std <= 0)[:, 0]] = s[(std <= 0)[:, 0]]
         k = min(self.top, n)
-        for f, raw in enumerate(member_scores):
-            s = np.nan_to_num(np.asarray(raw, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-            if n and s.min() >= 0:
-                s = np.log(s + self.eps * max(s.mean(), 1e-12))
-            s -= s.mean()
-            std = s.std()
-            out[f] = s / std if std > 0 else s
-            if k > 0:
-                best = np.argpartition(-out[f], k - 1)[:k]
-                out[m + f, best[np.argsort(-out[f, best], kind="stable")]] = 10.0 / (10.0 + np.arange(k))
+        if k > 0:
+            best = np.argpartition(-out[:m], k - 1, axis=1)[:, :k]  # [M, k]
+            order = np.argsort(-np.take_along_axis(out[:m], best, axis=1), axis=1, kind="stable")
+            out[m + np.arange(m)[:, None], np.take_along_axis(best, order, axis=1)] = 10.0 / (10.0 + np.arange(k))
         return out
 
     # -- Model -----------------------------------------------------------------------------

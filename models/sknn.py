@@ -74,7 +74,7 @@ class SessionKNN(Model):
         v = self._handed % self.max_sessions
         self._handed += 1
         table = self._items.ensure(max(self._items.n, v + 1))
-        for i in (table[v, 1:][table[v, 1:] > 0] - 1).astype(np.int64).tolist():
+        for i in _items_in(table[v, 1:]).tolist():
             idx = self._index.get(i)
             if idx is not None:
                 idx.pop(v, None)
@@ -93,8 +93,7 @@ class SessionKNN(Model):
 
     def session_items(self, session: int) -> np.ndarray:
         """The session's last `max_session_len` distinct items, oldest first."""
-        seq = self._row(self._slot_of(session))[1:]
-        return (seq[seq > 0] - 1).astype(np.int64)
+        return _items_in(self._row(self._slot_of(session))[1:])
 
     def _index_add(self, item: int, v: int) -> None:
         slots = self._index.get(item)
@@ -131,7 +130,7 @@ class SessionKNN(Model):
                 idx = self._index.get(dropped)
                 if idx is not None:
                     idx.pop(v, None)
-        for i in (seq[seq > 0] - 1).astype(np.int64).tolist():
+        for i in _items_in(seq).tolist():
             self._index_add(i, v)
         self._slots_changed.mark([v])
 
@@ -219,7 +218,7 @@ class SessionKNN(Model):
         for v in np.argsort(data[:, 0], kind="stable").tolist():
             if data[v, 0] <= 0:
                 continue
-            for i in (data[v, 1:][data[v, 1:] > 0] - 1).astype(np.int64).tolist():
+            for i in _items_in(data[v, 1:]).tolist():
                 self._index_add(i, v)
         slots = self._slot.data[:, 0].astype(np.int64) - 1
         self._owner = {int(slots[s]): s for s in np.flatnonzero(slots >= 0).tolist()}
@@ -244,3 +243,8 @@ class SessionKNN(Model):
                     seq = self._items.data[v, 1:]
                     seq[seq == i + 1] = 0.0
                     self._slots_changed.mark([v])
+
+
+def _items_in(codes: np.ndarray) -> np.ndarray:
+    """The item ids of a slot's item codes (id + 1, 0 pads), oldest first."""
+    return (codes[codes > 0] - 1).astype(np.int64)
