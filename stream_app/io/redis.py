@@ -305,15 +305,16 @@ def read_changes(client: Client, keys: Keys, tables: dict[str, dict[str, TableKi
                  version: int) -> Snapshot | None:
     """`base` brought up to at least `version` by re-reading only the keys and hash fields that the commits
     after it wrote (their `changes` entries): two round trips, a small read where `read_snapshot` reads every
-    row. None when the entries no longer reach back to `base` (read a full snapshot then).
+    row. None when the entries no longer reach back to `base`, or the version went back (read a full
+    snapshot then).
 
     The result carries the version of the last entry read; rows it re-read may already hold later commits
     (never older ones), and the next catch-up re-reads those commits' keys again. Keys that expire by TTL
     (session rows) write no entry: a full snapshot now and then drops them."""
     behind = version - base.version
-    if behind <= 0:
+    if behind == 0:
         return base
-    if behind > CHANGES_KEPT:
+    if behind < 0 or behind > CHANGES_KEPT:  # behind < 0: the state went back (Redis lost it): read it anew
         return None
     entries = []
     for raw in client.lrange(keys.changes, -min(CHANGES_KEPT, behind + 8), -1):
