@@ -174,8 +174,7 @@ class Blend(Model):
                 s[positive] = np.log(p + self.eps * np.maximum(p.mean(axis=1, keepdims=True), 1e-12))
         s -= s.mean(axis=1, keepdims=True)
         std = s.std(axis=1, keepdims=True)
-        np.divide(s, std, out=out[:m], where=std > 0)
-        out[:m][(std <= 0)[:, 0]] = s[(std <= 0)[:, 0]]
+        out[:m] = s / np.where(std > 0, std, 1.0)  # a member with one score for every item keeps it
         k = min(self.top, n)
         if k > 0:
             best = np.argpartition(-out[:m], k - 1, axis=1)[:, :k]  # [M, k]

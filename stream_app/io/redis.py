@@ -275,10 +275,7 @@ def read_snapshot(client: Client, keys: Keys, tables: dict[str, dict[str, TableK
     for name, table, kind in reads:
         (pipe.get if kind == "blob" else pipe.hgetall)(keys.table(name, table))
     version, offset, applied, *vocab_raw, opened_raw, history_raw, cursors_raw = (got := pipe.execute())[: 6 + len(KINDS)]
-    opened = {}
-    for user, raw in opened_raw.items():
-        key, _, ts = raw.decode().rpartition("|")
-        opened[user.decode()] = (key, float(ts))
+    opened = {user.decode(): _open_session(raw) for user, raw in opened_raw.items()}
     models: dict[str, dict[str, np.ndarray]] = {name: {} for name in tables}
     for (name, table, kind), raw in zip(reads, got[6 + len(KINDS):]):
         if kind != "blob":
@@ -295,10 +292,21 @@ def read_snapshot(client: Client, keys: Keys, tables: dict[str, dict[str, TableK
         applied=int(applied or 0),
         vocabs={kind: {n.decode(): int(r) for n, r in raw.items()} for kind, raw in zip(KINDS, vocab_raw)},
         open_sessions=opened,
-        history={int(u): np.frombuffer(v, np.int32).reshape(-1, 2) for u, v in history_raw.items()},
+        history={int(u): _history(v) for u, v in history_raw.items()},
         models=models,
         cursors={int(p): int(c) for p, c in cursors_raw.items()},
     )
+
+
+def _open_session(raw: bytes) -> tuple[str, float]:
+    """A stored open session, 'KEY|LAST TS', as (key, last ts)."""
+    key, _, ts = raw.decode().rpartition("|")
+    return key, float(ts)
+
+
+def _history(raw: bytes) -> np.ndarray:
+    """A stored history row as [n, 2] int32 (item row, event type code), oldest first."""
+    return np.frombuffer(raw, np.int32).reshape(-1, 2)
 
 
 def read_changes(client: Client, keys: Keys, tables: dict[str, dict[str, TableKind]], base: Snapshot,
@@ -379,15 +387,14 @@ def read_changes(client: Client, keys: Keys, tables: dict[str, dict[str, TableKi
                 if raw is None:
                     opened.pop(user, None)
                 else:
-                    key, _, ts = raw.decode().rpartition("|")
-                    opened[user] = (key, float(ts))
+                    opened[user] = _open_session(raw)
         elif what == "history":
             history_changed.update(map(int, fields))
             for user, raw in zip(fields, values):
                 if raw is None:
                     history.pop(int(user), None)
                 else:
-                    history[int(user)] = np.frombuffer(raw, np.int32).reshape(-1, 2)
+                    history[int(user)] = _history(raw)
         elif what == "table":
             rows.setdefault(where, {}).update(zip(map(int, fields), values))
         elif what == "blob":

@@ -216,13 +216,7 @@ class ModelCache:
 
     def _install(self, partition: int, version: int) -> ShardView:
         started = time.perf_counter()
-        old = self._views.get(partition)
-        view = self._load(partition, version)
-        snap, cooc = view.snapshot, None
-        if old is not None and snap is not None and snap.history_changed is not None:
-            cooc = old.cooccurrence().updated(snap.history, snap.history_changed, len(view.featurizer.users),
-                                              view.n_items)
-        view = view.prepare(cooc)
+        view = self._load(partition, version).prepare()
         for name in view.models:
             view.ann[name] = self._ann.get((partition, name), (None, None))
         self.last_reload_seconds = time.perf_counter() - started
@@ -233,7 +227,8 @@ class ModelCache:
 
     def _load(self, partition: int, version: int | None = None) -> ShardView:
         """Partition `partition` read from Redis, its models rebuilt (not yet prepared): its current view
-        caught up to `version` from the rows that changed, else (and every `full_interval` s) a full snapshot."""
+        caught up to `version` from the rows that changed (vocabularies and co-occurrence updated, not
+        rebuilt), else (and every `full_interval` s) a full snapshot."""
         probes = {name: create(name) for name in self.model_names}
         tables = {n: dict(m.tables) for n, m in probes.items()}
         keys, old, snap = self.keys(partition), self._views.get(partition), None
@@ -248,7 +243,11 @@ class ModelCache:
         models = {name: model for name, model in probes.items() if _import(partition, name, model, snap)}
         names = list(f.items.names)
         valid = np.array([n is not None for n in names], bool)
-        return ShardView(partition, snap.version, time.monotonic(), f, names, valid, snap.history, models, snap)
+        cooc = None
+        if old is not None and snap.history_changed is not None:
+            cooc = old.cooccurrence().updated(snap.history, snap.history_changed, len(f.users), len(names))
+        return ShardView(partition, snap.version, time.monotonic(), f, names, valid, snap.history, models, snap,
+                         cooc=cooc)
 
     def _maybe_build_ann(self) -> None:
         """(Re)build hnswlib indexes of embedding models above the threshold, at most every rebuild interval."""

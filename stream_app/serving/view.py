@@ -50,7 +50,7 @@ class ShardView:
     snapshot: Snapshot | None = field(default=None, repr=False)  # what it was built from: the base of the next
     scorers: dict[str, PopScorer | EmbeddingScorer] = field(default_factory=dict, repr=False)
     ann: dict[str, tuple[AnnIndex | None, AnnIndex | None]] = field(default_factory=dict, repr=False)
-    _cooc: Cooccurrence | None = field(default=None, repr=False)
+    cooc: Cooccurrence | None = field(default=None, repr=False)  # built when first asked for, unless given
     _vectors: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -58,10 +58,8 @@ class ShardView:
     def n_items(self) -> int:
         return len(self.item_names)
 
-    def prepare(self, cooccurrence: Cooccurrence | None = None) -> ShardView:
-        """Precompute scorers, similarity vectors and co-occurrence (`cooccurrence` when given: call before
-        the view is shared)."""
-        self._cooc = cooccurrence
+    def prepare(self) -> ShardView:
+        """Precompute scorers, similarity vectors and co-occurrence (call before the view is shared)."""
         # One query per model now, so that tables a model grows lazily to the vocabulary's size
         # grow here and not under concurrent requests.
         warm = self.featurizer.query(None, {}, time.time())
@@ -87,9 +85,9 @@ class ShardView:
 
     def cooccurrence(self) -> Cooccurrence:
         with self._lock:
-            if self._cooc is None:
-                self._cooc = Cooccurrence.build(self.history, len(self.featurizer.users), self.n_items)
-            return self._cooc
+            if self.cooc is None:
+                self.cooc = Cooccurrence.build(self.history, len(self.featurizer.users), self.n_items)
+            return self.cooc
 
     def item_vectors(self, name: str) -> np.ndarray | None:
         """L2-normalised similarity vectors of model `name` ([n_items, d]) or None when it has none."""
