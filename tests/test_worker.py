@@ -142,17 +142,17 @@ def _wait_applied(settings, target: int, timeout: float) -> int:
         got = applied(settings)
         if got >= target:
             return got
-        time.sleep(0.2)
+        time.sleep(0.05)
     return applied(settings)
 
 
 @pytest.mark.parametrize("client", kafka.CLIENTS)
 def test_kill_9_mid_stream_then_restart_applies_every_event_exactly_once(topics, tmp_path, client):
     topics = topics.with_(kafka_client=client)
-    n = produce(topics, events(20000, seed=1))
+    n = produce(topics, events(60000, seed=1))  # the kill at a tenth leaves seconds of learning, on any machine
     proc = _worker_process(topics, tmp_path / "w1.log")
     try:
-        assert _wait_applied(topics, n // 4, 60) >= n // 4
+        assert _wait_applied(topics, n // 10, 60) >= n // 10
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
