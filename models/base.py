@@ -15,6 +15,7 @@ only for state kept otherwise (GRU's item arrays, the blend's members) or loaded
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ TableKind = Literal["user", "item", "session", "context", "own", "blob"]
 # (counts, and embeddings and step accumulators moved by additive steps); "decayed" rows are sums of
 # time-decayed weights at the log2 scale `Model.decay_scale` gives.
 Sharing = Literal["sum", "decayed"]
+# The kinds of tables whose rows belong to one query (its user, its session): what `Model.narrowed` swaps.
+QUERY_KINDS: frozenset[str] = frozenset({"user", "session"})
 _FIRST = np.zeros(1, np.int64)
 
 
@@ -233,6 +236,40 @@ class Model(ABC):
         self._learned = False
         self._clear_changes()
         return out
+
+    # -- one query's rows: what a server reads per request instead of keeping every user ---------------
+
+    def query_tables(self) -> dict[str, TableKind]:
+        """The user and session tables (`QUERY_KINDS`): the rows a server reads per request."""
+        return {name: kind for name, kind in self.tables.items() if kind in QUERY_KINDS}
+
+    def narrowed(self, rows: dict[str, np.ndarray]) -> Model:
+        """A copy for one query whose user and session tables hold only `rows` (table -> [n, w], the query's
+        user and session renumbered from row 0; a table left out holds no row), sharing every other table
+        with this model. Score it, never learn with it: the shared tables are read-only there."""
+        clone = copy.copy(self)
+        swap: dict[int, object] = {}
+        clone._stored_rows = dict(self._stored_rows)
+        for name, stored in self._stored_rows.items():
+            if self.tables.get(name) in QUERY_KINDS and self._part_of(name) is None:
+                table = RowTable(stored.table.width, stored.table.data.dtype.type, stored.table.fill)
+                values = np.asarray(rows.get(name, np.zeros((0, stored.table.width))))
+                table.load(values[:, : stored.table.width] if stored.clip else values)
+                swap[id(stored.table)] = table
+                clone._stored_rows[name] = StoredRows(table, stored.changes, stored.bit, stored.clip)
+        clone._parts = {}
+        for prefix, part in self._parts.items():
+            if part.query_tables():
+                own = {t[len(prefix):]: v for t, v in rows.items() if t.startswith(prefix)}
+                narrow = part.narrowed(own)
+                clone._stored_rows.update((prefix + t, r) for t, r in narrow._stored_rows.items())
+                swap[id(part)] = narrow
+                part = narrow
+            clone._parts[prefix] = part
+        for attr, value in list(vars(clone).items()):  # the attributes that held the swapped tables and parts
+            if id(value) in swap:
+                setattr(clone, attr, swap[id(value)])
+        return clone
 
     # -- shared items: what a shard needs to fold the other shards' item changes into its replica -------
 

@@ -21,7 +21,7 @@ the blend's seed; their tables are the blend's, named `member + "." + table`.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, cast
 
 import numpy as np
 from numba import njit
@@ -263,6 +263,12 @@ class Blend(Model):
         for m, part in self.parts.items():
             out.update((f"{m}.{t}", rows) for t, rows in part.drain_changes().items())
         return out
+
+    def narrowed(self, rows: dict[str, np.ndarray]) -> Blend:
+        clone = cast(Blend, super().narrowed({t: v for t, v in rows.items() if "." not in t}))
+        clone.parts = {m: part.narrowed({t.partition(".")[2]: v for t, v in rows.items() if t.startswith(m + ".")})
+                       for m, part in self.parts.items()}
+        return clone
 
     def reserve_items(self, n: int) -> None:
         for part in self.parts.values():

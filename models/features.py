@@ -204,6 +204,13 @@ class Vocab:
 
 
 _SESSION = "s:"  # session keys of explicit session ids (implicit ones start "u:")
+
+
+def session_key(session_id: str) -> str:
+    """The session vocabulary's key of an explicit `session_id`."""
+    return _SESSION + session_id
+
+
 _HOURS = tuple(f"hour={h}" for h in range(24))
 _DAYS = tuple(f"dow={d}" for d in range(7))
 _TIME_PREFIXES = ("hour=", "dow=")
@@ -234,7 +241,7 @@ class Featurizer:
 
     def session_row(self, session_id: str) -> int:
         """The row of an explicit `session_id` (-1: unknown)."""
-        return self.sessions.get(_SESSION + session_id)
+        return self.sessions.get(session_key(session_id))
 
     def event_context(self, row: int) -> tuple[str, str] | None:
         """The (key, value) an event brought for context value `row`; None for time features and unknown rows."""
@@ -247,7 +254,7 @@ class Featurizer:
     def session_key(self, event: EventLike) -> str:
         """The session an event belongs to: its `session_id`, or the user's current run."""
         if event.session_id is not None:
-            return _SESSION + event.session_id
+            return session_key(event.session_id)
         key, last = self.open_sessions.get(event.user_id, ("", -math.inf))
         if not key or event.ts - last > self.session_gap:
             key = f"u:{event.user_id}:{int(event.ts)}"

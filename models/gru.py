@@ -18,7 +18,8 @@ the weights as they now stand; so any split of a batch learns the same. New item
 
 from __future__ import annotations
 
-from typing import ClassVar
+import copy
+from typing import ClassVar, cast
 
 import numpy as np
 
@@ -190,6 +191,13 @@ class GRU4Rec(Model):
         self._version += 1
         self._cache = None
         return res
+
+    def narrowed(self, rows: dict[str, np.ndarray]) -> GRU4Rec:
+        clone = cast(GRU4Rec, super().narrowed(rows))
+        clone._sessions = copy.copy(self._sessions)  # its rows are the narrowed session table
+        clone._sessions.rows = clone._stored_rows["session"].table
+        clone._cache = None
+        return clone
 
     def similarity_vectors(self) -> np.ndarray:
         """The input item embeddings [n_items, embedding]."""

@@ -434,7 +434,7 @@ def keys_remove(name: str = typer.Argument(..., help="the key to remove")) -> No
     typer.echo(f"removed key {name!r}")
 
 
-BENCHES = ("pipeline", "quality", "sessions", "lookup", "memory", "scale")
+BENCHES = ("pipeline", "quality", "sessions", "lookup", "memory", "api_memory", "scale")
 
 
 @app.command()

@@ -346,7 +346,7 @@ def test_a_model_with_item_embeddings_plugs_in(embedded_servers, tmp_path, monke
 import numpy as np  # noqa: E402
 
 from models.base import Batch, Model  # noqa: E402
-from models.features import Featurizer  # noqa: E402
+from models.features import Featurizer, session_key  # noqa: E402
 from stream_app.serving.cache import ModelCache  # noqa: E402
 from stream_app.serving.scorers import AnnIndex, EmbeddingScorer, PopScorer, top_k  # noqa: E402
 from stream_app.serving.view import ShardView  # noqa: E402
@@ -535,7 +535,9 @@ def test_session_lookup_leaves_out_the_items_already_in_the_session(topics, mode
     in_session = {e.item_id for e in events if e.session_id == "s0"}
     shown = {i["item_id"] for i in answer["items"]}
     view = cache.shard(answer["partition"])
-    remembered = {view.item_names[i] for i in view.models[model].session_items(view.featurizer.sessions.get("s:s0"))}
+    rows = cache.query(answer["partition"], None, session_key("s0"))  # the session's own rows, as the answer read them
+    assert rows.session >= 0 and view.featurizer.session_row("s0") < 0  # not in the view: read per request
+    remembered = {view.item_names[i] for i in view.models[model].narrowed(rows.models[model]).session_items(0)}
     assert remembered and remembered <= in_session
     assert shown and not shown & remembered, f"{model} recommended items the session already has"
     # each answer names the item of the session closest to it

@@ -9,17 +9,20 @@ import time
 import numpy as np
 import pytest
 
-from models.features import Vocab
+from models.features import Vocab, session_key
 from stream_app.core.events import encode, prepare
 from stream_app.io import kafka
 from stream_app.io.redis import CHANGES_KEPT, Keys, PartitionStore, connect, read_snapshot
-from stream_app.serving.cache import VOCABS, ModelCache
+from stream_app.serving.cache import VIEW_KINDS, ModelCache
+from stream_app.serving.recommender import Recommender
+from stream_app.serving.view import query_batch
 from stream_app.worker.config import WorkerConfig
 from stream_app.worker.shard import Shard
 
 pytestmark = pytest.mark.integration
 
 MODELS = ("pop", "mf", "gru", "sknn")  # item, user, session, "own" and blob tables
+FIRST = np.zeros(1, np.int64)
 
 
 def stream(n: int, seed: int, t0: float, users: int = 60, items: int = 80):
@@ -73,15 +76,18 @@ def assert_same_state(caught_up, full) -> None:
             np.testing.assert_array_equal(*padded, err_msg=f"{name}.{table}")
 
 
-def test_a_view_caught_up_from_the_changed_rows_equals_a_full_snapshot(topics):
+@pytest.mark.parametrize("models", [MODELS, ("pop", "sknn")], ids=["embeddings", "co-occurrence"])
+def test_a_view_caught_up_from_the_changed_rows_equals_a_full_snapshot(topics, models):
+    """A view holds item, context and shared state only (users' history too where co-occurrence explains
+    answers, with no embeddings served); caught up over commits, it equals a view read whole."""
     shard = shard_of(topics)
     first = list(stream(600, seed=1, t0=1.7e9))
     learn(shard, first, 0, 200)
-    cache = ModelCache(topics, MODELS, background=False, refresh_interval=0.0)
+    cache = ModelCache(topics, models, background=False, refresh_interval=0.0)
     before = cache.shard(0)
     cache.refresh()  # the other partition's (empty) view too
     full = cache.full_reloads
-    assert set(before.models) == set(MODELS)
+    assert set(before.models) == set(models)
     # later events: new users, items and sessions, and (stream time far on) expired users, items and sessions
     later = list(stream(400, seed=2, t0=1.7e9 + 20_000, users=90, items=120))
     commits = learn(shard, later, len(first), 40)
@@ -89,23 +95,31 @@ def test_a_view_caught_up_from_the_changed_rows_equals_a_full_snapshot(topics):
     view = cache.shard(0)
     assert cache.full_reloads == full, "the view was read whole, not caught up"
     assert view.version == before.version + commits
-    assert len(view.featurizer.users.index) != len(before.featurizer.users.index)
-    probes = {name: dict(model.tables) for name, model in shard.models.items()}
+    assert len(view.featurizer.items.index) != len(before.featurizer.items.index)
     assert view.snapshot is not None
-    assert_same_state(view.snapshot, read_snapshot(cache.client, cache.keys(0), probes))
+    full_read = read_snapshot(cache.client, cache.keys(0), cache.view_tables, VIEW_KINDS, cache.view_history,
+                              open_sessions=False)
+    assert_same_state(view.snapshot, full_read)
+    for name, model in view.models.items():  # no user's or session's own rows: those are read per request
+        assert not set(model.query_tables()) & set(view.snapshot.models[name]), name
+    assert not view.featurizer.users.index and not view.featurizer.sessions.index
+    assert bool(view.history) == cache.view_history == (models != MODELS)
     user = later[-1].user_id
-    fresh = ModelCache(topics, MODELS, background=False).shard(0)
-    for attr in VOCABS:  # the vocabularies updated in place of restored, as a full read restores them
+    fresh = ModelCache(topics, models, background=False).shard(0)
+    for attr in ("items", "contexts"):  # the vocabularies updated in place of restored, as a full read restores them
         mine, full_vocab = getattr(view.featurizer, attr), getattr(fresh.featurizer, attr)
         assert mine.index == full_vocab.index, attr
         assert all(name is None for name in mine.names[len(full_vocab.names):]), attr  # freed rows at the end
         assert mine.names[: len(full_vocab.names)] == full_vocab.names, attr
-    np.testing.assert_array_equal(pairs(view.cooccurrence()), pairs(fresh.cooccurrence()))
-    assert len(view.cooccurrence().user_items) > 0
-    for name in MODELS:
-        batch = view.featurizer.query(user, {"device": "ios"}, later[-1].ts)
-        np.testing.assert_allclose(view.models[name].score(batch, np.zeros(1, np.int64)),
-                                   fresh.models[name].score(batch, np.zeros(1, np.int64)), rtol=1e-6, err_msg=name)
+    if cache.view_history:
+        np.testing.assert_array_equal(pairs(view.cooccurrence()), pairs(fresh.cooccurrence()))
+        assert len(view.cooccurrence().user_items) > 0
+    rows = cache.query(0, user)
+    batch = query_batch(view, {"device": "ios"}, later[-1].ts, rows)
+    for name in models:
+        np.testing.assert_allclose(view.models[name].narrowed(rows.models.get(name, {})).score(batch, FIRST),
+                                   fresh.models[name].narrowed(rows.models.get(name, {})).score(batch, FIRST),
+                                   rtol=1e-6, err_msg=name)
 
 
 def test_a_view_too_far_behind_the_change_log_or_ahead_of_the_state_is_read_whole(topics):
@@ -140,6 +154,48 @@ def test_the_background_cache_wakes_on_an_announced_commit_not_its_poll(topics):
         assert time.monotonic() - committed < 2.0
     finally:
         cache.close()
+
+
+def test_a_query_reads_its_users_and_sessions_rows_as_committed_not_as_the_view_holds_them(topics):
+    """The request path reads the asking user's and session's own rows from Redis (one script call), so
+    an answer sees her latest commit while the view is older; the rows equal a full snapshot's."""
+    shard = shard_of(topics)
+    events = list(stream(400, seed=5, t0=1.7e9))
+    learn(shard, events[:200], 0, 200)
+    cache = ModelCache(topics, MODELS, background=False, refresh_interval=3600.0)  # the view stays as it is
+    view = cache.shard(0)
+    new_user = prepare({"user_id": "newcomer", "item_id": "i3", "event_type": "purchase", "ts": 1.7e9 + 4000,
+                        "session_id": "fresh-session"})
+    learn(shard, events[200:] + [new_user], 200, 201)
+    assert cache.shard(0).version == view.version, "the view moved; the test would prove nothing"
+    assert view.featurizer.users.get("newcomer") < 0 and view.featurizer.session_row("fresh-session") < 0
+    snap = read_snapshot(cache.client, cache.keys(0), {name: dict(m.tables) for name, m in shard.models.items()})
+    checked = 0
+    asked = [(e.user_id, None) for e in events[200:]] + [(None, session_key(e.session_id)) for e in events[200:] if e.session_id]
+    for user, key in sorted(set(asked + [("newcomer", None), (None, session_key("fresh-session"))]), key=str):
+        got = cache.query(0, user, key)
+        if user is not None:
+            assert got.user == snap.vocabs["user"][user]
+            np.testing.assert_array_equal(got.history, snap.history[got.user])
+            key = snap.open_sessions.get(user, ("",))[0]  # users without explicit session ids have one open
+        assert got.session == snap.vocabs["session"].get(key, -1)
+        for name, tables in shard.models.items():
+            for table, kind in tables.query_tables().items():
+                row = got.user if kind == "user" else got.session
+                stored = snap.models[name][table]
+                if 0 <= row < len(stored) and stored[row].any():
+                    mine = got.models[name][table][0]
+                    np.testing.assert_array_equal(mine, stored[row, : len(mine)], err_msg=f"{name}.{table}")
+                    checked += 1
+    assert checked > 100
+    assert cache.query(0, "nobody") == cache.query(0, None, "s:nobody")
+    assert cache.query(0, "nobody").user == -1 and cache.query(0, "nobody").models == {}
+    rec = Recommender(cache)
+    answer = rec.for_user("newcomer", 5, "mf", {}, include_seen=False)
+    assert answer["items"] and all(item["reason"].get("item_id") == "i3" for item in answer["items"]), answer
+    session = rec.for_session("fresh-session", 5, "gru", {})
+    assert session["items"] and session["items"][0]["reason"]["kind"] == "session", session
+    assert "i3" not in [item["item_id"] for item in session["items"]]
 
 
 def test_a_vocabulary_updated_with_changes_equals_one_restored_from_the_changed_mapping():

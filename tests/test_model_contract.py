@@ -8,7 +8,7 @@ both have something to learn.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ from models.features import Featurizer
 from stream_app.evaluation.prequential import Evaluator, run
 
 N_USERS, N_ITEMS, N_CLUSTERS = 150, 120, 6
+FIRST = np.zeros(1, np.int64)
 K = 10
 
 
@@ -306,3 +307,57 @@ def test_a_replica_absorbing_what_another_learned_holds_its_item_rows(name: str,
         theirs = np.asarray(learned[table], np.float64)
         width = theirs.shape[1]
         assert_same(mine[: len(theirs), :width], theirs)
+
+
+def query_rows(model: Model, state: dict[str, np.ndarray], user: int, session: int) -> dict[str, np.ndarray]:
+    """The rows of one query's user and session in every user and session table, as a server reads them."""
+    out = {}
+    for table, kind in model.query_tables().items():
+        row, values = (user if kind == "user" else session), np.asarray(state[table])
+        if 0 <= row < len(values):
+            out[table] = values[row : row + 1]
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_model_narrowed_to_one_query_scores_it_as_the_whole_model(name: str, stream) -> None:
+    """What a server answers from (`Model.narrowed`): only the asking user's and session's rows, renumbered
+    from 0, and every other table shared. It scores the query as the model holding every user does, and
+    leaves that model as it was."""
+    coded, probe = stream
+    model = registry.create(name, seed=0)
+    for batch in coded[:60]:
+        model.learn(batch)
+    if not model.query_tables():
+        pytest.skip(f"{name} keeps no user or session rows")
+    queries = []
+    known = [coded[60].take(slice(j, j + 1)) for j in range(0, len(coded[60]), 2)]  # users and sessions learned
+    for one in known + [probe.take(slice(j, j + 1)) for j in range(0, len(probe), 4)]:
+        for user, session in ((int(one.users[0]), int(one.sessions[0])), (-1, int(one.sessions[0])),
+                              (int(one.users[0]), -1)):
+            whole = replace(one, users=np.array([user]), sessions=np.array([session]))
+            queries.append((one, user, session, model.score(whole, FIRST)))
+    state = copy_state(model)  # after the whole model's scoring, which may grow tables to the vocabulary
+    checked = 0
+    for one, user, session, expected in queries:
+        rows = query_rows(model, state, user, session)
+        narrow = replace(one, users=np.array([0 if user >= 0 else -1]),
+                         sessions=np.array([0 if session >= 0 else -1]), n_users=1, n_sessions=1)
+        assert_same(model.narrowed(rows).score(narrow, FIRST), expected)
+        checked += bool(rows)
+    assert checked, "no query had rows"
+    after = model.export_state()
+    for table, values in state.items():
+        np.testing.assert_array_equal(np.asarray(after[table]), values, err_msg=f"{table} changed")
+
+
+def test_narrowing_is_needed_so_the_test_can_fail(stream) -> None:
+    """Row 0 of the whole model is another user: scored without narrowing, MF answers differently."""
+    coded, probe = stream
+    model = registry.create("mf", seed=0)
+    for batch in coded[:60]:
+        model.learn(batch)
+    one = probe.take(slice(0, 1))
+    assert int(one.users[0]) != 0
+    renumbered = replace(one, users=np.array([0]), n_users=1)
+    assert not np.allclose(model.score(renumbered, FIRST), model.score(one, FIRST))

@@ -260,24 +260,32 @@ class Snapshot:
     history_changed: set[int] | None = None
 
 
-def read_snapshot(client: Client, keys: Keys, tables: dict[str, dict[str, TableKind]]) -> Snapshot:
-    """Everything of one partition but its dedup window: one MULTI/EXEC over its hash tag (a consistent
-    snapshot), then the session rows (one key each, so SCAN + MGET; each row is written whole)."""
+def read_snapshot(client: Client, keys: Keys, tables: dict[str, dict[str, TableKind]], vocabs: tuple[str, ...] = KINDS,
+                  history: bool = True, open_sessions: bool = True) -> Snapshot:
+    """One partition's vocabularies of `vocabs`, its history and open sessions (unless told not to), and the
+    `tables` of its models, but not its dedup window: one MULTI/EXEC over its hash tag (a consistent
+    snapshot), then the session rows (one key each, so SCAN + MGET; each row is written whole). What is
+    not read comes back empty."""
     pipe = client.pipeline(transaction=True)
     for key in (keys.version, keys.offset, keys.applied):
         pipe.get(key)
-    for kind in KINDS:
-        pipe.hgetall(keys.vocab(kind))
-    pipe.hgetall(keys.open_sessions)
-    pipe.hgetall(keys.history)
     pipe.hgetall(keys.item_cursors)
+    for kind in vocabs:
+        pipe.hgetall(keys.vocab(kind))
+    if open_sessions:
+        pipe.hgetall(keys.open_sessions)
+    if history:
+        pipe.hgetall(keys.history)
     reads = [(name, table, kind) for name, model in tables.items() for table, kind in model.items() if kind != "session"]
     for name, table, kind in reads:
         (pipe.get if kind == "blob" else pipe.hgetall)(keys.table(name, table))
-    version, offset, applied, *vocab_raw, opened_raw, history_raw, cursors_raw = (got := pipe.execute())[: 6 + len(KINDS)]
-    opened = {user.decode(): _open_session(raw) for user, raw in opened_raw.items()}
+    got = iter(pipe.execute())
+    version, offset, applied, cursors_raw = (next(got) for _ in range(4))
+    vocab_raw = [next(got) for _ in vocabs]
+    opened_raw = next(got) if open_sessions else {}
+    history_raw = next(got) if history else {}
     models: dict[str, dict[str, np.ndarray]] = {name: {} for name in tables}
-    for (name, table, kind), raw in zip(reads, got[6 + len(KINDS):]):
+    for (name, table, kind), raw in zip(reads, got):
         if kind != "blob":
             models[name][table] = rows_to_array(raw)
         elif raw is not None:
@@ -286,12 +294,13 @@ def read_snapshot(client: Client, keys: Keys, tables: dict[str, dict[str, TableK
         for table, kind in model.items():
             if kind == "session":
                 models[name][table] = rows_to_array(session_rows(client, keys, name, table))
+    read = {kind: {n.decode(): int(r) for n, r in raw.items()} for kind, raw in zip(vocabs, vocab_raw)}
     return Snapshot(
         version=int(version or 0),
         offset=None if offset is None else int(offset),
         applied=int(applied or 0),
-        vocabs={kind: {n.decode(): int(r) for n, r in raw.items()} for kind, raw in zip(KINDS, vocab_raw)},
-        open_sessions=opened,
+        vocabs={kind: read.get(kind, {}) for kind in KINDS},
+        open_sessions={user.decode(): _open_session(raw) for user, raw in opened_raw.items()},
         history={int(u): _history(v) for u, v in history_raw.items()},
         models=models,
         cursors={int(p): int(c) for p, c in cursors_raw.items()},
@@ -310,7 +319,8 @@ def _history(raw: bytes) -> np.ndarray:
 
 
 def read_changes(client: Client, keys: Keys, tables: dict[str, dict[str, TableKind]], base: Snapshot,
-                 version: int) -> Snapshot | None:
+                 version: int, vocabs: tuple[str, ...] = KINDS, history: bool = True,
+                 open_sessions: bool = True) -> Snapshot | None:
     """`base` brought up to at least `version` by re-reading only the keys and hash fields that the commits
     after it wrote (their `changes` entries): two round trips, a small read where `read_snapshot` reads every
     row. None when the entries no longer reach back to `base`, or the version went back (read a full
@@ -318,7 +328,8 @@ def read_changes(client: Client, keys: Keys, tables: dict[str, dict[str, TableKi
 
     The result carries the version of the last entry read; rows it re-read may already hold later commits
     (never older ones), and the next catch-up re-reads those commits' keys again. Keys that expire by TTL
-    (session rows) write no entry: a full snapshot now and then drops them."""
+    (session rows) write no entry: a full snapshot now and then drops them. `tables`, `vocabs`, `history` and
+    `open_sessions` say what `base` holds, as `read_snapshot` read it: only those are re-read."""
     behind = version - base.version
     if behind == 0:
         return base
@@ -339,8 +350,11 @@ def read_changes(client: Client, keys: Keys, tables: dict[str, dict[str, TableKi
                 touched[key] = None
             else:
                 seen.update(map(str, fields))
-    hashes: dict[str, tuple[str, Any]] = {keys.vocab(kind): ("vocab", kind) for kind in KINDS}
-    hashes.update({keys.open_sessions: ("open", ""), keys.history: ("history", "")})
+    hashes: dict[str, tuple[str, Any]] = {keys.vocab(kind): ("vocab", kind) for kind in vocabs}
+    if open_sessions:
+        hashes[keys.open_sessions] = ("open", "")
+    if history:
+        hashes[keys.history] = ("history", "")
     plain, session_prefix = {}, {}
     for name, model in tables.items():
         for table, kind in model.items():
@@ -367,14 +381,14 @@ def read_changes(client: Client, keys: Keys, tables: dict[str, dict[str, TableKi
                 pipe.get(key)
                 reads.append(("session", (*session_prefix[prefix + ":"], int(row)), []))
     got = pipe.execute() if reads else []
-    vocabs, opened, history = dict(base.vocabs), dict(base.open_sessions), dict(base.history)
+    all_vocabs, opened, users_history = dict(base.vocabs), dict(base.open_sessions), dict(base.history)
     vocab_changes: dict[str, dict[str, int | None]] = {}
     history_changed: set[int] = set()
     models = {name: dict(state) for name, state in base.models.items()}
     rows: dict[tuple[str, str], dict[int, Any]] = {}
     for (what, where, fields), values in zip(reads, got):
         if what == "vocab":
-            vocab = vocabs[where] = dict(base.vocabs[where])  # each key is read once
+            vocab = all_vocabs[where] = dict(base.vocabs[where])  # each key is read once
             delta = vocab_changes[where] = {}
             for name, row in zip(fields, values):
                 if row is None:
@@ -392,9 +406,9 @@ def read_changes(client: Client, keys: Keys, tables: dict[str, dict[str, TableKi
             history_changed.update(map(int, fields))
             for user, raw in zip(fields, values):
                 if raw is None:
-                    history.pop(int(user), None)
+                    users_history.pop(int(user), None)
                 else:
-                    history[int(user)] = _history(raw)
+                    users_history[int(user)] = _history(raw)
         elif what == "table":
             rows.setdefault(where, {}).update(zip(map(int, fields), values))
         elif what == "blob":
@@ -404,25 +418,101 @@ def read_changes(client: Client, keys: Keys, tables: dict[str, dict[str, TableKi
             rows.setdefault(where[:2], {})[where[2]] = values
     for (name, table), changed in rows.items():
         models.setdefault(name, {})[table] = _patched(models[name].get(table), changed)
-    return Snapshot(version=entries[-1][0], offset=base.offset, applied=base.applied, vocabs=vocabs,
-                    open_sessions=opened, history=history, models=models, cursors=base.cursors,
+    return Snapshot(version=entries[-1][0], offset=base.offset, applied=base.applied, vocabs=all_vocabs,
+                    open_sessions=opened, history=users_history, models=models, cursors=base.cursors,
                     vocab_changes=vocab_changes, history_changed=history_changed)
 
 
 def _patched(table: np.ndarray | None, changed: dict[int, Any]) -> np.ndarray:
-    """A copy of `table` with the rows in `changed` (row -> float32 bytes, None: deleted, a zero row)."""
-    stored = {str(r).encode(): v for r, v in changed.items() if v is not None}
-    new = rows_to_array(stored)
+    """A copy of `table` with the rows in `changed` (row -> float32 bytes, None: deleted, a zero row):
+    one copy of the table, then only the changed rows decoded."""
     old = np.zeros((0, 1), np.float32) if table is None else table
-    n = max(len(old), len(new), max(changed) + 1)
-    out = np.zeros((n, max(old.shape[1], new.shape[1])), np.float32)
-    out[: len(old), : old.shape[1]] = old
     rows = np.fromiter(changed, np.int64, len(changed))
+    values = [v for v in changed.values() if v is not None]
+    width = max([old.shape[1], *(len(v) // 4 for v in values)])
+    n = max(len(old), int(rows.max()) + 1)
+    if (n, width) == old.shape:
+        out = old.copy()
+    else:
+        out = np.zeros((n, width), np.float32)
+        out[: len(old), : old.shape[1]] = old
     out[rows] = 0.0
-    if stored:
-        ids = np.fromiter(map(int, stored), np.int64, len(stored))
-        out[ids, : new.shape[1]] = new[ids]
+    kept = rows[[v is not None for v in changed.values()]]
+    if len(kept) and all(len(v) == width * 4 for v in values):  # one decode for all rows
+        out[kept] = np.frombuffer(b"".join(values), np.float32).reshape(len(kept), width)
+    else:
+        for row, v in zip(kept.tolist(), values):
+            out[row, : len(v) // 4] = np.frombuffer(v, np.float32)
     return out
+
+
+@dataclass(frozen=True)
+class QueryRows:
+    """One query's own state, as a server reads it per request (`read_query`): the rows of its user and
+    session (-1: unknown), the user's recent history [n, 2] (None: none), and every model's rows of its
+    user and session tables (model -> table -> [1, w] float32; absent where the row is unknown)."""
+
+    user: int
+    session: int
+    history: np.ndarray | None
+    models: dict[str, dict[str, np.ndarray]]
+
+
+class QueryReader:
+    """Reads `QueryRows` of one partition in one round trip (`_READ_QUERY`, a read-only script over the
+    partition's hash tag): vocabulary rows first, then the rows they name, which a pipeline could not
+    chain. `tables`: each model's user and session tables (`Model.query_tables`)."""
+
+    def __init__(self, client: Client, tables: dict[str, dict[str, TableKind]]):
+        self.client = client
+        listed = [(model, table, kind) for model, own in tables.items() for table, kind in own.items()]
+        self.tables = sorted(listed, key=lambda t: t[2] != "user")  # the user tables, then the session tables
+        self._script: Script | None = None
+
+    def __call__(self, keys: Keys, user_id: str | None, session_key: str | None) -> QueryRows:
+        """The rows of `user_id` and of the session `session_key` (a session vocabulary key; None: the
+        user's open session) in partition `keys`."""
+        if self._script is None:
+            self._script = self.client.register_script(_READ_QUERY)
+        users = [keys.table(m, t) for m, t, kind in self.tables if kind == "user"]
+        sessions = [keys.table(m, t) for m, t, kind in self.tables if kind == "session"]
+        got = self._script(keys=[keys.vocab("user"), keys.vocab("session"), keys.history, keys.open_sessions],
+                           args=[user_id or "", session_key or "", len(users), *users, len(sessions), *sessions])
+        user, session, history, *rows = got
+        models: dict[str, dict[str, np.ndarray]] = {}
+        for (model, table, _), raw in zip(self.tables, rows):
+            if raw is not None:
+                models.setdefault(model, {})[table] = np.frombuffer(raw, np.float32)[None, :]
+        return QueryRows(-1 if user is None else int(user), -1 if session is None else int(session),
+                         None if history is None else _history(history), models)
+
+
+# KEYS: the user and session vocabularies, the history, the open sessions. ARGV: user id, session key ('': the
+# user's open session), the count of user table hashes and their keys, then of session tables and theirs (a
+# session row is the key `TABLE:ROW`, in this slot). Returns {user row, session row, history, user table rows...,
+# session table rows...}, false where unknown.
+_READ_QUERY = """
+local user, key = ARGV[1], ARGV[2]
+local u = false
+if user ~= '' then u = redis.call('HGET', KEYS[1], user) end
+if key == '' and user ~= '' then
+  local open = redis.call('HGET', KEYS[4], user)
+  if open then key = string.match(open, '^(.*)|[^|]*$') end
+end
+local s = false
+if key ~= '' then s = redis.call('HGET', KEYS[2], key) end
+local out = {u, s, u and redis.call('HGET', KEYS[3], u)}
+local n, i = tonumber(ARGV[3]), 4
+for _ = 1, n do
+  out[#out + 1] = u and redis.call('HGET', ARGV[i], u)
+  i = i + 1
+end
+local m = tonumber(ARGV[i])
+for j = 1, m do
+  out[#out + 1] = s and redis.call('GET', ARGV[i + j] .. ':' .. s)
+end
+return out
+"""
 
 
 @dataclass

@@ -1,25 +1,33 @@
-"""Redis-backed model cache for the lookup API: one prepared view of each shard, kept fresh.
+"""Redis-backed model cache for the lookup API: one prepared view of each shard, kept fresh, and the
+asking user's own rows read per request.
 
 Each Kafka partition of `events` is a shard with its own vocabularies and
 models (see `stream_app.worker.worker`). `ModelCache.shard(p)` returns an immutable
-`ShardView` of partition `p` (`stream_app.serving.view`): vocabularies, the users'
-recent history and every served model rebuilt with `import_state` from the rows
-in Redis, prepared for lookups, plus, above a configurable catalogue size,
-hnswlib indexes of the embedding models.
+`ShardView` of partition `p` (`stream_app.serving.view`): what every lookup shares, the
+item and context vocabularies and every served model rebuilt with `import_state` from
+its item, context-value, blob and own tables in Redis, prepared for lookups, plus,
+above a configurable catalogue size, hnswlib indexes of the embedding models. A view
+holds no user's or session's rows, so the API's memory does not grow with the user base
+(the users' history only where co-occurrence explains answers). `ModelCache.query`
+reads one user's and session's rows on the request path, in one round trip: an answer
+sees the asking user's events as soon as a worker committed them.
 
 A refresher thread reads every shard's `version` key (INCR per worker commit)
 in one pipelined round trip whenever a worker announces a commit on the
 `commits` channel, and at least every `refresh_interval` seconds. A shard whose
-version moved catches up by re-reading only what the commits since its view
+version moved (and that did not catch up in the last `refresh_interval` seconds, which
+bounds the refresher's share of the process under a busy stream; a request's own rows
+never wait for it) catches up by re-reading only what the commits since its view
 wrote (`stream_app.io.redis.read_changes`), or, when too far behind and every
 `full_interval` seconds, as one consistent snapshot (`read_snapshot`); the new
-view is prepared and swapped in. Requests never wait for Redis: they read the
-current views, so answers are one catch-up behind a commit.
+view is prepared and swapped in. Requests never wait for a view: they read the
+current ones, so item state is one catch-up behind a commit.
 
 Every Redis call has a timeout and no retries; while the last check failed,
-`shard()` raises `ServiceError` (the API turns it into 503 + Retry-After).
-A Redis Cluster works the same: one partition's keys share a slot, so its snapshot
-is still one MULTI/EXEC, and the version check is a pipeline split by node.
+`shard()` raises `ServiceError` (the API turns it into 503 + Retry-After), as does a
+failed `query`. A Redis Cluster works the same: one partition's keys share a slot, so
+its snapshot is still one MULTI/EXEC and a query one script; the version check is a
+pipeline split by node.
 """
 
 from __future__ import annotations
@@ -34,18 +42,30 @@ from typing import Any
 
 import numpy as np
 
-from models.base import Model
+from models.base import QUERY_KINDS, Model
 from models.features import Featurizer
 from models.registry import create
 from stream_app.core.errors import ServiceError
 from stream_app.core.settings import Settings, redact
 from stream_app.io.kafka import partition_for
-from stream_app.io.redis import FAILURES, KINDS, Client, Keys, Snapshot, connect, read_changes, read_snapshot
-from stream_app.serving.scorers import AnnIndex, EmbeddingScorer
+from stream_app.io.redis import (
+    FAILURES,
+    KINDS,
+    Client,
+    Keys,
+    QueryReader,
+    QueryRows,
+    Snapshot,
+    connect,
+    read_changes,
+    read_snapshot,
+)
+from stream_app.serving.scorers import AnnIndex, EmbeddingScorer, users_in
 from stream_app.serving.view import ShardView
 
 log = logging.getLogger("streamrec.serving")
 VOCABS = ("users", "items", "sessions", "contexts")  # the featurizer's vocabulary of each of `KINDS`
+VIEW_KINDS = ("item", "context")  # the vocabularies a view holds (users and sessions: read per request)
 
 
 @lru_cache(maxsize=65536)
@@ -55,12 +75,13 @@ def user_partition(user_id: str, n: int) -> int:
 
 
 class ModelCache:
-    """Per-shard serving state rebuilt from Redis, refreshed in the background when a shard's `version` moves.
+    """Per-shard serving state rebuilt from Redis, refreshed in the background when a shard's `version` moves,
+    and each query's own rows read on request.
 
     A refresher thread reads every shard's `version` key in one round trip when a commit is announced
     (at least every `refresh_interval` seconds) and rebuilds (then prepares) the shards whose version
-    moved, from the rows that changed; requests only read the views it swapped in, so the request path
-    makes no Redis call at all. While the latest check failed (Redis unreachable), `shard()` raises
+    moved, from the rows that changed; requests read the views it swapped in and make one Redis call
+    of their own (`query`). While the latest check failed (Redis unreachable), `shard()` raises
     `ServiceError` (the API answers 503).
 
     Above `ann_threshold` items, embedding models also get hnswlib indexes (user recommendations and
@@ -72,8 +93,13 @@ class ModelCache:
                  ann_rebuild_interval: float = 30.0, background: bool = True, full_interval: float = 600.0):
         self.settings = settings
         self.model_names = tuple(models)
-        for name in self.model_names:
-            create(name)  # unknown names fail here, at start-up
+        probes = {name: create(name) for name in self.model_names}  # unknown names fail here, at start-up
+        # A view holds what every query shares: item, context-value, blob and own tables, and the item and
+        # context vocabularies; a user's and a session's own rows are read per request (`query`). The users'
+        # history only when no served model has similarity vectors: co-occurrence explains answers then.
+        self.view_tables = {name: {t: kind for t, kind in m.tables.items() if kind not in QUERY_KINDS}
+                        for name, m in probes.items()}
+        self.view_history = all(m.similarity_vectors() is None for m in probes.values())
         self.partitions = settings.events_partitions
         self.refresh_interval = refresh_interval
         self.timeout = timeout
@@ -83,6 +109,7 @@ class ModelCache:
         self.full_interval = full_interval
         self._full_at: dict[int, float] = {}  # partition -> when its last full snapshot was read (monotonic)
         self.client = client or connect(settings.redis_url, timeout, fail_fast=True)
+        self._query = QueryReader(self.client, {name: m.query_tables() for name, m in probes.items()})
         self._views: dict[int, ShardView] = {}
         self._checked: dict[int, float] = {}
         self._ann: dict[tuple[int, str], tuple[AnnIndex | None, AnnIndex | None]] = {}
@@ -101,6 +128,12 @@ class ModelCache:
 
     def partition_of_user(self, user_id: str) -> int:
         return user_partition(user_id, self.partitions)
+
+    def query(self, partition: int, user_id: str | None, session_key: str | None = None) -> QueryRows:
+        """The asking user's and session's own rows in partition `partition`, read now in one round trip
+        (`session_key` None: the user's open session): answers see a user's events as soon as they are
+        committed, whatever the views' age."""
+        return self._call(lambda client: self._query(self.keys(partition), user_id, session_key))
 
     def ping(self) -> None:
         self._call(lambda client: client.ping())
@@ -201,6 +234,8 @@ class ModelCache:
         now = time.monotonic()
         for p, version in enumerate(versions):
             view = self._views.get(p)
+            if view is not None and view.version != version and now - view.loaded_at < self.refresh_interval:
+                continue  # caught up moments ago: at most one catch-up per shard and interval (the next check)
             if view is None or view.version != version:
                 try:
                     with self._load_lock:
@@ -230,22 +265,24 @@ class ModelCache:
         caught up to `version` from the rows that changed (vocabularies and co-occurrence updated, not
         rebuilt), else (and every `full_interval` s) a full snapshot."""
         probes = {name: create(name) for name in self.model_names}
-        tables = {n: dict(m.tables) for n, m in probes.items()}
         keys, old, snap = self.keys(partition), self._views.get(partition), None
         if (version is not None and old is not None and old.snapshot is not None
                 and time.monotonic() - self._full_at.get(partition, 0.0) < self.full_interval):
-            snap = self._call(read_changes, keys, tables, old.snapshot, version)
+            base = old.snapshot
+            snap = self._call(lambda client: read_changes(client, keys, self.view_tables, base, version, VIEW_KINDS,
+                                                          self.view_history, open_sessions=False))
         if snap is None:
             self._full_at[partition] = time.monotonic()
             self.full_reloads += 1
-            snap = self._call(read_snapshot, keys, tables)
+            snap = self._call(lambda client: read_snapshot(client, keys, self.view_tables, VIEW_KINDS, self.view_history,
+                                                           open_sessions=False))
         f = _featurizer(snap, None if old is None else old.featurizer)
         models = {name: model for name, model in probes.items() if _import(partition, name, model, snap)}
         names = list(f.items.names)
         valid = np.array([n is not None for n in names], bool)
         cooc = None
-        if old is not None and snap.history_changed is not None:
-            cooc = old.cooccurrence().updated(snap.history, snap.history_changed, len(f.users), len(names))
+        if old is not None and old.cooc is not None and snap.history_changed is not None:
+            cooc = old.cooc.updated(snap.history, snap.history_changed, users_in(snap.history), len(names))
         return ShardView(partition, snap.version, time.monotonic(), f, names, valid, snap.history, models, snap,
                          cooc=cooc)
 
@@ -283,22 +320,23 @@ def _featurizer(snap: Snapshot, base: Featurizer | None) -> Featurizer:
     updated when the snapshot was caught up from the one `base` was made of."""
     f = Featurizer()
     for kind, attr in zip(KINDS, VOCABS):
+        if kind not in VIEW_KINDS:
+            continue
         if base is not None and snap.vocab_changes is not None:
             setattr(f, attr, getattr(base, attr).updated(snap.vocab_changes.get(kind, {})))
         else:
             getattr(f, attr).restore(snap.vocabs[kind])
-    f.open_sessions.update(snap.open_sessions)
     return f
 
 
 def _import(partition: int, name: str, model: Model, snap: Snapshot) -> bool:
     """Load `model`'s state from the snapshot; False (logged) when this shard cannot serve it."""
-    state = snap.models[name]
-    if not any(len(v) for v in state.values()):
+    read = snap.models[name]
+    if not any(len(v) for v in read.values()):
         log.debug("partition %s: model %s not served, the worker has written no state for it yet", partition, name)
         return False
-    for table in model.tables:
-        state.setdefault(table, np.zeros((0, 1), np.float32))  # a blob nobody wrote yet: empty
+    # tables a view does not hold (users', sessions') and blobs nobody wrote yet: empty
+    state = {**dict.fromkeys(model.tables, np.zeros((0, 1), np.float32)), **read}
     try:
         model.import_state(state)
     except Exception as exc:  # noqa: BLE001 - a half-written model must not take the API down

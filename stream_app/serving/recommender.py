@@ -1,7 +1,8 @@
 """The lookup API's answers, computed from the model cache (no HTTP in here).
 
 A user's state lives in the shard (Kafka partition) its user_id hashes to, so a
-user lookup reads one shard; sessions and similar items look in every shard.
+user lookup reads her rows there (one Redis round trip) and ranks with that shard's
+view; sessions look in every shard until one knows them, similar items in every view.
 Unknown users, sessions and items get context-aware popularity, never an error.
 """
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from models.base import Batch, Model
 from models.blend import Blend
+from models.features import session_key
 from models.registry import create
 from stream_app.serving.cache import ModelCache
 from stream_app.serving.params import ApiError
@@ -46,21 +48,17 @@ class Recommender:
     # ---- /recommendations
 
     def for_user(self, user_id: str, k: int, model: str, context: dict[str, str], include_seen: bool) -> dict:
-        """Top-k for a user in context, leaving out her recent items unless `include_seen`."""
+        """Top-k for a user in context, leaving out her recent items unless `include_seen`. Her own rows
+        (and her open session's) are read from Redis now; the items' state comes from the shard's view."""
         partition = self.cache.partition_of_user(user_id)
         view = self.cache.shard(partition)
-        f = view.featurizer
-        row = f.users.get(user_id)
-        history = view.history.get(row) if row >= 0 else None
-        if history is not None and len(history) == 0:
-            history = None  # known users only: a user without recent items is answered as a new one
+        rows = self.cache.query(partition, user_id)
+        history = rows.history if rows.history is not None and len(rows.history) else None
         used, m = self._pick(view, model)
         items: list[dict] = []
         if m is not None:
-            session_row = None
-            if m.query == "session" and user_id in f.open_sessions:
-                session_row = f.sessions.get(f.open_sessions[user_id][0])
-            batch = query_batch(view, user_id, context, time.time(), session_row=session_row)
+            m = m.narrowed(rows.models.get(used, {}))
+            batch = query_batch(view, context, time.time(), rows)
             exclude = history[:, 0] if history is not None and not include_seen else None
             idx, scores, explained = self._rank(view, used, m, batch, k, exclude)
             reasons = (similar_to_history(view, used, idx, history, context) if history is not None
@@ -73,20 +71,30 @@ class Recommender:
                 "items": items}
 
     def for_session(self, session_id: str, k: int, model: str, context: dict[str, str]) -> dict:
-        """Top-k next items for a session (popularity in context for an unknown session or a user model)."""
+        """Top-k next items for a session (popularity in context for an unknown session or a user model).
+        The session's rows are read from Redis now, in the partitions whose view knows it first."""
         views = self.cache.views()
-        found = [v for v in views if v.featurizer.session_row(session_id) >= 0]
-        view = found[0] if found else max(views, key=lambda v: (int(v.valid_items.sum()), -v.partition))
+        key = session_key(session_id)
+        order = sorted(views, key=lambda v: v.featurizer.sessions.get(key) < 0)
+        rows, view = None, None
+        for candidate in order:  # a session lives in its user's partition, which the request does not name
+            got = self.cache.query(candidate.partition, None, key)
+            if got.session >= 0:
+                rows, view = got, candidate
+                break
+        if view is None:
+            view = max(views, key=lambda v: (int(v.valid_items.sum()), -v.partition))
         used, m = self._pick(view, model)
         items: list[dict] = []
         if m is not None:
             exclude = None
-            if m.query == "session" and found:
-                batch = query_batch(view, None, context, time.time(), session_id=session_id)
+            if m.query == "session" and rows is not None:
+                m = m.narrowed(rows.models.get(used, {}))
+                batch = query_batch(view, context, time.time(), rows)
                 reason: dict = {"kind": "session", "session_id": session_id}
-                exclude = m.session_items(int(batch.sessions[0]))  # next items: not the ones already in it
+                exclude = m.session_items(0)  # next items: not the ones already in it
             else:  # a user model (or an unknown session): what is popular in this context
-                batch = query_batch(view, None, context, time.time())
+                batch = query_batch(view, context, time.time())
                 reason = popular(context)
                 if m.query != "session":
                     reason["note"] = f"{used} ranks for users, not sessions; answered by popularity in context"
@@ -173,7 +181,7 @@ class Recommender:
             used_name, m = self._pick(view, model or self.models[0])
             if m is None:
                 continue
-            rows, scores = view.rank(used_name, m, query_batch(view, None, {}, time.time()), k)
+            rows, scores = view.rank(used_name, m, query_batch(view, {}, time.time()), k)
             for i, score in zip(rows.tolist(), scores.tolist()):
                 name = view.item_names[i]
                 old = merged.get(name, (0.0, None))[0]
@@ -192,7 +200,7 @@ class Recommender:
             pair = view.featurizer.event_context(c)
             if pair is not None:
                 context.setdefault(*pair)
-        batch = query_batch(view, None, context, time.time())
+        batch = query_batch(view, context, time.time())
         return np.nan_to_num(scorer.scores(batch).astype(np.float64), neginf=0.0), context
 
 

@@ -124,9 +124,10 @@ class EmbeddingScorer:
         bias[~valid] = -np.inf
         return cls(vectors, bias, model, PopScorer.of(model, valid))
 
-    def query(self, batch: Batch) -> tuple[np.ndarray, bool]:
-        """(q [d] float32, whether the model knows the query) for the one-row query `batch`."""
-        q, known = self.model.query_vectors(batch, _FIRST_ROW)
+    def query(self, batch: Batch, model: Model | None = None) -> tuple[np.ndarray, bool]:
+        """(q [d] float32, whether the model knows the query) for the one-row query `batch`, from `model`
+        (the copy narrowed to the query, `Model.narrowed`) or else the model this scorer was made from."""
+        q, known = (model or self.model).query_vectors(batch, _FIRST_ROW)
         return np.asarray(q[0], np.float32), bool(np.asarray(known)[0])
 
     def scores(self, batch: Batch) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -218,6 +219,11 @@ def _keys(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> n
     return np.unique(users[ok] * n_items + items[ok])
 
 
+def users_in(history: dict[int, np.ndarray]) -> int:
+    """The user rows a history covers: one past the highest."""
+    return 1 + max(history, default=-1)
+
+
 @dataclass
 class Cooccurrence:
     """Binary user x item incidence of the shard's recent histories, both directions as CSR arrays."""
@@ -229,8 +235,8 @@ class Cooccurrence:
     n_items: int
 
     @classmethod
-    def build(cls, history: dict[int, np.ndarray], n_users: int, n_items: int) -> Cooccurrence:
-        return cls._of(*_pairs(history), n_users, n_items)
+    def build(cls, history: dict[int, np.ndarray], n_items: int) -> Cooccurrence:
+        return cls._of(*_pairs(history), users_in(history), n_items)
 
     def updated(self, history: dict[int, np.ndarray], changed: Iterable[int], n_users: int,
                 n_items: int) -> Cooccurrence:

@@ -1,9 +1,10 @@
 """One shard's serving state, read-only and prepared for lookups (`ShardView`).
 
-A view holds a partition's vocabularies, its users' recent history and every served model as
-rebuilt from Redis; `prepare` precomputes, once per view, what a lookup needs that does not
-depend on the request (see `stream_app.serving.scorers`). Views are built by
-`stream_app.serving.cache.ModelCache` and never change once shared.
+A view holds what every lookup of a partition shares: its item and context vocabularies and every
+served model as rebuilt from Redis without any user's or session's rows (a request reads its own and
+scores with the models narrowed to them, `Model.narrowed`); `prepare` precomputes, once per view,
+what a lookup needs that does not depend on the request (see `stream_app.serving.scorers`). Views
+are built by `stream_app.serving.cache.ModelCache` and never change once shared.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 
 from models.base import Batch, Model
 from models.features import Featurizer
-from stream_app.io.redis import Snapshot
+from stream_app.io.redis import QueryRows, Snapshot
 from stream_app.serving.scorers import (
     AnnIndex,
     Cooccurrence,
@@ -32,7 +33,9 @@ _FIRST_ROW = np.zeros(1, np.int64)
 
 @dataclass
 class ShardView:
-    """A consistent, read-only snapshot of one partition's serving state, prepared for lookups.
+    """A consistent, read-only snapshot of what every lookup of one partition shares, prepared for lookups:
+    item and context-value state (a user's and a session's own rows are read per request, see
+    `ModelCache.query`), and the users' history only where co-occurrence explains answers.
 
     Everything a request needs that does not depend on the request is computed once, when the view
     is built (in the cache's refresher thread): per-model scorers, normalised similarity vectors
@@ -45,7 +48,7 @@ class ShardView:
     featurizer: Featurizer
     item_names: list[str | None]
     valid_items: np.ndarray  # [n_items] bool: row currently mapped to an item id
-    history: dict[int, np.ndarray]  # user row -> [n, 2] (item row, event type code), oldest first
+    history: dict[int, np.ndarray]  # user row -> [n, 2] (item row, event type code), oldest first; may be empty
     models: dict[str, Model]
     snapshot: Snapshot | None = field(default=None, repr=False)  # what it was built from: the base of the next
     scorers: dict[str, PopScorer | EmbeddingScorer] = field(default_factory=dict, repr=False)
@@ -70,7 +73,8 @@ class ShardView:
             if scorer is not None:
                 self.scorers[name] = scorer
             self.item_vectors(name)
-        self.cooccurrence()
+        if self.vector_model() is None:  # answers are explained by co-occurrence
+            self.cooccurrence()
         return self
 
     def popularity_model(self) -> str | None:
@@ -86,7 +90,7 @@ class ShardView:
     def cooccurrence(self) -> Cooccurrence:
         with self._lock:
             if self.cooc is None:
-                self.cooc = Cooccurrence.build(self.history, len(self.featurizer.users), self.n_items)
+                self.cooc = Cooccurrence.build(self.history, self.n_items)
             return self.cooc
 
     def item_vectors(self, name: str) -> np.ndarray | None:
@@ -117,7 +121,7 @@ class ShardView:
         `model.score`."""
         scorer = None if raw is not None else self.scorers.get(name)
         if isinstance(scorer, EmbeddingScorer):
-            q, known = scorer.query(batch)
+            q, known = scorer.query(batch, model)
             index = self.ann.get(name, (None, None))[0]
             if known and index is not None:
                 return self._rank_candidates(scorer, index, q, k, exclude)
@@ -176,10 +180,11 @@ class ShardView:
         return idx, sims[idx]
 
 
-def query_batch(view: ShardView, user_id: str | None, context: dict[str, str], ts: float,
-                session_id: str | None = None, session_row: int | None = None) -> Batch:
-    """`Featurizer.query`, optionally pinned to a session row (a user's open implicit session)."""
-    batch = view.featurizer.query(user_id, context, ts, session_id)
-    if session_row is not None and session_row >= 0:
-        batch = replace(batch, sessions=np.array([session_row]))
-    return batch
+def query_batch(view: ShardView, context: dict[str, str], ts: float, rows: QueryRows | None = None) -> Batch:
+    """The one-row query in `context` at `ts`: of nobody, or of the user and session `rows` were read for,
+    renumbered to row 0 as the models narrowed to those rows (`Model.narrowed`) expect."""
+    batch = view.featurizer.query(None, context, ts)
+    if rows is None:
+        return batch
+    return replace(batch, users=np.array([0 if rows.user >= 0 else -1]),
+                   sessions=np.array([0 if rows.session >= 0 else -1]), n_users=1, n_sessions=1)

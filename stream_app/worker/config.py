@@ -21,9 +21,9 @@ class WorkerConfig:
 
     models: tuple[str, ...] = ("pop",)
     batch_size: int = 256  # events per micro-batch: evaluated, then learned
-    max_wait_ms: int = 200
+    max_wait_ms: int = 20  # a poll's wait for events (and the broker's for a fetch): a fresh event waits for no more
     commit_max: int = 8192  # events per poll and Redis commit at most: a backlog commits several micro-batches at once
-    commit_interval_ms: int = 100  # a busy stream's learning reaches Redis within this (an idle one's at once)
+    commit_interval_ms: int = 20  # a busy stream's learning reaches Redis within this (an idle one's at once)
     commit_share: float = 0.1  # ... and sooner when commits are cheap: they may take this share of the time
     sample_rate: float = 0.1
     k: int = 20
