@@ -142,7 +142,7 @@ def test_the_background_cache_wakes_on_an_announced_commit_not_its_poll(topics):
     shard = shard_of(topics)
     events = list(stream(200, seed=4, t0=1.7e9))
     learn(shard, events[:100], 0, 100)
-    cache = ModelCache(topics, ("pop",), refresh_interval=30.0)  # polling alone would take 30 s
+    cache = ModelCache(topics, ("pop",), refresh_interval=30.0, catch_up_interval=0.0)  # polling alone: 30 s
     try:
         old = cache.shard(0).version
         time.sleep(0.5)  # the refresher has subscribed
@@ -154,6 +154,22 @@ def test_the_background_cache_wakes_on_an_announced_commit_not_its_poll(topics):
         assert time.monotonic() - committed < 2.0
     finally:
         cache.close()
+
+
+def test_a_shard_catches_up_at_most_once_per_catch_up_interval(topics):
+    """Under a busy stream a shard's catch-ups are spaced out (each costs the process CPU): a commit
+    moments after the last catch-up waits for the interval, then is caught up."""
+    shard = shard_of(topics)
+    events = list(stream(20, seed=6, t0=1.7e9))
+    learn(shard, events[:10], 0, 10)
+    cache = ModelCache(topics, ("pop",), background=False, refresh_interval=0.0, catch_up_interval=1.0)
+    old = cache.shard(0).version
+    learn(shard, events[10:20], 10, 10)
+    cache.refresh()
+    assert cache.shard(0).version == old, "caught up again within the interval"
+    time.sleep(1.0)
+    cache.refresh()
+    assert cache.shard(0).version == old + 1
 
 
 def test_a_query_reads_its_users_and_sessions_rows_as_committed_not_as_the_view_holds_them(topics):

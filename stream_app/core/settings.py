@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     key_prefix: str = "sr"
     # the lookup API (`streamrec serve`; its worker processes read them from the environment)
     api_models: str = Field("pop", min_length=1)  # served models, comma-separated registry names
-    api_refresh: float = Field(0.25, gt=0)  # seconds between checks of each shard's model version
+    api_refresh: float = Field(0.25, gt=0)  # seconds between version checks of each shard, and at least between its catch-ups
     api_redis_timeout: float = Field(1.0, gt=0)  # seconds, for every Redis call of the API
     api_ann_threshold: int = Field(50_000, ge=0)  # items per shard from which embedding models use hnswlib
     api_keys_file: str = ""  # JSON file of hashed API keys (`streamrec keys add`); "": <state_dir>/api-keys.json

@@ -34,9 +34,13 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import orjson
 import redis
+from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.cluster import ClusterNode as AsyncNode
+from redis.asyncio.cluster import RedisCluster as AsyncCluster
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode
-from redis.commands.core import Script
+from redis.commands.core import AsyncScript, Script
 from redis.exceptions import ClusterDownError, RedisClusterException, SlotNotCoveredError
 from redis.retry import Retry
 
@@ -50,6 +54,7 @@ KINDS = ("user", "item", "session", "context")
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}  # cluster scheme -> redis-py's scheme
 
 Client = redis.Redis | redis.RedisCluster
+AsyncClient = AsyncRedis | AsyncCluster
 # What any Redis call may raise: redis-py's errors, and the cluster client's own (not `RedisError`s).
 FAILURES = (redis.RedisError, RedisClusterException)
 
@@ -68,6 +73,16 @@ def connect(url: str, timeout: float = 5.0, fail_fast: bool = False) -> Client:
         first, others = cluster_nodes(url)
         return cast(redis.RedisCluster, _LazyCluster(dict(url=first, startup_nodes=others, **options)))
     return redis.Redis.from_url(url, **options)
+
+
+def connect_async(url: str, timeout: float) -> AsyncClient:
+    """`connect(url, timeout, fail_fast=True)` for asyncio code (the lookup API's request path): a call
+    waits for Redis without holding the event loop. Made here, bound to the event loop of its first use."""
+    options: dict[str, Any] = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=AsyncRetry(NoBackoff(), 0))
+    if urlsplit(url).scheme in CLUSTER_SCHEMES:
+        first, others = cluster_nodes(url)
+        return AsyncCluster.from_url(first, startup_nodes=[AsyncNode(n.host, n.port) for n in others], **options)
+    return AsyncRedis.from_url(url, **options)
 
 
 def cluster_nodes(url: str) -> tuple[str, list[ClusterNode]]:
@@ -461,23 +476,38 @@ class QueryRows:
 class QueryReader:
     """Reads `QueryRows` of one partition in one round trip (`_READ_QUERY`, a read-only script over the
     partition's hash tag): vocabulary rows first, then the rows they name, which a pipeline could not
-    chain. `tables`: each model's user and session tables (`Model.query_tables`)."""
+    chain. `tables`: each model's user and session tables (`Model.query_tables`). `read` waits on a
+    client, `aread` on an asyncio client (the lookup API's event loop)."""
 
-    def __init__(self, client: Client, tables: dict[str, dict[str, TableKind]]):
-        self.client = client
+    def __init__(self, tables: dict[str, dict[str, TableKind]]):
         listed = [(model, table, kind) for model, own in tables.items() for table, kind in own.items()]
         self.tables = sorted(listed, key=lambda t: t[2] != "user")  # the user tables, then the session tables
         self._script: Script | None = None
+        self._ascript: AsyncScript | None = None
 
-    def __call__(self, keys: Keys, user_id: str | None, session_key: str | None) -> QueryRows:
+    def read(self, client: Client, keys: Keys, user_id: str | None, session_key: str | None) -> QueryRows:
         """The rows of `user_id` and of the session `session_key` (a session vocabulary key; None: the
         user's open session) in partition `keys`."""
         if self._script is None:
-            self._script = self.client.register_script(_READ_QUERY)
+            self._script = client.register_script(_READ_QUERY)
+        call_keys, args = self._call(keys, user_id, session_key)
+        return self._rows(self._script(keys=call_keys, args=args))
+
+    async def aread(self, client: AsyncClient, keys: Keys, user_id: str | None, session_key: str | None) -> QueryRows:
+        """`read` on an asyncio client."""
+        if self._ascript is None:
+            self._ascript = client.register_script(_READ_QUERY)
+        call_keys, args = self._call(keys, user_id, session_key)
+        return self._rows(await self._ascript(keys=call_keys, args=args))
+
+    def _call(self, keys: Keys, user_id: str | None, session_key: str | None) -> tuple[list[str], list]:
+        """The script's KEYS and ARGV."""
         users = [keys.table(m, t) for m, t, kind in self.tables if kind == "user"]
         sessions = [keys.table(m, t) for m, t, kind in self.tables if kind == "session"]
-        got = self._script(keys=[keys.vocab("user"), keys.vocab("session"), keys.history, keys.open_sessions],
-                           args=[user_id or "", session_key or "", len(users), *users, len(sessions), *sessions])
+        return ([keys.vocab("user"), keys.vocab("session"), keys.history, keys.open_sessions],
+                [user_id or "", session_key or "", len(users), *users, len(sessions), *sessions])
+
+    def _rows(self, got: list) -> QueryRows:
         user, session, history, *rows = got
         models: dict[str, dict[str, np.ndarray]] = {}
         for (model, table, _), raw in zip(self.tables, rows):

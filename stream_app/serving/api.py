@@ -114,6 +114,7 @@ async def _lifespan(app: FastAPI):
     app.state.cache.start()
     yield
     app.state.cache.close()
+    await app.state.cache.aclose()
     if app.state.producer is not None:
         _close(app.state.producer)
 
@@ -187,8 +188,9 @@ def _guard(scope: str):
 def _add_lookup_routes(app: FastAPI, rec: Recommender, settings: Settings) -> None:
     """GET /recommendations and GET /items/{item_id}/similar (open unless `api_read_auth`).
 
-    The lookups are short CPU work on prepared arrays and never wait for Redis (the cache refreshes
-    in its own thread), so they run on the event loop: no thread-pool hop per request.
+    A lookup awaits its user's (or session's) own rows from Redis, then ranks with short CPU work on
+    the prepared views (the cache refreshes them in its own thread), all on the event loop: no
+    thread-pool hop per request, and no request holds the loop while Redis answers.
     """
     guard = [Security(_guard("read"))] if settings.api_read_auth else []
     docs = openapi.routes(settings)
@@ -203,9 +205,11 @@ def _add_lookup_routes(app: FastAPI, rec: Recommender, settings: Settings) -> No
         include_seen = flag_param(request, "include_seen")
         if user_id is not None:
             model = rec.model(request.query_params.get("model"), "user")
-            return _json(rec.for_user(user_id, k, model, context, include_seen))
+            rows = await rec.user_rows(user_id)
+            return _json(rec.for_user(user_id, k, model, context, include_seen, rows))
         model = rec.model(request.query_params.get("model"), "session")
-        return _json(rec.for_session(str(session_id), k, model, context))
+        found = await rec.session_rows(str(session_id))
+        return _json(rec.for_session(str(session_id), k, model, context, found))
 
     @app.get("/items/{item_id}/similar", dependencies=guard, **docs["similar"])
     async def similar(request: Request):

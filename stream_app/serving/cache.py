@@ -15,7 +15,7 @@ sees the asking user's events as soon as a worker committed them.
 A refresher thread reads every shard's `version` key (INCR per worker commit)
 in one pipelined round trip whenever a worker announces a commit on the
 `commits` channel, and at least every `refresh_interval` seconds. A shard whose
-version moved (and that did not catch up in the last `refresh_interval` seconds, which
+version moved (and that did not catch up in the last `catch_up_interval` seconds, which
 bounds the refresher's share of the process under a busy stream; a request's own rows
 never wait for it) catches up by re-reading only what the commits since its view
 wrote (`stream_app.io.redis.read_changes`), or, when too far behind and every
@@ -51,12 +51,14 @@ from stream_app.io.kafka import partition_for
 from stream_app.io.redis import (
     FAILURES,
     KINDS,
+    AsyncClient,
     Client,
     Keys,
     QueryReader,
     QueryRows,
     Snapshot,
     connect,
+    connect_async,
     read_changes,
     read_snapshot,
 )
@@ -90,7 +92,8 @@ class ModelCache:
 
     def __init__(self, settings: Settings, models: Iterable[str] = ("pop",), *, refresh_interval: float = 0.25,
                  timeout: float = 1.0, client: Client | None = None, ann_threshold: int = 50_000,
-                 ann_rebuild_interval: float = 30.0, background: bool = True, full_interval: float = 600.0):
+                 ann_rebuild_interval: float = 30.0, background: bool = True, full_interval: float = 600.0,
+                 catch_up_interval: float | None = None):
         self.settings = settings
         self.model_names = tuple(models)
         probes = {name: create(name) for name in self.model_names}  # unknown names fail here, at start-up
@@ -102,6 +105,8 @@ class ModelCache:
         self.view_history = all(m.similarity_vectors() is None for m in probes.values())
         self.partitions = settings.events_partitions
         self.refresh_interval = refresh_interval
+        # at least this long between two catch-ups of a shard (None: `refresh_interval`)
+        self.catch_up_interval = refresh_interval if catch_up_interval is None else catch_up_interval
         self.timeout = timeout
         self.ann_threshold = ann_threshold
         self.ann_rebuild_interval = ann_rebuild_interval
@@ -109,7 +114,8 @@ class ModelCache:
         self.full_interval = full_interval
         self._full_at: dict[int, float] = {}  # partition -> when its last full snapshot was read (monotonic)
         self.client = client or connect(settings.redis_url, timeout, fail_fast=True)
-        self._query = QueryReader(self.client, {name: m.query_tables() for name, m in probes.items()})
+        self._query = QueryReader({name: m.query_tables() for name, m in probes.items()})
+        self._aclient: AsyncClient | None = None  # the request path's, made in the event loop that first asks
         self._views: dict[int, ShardView] = {}
         self._checked: dict[int, float] = {}
         self._ann: dict[tuple[int, str], tuple[AnnIndex | None, AnnIndex | None]] = {}
@@ -133,7 +139,22 @@ class ModelCache:
         """The asking user's and session's own rows in partition `partition`, read now in one round trip
         (`session_key` None: the user's open session): answers see a user's events as soon as they are
         committed, whatever the views' age."""
-        return self._call(lambda client: self._query(self.keys(partition), user_id, session_key))
+        return self._call(lambda client: self._query.read(client, self.keys(partition), user_id, session_key))
+
+    async def aquery(self, partition: int, user_id: str | None, session_key: str | None = None) -> QueryRows:
+        """`query` for the event loop: it serves other requests while Redis answers."""
+        if self._aclient is None:
+            self._aclient = connect_async(self.settings.redis_url, self.timeout)
+        try:
+            return await self._query.aread(self._aclient, self.keys(partition), user_id, session_key)
+        except FAILURES as exc:
+            raise self._unanswered(exc) from None
+
+    async def aclose(self) -> None:
+        """Close the request path's client (the refresher's is closed by `close`)."""
+        client, self._aclient = self._aclient, None
+        if client is not None:
+            await client.aclose()
 
     def ping(self) -> None:
         self._call(lambda client: client.ping())
@@ -143,7 +164,10 @@ class ModelCache:
         try:
             return fn(self.client, *args)
         except FAILURES as exc:
-            raise ServiceError(f"Redis at {redact(self.settings.redis_url)} is not answering ({exc}); retry shortly") from None
+            raise self._unanswered(exc) from None
+
+    def _unanswered(self, exc: Exception) -> ServiceError:
+        return ServiceError(f"Redis at {redact(self.settings.redis_url)} is not answering ({exc}); retry shortly")
 
     # ---- the request path (no Redis)
 
@@ -229,12 +253,12 @@ class ModelCache:
                 pipe.get(self.keys(p).version)
             versions = [int(v or 0) for v in pipe.execute()]
         except FAILURES as exc:
-            self._error = f"Redis at {redact(self.settings.redis_url)} is not answering ({exc}); retry shortly"
+            self._error = str(self._unanswered(exc))
             return
         now = time.monotonic()
         for p, version in enumerate(versions):
             view = self._views.get(p)
-            if view is not None and view.version != version and now - view.loaded_at < self.refresh_interval:
+            if view is not None and view.version != version and now - view.loaded_at < self.catch_up_interval:
                 continue  # caught up moments ago: at most one catch-up per shard and interval (the next check)
             if view is None or view.version != version:
                 try:

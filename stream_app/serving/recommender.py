@@ -17,6 +17,7 @@ from models.base import Batch, Model
 from models.blend import Blend
 from models.features import session_key
 from models.registry import create
+from stream_app.io.redis import QueryRows
 from stream_app.serving.cache import ModelCache
 from stream_app.serving.params import ApiError
 from stream_app.serving.reasons import popular, session_history, similar_to_history, with_blend
@@ -47,12 +48,27 @@ class Recommender:
 
     # ---- /recommendations
 
-    def for_user(self, user_id: str, k: int, model: str, context: dict[str, str], include_seen: bool) -> dict:
+    async def user_rows(self, user_id: str) -> QueryRows:
+        """A user's own rows (and her open session's), read without holding the event loop."""
+        return await self.cache.aquery(self.cache.partition_of_user(user_id), user_id)
+
+    async def session_rows(self, session_id: str) -> tuple[int, QueryRows] | None:
+        """(partition, rows) of a session, asking each partition in turn (the request does not name its
+        user, whose partition holds it); None when none knows it."""
+        for partition in range(self.cache.partitions):
+            rows = await self.cache.aquery(partition, None, session_key(session_id))
+            if rows.session >= 0:
+                return partition, rows
+        return None
+
+    def for_user(self, user_id: str, k: int, model: str, context: dict[str, str], include_seen: bool,
+                 rows: QueryRows | None = None) -> dict:
         """Top-k for a user in context, leaving out her recent items unless `include_seen`. Her own rows
-        (and her open session's) are read from Redis now; the items' state comes from the shard's view."""
+        (and her open session's) as `user_rows` read them (read here when not given); the items' state
+        comes from the shard's view."""
         partition = self.cache.partition_of_user(user_id)
         view = self.cache.shard(partition)
-        rows = self.cache.query(partition, user_id)
+        rows = rows or self.cache.query(partition, user_id)
         history = rows.history if rows.history is not None and len(rows.history) else None
         used, m = self._pick(view, model)
         items: list[dict] = []
@@ -70,20 +86,17 @@ class Recommender:
         return {"user_id": user_id, "model": model, "model_version": view.version, "partition": partition,
                 "items": items}
 
-    def for_session(self, session_id: str, k: int, model: str, context: dict[str, str]) -> dict:
-        """Top-k next items for a session (popularity in context for an unknown session or a user model).
-        The session's rows are read from Redis now, in the partitions whose view knows it first."""
+    def for_session(self, session_id: str, k: int, model: str, context: dict[str, str],
+                    found: tuple[int, QueryRows] | None = None) -> dict:
+        """Top-k next items for a session (popularity in context for an unknown session or a user model),
+        from its rows as `session_rows` found them (looked for here when not given)."""
         views = self.cache.views()
-        key = session_key(session_id)
-        order = sorted(views, key=lambda v: v.featurizer.sessions.get(key) < 0)
-        rows, view = None, None
-        for candidate in order:  # a session lives in its user's partition, which the request does not name
-            got = self.cache.query(candidate.partition, None, key)
-            if got.session >= 0:
-                rows, view = got, candidate
-                break
-        if view is None:
-            view = max(views, key=lambda v: (int(v.valid_items.sum()), -v.partition))
+        if found is None:
+            found = next(((p, r) for p in range(self.cache.partitions)
+                          if (r := self.cache.query(p, None, session_key(session_id))).session >= 0), None)
+        rows = found[1] if found is not None else None
+        view = (self.cache.shard(found[0]) if found is not None
+                else max(views, key=lambda v: (int(v.valid_items.sum()), -v.partition)))
         used, m = self._pick(view, model)
         items: list[dict] = []
         if m is not None:
