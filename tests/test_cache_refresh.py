@@ -3,6 +3,7 @@ real Redis (shards driven directly, as the worker drives them)."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 
@@ -212,6 +213,28 @@ def test_a_query_reads_its_users_and_sessions_rows_as_committed_not_as_the_view_
     session = rec.for_session("fresh-session", 5, "gru", {})
     assert session["items"] and session["items"][0]["reason"]["kind"] == "session", session
     assert "i3" not in [item["item_id"] for item in session["items"]]
+
+
+def test_the_request_path_reads_on_asyncio_and_its_client_can_be_closed_and_made_anew(topics):
+    """`aquery` (the API's, on its event loop) reads what `query` reads; after `aclose` (an app's shutdown)
+    a new event loop gets a new client, the script included."""
+    shard = shard_of(topics)
+    events = list(stream(100, seed=7, t0=1.7e9))
+    learn(shard, events, 0, 100)
+    cache = ModelCache(topics, MODELS, background=False)
+    user = events[-1].user_id
+
+    async def ask():
+        try:
+            return await cache.aquery(0, user)
+        finally:
+            await cache.aclose()
+
+    expected = cache.query(0, user)
+    for got in (asyncio.run(ask()), asyncio.run(ask())):
+        assert (got.user, got.session) == (expected.user, expected.session) and got.user >= 0
+        np.testing.assert_array_equal(got.history, expected.history)
+        assert got.models.keys() == expected.models.keys() and got.models["mf"]
 
 
 def test_a_vocabulary_updated_with_changes_equals_one_restored_from_the_changed_mapping():

@@ -491,14 +491,14 @@ class QueryReader:
         if self._script is None:
             self._script = client.register_script(_READ_QUERY)
         call_keys, args = self._call(keys, user_id, session_key)
-        return self._rows(self._script(keys=call_keys, args=args))
+        return self._rows(self._script(keys=call_keys, args=args, client=client))
 
     async def aread(self, client: AsyncClient, keys: Keys, user_id: str | None, session_key: str | None) -> QueryRows:
         """`read` on an asyncio client."""
         if self._ascript is None:
             self._ascript = client.register_script(_READ_QUERY)
         call_keys, args = self._call(keys, user_id, session_key)
-        return self._rows(await self._ascript(keys=call_keys, args=args))
+        return self._rows(await self._ascript(keys=call_keys, args=args, client=client))  # a client made anew too
 
     def _call(self, keys: Keys, user_id: str | None, session_key: str | None) -> tuple[list[str], list]:
         """The script's KEYS and ARGV."""
