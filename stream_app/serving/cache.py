@@ -101,7 +101,7 @@ class ModelCache:
         # context vocabularies; a user's and a session's own rows are read per request (`query`). The users'
         # history only when no served model has similarity vectors: co-occurrence explains answers then.
         self.view_tables = {name: {t: kind for t, kind in m.tables.items() if kind not in QUERY_KINDS}
-                        for name, m in probes.items()}
+                            for name, m in probes.items()}
         self.view_history = all(m.similarity_vectors() is None for m in probes.values())
         self.partitions = settings.events_partitions
         self.refresh_interval = refresh_interval
