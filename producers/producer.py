@@ -124,6 +124,11 @@ class EventProducer:
         """Flush and close; raises `ServiceError` if a delivery failed."""
         self._sender.close()
 
+    def abandon(self) -> int:
+        """Close at once, dropping the events not known to be delivered (their senders were told they
+        failed); returns how many."""
+        return self._sender.abandon()
+
     def __enter__(self) -> EventProducer:
         return self
 

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from kafka import TopicPartition
 
 from stream_app.core.errors import ServiceError
 from stream_app.core.settings import Settings
 from stream_app.dev import embedded
 from stream_app.io.kafka import (
     CLIENTS,
-    KafkaError,
     Messages,
     Record,
     Sender,
@@ -150,22 +151,6 @@ def private_broker(tmp_path: Path):
         server.stop()
 
 
-def _close_quietly(sender: Sender) -> None:
-    """The broker is gone: drop what the producer still holds instead of waiting for it.
-
-    kafka-python 3.0's `KafkaProducer.close(timeout=0)` raises instead of force-closing while
-    batches are pending, so force the sender thread down ourselves (test clean-up only).
-    """
-    producer, sender._producer = sender._producer, None
-    if producer is None:
-        return
-    try:
-        producer.close(timeout=0)
-    except KafkaError:
-        producer._sender.force_close()
-        producer._closed = True
-
-
 def test_flush_raises_service_error_when_delivery_fails(private_broker: embedded.ServerProcess) -> None:
     where = Target(private_broker.address)
     ensure_topics(where, {"t": 1})
@@ -178,7 +163,7 @@ def test_flush_raises_service_error_when_delivery_fails(private_broker: embedded
         with pytest.raises(ServiceError, match="not delivered"):
             sender.flush(timeout=20)
     finally:
-        _close_quietly(sender)
+        sender.abandon()
 
 
 def test_flush_with_default_config_raises_service_error_when_broker_is_gone(
@@ -196,4 +181,34 @@ def test_flush_with_default_config_raises_service_error_when_broker_is_gone(
         with pytest.raises(ServiceError):
             sender.flush(timeout=3)
     finally:
-        _close_quietly(sender)
+        sender.abandon()
+
+
+def test_abandon_drops_what_the_client_still_held_so_it_is_never_delivered(private_broker: embedded.ServerProcess) -> None:
+    """A frozen broker (SIGSTOP) holds one request in flight; the next message waits in the client behind
+    it. Abandoned, the waiting one must never reach the broker, even once it wakes up, and the abandoned
+    sender refuses to report anything delivered."""
+    where = Target(private_broker.address)
+    ensure_topics(where, {"t": 1})
+    sender = Sender(where, retries=0, config={"max_in_flight_requests_per_connection": 1})
+    sender.send("t", b"before", b"k")
+    sender.flush()
+    private_broker.process.send_signal(signal.SIGSTOP)
+    try:
+        sender.send("t", b"in flight", b"k")
+        with pytest.raises(ServiceError, match="did not acknowledge"):
+            sender.flush(timeout=1)
+        sender.send("t", b"waiting", b"k")
+        assert sender.abandon() == 2
+    finally:
+        private_broker.process.send_signal(signal.SIGCONT)
+    with pytest.raises(ServiceError, match="closed after a failed delivery"):
+        sender.flush(timeout=1)
+    with pytest.raises(ServiceError, match="closed after a failed delivery"):
+        sender.send("t", b"after", b"k")
+    reader = consumer(where, None)
+    reader.assign([TopicPartition("t", 0)])
+    reader.seek_to_beginning()
+    values = [r.value for r in drain(reader, 3, timeout=10)]  # waits for a third that must not come
+    reader.close()
+    assert values[0] == b"before" and b"waiting" not in values  # what was in flight may have landed

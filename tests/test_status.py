@@ -11,7 +11,16 @@ from stream_app.core.errors import FencedError
 from stream_app.dev.embedded import free_port
 from stream_app.io.redis import Changes, Keys, PartitionStore, connect
 from stream_app.worker.config import WorkerConfig
-from stream_app.worker.status import NO_LOG, OFFSET_GAP, STALLED, TRUNCATED, _lag_and_problem, partition_status
+from stream_app.worker.status import (
+    NO_LOG,
+    OFFSET_GAP,
+    STALLED,
+    TRUNCATED,
+    PartitionStatus,
+    _lag_and_problem,
+    partition_status,
+    pending,
+)
 from stream_app.worker.worker import Worker
 from tests.test_worker import events, produce
 
@@ -103,3 +112,20 @@ def test_unreachable_redis_or_kafka_is_a_clear_error_without_the_password(topics
 ])
 def test_lag_and_problem(offset, bounds, quiet, expected):
     assert _lag_and_problem(offset, bounds, quiet, stale_after=60.0) == expected
+
+
+@pytest.mark.parametrize("offset, bounds, policy, expected", [
+    (30, (0, 40), "stop", True),  # events to learn
+    (40, (0, 40), "stop", False),  # caught up
+    (41, (0, 40), "stop", False),  # an offset gap waits for an operator
+    (41, (0, 40), "earliest", True),  # ... or for a worker whose policy resolves it
+    (41, (0, 40), "latest", True),
+    (10, (20, 40), "stop", True),  # truncated: learned from the log's start
+    (10, None, "earliest", False),  # no log: nothing a worker can do
+])
+def test_pending_says_whether_a_worker_with_a_policy_has_work_on_a_partition(offset, bounds, policy, expected):
+    lag, problem = _lag_and_problem(offset, bounds, 1.0, stale_after=60.0)
+    row = PartitionStatus(partition=0, worker="w", token=1, offset=offset, log_start=bounds and bounds[0],
+                          log_end=bounds and bounds[1], lag=lag, applied=0, version=0, claim_age=1.0,
+                          commit_age=1.0, problem=problem)
+    assert pending(row, policy) is expected

@@ -217,18 +217,29 @@ def test_an_idle_worker_with_max_idle_stays_while_another_member_holds_a_lagging
     assert applied(topics) == n
 
 
+def _owners(log_path) -> set[str]:
+    """Worker ids that the log shows assigned at least one partition."""
+    return {line.split(" assigned ")[0].split()[-1] for line in log_path.read_text().splitlines()
+            if " assigned [" in line and "assigned []" not in line}
+
+
 def test_processes_option_runs_group_members_that_split_the_partitions(topics, tmp_path):
-    n = produce(topics, events(20000, seed=3, users=1000))
+    """Both members hold partitions, and both learn: most events come once the group has split them
+    (the first member to join could otherwise learn a small topic alone before the second is in)."""
+    first = produce(topics, events(2000, seed=3, users=1000))
     log = tmp_path / "p.log"
-    proc = _worker_process(topics, log, "--processes", "2", "--max-idle", "6")
+    proc = _worker_process(topics, log, "--processes", "2", "--max-idle", "15")
     try:
+        deadline = time.monotonic() + 60
+        while len(_owners(log)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                f"the members did not split the partitions: {_owners(log)}\n{log.read_text()[-2000:]}"
+            time.sleep(0.2)
+        n = first + produce(topics, events(20000, seed=4, users=1000))
         assert proc.wait(timeout=180) == 0, log.read_text()[-2000:]
     finally:
         proc.kill()
     assert applied(topics) == n
-    owners = {line.split(" assigned ")[0].split()[-1] for line in log.read_text().splitlines()
-              if " assigned [" in line and "assigned []" not in line}
-    assert len(owners) == 2, f"expected two member processes with partitions, got {owners}"
     records = read_topic(topics, topics.metrics_topic)
     assert len({r["worker"] for r in records}) == 2
 

@@ -543,8 +543,10 @@ class Sender:
     _check_at: int = 10_000  # prune acknowledged messages from `_sent` when it grows past this
     sent: int = 0
     rebuilt: int = 0  # fresh clients built after failed deliveries
+    _abandoned: bool = False  # by `abandon()`: every later send or flush fails
 
     def _client(self, connect_timeout: float | None = None) -> KafkaProducer:
+        self._refuse_if_abandoned()
         if self._producer is None:
             config: dict[str, Any] = dict(self.target.kafka_python(), acks="all", linger_ms=5, retries=5)
             if connect_timeout is not None:  # kafka-python's producer connects in its constructor
@@ -587,9 +589,10 @@ class Sender:
         client; raise `ServiceError` when that does not succeed within `retries` rounds or `timeout`."""
         deadline = time.monotonic() + timeout
         for round_ in range(self.retries + 1):
-            if self._producer is not None:
+            producer = self._producer
+            if producer is not None:
                 try:
-                    self._producer.flush(timeout=max(0.0, deadline - time.monotonic()))
+                    producer.flush(timeout=max(0.0, deadline - time.monotonic()))
                 except KafkaTimeoutError:
                     raise ServiceError(
                         f"Kafka at {self.target} did not acknowledge {len(self._sent)} sent message(s) within "
@@ -604,6 +607,7 @@ class Sender:
             if refused:
                 raise MessageRefused(f"{len(refused)} message(s) were refused by Kafka at {self.target} and dropped: "
                                      f"{refused[0].future.exception!r}")
+            self._refuse_if_abandoned()
             error = failed[0].future.exception
             if round_ == self.retries or time.monotonic() >= deadline:
                 raise ServiceError(
@@ -623,13 +627,24 @@ class Sender:
             self._sent = [m._replace(future=self._put(m.topic, m.value, m.key, m.partition)) for m in failed]
 
     def _discard(self) -> None:
-        """Close the client without waiting for what it still holds (the caller keeps those messages)."""
+        """Close the client, dropping what it still holds (the caller keeps those messages)."""
         if self._producer is not None:
             producer, self._producer = self._producer, None
-            try:
-                producer.close(timeout=1)
-            except KafkaError:  # the broker is gone: nothing more to wait for
-                pass
+            _force_close(producer)
+
+    def abandon(self) -> int:
+        """Close the client at once and drop every message not known to be delivered, so none of them
+        arrives later (their senders were told they failed and will send them again); returns how many.
+        A send or flush racing with it, or coming after, raises `ServiceError`: nothing it dropped is
+        reported delivered."""
+        self._abandoned = True
+        self._discard()
+        return sum(not m.future.succeeded() for m in self._sent)
+
+    def _refuse_if_abandoned(self) -> None:
+        if self._abandoned:
+            raise ServiceError(f"this Kafka producer for {self.target} was closed after a failed delivery and dropped "
+                               "what it held; send again with a new one")
 
     def close(self) -> None:
         try:
@@ -647,6 +662,20 @@ class Sender:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _force_close(producer: KafkaProducer, timeout: float = 2.0) -> None:
+    """Close `producer` without delivering what it holds. kafka-python's `close(timeout)` flushes first and
+    raises when that times out, leaving its I/O thread running: a broker that comes back would still get
+    the messages. Its sender's `force_close` fails them instead; then `close` finds nothing to wait for."""
+    sender = producer._sender
+    if sender is not None:
+        sender.force_close()
+        sender.join(timeout)
+    try:
+        producer.close(timeout=0)
+    except KafkaError:  # the I/O thread did not stop in time: it stops at its next wake-up, sending nothing
+        log.warning("Kafka producer thread still running %.0f s after a forced close", timeout)
 
 
 def log_bounds(where: Target, topic: str, timeout: float = 5.0) -> dict[int, tuple[int, int]]:

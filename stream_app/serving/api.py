@@ -307,12 +307,24 @@ def _produce(app: FastAPI, settings: Settings, data: Any, writer: str) -> Respon
 
 def _discard_producer(app: FastAPI) -> None:
     """Drop the producer after a failure, so the next request starts afresh (no stuck batches, no
-    stale delivery errors answered to it); the old one closes in the background, as its flush
-    may wait for a dead broker."""
+    stale delivery errors answered to it). What it had not delivered is dropped with it, never
+    delivered later: those requests were answered 503, and their senders send them again. The
+    old producer closes in the background (its I/O thread may take a moment to stop)."""
     with app.state.producer_lock:
         old, app.state.producer = app.state.producer, None
     if old is not None:
-        threading.Thread(target=_close, args=(old,), name="streamrec-producer-close", daemon=True).start()
+        threading.Thread(target=_abandon, args=(old,), name="streamrec-producer-close", daemon=True).start()
+
+
+def _abandon(producer: Any) -> None:
+    try:
+        dropped = producer.abandon()
+    except Exception:  # noqa: BLE001 - done with it: report and carry on
+        log.warning("closing the failed event producer failed", exc_info=True)
+        return
+    if dropped:
+        log.warning("dropped %d event(s) Kafka had not acknowledged; their POST was answered 503 (to be retried)",
+                    dropped)
 
 
 def _valid_events(data: Any, writer: str) -> list:

@@ -53,6 +53,14 @@ class PartitionStatus:
         return self.token is not None
 
 
+def pending(row: PartitionStatus, on_offset_gap: str) -> bool:
+    """True when a worker whose policy at an offset gap is `on_offset_gap` would have work on `row`: events
+    to learn (a truncated log is learned from its start), or a gap its policy resolves (any but "stop")."""
+    if row.problem == OFFSET_GAP:
+        return on_offset_gap != "stop"
+    return bool(row.lag) and row.problem in (None, STALLED, TRUNCATED)
+
+
 @dataclass(frozen=True)
 class WorkerStatus:
     """A worker id found in the stored state and the partitions it claimed last."""

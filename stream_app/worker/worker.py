@@ -39,7 +39,7 @@ from stream_app.io.redis import Keys, PartitionStore, connect, reachable
 from stream_app.worker import dead_letters
 from stream_app.worker.config import WorkerConfig
 from stream_app.worker.shard import STEPS, Shard
-from stream_app.worker.status import STALLED, partition_status
+from stream_app.worker.status import STALLED, partition_status, pending
 
 log = logging.getLogger("streamrec.worker")
 EXCHANGE_EVENTS = 64  # shared items: events learned between checks for a due fold and commit within a poll
@@ -252,16 +252,15 @@ class Worker:
         return self._joined_at if self.started_at is None else self.started_at
 
     def _drained(self) -> bool:
-        """True when no partition of the topic has events waiting that a worker could learn (those stopped
-        at an offset gap or truncated wait for an operator): an idle member stays while another partition
-        lags, to take it over when its owner dies or the group hands partitions round (checked every
-        `DRAIN_CHECK_EVERY` s)."""
+        """True when no partition of the topic has work a worker of this configuration would do (`pending`):
+        an idle member stays while another partition lags, or sits at an offset gap its policy resolves, to
+        take it when its owner dies or the group hands partitions round (checked every `DRAIN_CHECK_EVERY` s)."""
         now = time.monotonic()
         if now - self._drain_checked_at < DRAIN_CHECK_EVERY:
             return False
         self._drain_checked_at = now
         try:
-            lagging = [r.partition for r in partition_status(self.settings) if r.lag and r.problem in (None, STALLED)]
+            lagging = [r.partition for r in partition_status(self.settings) if pending(r, self.config.on_offset_gap)]
         except ServiceError as exc:
             log.warning("%s: idle, but cannot check the other partitions (%s)", self.config.worker_id, exc)
             return False
