@@ -6,7 +6,7 @@ three events each) writes the state a worker would (its shards driven directly, 
 the pace), then starts `streamrec serve` for each served configuration, asks every shard once (a
 user lookup and a similar-items lookup) and reads the server's resident memory (RSS). Configurations:
 `mf,pop`, whose answers are explained by embeddings, and `pop` alone (the default), explained by
-co-occurrence, for which a view keeps the users' history; `--baseline REF` adds a git revision's
+co-occurrence, for which a view keeps an index of the users' histories; `--baseline REF` adds a git revision's
 server for `mf,pop`, measured in the same run.
 
 Writes bench/results/api_memory.json and api_memory.md.

@@ -14,7 +14,9 @@ process, so server and client never share a GIL) and measures:
 - open loop: 500 requests/s on a fixed schedule, latency counted from the
   scheduled send time, a new connection opened whenever none is free (no
   coordinated omission: a slow server cannot slow the offered load down);
-- `GET /items/{id}/similar` closed loop with 4 clients.
+- `GET /items/{id}/similar` closed loop with 4 clients;
+- when `wrk` is installed, the closed loop again from wrk (8 connections, a C client in its own
+  process, as the scale-out issue measures it).
 Requests mix known users (80%) and unknown ones (20%), with a device context.
 The client is a small asyncio HTTP/1.1 keep-alive client on raw sockets
 (uvloop when installed): on a 2-core machine an httpx client would take most
@@ -53,6 +55,7 @@ import multiprocessing
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -79,9 +82,11 @@ from stream_app.worker.shard import Shard
 from stream_app.worker.worker import Worker
 
 RESULTS = Path(__file__).parent / "results"
+WRK_SCRIPT = Path(__file__).parent / "wrk_paths.lua"
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ("ios", "android", "web")
 GOAL_OPEN_RATE, GOAL_P99_MS, GOAL_CLIENTS, GOAL_RPS = 500.0, 10.0, 16, 1000.0
+WRK_CONNECTIONS = 8  # the closed loop of the scale-out issue: wrk with 8 connections
 GOAL_BACKGROUND_RATE, GOAL_FRESH_P99_MS = 2000.0, 100.0  # event to answer p99 under this load
 SESSION_LEN = 10  # mean events per session in the session workload
 
@@ -228,6 +233,23 @@ async def open_loop(host: str, port: int, rate: float, seconds: float, requests:
     return {"target_rps": rate, "connections": opened, **stats(latencies, elapsed, errors)}
 
 
+def wrk_closed_loop(host: str, port: int, connections: int, seconds: float, paths: list[str], tmp: Path) -> dict | None:
+    """`wrk` (a C load generator in its own process, one thread) with `connections` keep-alive connections
+    cycling through `paths`; None when wrk is not installed (Debian: `apt-get install wrk`)."""
+    if shutil.which("wrk") is None:
+        return None
+    listing = tmp / f"wrk-paths-{port}.txt"
+    listing.write_text("\n".join(paths) + "\n")
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "-s", str(WRK_SCRIPT),
+                          f"http://{host}:{port}"], env={**os.environ, "WRK_PATHS": str(listing)},
+                         capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
+    got = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+    took = got["seconds_us"] / 1e6
+    return {"clients": connections, "client": "wrk", "requests": got["requests"], "errors": got["errors"],
+            "seconds": round(took, 2), "rps": round(got["requests"] / took, 1),
+            **{f"{q}_ms": round(got[f"{q}_us"] / 1000, 2) for q in ("p50", "p90", "p99", "max")}}
+
+
 def run_async(coro):
     try:
         import uvloop
@@ -276,7 +298,7 @@ class Server:
         self.log.close()
 
 
-def measure(server: Server, args, model: str, users: list[str], items: list[str], sessions: int) -> dict:
+def measure(server: Server, args, model: str, users: list[str], items: list[str], sessions: int, tmp: Path) -> dict:
     """`items`: item ids, most popular first."""
     rng = random.Random(0)
     host, port = "127.0.0.1", server.port
@@ -294,7 +316,10 @@ def measure(server: Server, args, model: str, users: list[str], items: list[str]
         out["similar_closed_loop"] = await closed_loop(host, port, 4, args.seconds / 2, similar)
         return out
 
-    return run_async(go())
+    out = run_async(go())
+    paths = [r.split(b" ")[1].decode() for r in recs]  # the same requests, as wrk sends them
+    wrk = wrk_closed_loop(host, port, WRK_CONNECTIONS, args.seconds, paths, tmp)
+    return out if wrk is None else {**out, "wrk_closed_loop": wrk}
 
 
 def _produce_load(settings, rate: float, users: list[str], items: list[str], stop) -> None:
@@ -509,7 +534,7 @@ def main(argv: list[str] | None = None) -> dict:
             server = Server(run_env, serve_models, workers, tmp / f"serve-{len(runs)}.log", cwd=cwd)
             try:
                 server.wait_ready()
-                got = measure(server, args, model, users, items, sessions)
+                got = measure(server, args, model, users, items, sessions, tmp)
             finally:
                 if name != f"{configs[0][0]}":
                     server.stop()
@@ -558,6 +583,9 @@ def _goals(runs: list[dict], args) -> dict:
             f"{args.clients} clients >= {GOAL_RPS:g} req/s": {
                 "rps": c["rps"], "met": bool(c["rps"] is not None and c["rps"] >= GOAL_RPS and c["errors"] == 0)},
         }
+        if (w := r.get("wrk_closed_loop")) is not None:
+            out[r["config"]][f"wrk, {WRK_CONNECTIONS} connections p99 <= {GOAL_P99_MS:g} ms"] = {
+                "p99_ms": w["p99_ms"], "rps": w["rps"], "met": bool(w["p99_ms"] <= GOAL_P99_MS and w["errors"] == 0)}
     return out
 
 
@@ -579,8 +607,11 @@ def _write(result: dict, args) -> None:
     lines += ["| server | load | requests/s | p50 ms | p99 ms | max ms | errors |", "|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         for label, key in ((f"closed loop, {args.clients} clients", "closed_loop"),
+                           (f"wrk, {WRK_CONNECTIONS} connections", "wrk_closed_loop"),
                            (f"open loop, {args.rate:g} req/s", "open_loop"),
                            ("similar items, 4 clients", "similar_closed_loop")):
+            if key not in r:
+                continue
             m = r[key]
             lines.append(f"| {r['config']} | {label} | {m['rps']} | {m['p50_ms']} | {m['p99_ms']} | {m['max_ms']} "
                          f"| {m['errors']} |")

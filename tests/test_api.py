@@ -8,6 +8,7 @@ B0..B9; alice (ios) bought A1 and clicked A2; one user browses in session sess-1
 
 from __future__ import annotations
 
+import gc
 import random
 import threading
 import time
@@ -274,6 +275,16 @@ def test_healthz_readyz_and_metrics(api, server):
     assert "streamrec_api_cache_age_seconds" in text
 
 
+def test_a_running_api_keeps_the_heap_it_started_with_out_of_the_collectors_sight(planted):
+    """Full collections over the libraries' objects paused answers for tens of ms: a serving process
+    freezes its startup heap, and gives it back to the collector when it stops."""
+    gc.unfreeze()
+    with TestClient(create_app(planted.with_(api_models="pop"))) as client:
+        assert client.get("/recommendations", params={"user_id": "nobody"}).status_code == 200
+        assert gc.get_freeze_count() > 10_000
+    assert gc.get_freeze_count() == 0
+
+
 def test_redis_stopped_gives_503_with_retry_after_then_recovers(tmp_path, planted):
     port = embedded.free_port("127.0.0.1")
     redis_server = embedded.start_redis(port, tmp_path / "r1")
@@ -412,7 +423,7 @@ def _view(models: dict, n_items: int, invalid=()) -> ShardView:
         f.users.add(f"u{u}")
     valid = np.ones(n_items, bool)
     valid[list(invalid)] = False
-    return ShardView(0, 1, time.monotonic(), f, list(f.items.names), valid, {}, models).prepare()
+    return ShardView(0, 1, time.monotonic(), f, list(f.items.names), valid, models).prepare()
 
 
 def test_top_k_orders_and_skips_non_finite():

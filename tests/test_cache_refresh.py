@@ -66,9 +66,7 @@ def assert_same_state(caught_up, full) -> None:
     assert caught_up.version == full.version
     assert caught_up.vocabs == full.vocabs
     assert caught_up.open_sessions == full.open_sessions
-    assert caught_up.history.keys() == full.history.keys()
-    for user, items in full.history.items():
-        np.testing.assert_array_equal(caught_up.history[user], items)
+    assert not caught_up.history, "a view keeps the users' histories in its co-occurrence index only"
     for name, tables in full.models.items():
         for table, values in tables.items():
             mine = caught_up.models[name][table]
@@ -104,7 +102,7 @@ def test_a_view_caught_up_from_the_changed_rows_equals_a_full_snapshot(topics, m
     for name, model in view.models.items():  # no user's or session's own rows: those are read per request
         assert not set(model.query_tables()) & set(view.snapshot.models[name]), name
     assert not view.featurizer.users.index and not view.featurizer.sessions.index
-    assert bool(view.history) == cache.view_history == (models != MODELS)
+    assert (view.cooc is not None) == cache.view_history == (models != MODELS)
     user = later[-1].user_id
     fresh = ModelCache(topics, models, background=False).shard(0)
     for attr in ("items", "contexts"):  # the vocabularies updated in place of restored, as a full read restores them

@@ -270,7 +270,7 @@ class Snapshot:
     dedup: list[str] = field(default_factory=list)  # event ids of the dedup window (workers)
     cursors: dict[int, int] = field(default_factory=dict)  # partition -> next entry of its item log to fold in
     # Caught up from a base (`read_changes`): the names each vocabulary changed (-> row, None: removed), and
-    # the users whose history changed; None: read whole.
+    # the users whose history changed (`history` then holds theirs only, a removed one absent); None: read whole.
     vocab_changes: dict[str, dict[str, int | None]] | None = None
     history_changed: set[int] | None = None
 
@@ -344,7 +344,8 @@ def read_changes(client: Client, keys: Keys, tables: dict[str, dict[str, TableKi
     The result carries the version of the last entry read; rows it re-read may already hold later commits
     (never older ones), and the next catch-up re-reads those commits' keys again. Keys that expire by TTL
     (session rows) write no entry: a full snapshot now and then drops them. `tables`, `vocabs`, `history` and
-    `open_sessions` say what `base` holds, as `read_snapshot` read it: only those are re-read."""
+    `open_sessions` say what `base` holds, as `read_snapshot` read it: only those are re-read. Histories are
+    not merged into `base`'s: the result holds the changed users' only (`history_changed`)."""
     behind = version - base.version
     if behind == 0:
         return base
@@ -396,7 +397,7 @@ def read_changes(client: Client, keys: Keys, tables: dict[str, dict[str, TableKi
                 pipe.get(key)
                 reads.append(("session", (*session_prefix[prefix + ":"], int(row)), []))
     got = pipe.execute() if reads else []
-    all_vocabs, opened, users_history = dict(base.vocabs), dict(base.open_sessions), dict(base.history)
+    all_vocabs, opened, users_history = dict(base.vocabs), dict(base.open_sessions), {}
     vocab_changes: dict[str, dict[str, int | None]] = {}
     history_changed: set[int] = set()
     models = {name: dict(state) for name, state in base.models.items()}

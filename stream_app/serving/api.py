@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import threading
 import time
@@ -109,10 +110,15 @@ def app_from_env() -> FastAPI:
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI):
-    """Start the cache's refresher (it loads every shard before the first request needs it); on
-    shutdown stop it and close the event producer."""
+    """Start the cache's refresher (it loads every shard before the first request needs it) and freeze
+    the heap built so far; on shutdown stop the refresher, close the event producer and unfreeze."""
     app.state.cache.start()
+    # The heap of the libraries (torch's above all) leaves the collector's sight: a full collection walks
+    # every tracked object, and held answers for tens of ms (README, Lookup API).
+    gc.collect()
+    gc.freeze()
     yield
+    gc.unfreeze()
     app.state.cache.close()
     await app.state.cache.aclose()
     if app.state.producer is not None:

@@ -37,6 +37,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from functools import lru_cache
 from typing import Any
 
@@ -62,7 +63,7 @@ from stream_app.io.redis import (
     read_changes,
     read_snapshot,
 )
-from stream_app.serving.scorers import AnnIndex, EmbeddingScorer, users_in
+from stream_app.serving.scorers import AnnIndex, Cooccurrence, EmbeddingScorer, users_in
 from stream_app.serving.view import ShardView
 
 log = logging.getLogger("streamrec.serving")
@@ -291,6 +292,7 @@ class ModelCache:
         probes = {name: create(name) for name in self.model_names}
         keys, old, snap = self.keys(partition), self._views.get(partition), None
         if (version is not None and old is not None and old.snapshot is not None
+                and (old.cooc is not None or not self.view_history)
                 and time.monotonic() - self._full_at.get(partition, 0.0) < self.full_interval):
             base = old.snapshot
             snap = self._call(lambda client: read_changes(client, keys, self.view_tables, base, version, VIEW_KINDS,
@@ -305,10 +307,14 @@ class ModelCache:
         names = list(f.items.names)
         valid = np.array([n is not None for n in names], bool)
         cooc = None
-        if old is not None and old.cooc is not None and snap.history_changed is not None:
-            cooc = old.cooc.updated(snap.history, snap.history_changed, users_in(snap.history), len(names))
-        return ShardView(partition, snap.version, time.monotonic(), f, names, valid, snap.history, models, snap,
-                         cooc=cooc)
+        if self.view_history:  # the co-occurrence index is all a view keeps of the users' histories
+            if snap.history_changed is None:  # read whole
+                cooc = Cooccurrence.build(snap.history, len(names))
+            elif old is not None and old.cooc is not None:
+                cooc = old.cooc.updated(snap.history, snap.history_changed,
+                                        max(old.cooc.n_users, users_in(snap.history)), len(names))
+            snap = replace(snap, history={}, history_changed=set())
+        return ShardView(partition, snap.version, time.monotonic(), f, names, valid, models, snap, cooc=cooc)
 
     def _maybe_build_ann(self) -> None:
         """(Re)build hnswlib indexes of embedding models above the threshold, at most every rebuild interval."""

@@ -265,6 +265,10 @@ class Cooccurrence:
         np.cumsum(np.bincount(users, minlength=n_users), out=user_ptr[1:])
         return cls(item_ptr, users[order], user_ptr, items, n_items)  # pairs are sorted by user already
 
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ptr) - 1
+
     def users_of(self, item: int) -> np.ndarray:
         return self.item_users[self.item_ptr[item]: self.item_ptr[item + 1]]
 

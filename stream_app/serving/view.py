@@ -35,7 +35,7 @@ _FIRST_ROW = np.zeros(1, np.int64)
 class ShardView:
     """A consistent, read-only snapshot of what every lookup of one partition shares, prepared for lookups:
     item and context-value state (a user's and a session's own rows are read per request, see
-    `ModelCache.query`), and the users' history only where co-occurrence explains answers.
+    `ModelCache.query`), and where co-occurrence explains answers its index of the users' histories.
 
     Everything a request needs that does not depend on the request is computed once, when the view
     is built (in the cache's refresher thread): per-model scorers, normalised similarity vectors
@@ -48,7 +48,6 @@ class ShardView:
     featurizer: Featurizer
     item_names: list[str | None]
     valid_items: np.ndarray  # [n_items] bool: row currently mapped to an item id
-    history: dict[int, np.ndarray]  # user row -> [n, 2] (item row, event type code), oldest first; may be empty
     models: dict[str, Model]
     snapshot: Snapshot | None = field(default=None, repr=False)  # what it was built from: the base of the next
     scorers: dict[str, PopScorer | EmbeddingScorer] = field(default_factory=dict, repr=False)
@@ -89,8 +88,8 @@ class ShardView:
 
     def cooccurrence(self) -> Cooccurrence:
         with self._lock:
-            if self.cooc is None:
-                self.cooc = Cooccurrence.build(self.history, self.n_items)
+            if self.cooc is None:  # no history was read: an index of no users
+                self.cooc = Cooccurrence.build({}, self.n_items)
             return self.cooc
 
     def item_vectors(self, name: str) -> np.ndarray | None:
