@@ -397,7 +397,8 @@ def read_changes(client: Client, keys: Keys, tables: dict[str, dict[str, TableKi
                 pipe.get(key)
                 reads.append(("session", (*session_prefix[prefix + ":"], int(row)), []))
     got = pipe.execute() if reads else []
-    all_vocabs, opened, users_history = dict(base.vocabs), dict(base.open_sessions), {}
+    all_vocabs, opened = dict(base.vocabs), dict(base.open_sessions)
+    users_history: dict[int, np.ndarray] = {}
     vocab_changes: dict[str, dict[str, int | None]] = {}
     history_changed: set[int] = set()
     models = {name: dict(state) for name, state in base.models.items()}
