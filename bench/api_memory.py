@@ -7,7 +7,7 @@ the pace), then starts `streamrec serve` for each served configuration, asks eve
 user lookup and a similar-items lookup) and reads the server's resident memory (RSS). Configurations:
 `mf,pop`, whose answers are explained by embeddings, and `pop` alone (the default), explained by
 co-occurrence, for which a view keeps an index of the users' histories; `--baseline REF` adds a git revision's
-server for `mf,pop`, measured in the same run.
+server in both configurations, measured in the same run.
 
 Writes bench/results/api_memory.json and api_memory.md.
 """
@@ -90,14 +90,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--users", default="20000,200000", help="user counts, comma-separated")
     parser.add_argument("--items", type=int, default=2000)
     parser.add_argument("--per-user", type=int, default=3, help="events per user")
-    parser.add_argument("--baseline", default=None, help="also measure this git revision's server (mf,pop)")
+    parser.add_argument("--baseline", default=None, help="also measure this git revision's server (both configurations)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.users.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="streamrec-api-memory-"))
     configs: list[tuple[str, str, Path | None]] = [("mf,pop", "mf,pop", None), ("pop", "pop", None)]
     if args.baseline:
-        configs.append((f"mf,pop, baseline {args.baseline}", "mf,pop", checkout(args.baseline, tmp / "baseline")))
+        base_tree = checkout(args.baseline, tmp / "baseline")
+        configs += [(f"{models}, baseline {args.baseline}", models, base_tree) for models in ("mf,pop", "pop")]
     result: dict = {"bench": "api_memory", "items": args.items, "events_per_user": args.per_user,
                     "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "load_average_at_start": list(os.getloadavg()), "rows": []}

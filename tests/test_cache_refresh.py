@@ -13,7 +13,8 @@ import pytest
 from models.features import Vocab, session_key
 from stream_app.core.events import encode, prepare
 from stream_app.io import kafka
-from stream_app.io.redis import CHANGES_KEPT, Keys, PartitionStore, connect, read_snapshot
+from stream_app.io import redis as redis_io
+from stream_app.io.redis import CHANGES_KEPT, Keys, PartitionStore, connect, read_history_pairs, read_snapshot
 from stream_app.serving.cache import VIEW_KINDS, ModelCache
 from stream_app.serving.recommender import Recommender
 from stream_app.serving.view import query_batch
@@ -119,6 +120,21 @@ def test_a_view_caught_up_from_the_changed_rows_equals_a_full_snapshot(topics, m
         np.testing.assert_allclose(view.models[name].narrowed(rows.models.get(name, {})).score(batch, FIRST),
                                    fresh.models[name].narrowed(rows.models.get(name, {})).score(batch, FIRST),
                                    rtol=1e-6, err_msg=name)
+
+
+def test_histories_read_in_chunks_are_the_pairs_of_the_snapshots_histories(topics, monkeypatch):
+    shard = shard_of(topics)
+    learn(shard, list(stream(500, seed=4, t0=1.7e9)), 0, 250)
+    client, keys = connect(topics.redis_url), Keys(topics.key_prefix, topics.events_topic, 0)
+    monkeypatch.setattr(redis_io, "HISTORY_SCAN", 7)  # many HSCAN calls
+    calls, hscan = [], client.hscan
+    client.hscan = lambda *a, **kw: calls.append(a) or hscan(*a, **kw)
+    users, items = read_history_pairs(client, keys)
+    assert len(calls) > 1
+    history = read_snapshot(client, keys, {}, ()).history
+    assert len(history) > 7 * 3
+    expected = sorted((u, int(i)) for u, h in history.items() for i in h[:, 0])
+    assert sorted(zip(users.tolist(), items.tolist())) == expected
 
 
 def test_a_view_too_far_behind_the_change_log_or_ahead_of_the_state_is_read_whole(topics):

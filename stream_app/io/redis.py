@@ -333,6 +333,31 @@ def _history(raw: bytes) -> np.ndarray:
     return np.frombuffer(raw, np.int32).reshape(-1, 2)
 
 
+HISTORY_SCAN = 10_000  # history hash fields asked for per HSCAN call by `read_history_pairs`
+
+
+def read_history_pairs(client: Client, keys: Keys) -> tuple[np.ndarray, np.ndarray]:
+    """Every history of the partition as (user row, item row) pairs, [n] int64 each, read in HSCAN chunks
+    and kept as arrays only, so no object per user outlives its chunk (a server's memory stays with the
+    pairs). Outside any snapshot's transaction: it may hold later commits' histories, which the catch-up
+    from that snapshot re-reads anyway; a pair HSCAN returns twice is the caller's to drop."""
+    users: list[np.ndarray] = []
+    items: list[np.ndarray] = []
+    cursor = 0
+    while True:
+        cursor, chunk = cast(tuple[int, dict[bytes, bytes]], client.hscan(keys.history, cursor, count=HISTORY_SCAN))
+        if chunk:
+            raw = list(chunk.values())
+            lengths = np.fromiter((len(v) // 8 for v in raw), np.int64, len(raw))  # (item, type) int32 pairs
+            users.append(np.repeat(np.fromiter(map(int, chunk), np.int64, len(raw)), lengths))
+            items.append(_history(b"".join(raw))[:, 0].astype(np.int64))
+        if not cursor:
+            break
+    if not users:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(users), np.concatenate(items)
+
+
 def read_changes(client: Client, keys: Keys, tables: dict[str, dict[str, TableKind]], base: Snapshot,
                  version: int, vocabs: tuple[str, ...] = KINDS, history: bool = True,
                  open_sessions: bool = True) -> Snapshot | None:

@@ -61,6 +61,7 @@ from stream_app.io.redis import (
     connect,
     connect_async,
     read_changes,
+    read_history_pairs,
     read_snapshot,
 )
 from stream_app.serving.scorers import AnnIndex, Cooccurrence, EmbeddingScorer, users_in
@@ -300,7 +301,7 @@ class ModelCache:
         if snap is None:
             self._full_at[partition] = time.monotonic()
             self.full_reloads += 1
-            snap = self._call(lambda client: read_snapshot(client, keys, self.view_tables, VIEW_KINDS, self.view_history,
+            snap = self._call(lambda client: read_snapshot(client, keys, self.view_tables, VIEW_KINDS, history=False,
                                                            open_sessions=False))
         f = _featurizer(snap, None if old is None else old.featurizer)
         models = {name: model for name, model in probes.items() if _import(partition, name, model, snap)}
@@ -309,7 +310,8 @@ class ModelCache:
         cooc = None
         if self.view_history:  # the co-occurrence index is all a view keeps of the users' histories
             if snap.history_changed is None:  # read whole
-                cooc = Cooccurrence.build(snap.history, len(names))
+                users, items = self._call(read_history_pairs, keys)
+                cooc = Cooccurrence.of_pairs(users, items, len(names))
             elif old is not None and old.cooc is not None:
                 cooc = old.cooc.updated(snap.history, snap.history_changed,
                                         max(old.cooc.n_users, users_in(snap.history)), len(names))

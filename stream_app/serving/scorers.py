@@ -238,6 +238,11 @@ class Cooccurrence:
     def build(cls, history: dict[int, np.ndarray], n_items: int) -> Cooccurrence:
         return cls._of(*_pairs(history), users_in(history), n_items)
 
+    @classmethod
+    def of_pairs(cls, users: np.ndarray, items: np.ndarray, n_items: int) -> Cooccurrence:
+        """From (user row, item row) pairs, repeats allowed."""
+        return cls._of(users, items, int(users.max(initial=-1)) + 1, n_items)
+
     def updated(self, history: dict[int, np.ndarray], changed: Iterable[int], n_users: int,
                 n_items: int) -> Cooccurrence:
         """This incidence with the users in `changed` taken anew from `history` (absent there: no items),
@@ -256,8 +261,9 @@ class Cooccurrence:
 
     @classmethod
     def _of_keys(cls, pairs: np.ndarray, n_users: int, n_items: int) -> Cooccurrence:
-        """From the sorted unique keys user * n_items + item of its pairs."""
-        users, items = pairs // n_items, pairs % n_items
+        """From the sorted unique keys user * n_items + item of its pairs (rows kept as int32: the index is
+        what a server holds per user)."""
+        users, items = (pairs // n_items).astype(np.int32), (pairs % n_items).astype(np.int32)
         order = np.argsort(items, kind="stable")
         item_ptr = np.zeros(n_items + 1, np.int64)
         np.cumsum(np.bincount(items, minlength=n_items), out=item_ptr[1:])
