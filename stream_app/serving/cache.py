@@ -47,6 +47,7 @@ from models.base import QUERY_KINDS, Model
 from models.features import Featurizer
 from models.registry import create
 from stream_app.core.errors import ServiceError
+from stream_app.core.memory import release_free_heap
 from stream_app.core.settings import Settings, redact
 from stream_app.io.kafka import partition_for
 from stream_app.io.redis import (
@@ -276,8 +277,10 @@ class ModelCache:
         self._maybe_build_ann()
 
     def _install(self, partition: int, version: int) -> ShardView:
-        started = time.perf_counter()
+        started, full_reloads = time.perf_counter(), self.full_reloads
         view = self._load(partition, version).prepare()
+        if self.full_reloads != full_reloads:  # a read whole leaves its peak resident unless handed back
+            release_free_heap()
         for name in view.models:
             view.ann[name] = self._ann.get((partition, name), (None, None))
         self.last_reload_seconds = time.perf_counter() - started
