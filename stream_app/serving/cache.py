@@ -65,7 +65,7 @@ from stream_app.io.redis import (
     read_history_pairs,
     read_snapshot,
 )
-from stream_app.serving.scorers import AnnIndex, Cooccurrence, EmbeddingScorer, users_in
+from stream_app.serving.scorers import AnnIndex, Cooccurrence, EmbeddingScorer
 from stream_app.serving.view import ShardView
 
 log = logging.getLogger("streamrec.serving")
@@ -316,8 +316,7 @@ class ModelCache:
                 users, items = self._call(read_history_pairs, keys)
                 cooc = Cooccurrence.of_pairs(users, items, len(names))
             elif old is not None and old.cooc is not None:
-                cooc = old.cooc.updated(snap.history, snap.history_changed,
-                                        max(old.cooc.n_users, users_in(snap.history)), len(names))
+                cooc = old.cooc.updated(snap.history, snap.history_changed, len(names))
             snap = replace(snap, history={}, history_changed=set())
         return ShardView(partition, snap.version, time.monotonic(), f, names, valid, models, snap, cooc=cooc)
 

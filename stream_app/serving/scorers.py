@@ -219,11 +219,6 @@ def _keys(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> n
     return np.unique(users[ok] * n_items + items[ok])
 
 
-def users_in(history: dict[int, np.ndarray]) -> int:
-    """The user rows a history covers: one past the highest."""
-    return 1 + max(history, default=-1)
-
-
 @dataclass
 class Cooccurrence:
     """Binary user x item incidence of the shard's recent histories, both directions as CSR arrays."""
@@ -235,29 +230,21 @@ class Cooccurrence:
     n_items: int
 
     @classmethod
-    def build(cls, history: dict[int, np.ndarray], n_items: int) -> Cooccurrence:
-        return cls._of(*_pairs(history), users_in(history), n_items)
-
-    @classmethod
     def of_pairs(cls, users: np.ndarray, items: np.ndarray, n_items: int) -> Cooccurrence:
         """From (user row, item row) pairs, repeats allowed."""
-        return cls._of(users, items, int(users.max(initial=-1)) + 1, n_items)
+        n_users = int(users.max(initial=-1)) + 1
+        return cls._of_keys(_keys(users, items, n_users, n_items), n_users, n_items)
 
-    def updated(self, history: dict[int, np.ndarray], changed: Iterable[int], n_users: int,
-                n_items: int) -> Cooccurrence:
+    def updated(self, history: dict[int, np.ndarray], changed: Iterable[int], n_items: int) -> Cooccurrence:
         """This incidence with the users in `changed` taken anew from `history` (absent there: no items),
-        vectorised over the pairs it keeps, where `build` walks every user's history."""
+        vectorised over the pairs it keeps, where `of_pairs` sorts every pair again."""
         changed = np.fromiter(changed, np.int64)
-        users = np.repeat(np.arange(len(self.user_ptr) - 1), np.diff(self.user_ptr))
-        keep = ~np.isin(users, changed) & (users < n_users) & (self.user_items < n_items)
+        n_users = max(self.n_users, 1 + max(history, default=-1))
+        users = np.repeat(np.arange(self.n_users), np.diff(self.user_ptr))
+        keep = ~np.isin(users, changed) & (self.user_items < n_items)
         kept = users[keep] * n_items + self.user_items[keep]  # sorted and unique, as `_of_keys` left them
         new = _keys(*_pairs({u: history[u] for u in changed.tolist() if u in history}), n_users, n_items)
         return Cooccurrence._of_keys(np.insert(kept, np.searchsorted(kept, new), new), n_users, n_items)
-
-    @classmethod
-    def _of(cls, users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> Cooccurrence:
-        """From (user, item) pairs, repeats allowed."""
-        return cls._of_keys(_keys(users, items, n_users, n_items), n_users, n_items)
 
     @classmethod
     def _of_keys(cls, pairs: np.ndarray, n_users: int, n_items: int) -> Cooccurrence:

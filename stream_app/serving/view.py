@@ -89,7 +89,7 @@ class ShardView:
     def cooccurrence(self) -> Cooccurrence:
         with self._lock:
             if self.cooc is None:  # no history was read: an index of no users
-                self.cooc = Cooccurrence.build({}, self.n_items)
+                self.cooc = Cooccurrence.of_pairs(np.zeros(0, np.int64), np.zeros(0, np.int64), self.n_items)
             return self.cooc
 
     def item_vectors(self, name: str) -> np.ndarray | None:

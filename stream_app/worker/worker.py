@@ -260,13 +260,14 @@ class Worker:
             return False
         self._drain_checked_at = now
         try:
-            lagging = [r.partition for r in partition_status(self.settings) if pending(r, self.config.on_offset_gap)]
+            waiting = [r.partition for r in partition_status(self.settings) if pending(r, self.config.on_offset_gap)]
         except ServiceError as exc:
             log.warning("%s: idle, but cannot check the other partitions (%s)", self.config.worker_id, exc)
             return False
-        if lagging:
-            log.info("%s: idle, staying while partitions %s have events to learn", self.config.worker_id, lagging)
-        return not lagging
+        if waiting:
+            log.info("%s: idle, staying while partitions %s have work (events to learn, or an offset gap its policy "
+                     "resolves)", self.config.worker_id, waiting)
+        return not waiting
 
     def poll_size(self) -> int:
         """Events to poll at most: `commit_max`, or fewer when learning them would take longer than
