@@ -27,7 +27,7 @@ import numpy as np
 from numba import njit
 
 from models.base import Batch, Model, TableKind
-from models.kernels import SEEN_BITS_PER_WORD, is_seen, mark_seen
+from models.kernels import FAST, SEEN_BITS_PER_WORD, is_seen, mark_seen
 from models.registry import create
 from models.rows import Changes, RowTable
 
@@ -42,6 +42,86 @@ def _seen(seen, s, n, n_bits):  # pragma: no cover - numba
         out[j] = is_seen(seen, s, j, n_bits)
     return out
 
+
+@njit(cache=True)
+def _worse(v, i, w, j):  # pragma: no cover - numba
+    """Whether (score v, item i) ranks below (w, j): a lower score, or the same at a higher item."""
+    return v < w or (v == w and i > j)
+
+
+@njit(cache=True)
+def _reciprocal_ranks(z, k, out):  # pragma: no cover - numba
+    """out[i] = 10 / (10 + rank) for the k best items of z (ties to the lower item), by one pass that
+    keeps the best k seen in a heap whose root is the worst of them. # [n] -> [n]"""
+    value, item = np.empty(k), np.empty(k, np.int64)
+    for j in range(len(z)):
+        x = z[j]
+        if j < k:  # push: move x up while it is worse than its parent
+            i = j
+            while i > 0 and _worse(x, j, value[(i - 1) >> 1], item[(i - 1) >> 1]):
+                value[i], item[i] = value[(i - 1) >> 1], item[(i - 1) >> 1]
+                i = (i - 1) >> 1
+        elif x > value[0]:  # replace the root: move it down while a child is worse than x
+            i = 0
+            while 2 * i + 1 < k:
+                c = 2 * i + 1
+                if c + 1 < k and _worse(value[c + 1], item[c + 1], value[c], item[c]):
+                    c += 1
+                if not _worse(value[c], item[c], x, j):
+                    break
+                value[i], item[i] = value[c], item[c]
+                i = c
+        else:
+            continue
+        value[i], item[i] = x, j
+    by_item = np.argsort(item)
+    order = by_item[np.argsort(-value[by_item], kind="mergesort")]
+    for rank in range(k):
+        out[item[order[rank]]] = 10.0 / (10.0 + rank)
+
+
+
+@njit(cache=True, fastmath=FAST)
+def _finite(s):  # pragma: no cover - numba
+    """Non-finite scores to 0, in place; each row's mean, and whether none of its scores is negative.
+    # [M, n] -> [M], [M]"""
+    m, n = s.shape
+    mean, positive = np.zeros(m), np.ones(m, np.bool_)
+    for r in range(m):
+        total, low = 0.0, np.inf
+        for j in range(n):
+            x = s[r, j] if np.isfinite(s[r, j]) else np.float32(0.0)
+            s[r, j] = x
+            total += x
+            low = min(low, x)
+        mean[r] = total / max(n, 1)
+        positive[r] = low >= 0
+    return mean, positive
+
+
+@njit(cache=True, fastmath=FAST)
+def _standardised(s, top):  # pragma: no cover - numba
+    """Each row of s z-scored (a row with one value everywhere gets 0s); then, with `top`, 10 / (10 + rank)
+    of each row's `top` best items by that z-score (`_reciprocal_ranks`), 0 for the rest. # [M, n] -> [F, n]"""
+    m, n = s.shape
+    out = np.zeros((2 * m if top > 0 else m, n))
+    for r in range(m):
+        z = out[r]
+        total = 0.0
+        for j in range(n):
+            z[j] = s[r, j]
+            total += z[j]
+        mean = total / max(n, 1)
+        var = 0.0
+        for j in range(n):
+            z[j] -= mean
+            var += z[j] * z[j]
+        std = np.sqrt(var / max(n, 1))
+        if std > 0:
+            z /= std
+        if top > 0 and n > 0:
+            _reciprocal_ranks(z, min(top, n), out[m + r])
+    return out
 
 class Blend(Model):
     """Member models' standardised scores, weighted per (query kind, context value); see the module docstring.
@@ -162,25 +242,15 @@ class Blend(Model):
 
     # -- features --------------------------------------------------------------------------
     def _features(self, member_scores: list[np.ndarray]) -> np.ndarray:
-        """One row's features: each member's scores z-scored (after a log when none is negative), then,
-        with `top`, 10 / (10 + rank) for each member's `top` best items (0 for the rest). # M x [n] -> [F, n]"""
-        s = np.nan_to_num(np.asarray(member_scores, np.float64), nan=0.0, posinf=0.0, neginf=0.0)  # [M, n]
-        m, n = s.shape
-        out = np.zeros((self._f, n))
-        if n:
-            positive = s.min(axis=1) >= 0  # [M]
-            if positive.any():
-                p = s[positive]
-                s[positive] = np.log(p + self.eps * np.maximum(p.mean(axis=1, keepdims=True), 1e-12))
-        s -= s.mean(axis=1, keepdims=True)
-        std = s.std(axis=1, keepdims=True)
-        out[:m] = s / np.where(std > 0, std, 1.0)  # a member with one score for every item keeps it
-        k = min(self.top, n)
-        if k > 0:
-            best = np.argpartition(-out[:m], k - 1, axis=1)[:, :k]  # [M, k]
-            order = np.argsort(-np.take_along_axis(out[:m], best, axis=1), axis=1, kind="stable")
-            out[m + np.arange(m)[:, None], np.take_along_axis(best, order, axis=1)] = 10.0 / (10.0 + np.arange(k))
-        return out
+        """One row's features: each member's scores (non-finite ones as 0) z-scored over the items, after
+        log(s + eps * mean) when none is negative (counts and shares); then, with `top`, 10 / (10 + rank)
+        for each member's `top` best items, ties to the lower item (0 for the rest). # M x [n] -> [F, n]"""
+        s = np.array(member_scores, np.float32)  # [M, n], a copy: logged in place (SIMD, unlike a compiled loop)
+        mean, positive = _finite(s)
+        for r in np.flatnonzero(positive).tolist():
+            np.add(s[r], np.float32(self.eps * max(mean[r], 1e-12)), out=s[r])
+            np.log(s[r], out=s[r])
+        return _standardised(s, self.top)
 
     # -- Model -----------------------------------------------------------------------------
     def _ensure(self, batch: Batch) -> None:
@@ -300,6 +370,10 @@ class Blend(Model):
     def import_rows(self, table: str, ids: np.ndarray, values: np.ndarray) -> None:
         m, _, t = table.partition(".")
         self.parts[m].import_rows(t, ids, values)
+
+    def similarity_vectors(self) -> np.ndarray | None:
+        """The first member's (in `members` order) that has any: what explains the blend's answers."""
+        return next((v for p in self.parts.values() if (v := p.similarity_vectors()) is not None), None)
 
     def session_items(self, session: int) -> np.ndarray:
         """The session's items as the member that remembers most of them has them."""

@@ -129,3 +129,58 @@ def test_worker_publishes_blend_metrics_and_answers_name_the_members(topics, tmp
             members = item["reason"]["blend"]
             assert [m["model"] for m in sorted(members, key=lambda m: m["model"])] == sorted(Blend().members)
             assert item["score"] == pytest.approx(sum(m["part"] for m in members), rel=1e-4, abs=1e-4)
+
+
+def _reference_features(scores: np.ndarray, eps: float, top: int) -> np.ndarray:
+    """The features as the module docstring defines them, in plain numpy (float64 throughout)."""
+    s = np.nan_to_num(scores.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    m, n = s.shape
+    for r in range(m):
+        if s[r].min() >= 0:
+            s[r] = np.log(s[r] + eps * max(s[r].mean(), 1e-12))
+    s -= s.mean(axis=1, keepdims=True)
+    std = s.std(axis=1, keepdims=True)
+    z = s / np.where(std > 0, std, 1.0)
+    ranks = np.zeros_like(z)
+    for r in range(m):
+        best = np.lexsort((np.arange(n), -z[r]))[:top]  # best first, ties to the lower item
+        ranks[r, best] = 10.0 / (10.0 + np.arange(len(best)))
+    return np.concatenate([z, ranks])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_features_match_a_reference_computation(seed: int) -> None:
+    """z-scores (logged for members that never score below 0) and reciprocal ranks, with ties, non-finite
+    scores, constant members and catalogues shorter than `top`."""
+    rng = np.random.default_rng(seed)
+    n = (5, 60, 3000)[seed % 3]
+    scores = (rng.random((5, n)) * 8).astype(np.float32)
+    scores[0] -= 4  # a member with negative scores: no log
+    scores[1] = np.round(scores[1])  # many ties
+    scores[2, : n // 3] = np.nan
+    scores[3, ::7] = np.inf
+    scores[4] = 2.5  # one score for every item
+    blend = Blend(members=("markov", "dnn", "mf", "pop", "sknn"), top=40)
+    got = blend._features(list(scores))
+    want = _reference_features(scores, blend.eps, blend.top)
+    z = want[:5]
+    np.testing.assert_allclose(got[:5], z, atol=2e-5)  # the log is taken in float32
+    for r in range(5):  # where float32 rounding reorders near-equal z-scores, ranks may swap between them
+        exact = np.abs(np.subtract.outer(z[r], z[r])) > 1e-4
+        np.fill_diagonal(exact, True)
+        assert np.isclose(np.sort(got[5 + r]), np.sort(want[5 + r])).all()
+        if exact.all() or r == 1:
+            np.testing.assert_array_equal(got[5 + r], want[5 + r])
+
+
+def test_similarity_vectors_are_the_first_members_that_has_them() -> None:
+    """Markov has none, so the blend's answers are explained by MF's item embeddings."""
+    featurizer = Featurizer()
+    blend = Blend(members=("markov", "mf"), seed=0)
+    for batch in batches(featurizer, planted_stream(600, seed=2)):
+        blend.learn(batch)
+    assert blend.parts["markov"].similarity_vectors() is None
+    vectors = blend.similarity_vectors()
+    assert vectors is not None and len(vectors) > 0
+    np.testing.assert_array_equal(vectors, blend.parts["mf"].similarity_vectors())
+    assert Blend(members=("markov", "pop")).similarity_vectors() is None
