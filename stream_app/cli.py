@@ -227,6 +227,7 @@ def serve(
 
     from models.registry import parse_names
     from stream_app.serving.api import create_app
+    from stream_app.serving.http import CoalescingHttpToolsProtocol
 
     conf = settings(kafka_bootstrap=bootstrap, redis_url=redis_url, events_topic=topic, events_partitions=partitions,
                     api_models=models, api_refresh=refresh, api_ann_threshold=ann_threshold)
@@ -238,8 +239,9 @@ def serve(
     except StreamrecError as exc:
         fail(exc)
     typer.echo(f"serving on http://{host}:{port} (models: {names}; {workers} worker process(es))")
-    # loop/http: uvloop, httptools if installed
-    run = functools.partial(uvicorn.run, host=host, port=port, log_level="warning", access_log=False)
+    # loop: uvloop if installed; http: httptools, one socket write per response
+    run = functools.partial(uvicorn.run, host=host, port=port, log_level="warning", access_log=False,
+                            http=CoalescingHttpToolsProtocol)
     if workers == 1:
         run(app_)
         return
