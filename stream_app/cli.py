@@ -156,6 +156,13 @@ def worker(
         "changes (README \"Scale-out\"); or each partition's own (default: "
         f"{'shared' if WORKER.shared_items else 'local'})",
     ),
+    align_slack: Optional[float] = typer.Option(
+        None, "--align-slack", min=0.0,
+        help="with --shared-items: a partition learns no event more than this many seconds of stream time (event "
+        "ts) later than the slowest partition with events to learn, and is paused until that one catches up, so "
+        "that what the shards fold in is their present, not their past or future (README \"Scale-out\"); 0: "
+        f"partitions are not aligned (default {WORKER.align_slack:g})",
+    ),
     processes: int = typer.Option(
         1, "--processes", min=1, help="group members to run, one process each (up to one per partition and core)"
     ),
@@ -180,6 +187,8 @@ def worker(
         config = replace(WORKER, models=tuple(parse_names(models)), **{n: v for n, v in given.items() if v is not None})
         if max_clock_skew is not None:
             config = replace(config, max_clock_skew=None if math.isinf(max_clock_skew) else max_clock_skew)
+        if align_slack is not None:
+            config = replace(config, align_slack=align_slack or None)
         conf = settings(kafka_bootstrap=bootstrap, redis_url=redis_url, consumer_group=group, events_topic=topic,
                         kafka_client=client)
         if processes == 1:

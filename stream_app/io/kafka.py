@@ -23,7 +23,7 @@ import bisect
 import logging
 import ssl
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -311,16 +311,13 @@ class Messages:
         """The offset after the last message."""
         return self.record(len(self.values) - 1).offset + 1
 
-    def chunks(self, size: int) -> Iterator[Messages]:
-        """The messages in runs of at most `size`, in order."""
-        for start in range(0, len(self.values), size):
-            yield Messages(self.partition, self.values[start : start + size], self._native[start : start + size],
-                           self._record)
+    def __getitem__(self, part: slice) -> Messages:
+        """Some of the messages (`messages[start:end]`), in order."""
+        return Messages(self.partition, self.values[part], self._native[part], self._record)
 
     def since(self, offset: int) -> Messages:
         """The messages at `offset` or later."""
-        j = bisect.bisect_left(range(len(self.values)), offset, key=lambda j: self.record(j).offset)
-        return Messages(self.partition, self.values[j:], self._native[j:], self._record)
+        return self[bisect.bisect_left(range(len(self.values)), offset, key=lambda j: self.record(j).offset) :]
 
 
 OnAssign = Callable[[list[int]], dict[int, "int | None"]]  # partitions -> where to start (None: beginning)
@@ -341,6 +338,8 @@ class GroupConsumer(Protocol):
     def pause(self, partitions: Iterable[int]) -> None: ...  # stop fetching them (those still assigned)
 
     def resume(self, partitions: Iterable[int]) -> None: ...
+
+    def ends(self, partitions: Iterable[int]) -> dict[int, int]: ...  # log end offsets its fetches saw (known ones)
 
     def commit(self, offsets: dict[int, int]) -> None: ...
 
@@ -379,7 +378,20 @@ class _KafkaPythonGroup:
         self._consumer.pause(*self._assigned(partitions))
 
     def resume(self, partitions: Iterable[int]) -> None:
-        self._consumer.resume(*self._assigned(partitions))
+        tps = self._assigned(partitions)
+        self._consumer.resume(*tps)
+        # kafka-python 3.0 parks the parsed records a partition had fetched when it was paused, and gives them
+        # back only while no other records are in line (`_next_partition_records is None`), which after the
+        # first poll is never the case; while they are parked it never fetches the partition again. Drop
+        # them: the partition is fetched again from its position (they were not returned, so it did not move).
+        parked = self._consumer._fetcher._paused_partition_records
+        for tp in tps:
+            if (records := parked.pop(tp, None)) is not None:
+                records.drain()
+
+    def ends(self, partitions: Iterable[int]) -> dict[int, int]:
+        highs = {tp.partition: self._consumer.highwater(tp) for tp in self._assigned(partitions)}
+        return {p: high for p, high in highs.items() if high is not None}
 
     def poll(self, max_records: int, timeout: float) -> list[Messages]:
         polled = self._consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_records)
@@ -484,6 +496,14 @@ class _ConfluentGroup:
     def resume(self, partitions: Iterable[int]) -> None:
         if tps := self._assigned(partitions):
             self._consumer.resume(tps)
+
+    def ends(self, partitions: Iterable[int]) -> dict[int, int]:
+        out = {}
+        for tp in self._assigned(partitions):
+            marks = self._consumer.get_watermark_offsets(tp, cached=True)  # the high one: from the last fetch
+            if marks is not None and marks[1] >= 0:
+                out[tp.partition] = marks[1]
+        return out
 
     def commit(self, offsets: dict[int, int]) -> None:
         if not offsets:

@@ -840,13 +840,36 @@ def _pack(parts: list | np.ndarray) -> tuple[bytes, str]:
     return b"".join(parts), " ".join(map(str, map(len, parts)))
 
 
+def shared_tag(prefix: str, topic: str) -> str:
+    """The hash tag of the keys every partition of a topic shares (shared items)."""
+    return f"{{{prefix}:{topic}:shared}}"
+
+
+def exchange_stream_times(client: Client, prefix: str, topic: str, own: dict[int, tuple[float, int]]
+                          ) -> dict[int, tuple[float, int]]:
+    """Store the stream time (ts of the latest event learned) and lag (events waiting; -1: unknown) of the
+    caller's partitions, and read every partition's: one hash per topic, one round trip. Advisory, so not
+    fenced: a zombie's value stops moving and its readers stop counting it (`Worker._align_due`)."""
+    key = f"{shared_tag(prefix, topic)}:stream_times"
+    pipe = client.pipeline(transaction=False)
+    if own:
+        pipe.hset(key, mapping={str(p): f"{ts!r} {lag}" for p, (ts, lag) in own.items()})
+    pipe.hgetall(key)
+    *_, stored = pipe.execute()
+    out = {}
+    for partition, value in stored.items():
+        ts, lag = value.split()
+        out[int(partition)] = (float(ts), int(lag))
+    return out
+
+
 class SharedVocab:
     """Rows of ids that every partition of a topic shares (items, context values): one hash per kind,
     rows handed out in order by a counter in the same slot. Not fenced: an id's row never changes, so
     any worker, a fenced one too, may ask."""
 
     def __init__(self, client: Client, prefix: str, topic: str, kind: str):
-        tag = f"{{{prefix}:{topic}:shared}}"
+        tag = shared_tag(prefix, topic)
         self.client, self.keys = client, [f"{tag}:vocab:{kind}", f"{tag}:vocab:{kind}:n"]
         self._script: Script | None = None
 

@@ -37,5 +37,8 @@ class WorkerConfig:
     max_clock_skew: float | None = MAX_CLOCK_SKEW  # events with ts further ahead of this host's clock are dead letters; None: any
     shared_items: bool = False  # one item vocabulary and item state for all partitions (README "Scale-out")
     fold_interval_ms: int = 200  # shared items: how often the other partitions' item changes are folded in
+    # Shared items: a partition learns no event more than this many seconds of stream time (event `ts`) later
+    # than the slowest partition with events to learn, and waits for it (README "Scale-out"); None: no alignment.
+    align_slack: float | None = 3600.0
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     seed: int = 0

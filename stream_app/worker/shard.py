@@ -73,6 +73,7 @@ class Shard:
         self.commit_seconds = 0.0  # how long the last commit took
         self.version = 0
         self.last_ts = np.zeros(0)  # event times of the last commit (freshness)
+        self.stream_time = -float("inf")  # the latest event time learned since the shard was loaded
         self._expired_at = -float("inf")
         self.seconds = dict.fromkeys(STEPS, 0.0) if seconds is None else seconds  # wall time per step
         self.shared = (SharedItems(store, self.models, self.featurizer, partitions, self.evaluator.know)
@@ -164,6 +165,8 @@ class Shard:
         pending.events += len(events)
         pending.ids.update(new_ids)
         pending.ts += [e.ts for e in events]
+        if events:
+            self.stream_time = max(self.stream_time, max(e.ts for e in events))
         pending.opened.update((e.user_id, f.open_sessions[e.user_id]) for e in events if e.session_id is None)
         self.offset = pending.next_offset
         if new_ids:

@@ -15,11 +15,12 @@ handled by `WorkerConfig.on_offset_gap`, never skipped silently.
 from __future__ import annotations
 
 import gc
+import heapq
 import logging
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -27,15 +28,17 @@ import orjson
 from models.registry import parse_names
 from stream_app.core.errors import (
     FencedError,
+    InvalidEvent,
     MessageRefused,
     ServiceError,
     StreamrecError,
 )
+from stream_app.core.events import decode
 from stream_app.core.settings import Settings
 from stream_app.core.threads import limit_blas_threads
 from stream_app.evaluation.prequential import summary
 from stream_app.io import kafka
-from stream_app.io.redis import Keys, PartitionStore, connect, reachable
+from stream_app.io.redis import Keys, PartitionStore, connect, exchange_stream_times, reachable
 from stream_app.worker import dead_letters
 from stream_app.worker.config import WorkerConfig
 from stream_app.worker.shard import STEPS, Shard
@@ -52,6 +55,36 @@ REMIND_EVERY = 30.0  # seconds between reminders of stopped partitions, or of ho
 # worker learning slowly (many models at batch 1) must poll again before the group counts it gone.
 POLL_SHARE = 0.25
 FIRST_POLL = 256  # events of the first poll, before the learning speed is known
+ALIGN_EVERY = 0.02  # shared items: seconds between exchanges of the partitions' stream times (`align_slack`)
+ALIGN_STALE = 10.0  # seconds a partition's stream time may stand still before it holds no other partition back
+
+
+def stream_order(polled: list[kafka.Messages], size: int, slack: float | None = None
+                 ) -> Iterator[tuple[kafka.Messages, list[float]]]:
+    """A poll's messages in runs of one partition, with their event times, across partitions in stream-time
+    order: each time a run of the partition whose next message is earliest (by its `ts`; one that does not
+    decode counts as earliest, on its way to the dead letters), of at most `size` messages and, with `slack`,
+    none more than `slack` seconds later than the next message of any other partition."""
+    times = [[_ts(value) for value in messages.values] for messages in polled]
+    heads = [(t[0], j, 0) for j, t in enumerate(times) if t]
+    heapq.heapify(heads)
+    while heads:
+        _, j, start = heapq.heappop(heads)
+        t, stop = times[j], min(start + size, len(times[j]))
+        limit = heads[0][0] + slack if heads and slack is not None else float("inf")
+        end = start + 1
+        while end < stop and t[end] <= limit:
+            end += 1
+        yield polled[j][start:end], t[start:end]
+        if end < len(t):
+            heapq.heappush(heads, (t[end], j, end))
+
+
+def _ts(value: bytes) -> float:
+    try:
+        return decode(value).ts
+    except InvalidEvent:
+        return -float("inf")
 
 
 class Worker:
@@ -77,6 +110,11 @@ class Worker:
         self._drain_checked_at = 0.0
         self._reminded_at = time.monotonic()
         self._folded_at = time.monotonic()
+        self.held: dict[int, float] = {}  # paused for being too far ahead in stream time -> its next event's ts
+        self._aligned_at = 0.0
+        self._others: dict[int, float] = {}  # stream time of the other workers' partitions that hold others back
+        self._own_work: set[int] = set()  # this worker's partitions with events to learn (or not known not to)
+        self._moved: dict[int, tuple[float, float]] = {}  # partition -> its stream time, when it was first seen
         self._event_seconds: float | None = None  # learning time per event, moving average of the polls
         self.running = True
         self.applied = 0
@@ -92,6 +130,9 @@ class Worker:
         cannot be loaded now stay `waiting`, paused)."""
         self.waiting.update(partitions)
         starts = self._load(partitions)
+        if self.consumer is not None:  # a partition paused before a rebalance that gave it back stays paused
+            self.consumer.resume(starts)
+        self._own_work.update(starts)  # events to learn, for all this worker knows before its next exchange
         if partitions and self.started_at is None:
             self.started_at = time.monotonic()
         log.info("%s assigned %s", self.config.worker_id, partitions)
@@ -166,6 +207,7 @@ class Worker:
                       sorted(self.waiting | set(self.shards)))
         self.waiting.update(self.shards)
         self.shards.clear()
+        self.held.clear()  # paused while they wait; loaded again, they are aligned afresh
         self._retry_at = now + self._retry_delay
         self._retry_delay = min(2 * self._retry_delay, RETRY_MAX)
 
@@ -191,6 +233,7 @@ class Worker:
         self.waiting.difference_update(partitions)
         for partition in partitions:
             self.stopped.pop(partition, None)
+            self.held.pop(partition, None)
             shard = self.shards.pop(partition, None)
             if shard is not None:
                 self._last_commit(partition, shard, "revoked")
@@ -225,12 +268,12 @@ class Worker:
                 polled = self.consumer.poll(self.poll_size(), self.config.max_wait_ms / 1000)
                 recovering = self.waiting.difference(self.stopped)
                 now = time.monotonic()
-                if polled or recovering:
+                if polled or recovering or self.held:  # a held partition has events to learn
                     idle_since = now
                 elif max_idle is not None and now - max(idle_since, self._idle_from()) > max_idle and self._drained():
                     break
-                for messages in polled:
-                    self._guarded(messages.partition, self._learn, messages)
+                self._align_due()
+                self._learn_all(polled)
                 self._timed(polled, now)
                 self._fold_due()
                 self._commit_due(idle=not polled)
@@ -316,25 +359,99 @@ class Worker:
             self.consumer.close()
         self.consumer = self._join()
 
+    def _learn_all(self, polled: list[kafka.Messages]) -> None:
+        """Learn a poll. With shared items, what other partitions learn reaches a shard only through commits
+        and folds, so the poll is learned in runs across its partitions in stream-time order (`stream_order`)
+        with folds, commits and alignment in between, as when the stream keeps up; a partition too far
+        ahead of the slowest one is held (`_allowed`) and the rest of its runs fetched again once resumed."""
+        if not self.config.shared_items:
+            for messages in polled:
+                self._guarded(messages.partition, self._learn, messages)
+            return
+        skipped: set[int] = set()  # held during this poll
+        for run, times in stream_order(polled, max(self.config.batch_size, EXCHANGE_EVENTS), self.config.align_slack):
+            partition = run.partition
+            if partition in skipped or partition in self.held or partition not in self.shards:
+                skipped.add(partition)
+                continue
+            allowed = self._allowed(partition, times)
+            if allowed:
+                self._guarded(partition, self._learn, run[:allowed])
+            if allowed < len(run) and partition in self.shards:
+                self._hold(partition, times[allowed])
+                skipped.add(partition)
+            self._fold_due()
+            self._align_due()
+            self._commit_due(idle=False)
+
     def _learn(self, messages: kafka.Messages) -> None:
         shard = self.shards.get(messages.partition)
         if shard is None:
-            return  # revoked while the batch was in flight; the new owner re-reads it
+            return  # revoked, dropped (fenced) or suspended while in flight; the next owner or load re-reads it
         if shard.offset is not None and messages.first_offset != shard.offset:
             messages = messages.since(shard.offset)
             if not len(messages):
                 return
-        if not self.config.shared_items:
-            shard.process(messages, self.dead_letter)
+        shard.process(messages, self.dead_letter)
+
+    def _align_due(self) -> None:
+        """With shared items and `align_slack`: every `ALIGN_EVERY` s, publish the stream time and lag of this
+        worker's partitions, read every partition's, and resume the held partitions whose next event may now
+        be learned (`_allowed`).
+
+        Only partitions with events to learn count, and another worker's only while its stream time moves
+        (standing still for `ALIGN_STALE` s: a dead, stopped or unowned partition holds nobody back). The
+        slowest partition always learns its next event, so some partition with work always learns."""
+        c = self.config
+        now = time.monotonic()
+        if not c.shared_items or c.align_slack is None or self.consumer is None or now - self._aligned_at < ALIGN_EVERY:
             return
-        # Shared items: what other partitions learn reaches this one only through commits and folds, so a
-        # long poll is learned in runs with both in between, as when the stream keeps up.
-        for run in messages.chunks(max(self.config.batch_size, EXCHANGE_EVENTS)):
-            if self.shards.get(messages.partition) is not shard:
-                return  # dropped (fenced) or suspended by a failed commit: the next owner or load re-reads it
-            shard.process(run, self.dead_letter)
-            self._fold_due()
-            self._commit_due(idle=False)
+        self._aligned_at = now
+        ends = self.consumer.ends(self.shards)
+        lags = {p: ends[p] - s.offset if p in ends and s.offset is not None else -1 for p, s in self.shards.items()}
+        s = self.settings
+        try:
+            with reachable(s.redis_url):
+                marks = exchange_stream_times(self.redis, s.key_prefix, s.events_topic,
+                                              {p: (shard.stream_time, lags[p]) for p, shard in self.shards.items()})
+        except ServiceError as exc:
+            log.warning("%s: cannot exchange stream times (%s); alignment kept as it was", c.worker_id, exc)
+            return
+        for partition, (ts, _) in marks.items():
+            if self._moved.get(partition, (None,))[0] != ts:
+                self._moved[partition] = (ts, now)
+        self._own_work = {p for p, lag in lags.items() if lag != 0}
+        self._others = {p: ts for p, (ts, lag) in marks.items()
+                        if p not in self.shards and lag != 0 and now - self._moved[p][1] < ALIGN_STALE}
+        released = {p for p, ts in self.held.items() if p not in self.shards or self._allowed(p, [ts])}
+        for partition in released:
+            del self.held[partition]
+        self.consumer.resume(released - self.waiting)
+        for partition in released & set(self.shards):
+            self.consumer.seek(partition, self.shards[partition].offset)  # whatever the poll gave it meanwhile
+
+    def _allowed(self, partition: int, times: list[float]) -> int:
+        """How many of a partition's next events (their times) it may learn now: those at most `align_slack`
+        later than the slowest other partition with events to learn (this worker's at their live stream time;
+        -inf: nothing learned since loaded), and at least one when it is the slowest itself."""
+        slack, shard = self.config.align_slack, self.shards[partition]
+        if slack is None:
+            return len(times)
+        floor = min([*(ts for p, ts in self._others.items() if p != partition),
+                     *(self.shards[p].stream_time for p in self._own_work if p != partition and p in self.shards)],
+                    default=float("inf"))
+        n = 0
+        while n < len(times) and times[n] <= floor + slack:
+            n += 1
+        return max(n, int(shard.stream_time <= floor and len(times) > 0))
+
+    def _hold(self, partition: int, next_ts: float) -> None:
+        """Pause a partition too far ahead, whose next event is at `next_ts`, until it may learn that event;
+        it is fetched again from its next offset."""
+        assert self.consumer is not None
+        self.consumer.seek(partition, self.shards[partition].offset)
+        self.consumer.pause([partition])
+        self.held[partition] = next_ts
 
     def _fold_due(self) -> None:
         """With shared items: every `fold_interval_ms`, each shard folds in the other partitions' item changes."""
