@@ -7,19 +7,23 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
 
 from stream_app.core.settings import Settings
 from stream_app.dev import embedded
 from stream_app.serving.api import create_app
+from stream_app.serving.http import CoalescingHttpToolsProtocol
 
 
 @contextlib.contextmanager
-def live(settings: Settings) -> Iterator[str]:
-    """A real uvicorn serving the API on a free loopback port, in a thread."""
+def serving(app: Any, **config: Any) -> Iterator[str]:
+    """A real uvicorn serving `app` on a free loopback port, in a thread, with the HTTP protocol of
+    `streamrec serve` unless `config` names another (and any other uvicorn `Config` options)."""
     port = embedded.free_port("127.0.0.1")
-    srv = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    config = {"http": CoalescingHttpToolsProtocol, "log_level": "warning", **config}
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **config))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -31,3 +35,10 @@ def live(settings: Settings) -> Iterator[str]:
     finally:
         srv.should_exit = True
         thread.join(20)
+
+
+@contextlib.contextmanager
+def live(settings: Settings) -> Iterator[str]:
+    """The lookup API served for real, as `streamrec serve` serves it."""
+    with serving(create_app(settings)) as base:
+        yield base

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
-from stream_app.dev.embedded import free_port
 from stream_app.serving.http import CoalescingHttpToolsProtocol
+from tests.live_api import serving
 
 BIG = bytes(range(256)) * 8192  # 2 MiB: more than a socket takes at once
 
@@ -65,18 +62,8 @@ class RecordingProtocol(CoalescingHttpToolsProtocol):
 
 @pytest.fixture(scope="module")
 def base() -> Iterator[str]:
-    port = free_port("127.0.0.1")
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=RecordingProtocol,
-                                           log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serving(app, http=RecordingProtocol, lifespan="off") as url:
+        yield url
 
 
 def test_a_response_reaches_the_socket_in_one_write(base: str) -> None:
