@@ -42,7 +42,7 @@ from stream_app.io.redis import Keys, PartitionStore, connect, exchange_stream_t
 from stream_app.worker import dead_letters
 from stream_app.worker.config import WorkerConfig
 from stream_app.worker.shard import STEPS, Shard
-from stream_app.worker.status import STALLED, partition_status, pending
+from stream_app.worker.status import OFFSET_GAP, STALLED, partition_status, pending
 
 log = logging.getLogger("streamrec.worker")
 EXCHANGE_EVENTS = 64  # shared items: events learned between checks for a due fold and commit within a poll
@@ -335,25 +335,28 @@ class Worker:
 
     def _unwedge_group(self) -> None:
         """A member that has held no partition for `REJOIN_AFTER` s while some partition stalls (events wait,
-        no commit for as long) deletes its consumer group and joins it again as a new member. After a fleet
-        restart the embedded broker can keep a member that left as the group's leader: the members then
-        wait for its assignment for minutes (README: Failure modes, fleet restart). Apache Kafka refuses to
-        delete a group with members, so there this does nothing."""
+        no commit for as long) or sits at an offset gap nobody has claimed since, deletes its consumer group
+        and joins it again as a new member. After a fleet restart the embedded broker can keep a member that
+        left as the group's leader, and after the broker itself restarted (losing its log) it can leave the
+        group without an assignment: the members then wait for minutes (README: Failure modes, fleet
+        restart). Apache Kafka refuses to delete a group with members, so there this does nothing."""
         now = time.monotonic()
         if self.shards or self.waiting or now - max(self._unassigned_since, self._joined_at) < REJOIN_AFTER:
             return
         self._joined_at = now
         s = self.settings
         try:
-            stalled = [r.partition for r in partition_status(s, stale_after=REJOIN_AFTER) if r.problem == STALLED]
+            idle = now - self._unassigned_since
+            stalled = [r.partition for r in partition_status(s, stale_after=REJOIN_AFTER) if r.problem == STALLED
+                       or r.problem == OFFSET_GAP and (r.claim_age is None or r.claim_age >= idle)]
             if not stalled:
                 return
             answer = kafka.delete_group(kafka.target(s), s.consumer_group)
         except ServiceError as exc:
             log.warning("%s: cannot check the group's partitions (%s)", self.config.worker_id, exc)
             return
-        log.warning("%s: no partition after %.0f s in group %s while partitions %s stall; the group is wedged. Deleted "
-                    "it (%s) and joining again as a new member", self.config.worker_id, now - self._unassigned_since,
+        log.warning("%s: no partition after %.0f s in group %s while partitions %s wait for an owner; the group is "
+                    "wedged. Deleted it (%s) and joining again as a new member", self.config.worker_id, idle,
                     s.consumer_group, stalled, answer)
         if self.consumer is not None:
             self.consumer.close()
