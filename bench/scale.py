@@ -258,6 +258,12 @@ COLUMNS = (  # (rich header, markdown header)
 )
 
 
+def _partial(row: dict, model: dict) -> bool:
+    """Whether a model's last metric records cover fewer events than the replay (a shard reloaded mid-replay
+    counts from its reload)."""
+    return model["ranked"] + model["cold_start"] + model["repeat"] < row["events"]
+
+
 def render(result: dict) -> tuple[Table, str]:
     """The rich table and the markdown page of a result; deltas and ratios against the first grid row
     of the same tree."""
@@ -275,9 +281,8 @@ def render(result: dict) -> tuple[Table, str]:
             for model, m in row["models"].items():
                 base = first["models"].get(model, m)
                 commit = row["commit_us_per_event"]
-                partial = m["ranked"] + m["cold_start"] + m["repeat"] < row["events"]
                 cells = [tree] * trees + [
-                    str(row["partitions"]) + " *" * partial, str(row["workers"]), model, f"{m['recall']:.4f}",
+                    str(row["partitions"]) + " *" * _partial(row, m), str(row["workers"]), model, f"{m['recall']:.4f}",
                     _delta(m["recall"], base["recall"]), f"{m['auc']:.4f}", _delta(m["auc"], base["auc"]),
                     f"{m['ranked']:,}", f"{m['cold_start']:,}", f"{m['repeat']:,}", f"{row['events_per_s']:,.0f}",
                     f"{row['events_per_s'] / first['events_per_s']:.2f}", "-" if commit is None else f"{commit:.1f}",
@@ -292,8 +297,7 @@ def render(result: dict) -> tuple[Table, str]:
             f"pooled over all partitions from the metrics topic; events/s from the first event produced to the last "
             f"applied in Redis; freshness from {result['rounds']} rounds of one marker event per partition after the "
             f"replay. Machine: {result['machine']}; the grid took {result['grid_minutes']} minutes.\n\n")
-    if any(m["ranked"] + m["cold_start"] + m["repeat"] < row["events"]
-           for rows in result["runs"].values() for row in rows for m in row["models"].values()):
+    if any(_partial(row, m) for rows in result["runs"].values() for row in rows for m in row["models"].values()):
         lines += ["", "\\* The workers' last metric records cover only part of the replay: partitions were assigned "
                   "anew mid-replay, and a reloaded shard's evaluator counts from its reload. Not comparable."]
     steps = list(next(iter(result["runs"].values()))[0]["worker_us_per_event"])

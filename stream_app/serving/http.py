@@ -1,9 +1,8 @@
 """uvicorn's httptools protocol, writing each response to its socket once instead of head and body apart.
 
 uvicorn writes a response's head as soon as the app starts it and the body when the app sends it: two
-writes, so two packets on a TCP_NODELAY socket and two wake-ups of the client per answer. On loopback
-that second write costs a lookup about a tenth of its time (README, "Lookup latency"); writes made
-within one turn of the event loop now leave as one.
+writes, so two packets on a TCP_NODELAY socket and two wake-ups of the client per answer. Here the
+writes made within one turn of the event loop leave as one (what that gains: README, Benchmarks).
 """
 
 from __future__ import annotations
