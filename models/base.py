@@ -248,28 +248,43 @@ class Model(ABC):
         user and session renumbered from row 0; a table left out holds no row), sharing every other table
         with this model. Score it, never learn with it: the shared tables are read-only there."""
         clone = copy.copy(self)
-        swap: dict[int, object] = {}
+        own, parts = self._narrowing()
         clone._stored_rows = dict(self._stored_rows)
-        for name, stored in self._stored_rows.items():
-            if self.tables.get(name) in QUERY_KINDS and self._part_of(name) is None:
-                table = RowTable(stored.table.width, stored.table.data.dtype.type, stored.table.fill)
-                values = np.asarray(rows.get(name, np.zeros((0, stored.table.width))))
-                table.load(values[:, : stored.table.width] if stored.clip else values)
-                swap[id(stored.table)] = table
-                clone._stored_rows[name] = StoredRows(table, stored.changes, stored.bit, stored.clip)
-        clone._parts = {}
-        for prefix, part in self._parts.items():
-            if part.query_tables():
-                own = {t[len(prefix):]: v for t, v in rows.items() if t.startswith(prefix)}
-                narrow = part.narrowed(own)
-                clone._stored_rows.update((prefix + t, r) for t, r in narrow._stored_rows.items())
-                swap[id(part)] = narrow
-                part = narrow
-            clone._parts[prefix] = part
-        for attr, value in list(vars(clone).items()):  # the attributes that held the swapped tables and parts
-            if id(value) in swap:
-                setattr(clone, attr, swap[id(value)])
+        for name, attrs in own:
+            stored = self._stored_rows[name]
+            values = rows.get(name)
+            if values is None:
+                values = np.zeros((0, stored.table.width))
+            elif stored.clip:
+                values = values[:, : stored.table.width]
+            table = RowTable.of(values, stored.table.width, stored.table.data.dtype.type, stored.table.fill)
+            clone._stored_rows[name] = StoredRows(table, stored.changes, stored.bit, stored.clip)
+            for attr in attrs:
+                setattr(clone, attr, table)
+        if parts:
+            clone._parts = dict(self._parts)
+        for prefix, attrs in parts:
+            narrow = self._parts[prefix].narrowed({t[len(prefix):]: v for t, v in rows.items() if t.startswith(prefix)})
+            clone._stored_rows.update((prefix + t, r) for t, r in narrow._stored_rows.items())
+            clone._parts[prefix] = narrow
+            for attr in attrs:
+                setattr(clone, attr, narrow)
         return clone
+
+    def _narrowing(self) -> tuple[list[tuple[str, list[str]]], list[tuple[str, list[str]]]]:
+        """What `narrowed` swaps, worked out on the first call (a model's tables and parts stay the objects
+        they were made as): its own query tables and the included parts that have query tables, each
+        with the attributes that hold it."""
+        plan = self.__dict__.get("_narrow_plan")
+        if plan is None:
+            holders: dict[int, list[str]] = {}
+            for attr, value in vars(self).items():
+                holders.setdefault(id(value), []).append(attr)
+            own = [(name, holders.get(id(stored.table), [])) for name, stored in self._stored_rows.items()
+                   if self.tables.get(name) in QUERY_KINDS and self._part_of(name) is None]
+            parts = [(prefix, holders.get(id(part), [])) for prefix, part in self._parts.items() if part.query_tables()]
+            plan = self._narrow_plan = (own, parts)
+        return plan
 
     # -- shared items: what a shard needs to fold the other shards' item changes into its replica -------
 

@@ -27,7 +27,7 @@ import numpy as np
 from numba import njit
 
 from models.base import Batch, Model, TableKind
-from models.kernels import FAST, SEEN_BITS_PER_WORD, is_seen, mark_seen
+from models.kernels import FAST, SEEN_BITS_PER_WORD, is_seen, mark_seen, top_items
 from models.registry import create
 from models.rows import Changes, RowTable
 
@@ -44,41 +44,10 @@ def _seen(seen, s, n, n_bits):  # pragma: no cover - numba
 
 
 @njit(cache=True)
-def _worse(v, i, w, j):  # pragma: no cover - numba
-    """Whether (score v, item i) ranks below (w, j): a lower score, or the same at a higher item."""
-    return v < w or (v == w and i > j)
-
-
-@njit(cache=True)
 def _reciprocal_ranks(z, k, out):  # pragma: no cover - numba
-    """out[i] = 10 / (10 + rank) for the k best items of z (ties to the lower item), by one pass that
-    keeps the best k seen in a heap whose root is the worst of them. # [n] -> [n]"""
-    value, item = np.empty(k), np.empty(k, np.int64)
-    for j in range(len(z)):
-        x = z[j]
-        if j < k:  # push: move x up while it is worse than its parent
-            i = j
-            while i > 0 and _worse(x, j, value[(i - 1) >> 1], item[(i - 1) >> 1]):
-                value[i], item[i] = value[(i - 1) >> 1], item[(i - 1) >> 1]
-                i = (i - 1) >> 1
-        elif x > value[0]:  # replace the root: move it down while a child is worse than x
-            i = 0
-            while 2 * i + 1 < k:
-                c = 2 * i + 1
-                if c + 1 < k and _worse(value[c + 1], item[c + 1], value[c], item[c]):
-                    c += 1
-                if not _worse(value[c], item[c], x, j):
-                    break
-                value[i], item[i] = value[c], item[c]
-                i = c
-        else:
-            continue
-        value[i], item[i] = x, j
-    by_item = np.argsort(item)
-    order = by_item[np.argsort(-value[by_item], kind="mergesort")]
-    for rank in range(k):
-        out[item[order[rank]]] = 10.0 / (10.0 + rank)
-
+    """out[i] = 10 / (10 + rank) for the k best items of z (ties to the lower item). # [n] -> [n]"""
+    for rank, i in enumerate(top_items(z, k)):
+        out[i] = 10.0 / (10.0 + rank)
 
 
 @njit(cache=True, fastmath=FAST)

@@ -1,5 +1,5 @@
-"""Numba helpers the compiled per-event loops share (`mf_loop`, `dnn_loop`, `caser_loop`): counter-based
-random draws, and the hashed per-user filter of seen items."""
+"""Numba helpers the compiled loops share: counter-based random draws and the hashed per-user filter of
+seen items (`mf_loop`, `dnn_loop`, `caser_loop`), and the top-k selection of lookups and the blend."""
 
 from __future__ import annotations
 
@@ -56,3 +56,44 @@ def mark_seen(seen, u, j, n_bits):
         return False
     seen[u, word] = np.float32(w | bit)
     return True
+
+
+@njit(cache=True)
+def _worse(v, i, w, j):  # pragma: no cover - numba
+    """Whether (score v, item i) ranks below (w, j): a lower score, or the same at a higher item."""
+    return v < w or (v == w and i > j)
+
+
+@njit(cache=True)
+def top_items(scores, k):  # pragma: no cover - numba
+    """The items of the k highest finite scores, best first, ties to the lower item: one pass that keeps
+    the best seen so far in a heap whose root is the worst of them (most items lose one comparison
+    with the root, where a partition moves every item). # [n] -> [min(k, finite)]"""
+    value, item = np.empty(max(k, 0)), np.empty(max(k, 0), np.int64)
+    size = 0
+    for j in range(len(scores)):
+        x = scores[j]
+        if not np.isfinite(x):
+            continue
+        if size < k:  # push: move x up while it is worse than its parent
+            i = size
+            size += 1
+            while i > 0 and _worse(x, j, value[(i - 1) >> 1], item[(i - 1) >> 1]):
+                value[i], item[i] = value[(i - 1) >> 1], item[(i - 1) >> 1]
+                i = (i - 1) >> 1
+        elif k > 0 and x > value[0]:  # replace the root: move it down while a child is worse than x
+            i = 0
+            while 2 * i + 1 < k:
+                c = 2 * i + 1
+                if c + 1 < k and _worse(value[c + 1], item[c + 1], value[c], item[c]):
+                    c += 1
+                if not _worse(value[c], item[c], x, j):
+                    break
+                value[i], item[i] = value[c], item[c]
+                i = c
+        else:
+            continue
+        value[i], item[i] = x, j
+    value, item = value[:size], item[:size]
+    by_item = np.argsort(item)
+    return item[by_item[np.argsort(-value[by_item], kind="mergesort")]]

@@ -21,6 +21,20 @@ class RowTable:
         self.fill = fill
         self.data = self._buf[:0]  # [n, d]
 
+    @classmethod
+    def of(cls, values: np.ndarray, width: int, dtype: type = np.float64, fill: float = 0.0) -> RowTable:
+        """A table of `width` columns holding `values` [n, <=width] (copied; padded with `fill`), sized to
+        them: what `load` gives, without a first buffer to fill and drop (a query's few rows, per request)."""
+        values = np.asarray(values)
+        if values.ndim != 2 or values.shape[1] != width:
+            table = cls(width, dtype, fill)
+            table.load(values)
+            return table
+        table = cls.__new__(cls)
+        table._buf = np.array(values, dtype)
+        table.n, table.fill, table.data = len(values), fill, table._buf
+        return table
+
     @property
     def width(self) -> int:
         return self._buf.shape[1]

@@ -9,10 +9,14 @@ B0..B9; alice (ios) bought A1 and clicked A2; one user browses in session sess-1
 from __future__ import annotations
 
 import gc
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -28,6 +32,8 @@ from stream_app.serving.recommender import Recommender
 from stream_app.worker.config import WorkerConfig
 from stream_app.worker.worker import Worker
 from tests.live_api import live
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.integration
 
@@ -285,6 +291,30 @@ def test_a_running_api_keeps_the_heap_it_started_with_out_of_the_collectors_sigh
     assert gc.get_freeze_count() == 0
 
 
+def test_what_numba_builds_for_a_served_model_is_frozen_with_the_startup_heap(planted):
+    """A model's first answer makes numba build its typing context and kernels (tens of thousands of
+    objects). Built after the freeze, they were walked by every full collection (caser's answers paused
+    10-50 ms); the lifespan runs every served model before it freezes. A new interpreter: this one's
+    numba is warm already."""
+    script = (
+        "import gc\n"
+        "from fastapi.testclient import TestClient\n"
+        "from stream_app.core.settings import Settings\n"
+        "from stream_app.serving.api import create_app\n"
+        "with TestClient(create_app(Settings())) as client:\n"
+        "    for model in ('caser', 'pop'):\n"
+        "        r = client.get('/recommendations', params={'user_id': 'alice', 'model': model})\n"
+        "        assert r.status_code == 200, r.text\n"
+        "    gc.collect()\n"
+        "    print(len(gc.get_objects()), gc.get_freeze_count())\n"
+    )
+    env = {**os.environ, **planted.with_(api_models="caser,pop").environ(), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    tracked, frozen = map(int, out.stdout.split()[-2:])
+    assert frozen > 100_000 and tracked < 20_000, (tracked, frozen)
+
+
 def test_redis_stopped_gives_503_with_retry_after_then_recovers(tmp_path, planted):
     port = embedded.free_port("127.0.0.1")
     redis_server = embedded.start_redis(port, tmp_path / "r1")
@@ -431,6 +461,18 @@ def test_top_k_orders_and_skips_non_finite():
     assert top_k(scores, 2).tolist() == [2, 4]
     assert top_k(scores, 10).tolist() == [2, 4, 0]
     assert top_k(np.full(4, -np.inf), 3).tolist() == []
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_top_k_equals_a_full_sort_with_ties_to_the_lower_index(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 3000))
+    scores = rng.integers(0, 40, n).astype(np.float32 if seed % 2 else np.float64)  # many ties
+    scores[rng.random(n) < 0.1] = rng.choice([np.nan, np.inf, -np.inf])
+    finite = np.flatnonzero(np.isfinite(scores))
+    reference = finite[np.lexsort((finite, -scores[finite]))]  # score descending, then index ascending
+    for k in (1, 7, 20, 100, n, n + 5):
+        assert top_k(scores, k).tolist() == reference[:k].tolist(), k
 
 
 def test_prepared_popularity_scores_equal_the_models_own():

@@ -47,6 +47,7 @@ from models.base import QUERY_KINDS, Model
 from models.features import Featurizer
 from models.registry import create
 from stream_app.core.errors import ServiceError
+from stream_app.core.events import prepare
 from stream_app.core.memory import release_free_heap
 from stream_app.core.settings import Settings, redact
 from stream_app.io.kafka import partition_for
@@ -65,7 +66,7 @@ from stream_app.io.redis import (
     read_history_pairs,
     read_snapshot,
 )
-from stream_app.serving.scorers import AnnIndex, Cooccurrence, EmbeddingScorer
+from stream_app.serving.scorers import AnnIndex, Cooccurrence, EmbeddingScorer, top_k
 from stream_app.serving.view import ShardView
 
 log = logging.getLogger("streamrec.serving")
@@ -131,6 +132,22 @@ class ModelCache:
         self.full_reloads = 0
         self.last_reload_seconds = 0.0
         self.ann_builds = 0
+
+    def compile_models(self) -> None:
+        """Learn and answer a made-up two-event session with a new instance of each served model, and
+        pick its top items, so that what numba builds on first use (its typing context and the kernels,
+        tens of thousands of objects) exists now: a server that freezes its heap after this keeps them
+        out of every later full collection."""
+        now = time.time()
+        events = [prepare({"user_id": "u", "session_id": "s", "item_id": item, "event_type": "click", "ts": now})
+                  for item in ("a", "b")]
+        for name in self.model_names:
+            featurizer, model = Featurizer(), create(name)
+            model.learn(featurizer.batch(events))
+            query = featurizer.query("u", {}, now, "s")
+            top_k(model.score(query, np.zeros(1, np.int64))[0], 1)
+            if model.item_vectors() is not None:
+                model.query_vectors(query, np.zeros(1, np.int64))
 
     def keys(self, partition: int) -> Keys:
         return Keys(self.settings.key_prefix, self.settings.events_topic, partition)

@@ -22,19 +22,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.base import Batch, Model, PopularityState
+from models.kernels import top_items
 
 _FIRST_ROW = np.array([0])
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest finite scores, best first (one np.argpartition over the whole vector)."""
-    n = len(scores)
-    if n == 0 or k <= 0:
+    """Indices of the k largest finite scores, best first, ties to the lower index (`top_items`)."""
+    if len(scores) == 0 or k <= 0:
         return np.zeros(0, np.int64)
-    neg = -scores
-    part = np.argpartition(neg, k - 1)[:k] if n > k else np.arange(n)
-    part = part[np.isfinite(neg[part])]  # fewer than k finite scores: -inf rows are not answers
-    return part[np.argsort(neg[part], kind="stable")]
+    return top_items(scores, min(k, len(scores)))
 
 
 def fit_rows(table: np.ndarray, n: int) -> np.ndarray:
