@@ -24,7 +24,7 @@ of a core away from the server it measures.
 
 Configurations: `--workers 1` and `--workers 2` of the current code, the same
 with popularity only, and (`--baseline REF`, e.g. HEAD before a change) the
-code of a git revision serving popularity, all in the same run.
+code of a git revision serving popularity (or each of `--baseline-models`), all in the same run.
 
 Freshness: with a worker running and the server answering, events of new
 users are produced one at a time; the time from produce to the first answer
@@ -457,7 +457,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "queried; a session model first, e.g. gru,pop, measures session lookups)")
     parser.add_argument("--workers", default="1,2", help="server worker-process counts to measure")
     parser.add_argument("--baseline", default=None,
-                        help="also measure this git revision's server (popularity), e.g. HEAD before a change")
+                        help="also measure this git revision's server, e.g. HEAD before a change")
+    parser.add_argument("--baseline-models", default="pop",
+                        help="the models the baseline serves, each alone with 1 process (comma-separated)")
     parser.add_argument("--clients", type=int, default=GOAL_CLIENTS)
     parser.add_argument("--rate", type=float, default=GOAL_OPEN_RATE)
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -523,7 +525,7 @@ def main(argv: list[str] | None = None) -> dict:
                 configs.append(("pop, --workers 1", ",".join(models), "pop", 1, None))
         if args.baseline:
             base_dir = checkout(args.baseline, tmp / "baseline")
-            configs.append((f"pop, baseline {args.baseline}", "pop", "pop", 1, base_dir))
+            configs += [(f"{m}, baseline {args.baseline}", m, m, 1, base_dir) for m in args.baseline_models.split(",")]
         runs: list[dict] = []
         first_server: Server | None = None
         for name, serve_models, model, workers, cwd in configs:
