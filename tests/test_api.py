@@ -8,6 +8,7 @@ B0..B9; alice (ios) bought A1 and clicked A2; one user browses in session sess-1
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import random
@@ -576,6 +577,45 @@ def test_serve_with_two_worker_processes(planted, tmp_path):
         log.close()
 
 
+def test_a_session_is_asked_of_the_partition_it_was_found_in_first(topics):
+    """A session lookup does not name its user, whose partition holds the session: the first lookup asks
+    the partitions in turn, later ones the partition that knew it (one round trip)."""
+    events = [prepare({"user_id": f"u{j % 9}", "item_id": f"I{j % 20}", "event_type": "click",
+                       "session_id": f"s{j % 9}", "ts": T0 + j}) for j in range(90)]
+    produce(topics, events)
+    Worker(topics, WorkerConfig(models=("pop", "gru"))).run(max_idle=3)
+    cache = ModelCache(topics, ("pop", "gru"), background=False)
+    cache.refresh()
+    rec, asked = Recommender(cache), []
+    read = cache.aquery
+
+    async def counted(partition, user_id, session=None):
+        asked.append(partition)
+        return await read(partition, user_id, session)
+
+    cache.aquery = counted  # the real read, counted
+
+    async def lookups() -> list[tuple[int, list[int], int, list[int]]]:
+        out = []
+        for s in sorted({e.session_id for e in events}):
+            asked.clear()
+            first = await rec.session_rows(s)
+            first_asked = list(asked)
+            asked.clear()
+            again = await rec.session_rows(s)
+            assert first is not None and again is not None, s
+            out.append((first[0], first_asked, again[0], list(asked)))
+        asked.clear()
+        assert await rec.session_rows("nobody's session") is None
+        assert sorted(asked) == list(range(topics.events_partitions))
+        return out
+
+    found = asyncio.run(lookups())
+    assert all(again == partition and asked_again == [partition] for partition, _, again, asked_again in found)
+    assert any(len(first_asked) > 1 for _, first_asked, _, _ in found)  # some session was not in partition 0
+    assert {partition for partition, *_ in found} == set(range(topics.events_partitions))
+
+
 @pytest.mark.parametrize("model", ["gru", "sknn", "markov", "caser"])
 def test_session_lookup_leaves_out_the_items_already_in_the_session(topics, model):
     events = [prepare({"user_id": f"u{j % 7}", "item_id": f"I{j % 30}", "event_type": "click",
@@ -584,7 +624,8 @@ def test_session_lookup_leaves_out_the_items_already_in_the_session(topics, mode
     Worker(topics, WorkerConfig(models=("pop", model))).run(max_idle=3)
     cache = ModelCache(topics, ("pop", model), background=False)
     cache.refresh()
-    answer = Recommender(cache).for_session("s0", k=13, model=model, context={})
+    rec = Recommender(cache)
+    answer = rec.for_session("s0", k=13, model=model, context={}, found=asyncio.run(rec.session_rows("s0")))
     in_session = {e.item_id for e in events if e.session_id == "s0"}
     shown = {i["item_id"] for i in answer["items"]}
     view = cache.shard(answer["partition"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
 import numpy as np
@@ -122,7 +123,8 @@ def test_worker_publishes_blend_metrics_and_answers_name_the_members(topics, tmp
     cache = ModelCache(topics, ("pop", "blend"), background=False)
     cache.refresh()
     recommender = Recommender(cache)
-    for answer in (recommender.for_session(stream[-1].session_id, 5, "blend", {"device": "ios"}),
+    found = asyncio.run(recommender.session_rows(stream[-1].session_id))
+    for answer in (recommender.for_session(stream[-1].session_id, 5, "blend", {"device": "ios"}, found),
                    recommender.for_user(stream[-1].user_id, 5, "blend", {}, include_seen=False)):
         assert len(answer["items"]) == 5
         for item in answer["items"]:

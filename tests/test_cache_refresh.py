@@ -224,7 +224,7 @@ def test_a_query_reads_its_users_and_sessions_rows_as_committed_not_as_the_view_
     rec = Recommender(cache)
     answer = rec.for_user("newcomer", 5, "mf", {}, include_seen=False)
     assert answer["items"] and all(item["reason"].get("item_id") == "i3" for item in answer["items"]), answer
-    session = rec.for_session("fresh-session", 5, "gru", {})
+    session = rec.for_session("fresh-session", 5, "gru", {}, asyncio.run(rec.session_rows("fresh-session")))
     assert session["items"] and session["items"][0]["reason"]["kind"] == "session", session
     assert "i3" not in [item["item_id"] for item in session["items"]]
 

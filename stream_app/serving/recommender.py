@@ -2,7 +2,8 @@
 
 A user's state lives in the shard (Kafka partition) its user_id hashes to, so a
 user lookup reads her rows there (one Redis round trip) and ranks with that shard's
-view; sessions look in every shard until one knows them, similar items in every view.
+view; a session is looked for in the shard it was last found in, then in the others in turn
+(the request does not name its user); similar items in every view.
 Unknown users, sessions and items get context-aware popularity, never an error.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 
 import numpy as np
 
@@ -26,6 +28,7 @@ from stream_app.serving.view import ShardView, query_batch
 
 # An answer candidate: (item id, score, reason).
 Candidate = tuple[str, float, dict]
+SESSION_PARTITIONS = 32_768  # sessions whose shard a server remembers (least recently found forgotten first)
 
 
 class Recommender:
@@ -35,6 +38,7 @@ class Recommender:
         self.cache = cache
         self.models = cache.model_names
         self.query_kind = {name: type(create(name)).query for name in self.models}
+        self._session_partition: OrderedDict[str, int] = OrderedDict()
 
     def model(self, requested: str | None, query: str) -> str:
         """The model to answer with: `requested`, else the first served one ranking for `query` (user/session)."""
@@ -53,12 +57,19 @@ class Recommender:
         return await self.cache.aquery(self.cache.partition_of_user(user_id), user_id)
 
     async def session_rows(self, session_id: str) -> tuple[int, QueryRows] | None:
-        """(partition, rows) of a session, asking each partition in turn (the request does not name its
-        user, whose partition holds it); None when none knows it."""
-        for partition in range(self.cache.partitions):
+        """(partition, rows) of a session, None when no partition knows it. The request does not name its
+        user, whose partition holds the session: the partition it was found in last comes first (one round
+        trip for a live session's later lookups), then the others in turn."""
+        last = self._session_partition.get(session_id)
+        for partition in ([last] if last is not None else []) + [p for p in range(self.cache.partitions) if p != last]:
             rows = await self.cache.aquery(partition, None, session_key(session_id))
             if rows.session >= 0:
+                self._session_partition[session_id] = partition
+                self._session_partition.move_to_end(session_id)
+                if len(self._session_partition) > SESSION_PARTITIONS:
+                    self._session_partition.popitem(last=False)
                 return partition, rows
+        self._session_partition.pop(session_id, None)
         return None
 
     def for_user(self, user_id: str, k: int, model: str, context: dict[str, str], include_seen: bool,
@@ -87,13 +98,10 @@ class Recommender:
                 "items": items}
 
     def for_session(self, session_id: str, k: int, model: str, context: dict[str, str],
-                    found: tuple[int, QueryRows] | None = None) -> dict:
+                    found: tuple[int, QueryRows] | None) -> dict:
         """Top-k next items for a session (popularity in context for an unknown session or a user model),
-        from its rows as `session_rows` found them (looked for here when not given)."""
+        from its rows as `session_rows` found them (None: no partition knows it)."""
         views = self.cache.views()
-        if found is None:
-            found = next(((p, r) for p in range(self.cache.partitions)
-                          if (r := self.cache.query(p, None, session_key(session_id))).session >= 0), None)
         rows = found[1] if found is not None else None
         view = (self.cache.shard(found[0]) if found is not None
                 else max(views, key=lambda v: (int(v.valid_items.sum()), -v.partition)))
