@@ -56,6 +56,9 @@ REMIND_EVERY = 30.0  # seconds between reminders of stopped partitions, or of ho
 POLL_SHARE = 0.25
 FIRST_POLL = 256  # events of the first poll, before the learning speed is known
 ALIGN_EVERY = 0.02  # shared items: seconds between exchanges of the partitions' stream times (`align_slack`)
+# the same (and a poll's longest wait) while a partition of this worker is held, or while its stream time runs
+# (a backlog): a held partition's release waits for an exchange, of its own worker and of the others
+ALIGN_EVERY_HELD = 0.002
 ALIGN_STALE = 10.0  # seconds a partition's stream time may stand still before it holds no other partition back
 
 
@@ -112,6 +115,7 @@ class Worker:
         self._folded_at = time.monotonic()
         self.held: dict[int, float] = {}  # paused for being too far ahead in stream time -> its next event's ts
         self._aligned_at = 0.0
+        self._aligned_floor = -float("inf")  # the slowest stream time of this worker's busy partitions, last exchanged
         self._others: dict[int, float] = {}  # stream time of the other workers' partitions that hold others back
         self._own_work: set[int] = set()  # this worker's partitions with events to learn (or not known not to)
         self._moved: dict[int, tuple[float, float]] = {}  # partition -> its stream time, when it was first seen
@@ -265,7 +269,8 @@ class Worker:
             while self.running:
                 if self.waiting:
                     self._retry_waiting()
-                polled = self.consumer.poll(self.poll_size(), self.config.max_wait_ms / 1000)
+                wait = self.config.max_wait_ms / 1000
+                polled = self.consumer.poll(self.poll_size(), min(wait, ALIGN_EVERY_HELD) if self.held else wait)
                 recovering = self.waiting.difference(self.stopped)
                 now = time.monotonic()
                 if polled or recovering or self.held:  # a held partition has events to learn
@@ -398,18 +403,24 @@ class Worker:
         shard.process(messages, self.dead_letter)
 
     def _align_due(self) -> None:
-        """With shared items and `align_slack`: every `ALIGN_EVERY` s, publish the stream time and lag of this
-        worker's partitions, read every partition's, and resume the held partitions whose next event may now
-        be learned (`_allowed`).
+        """With shared items and `align_slack`: every `ALIGN_EVERY` s (`ALIGN_EVERY_HELD` while one of its
+        partitions is held, or its slowest busy one has moved a quarter of the slack since), publish the
+        stream time and lag of this worker's partitions, read every partition's, and resume the held
+        partitions whose next event may now be learned (`_allowed`).
 
         Only partitions with events to learn count, and another worker's only while its stream time moves
         (standing still for `ALIGN_STALE` s: a dead, stopped or unowned partition holds nobody back). The
         slowest partition always learns its next event, so some partition with work always learns."""
         c = self.config
         now = time.monotonic()
-        if not c.shared_items or c.align_slack is None or self.consumer is None or now - self._aligned_at < ALIGN_EVERY:
+        if not c.shared_items or c.align_slack is None or self.consumer is None:
             return
-        self._aligned_at = now
+        floor = self._own_floor()
+        # held, or its own slowest moved a quarter of the slack (a backlog): the others wait for this news
+        soon = bool(self.held) or floor - self._aligned_floor >= c.align_slack / 4
+        if now - self._aligned_at < (ALIGN_EVERY_HELD if soon else ALIGN_EVERY):
+            return
+        self._aligned_at, self._aligned_floor = now, floor
         ends = self.consumer.ends(self.shards)
         lags = {p: ends[p] - s.offset if p in ends and s.offset is not None else -1 for p, s in self.shards.items()}
         s = self.settings
@@ -432,6 +443,10 @@ class Worker:
         self.consumer.resume(released - self.waiting)
         for partition in released & set(self.shards):
             self.consumer.seek(partition, self.shards[partition].offset)  # whatever the poll gave it meanwhile
+
+    def _own_floor(self) -> float:
+        """The slowest stream time of this worker's partitions with events to learn (inf: none)."""
+        return min((self.shards[p].stream_time for p in self._own_work if p in self.shards), default=float("inf"))
 
     def _allowed(self, partition: int, times: list[float]) -> int:
         """How many of a partition's next events (their times) it may learn now: those at most `align_slack`
