@@ -111,7 +111,8 @@ def app_from_env() -> FastAPI:
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI):
     """Start the cache's refresher (it loads every shard before the first request needs it), run every
-    served model once and freeze the heap built so far; on shutdown stop the refresher, close the event producer and unfreeze."""
+    served model once and freeze the heap built so far; on shutdown stop the refresher, close the event
+    producer and unfreeze."""
     app.state.cache.start()
     # The heap of the libraries (torch's and numba's above all) leaves the collector's sight: a full
     # collection walks every tracked object, and held answers for tens of ms (README, Lookup API).
