@@ -43,54 +43,94 @@ def _seen(seen, s, n, n_bits):  # pragma: no cover - numba
     return out
 
 
-@njit(cache=True)
-def _reciprocal_ranks(z, k, out):  # pragma: no cover - numba
-    """out[i] = 10 / (10 + rank) for the k best items of z (ties to the lower item). # [n] -> [n]"""
-    for rank, i in enumerate(top_items(z, k)):
-        out[i] = 10.0 / (10.0 + rank)
-
-
 @njit(cache=True, fastmath=FAST)
-def _finite(s):  # pragma: no cover - numba
-    """Non-finite scores to 0, in place; each row's mean, and whether none of its scores is negative.
-    # [M, n] -> [M], [M]"""
+def _summary(s, top):  # pragma: no cover - numba
+    """Each row's mean and standard deviation (float64), and its `top` best items, best first, ties to the
+    lower item (-1 where the row has fewer items). # [M, n] -> [M], [M], [M, top]"""
     m, n = s.shape
-    mean, positive = np.zeros(m), np.ones(m, np.bool_)
+    mean, std = np.zeros(m), np.zeros(m)
+    best = np.full((m, top), -1, np.int64)
     for r in range(m):
-        total, low = 0.0, np.inf
-        for j in range(n):
-            x = s[r, j] if np.isfinite(s[r, j]) else np.float32(0.0)
-            s[r, j] = x
-            total += x
-            low = min(low, x)
-        mean[r] = total / max(n, 1)
-        positive[r] = low >= 0
-    return mean, positive
-
-
-@njit(cache=True, fastmath=FAST)
-def _standardised(s, top):  # pragma: no cover - numba
-    """Each row of s z-scored (a row with one value everywhere gets 0s); then, with `top`, 10 / (10 + rank)
-    of each row's `top` best items by that z-score (`_reciprocal_ranks`), 0 for the rest. # [M, n] -> [F, n]"""
-    m, n = s.shape
-    out = np.zeros((2 * m if top > 0 else m, n))
-    for r in range(m):
-        z = out[r]
         total = 0.0
         for j in range(n):
-            z[j] = s[r, j]
-            total += z[j]
-        mean = total / max(n, 1)
+            total += s[r, j]
+        mean[r] = total / max(n, 1)
         var = 0.0
         for j in range(n):
-            z[j] -= mean
-            var += z[j] * z[j]
-        std = np.sqrt(var / max(n, 1))
-        if std > 0:
-            z /= std
-        if top > 0 and n > 0:
-            _reciprocal_ranks(z, min(top, n), out[m + r])
-    return out
+            d = s[r, j] - mean[r]
+            var += d * d
+        std[r] = np.sqrt(var / max(n, 1))
+        if top > 0:
+            found = top_items(s[r], top)
+            best[r, : len(found)] = found
+    return mean, std, best
+
+
+@njit(cache=True, fastmath=FAST)
+def _combined(s, a, c, best, b, out):  # pragma: no cover - numba
+    """out[j] = c + sum_r a[r] s[r, j] + b[r] * 10 / (10 + rank of j in row r's best). # [M, n] -> [n]"""
+    m, n = s.shape
+    out[:] = c
+    for r in range(m):
+        for j in range(n):
+            out[j] += a[r] * s[r, j]
+        for rank in range(best.shape[1]):
+            if best[r, rank] >= 0:
+                out[best[r, rank]] += b[r] * 10.0 / (10.0 + rank)
+
+
+@njit(cache=True, fastmath=FAST)
+def _expected(s, best, p):  # pragma: no cover - numba
+    """sum_j p[j] s[r, j] and sum_j p[j] 10 / (10 + rank of j in row r's best), per row. # -> [M], [M]"""
+    m, n = s.shape
+    dense, ranks = np.zeros(m), np.zeros(m)
+    for r in range(m):
+        total = 0.0
+        for j in range(n):
+            total += p[j] * s[r, j]
+        dense[r] = total
+        for rank in range(best.shape[1]):
+            if best[r, rank] >= 0:
+                ranks[r] += p[best[r, rank]] * 10.0 / (10.0 + rank)
+    return dense, ranks
+
+
+class Features:
+    """One row's features [F, n] (see the module docstring), kept as what they are made of: each member's
+    scores s [M, n] (logged where they count), their means and deviations, and each member's `top` best
+    items. Nothing [F, n] is built: a score, an expectation and a few items' features are each one pass."""
+
+    def __init__(self, s: np.ndarray, top: int):
+        self.s = s  # [M, n] float32
+        self.mean, std, self.best = _summary(s, top)  # [M], [M], [M, top]
+        self.scale = np.divide(1.0, std, out=np.zeros_like(std), where=std > 0)  # [M] 1 / std (0: a constant row)
+        self.ranked = top > 0
+
+    def score(self, w: np.ndarray) -> np.ndarray:
+        """w @ features. # [F] -> [n]"""
+        m = len(self.s)
+        a = w[:m] * self.scale
+        out = np.empty(self.s.shape[1])
+        _combined(self.s, a, -float(a @ self.mean), self.best, w[m:] if self.ranked else np.zeros(m), out)
+        return out
+
+    def expect(self, p: np.ndarray) -> np.ndarray:
+        """features @ p, for weights p over the items that sum to 1. # [n] -> [F]"""
+        dense, ranks = _expected(self.s, self.best, np.asarray(p, np.float64))
+        z = (dense - self.mean) * self.scale
+        return np.concatenate([z, ranks]) if self.ranked else z
+
+    def at(self, items: np.ndarray) -> np.ndarray:
+        """The features of `items`. # [len(items)] -> [F, len(items)]"""
+        items = np.asarray(items, np.int64)
+        z = (self.s[:, items] - self.mean[:, None]) * self.scale[:, None]
+        if not self.ranked:
+            return z
+        rank = np.arange(self.best.shape[1])
+        hit = self.best[:, :, None] == items[None, None, :]  # [M, top, len(items)]
+        ranks = (hit * (10.0 / (10.0 + rank))[None, :, None]).sum(axis=1)
+        return np.concatenate([z, ranks])
+
 
 class Blend(Model):
     """Member models' standardised scores, weighted per (query kind, context value); see the module docstring.
@@ -182,19 +222,21 @@ class Blend(Model):
             w += self._ctx.data[c, g * m : (g + 1) * m].mean(axis=0)
         return w
 
-    def _step(self, batch: Batch, j: int, g: int, z: np.ndarray) -> None:
-        """One Adagrad step of the weights of row j (group g) on its item, given its features z [F, n];
+    def _step(self, batch: Batch, j: int, g: int, z: Features) -> None:
+        """One Adagrad step of the weights of row j (group g) on its item, given its features z;
         none for an item the session had seen (a repeat: what is to rank is what it has not seen)."""
         m = self._f
-        s = self._weight(batch, j, g) @ z  # [n]
+        seen = None
         if self.seen_bits > 0 and 0 <= batch.sessions[j] < self._seen.n:  # seen items are no answer
-            seen = _seen(self._seen.data, batch.sessions[j], len(s), self.seen_bits)
+            seen = _seen(self._seen.data, batch.sessions[j], batch.n_items, self.seen_bits)
             if seen[batch.items[j]]:
                 return
+        s = z.score(self._weight(batch, j, g))  # [n]
+        if seen is not None:
             s[seen] = -np.inf
         p = np.exp(s - s.max())
         p /= p.sum()
-        grad = z @ p - z[:, batch.items[j]]  # [F]
+        grad = z.expect(p) - z.at(batch.items[j : j + 1])[:, 0]  # [F]
         width = self._groups * m
         cols = slice(g * m, (g + 1) * m)
         acc = self._base[width:][cols]
@@ -210,16 +252,19 @@ class Blend(Model):
             self._ctx_changed.mark(c)
 
     # -- features --------------------------------------------------------------------------
-    def _features(self, member_scores: list[np.ndarray]) -> np.ndarray:
+    def _features(self, member_scores: list[np.ndarray]) -> Features:
         """One row's features: each member's scores (non-finite ones as 0) z-scored over the items, after
         log(s + eps * mean) when none is negative (counts and shares); then, with `top`, 10 / (10 + rank)
         for each member's `top` best items, ties to the lower item (0 for the rest). # M x [n] -> [F, n]"""
-        s = np.array(member_scores, np.float32)  # [M, n], a copy: logged in place (SIMD, unlike a compiled loop)
-        mean, positive = _finite(s)
-        for r in np.flatnonzero(positive).tolist():
+        s = np.array(member_scores, np.float32)  # [M, n], a copy: cleaned and logged in place, by SIMD ufuncs
+        bad = ~np.isfinite(s)
+        if bad.any():
+            s[bad] = 0.0
+        mean = s.mean(axis=1)  # [M] float32 sums, pairwise
+        for r in np.flatnonzero(s.min(axis=1, initial=0.0) >= 0).tolist():
             np.add(s[r], np.float32(self.eps * max(mean[r], 1e-12)), out=s[r])
             np.log(s[r], out=s[r])
-        return _standardised(s, self.top)
+        return Features(s, self.top)
 
     # -- Model -----------------------------------------------------------------------------
     def _ensure(self, batch: Batch) -> None:
@@ -245,9 +290,9 @@ class Blend(Model):
         out = np.empty((len(rows), batch.n_items))  # [R, n_items]
         before = {} if self.sequential else {j: self._weight(batch, j, groups[j]) for j in asked}
         for k, j in enumerate(need.tolist()):
-            z = self._features([s[k] for s in scores])  # [F, n_items]
+            z = self._features([s[k] for s in scores])
             if j in asked:
-                out[asked[j]] = (before[j] if before else self._weight(batch, j, groups[j])) @ z
+                out[asked[j]] = z.score(before[j] if before else self._weight(batch, j, groups[j]))
             if has_item[j]:
                 self._step(batch, j, groups[j], z)
                 if self.seen_bits > 0:
@@ -266,22 +311,22 @@ class Blend(Model):
         w = self.weights(batch, rows)  # [R, F]
         out = np.empty((len(rows), batch.n_items))
         for r in range(len(rows)):
-            out[r] = w[r] @ self._features([s[r] for s in scores])
+            out[r] = self._features([s[r] for s in scores]).score(w[r])
         return out
 
-    def explain(self, batch: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def explain(self, batch: Batch) -> tuple[np.ndarray, np.ndarray, Features]:
         """For the one-row query `batch`, in one pass: its scores [n_items] (as `score`), its weights
-        [F] and its features [F, n_items], for `contributions`."""
+        [F] and its features, for `contributions`."""
         self._ensure(batch)
         first = np.zeros(1, np.int64)
-        z = self._features([p.score(batch, first)[0] for p in self.parts.values()])  # [F, n_items]
+        z = self._features([p.score(batch, first)[0] for p in self.parts.values()])
         w = self.weights(batch, first)[0]
-        return w @ z, w, z
+        return z.score(w), w, z
 
-    def contributions(self, weights: np.ndarray, z: np.ndarray, items: np.ndarray) -> np.ndarray:
+    def contributions(self, weights: np.ndarray, z: Features, items: np.ndarray) -> np.ndarray:
         """Each member's part of the blend's score of `items` [len(items), M], from `explain`'s weights
         and features; the parts of an item add up to its score."""
-        parts = weights[:, None] * z[:, items]  # [F, len(items)]
+        parts = weights[:, None] * z.at(items)  # [F, len(items)]
         m = len(self.members)
         return (parts[:m] + parts[m:] if self.top > 0 else parts).T
 

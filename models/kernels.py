@@ -65,13 +65,12 @@ def _worse(v, i, w, j):  # pragma: no cover - numba
 
 
 @njit(cache=True)
-def top_items(scores, k):  # pragma: no cover - numba
-    """The items of the k highest finite scores, best first, ties to the lower item: one pass that keeps
-    the best seen so far in a heap whose root is the worst of them (most items lose one comparison
-    with the root, where a partition moves every item). # [n] -> [min(k, finite)]"""
+def _heap_top(scores, among, k):  # pragma: no cover - numba
+    """`top_items` over the items `among` (ascending): one pass that keeps the best seen so far in a heap
+    whose root is the worst of them (most items lose one comparison with the root)."""
     value, item = np.empty(max(k, 0)), np.empty(max(k, 0), np.int64)
     size = 0
-    for j in range(len(scores)):
+    for j in among:
         x = scores[j]
         if not np.isfinite(x):
             continue
@@ -97,3 +96,29 @@ def top_items(scores, k):  # pragma: no cover - numba
     value, item = value[:size], item[:size]
     by_item = np.argsort(item)
     return item[by_item[np.argsort(-value[by_item], kind="mergesort")]]
+
+
+@njit(cache=True)
+def top_items(scores, k):  # pragma: no cover - numba
+    """The items of the k highest finite scores, best first, ties to the lower item. # [n] -> [min(k, finite)]
+
+    Over a long row, a threshold is taken first from a sample of every `stride`-th score, such that
+    about 2k scores should reach it; when at least k finite scores do, the k best are all among them
+    (the heap then sees a few hundred items, not all n), else every item is looked at."""
+    n = len(scores)
+    if k <= 0:
+        return np.empty(0, np.int64)
+    if n >= 16 * k:
+        stride = n // (4 * k)
+        sample = _heap_top(scores, np.arange(0, n, stride), max(2 * k // stride, 1))
+        if len(sample):
+            t = scores[sample[-1]]
+            among = np.empty(n, np.int64)
+            found = 0
+            for j in range(n):
+                if scores[j] >= t and np.isfinite(scores[j]):
+                    among[found] = j
+                    found += 1
+            if found >= k:
+                return _heap_top(scores, among[:found], k)
+    return _heap_top(scores, np.arange(n), k)

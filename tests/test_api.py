@@ -464,16 +464,33 @@ def test_top_k_orders_and_skips_non_finite():
     assert top_k(np.full(4, -np.inf), 3).tolist() == []
 
 
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("seed", range(16))
 def test_top_k_equals_a_full_sort_with_ties_to_the_lower_index(seed):
+    """Rows long enough for the sampled threshold and short ones; many ties, few ties, rows in ascending
+    and descending order (where a sample misleads), and non-finite scores, +inf among the best."""
     rng = np.random.default_rng(seed)
-    n = int(rng.integers(1, 3000))
-    scores = rng.integers(0, 40, n).astype(np.float32 if seed % 2 else np.float64)  # many ties
+    n = int(rng.integers(1, 3000)) if seed < 8 else int(rng.integers(3000, 20_000))
+    scores = (rng.integers(0, 40, n) if seed % 4 < 2 else rng.standard_normal(n) * 1e3).astype(
+        np.float32 if seed % 2 else np.float64)
+    if seed % 4 == 3:
+        scores = np.sort(scores)[:: 1 if seed % 8 == 3 else -1].copy()
     scores[rng.random(n) < 0.1] = rng.choice([np.nan, np.inf, -np.inf])
     finite = np.flatnonzero(np.isfinite(scores))
     reference = finite[np.lexsort((finite, -scores[finite]))]  # score descending, then index ascending
     for k in (1, 7, 20, 100, n, n + 5):
         assert top_k(scores, k).tolist() == reference[:k].tolist(), k
+
+
+def test_top_k_when_the_sample_misleads():
+    """Every 4th score high and sampled, +inf elsewhere: fewer than k finite scores reach the sampled
+    threshold, however many infinite ones do, so every item is looked at."""
+    scores = np.zeros(1600)
+    scores[::4] = np.arange(400)[::-1] + 1000.0
+    scores[1::4][:300] = np.inf
+    finite = np.flatnonzero(np.isfinite(scores))
+    reference = finite[np.lexsort((finite, -scores[finite]))]
+    assert top_k(scores, 100).tolist() == reference[:100].tolist()
+    assert top_k(scores, 500).tolist() == reference[:500].tolist()
 
 
 def test_prepared_popularity_scores_equal_the_models_own():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from models.base import Model
-from models.blend import Blend
+from models.blend import Blend, Features
 from stream_app.core.events import EVENT_TYPES, EVENT_WEIGHTS
 from stream_app.serving.view import ShardView
 
@@ -62,14 +62,14 @@ def similar_to_history(view: ShardView, model: str, idx: np.ndarray, history: np
     return out
 
 
-def with_blend(model: Model, explained: tuple[np.ndarray, np.ndarray] | None, idx: np.ndarray,
+def with_blend(model: Model, explained: tuple[np.ndarray, Features] | None, idx: np.ndarray,
                reasons: list[dict]) -> list[dict]:
     """For a blend, each reason with the members that made the score: each one's weights (on its
     standardised score and on its reciprocal rank) and its part of the item's score, largest first.
     `explained`: the weights and features of the query (`Blend.explain`)."""
     if not isinstance(model, Blend) or explained is None or len(idx) == 0:
         return reasons
-    weights, z = explained  # [F], [F, n_items]
+    weights, z = explained  # [F], the query's features
     parts = model.contributions(weights, z, idx)  # [k, M]
     m = len(model.members)
     rank_weights = weights[m:] if len(weights) > m else np.zeros(m)

@@ -16,7 +16,7 @@ from collections import OrderedDict
 import numpy as np
 
 from models.base import Batch, Model
-from models.blend import Blend
+from models.blend import Blend, Features
 from models.features import session_key
 from models.registry import create
 from stream_app.io.redis import QueryRows
@@ -133,7 +133,7 @@ class Recommender:
 
     @staticmethod
     def _rank(view: ShardView, name: str, model: Model, batch: Batch, k: int, exclude: np.ndarray | None
-              ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+              ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, Features] | None]:
         """`view.rank`, and for a blend the weights and features its reasons are made of (one pass)."""
         if not isinstance(model, Blend):
             return (*view.rank(name, model, batch, k, exclude), None)
