@@ -9,10 +9,11 @@ TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.streamrec-installed
+KERNELS := $(VENV)/.kernels-seen
 
 .PHONY: venv demo test lint bench
 
-venv: $(STAMP)
+venv: $(STAMP) $(KERNELS)
 
 # Re-run when pyproject.toml changes; a half-made venv is finished, not duplicated.
 $(STAMP): pyproject.toml
@@ -21,6 +22,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install '$(TORCH)'
 	$(BIN)/python -m pip install -e '.[embedded,test]'
+	touch $@
+
+# numba caches compiled loops next to their files but does not notice that a kernel of
+# models/kernels.py, compiled into a caller of another file, changed: drop the caches then.
+$(KERNELS): models/kernels.py $(STAMP)
+	find models -path '*/__pycache__/*.nb[ic]' -delete
 	touch $@
 
 demo: venv

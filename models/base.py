@@ -23,6 +23,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
+from models.kernels import dot_rows
 from models.rows import Changes, RowTable
 
 # What a table's rows are indexed by: a vocabulary's ids ("user", "item", "session", "context"; rows of
@@ -181,6 +182,38 @@ class Model(ABC):
         Uses the model as it stood before learning `batch`; session state
         includes the batch's events that come before each row.
         """
+
+    @classmethod
+    def score_each(cls, queries: list[tuple[Model, Batch]]) -> list[np.ndarray]:
+        """Each one-row query scored by its model, as `model.score(batch, [0])[0]` (up to float rounding).
+        The queries of one model's copies (`narrowed`, sharing its item tables) share the passes over the
+        item rows: here those of models that score by item vectors (`item_vectors`, `query_vectors`),
+        the others one by one. # Q x [n_items]"""
+        out: list[np.ndarray | None] = [None] * len(queries)
+        shared: dict[tuple[int, int], list[int]] = {}  # (item table, n_items) -> the queries that read it
+        for i, (model, batch) in enumerate(queries):
+            declared = model.item_vectors()
+            if declared is not None and len(declared[0]) >= batch.n_items:
+                shared.setdefault((id(declared[0]), batch.n_items), []).append(i)
+            else:
+                out[i] = model.score(batch, _FIRST)[0]
+        for (_, n), asked in shared.items():
+            wanted: list[tuple[int, np.ndarray]] = []  # (query, its vector) of the queries the pass scores
+            for i in asked:
+                model, batch = queries[i]
+                if len(asked) > 1:  # alone, one mat-vec is BLAS's
+                    q, known = model.query_vectors(batch, _FIRST)
+                    if known[0]:
+                        wanted.append((i, q[0]))
+                        continue
+                out[i] = model.score(batch, _FIRST)[0]  # alone, or unknown to the model (its fallback)
+            if wanted:
+                vectors, bias = queries[asked[0]][0].item_vectors()  # type: ignore[misc]
+                res = np.empty((len(wanted), n), np.float32)  # [R, n_items]
+                dot_rows(np.array([q for _, q in wanted], np.float32), vectors, bias, res)
+                for r, (i, _) in enumerate(wanted):
+                    out[i] = res[r]
+        return out  # type: ignore[return-value]
 
     def learn_scored(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
         """Learn `batch`, and return what `score` gives the events at `rows` (ascending), each

@@ -317,11 +317,26 @@ class Blend(Model):
     def explain(self, batch: Batch) -> tuple[np.ndarray, np.ndarray, Features]:
         """For the one-row query `batch`, in one pass: its scores [n_items] (as `score`), its weights
         [F] and its features, for `contributions`."""
-        self._ensure(batch)
+        return Blend.explain_each([(self, batch)])[0]
+
+    @staticmethod
+    def explain_each(queries: list[tuple[Blend, Batch]]) -> list[tuple[np.ndarray, np.ndarray, Features]]:
+        """`explain` of each (blend, one-row query); the members of one blend's copies (`narrowed`) score
+        their queries together (`Model.score_each`: one pass over a member's item rows for all of them)."""
         first = np.zeros(1, np.int64)
-        z = self._features([p.score(batch, first)[0] for p in self.parts.values()])
-        w = self.weights(batch, first)[0]
-        return z.score(w), w, z
+        for blend, batch in queries:
+            blend._ensure(batch)
+        scores: dict[tuple[str, int], np.ndarray] = {}  # (member, query) -> [n_items]
+        for name in dict.fromkeys(m for blend, _ in queries for m in blend.members):
+            which = [i for i, (blend, _) in enumerate(queries) if name in blend.parts]
+            asked = [(queries[i][0].parts[name], queries[i][1]) for i in which]
+            scores.update(zip(((name, i) for i in which), type(asked[0][0]).score_each(asked)))
+        out = []
+        for i, (blend, batch) in enumerate(queries):
+            z = blend._features([scores[m, i] for m in blend.members])
+            w = blend.weights(batch, first)[0]
+            out.append((z.score(w), w, z))
+        return out
 
     def contributions(self, weights: np.ndarray, z: Features, items: np.ndarray) -> np.ndarray:
         """Each member's part of the blend's score of `items` [len(items), M], from `explain`'s weights

@@ -86,9 +86,10 @@ def encode_rows(wins, users, E, P, dense, leak, emat, o, hpos, X):  # pragma: no
 @njit(cache=True, fastmath=FAST)
 def score_rows(X, V, b, out):  # pragma: no cover - numba
     """out [R, n] = X [R, 2d] . V[:n] + b[:n]: each score summed in one order whatever n is, so a grown
-    vocabulary leaves the scores of earlier items as they were, to the last bit."""
-    for r in range(X.shape[0]):
-        for j in range(out.shape[1]):
+    vocabulary leaves the scores of earlier items as they were, to the last bit. Items outside, queries
+    inside: each item row is read once for all R queries (the loop is bound by reading the rows)."""
+    for j in range(out.shape[1]):
+        for r in range(X.shape[0]):
             acc = b[j, 0]
             for k in range(X.shape[1]):
                 acc += X[r, k] * V[j, k]

@@ -153,6 +153,24 @@ class GRU4Rec(Model):
         score_rows(pre_h[rows], self._session_mean(pre_win[rows]), self._out, self._emb, self._bias, out)
         return out
 
+    @classmethod
+    def score_each(cls, queries: list[tuple[Model, Batch]]) -> list[np.ndarray]:
+        """As `Model.score_each`: the queries of one model's copies scored in one pass over the item rows."""
+        out: list[np.ndarray] = [np.empty(0)] * len(queries)
+        passes: dict[tuple[int, int], tuple[GRU4Rec, list[tuple[int, np.ndarray, np.ndarray]]]] = {}
+        for i, (model, batch) in enumerate(queries):
+            assert isinstance(model, GRU4Rec)
+            pre_h, pre_win = model._forward(batch)
+            passes.setdefault((id(model._out), batch.n_items), (model, []))[1].append(
+                (i, pre_h[0], model._session_mean(pre_win[:1])[0]))
+        for (_, n), (model, wanted) in passes.items():
+            res = np.empty((len(wanted), n), np.float32)  # [R, n_items]
+            score_rows(np.array([h for _, h, _ in wanted]), np.array([m for _, _, m in wanted]),
+                       model._out, model._emb, model._bias, res)
+            for r, (i, _, _) in enumerate(wanted):
+                out[i] = res[r]
+        return out
+
     def _session_mean(self, win: np.ndarray) -> np.ndarray:  # [R, E]
         """Mean embedding of the last `mean_items` items of each window win [R, L] (-1 pads; zeros when none)."""
         win = win[:, win.shape[1] - self.mean_items :]

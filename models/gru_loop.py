@@ -21,9 +21,11 @@ _TINY = np.float32(1e-24)  # keeps the log of BPR-max finite
 @njit(cache=True, fastmath=FAST, error_model="numpy")
 def score_rows(hq, mq, out, emb, bias, res):  # pragma: no cover - numba
     """res [R, n] = hq [R, H] . out[:n] + mq [R, E] . emb[:n] + bias[:n]: each score summed in one order
-    whatever n is, so a grown vocabulary leaves the scores of earlier items as they were, to the last bit."""
-    for r in range(res.shape[0]):
-        for j in range(res.shape[1]):
+    whatever n is, so a grown vocabulary leaves the scores of earlier items as they were, to the last bit.
+    Items outside, queries inside: each item's rows are read once for all R queries (the loop is bound by
+    reading the rows)."""
+    for j in range(res.shape[1]):
+        for r in range(res.shape[0]):
             acc = bias[j, 0]
             for k in range(hq.shape[1]):
                 acc += hq[r, k] * out[j, k]

@@ -122,3 +122,15 @@ def top_items(scores, k):  # pragma: no cover - numba
             if found >= k:
                 return _heap_top(scores, among[:found], k)
     return _heap_top(scores, np.arange(n), k)
+
+
+@njit(cache=True, fastmath=FAST)
+def dot_rows(Q, V, b, out):  # pragma: no cover - numba
+    """out [R, n] = Q [R, d] . V[:n] + b[:n]. Items outside, queries inside: each item row is read once for
+    all R queries (a single query's mat-vec is bound by reading the rows)."""
+    for j in range(out.shape[1]):
+        for r in range(Q.shape[0]):
+            acc = b[j]
+            for k in range(Q.shape[1]):
+                acc += Q[r, k] * V[j, k]
+            out[r, j] = acc

@@ -633,6 +633,63 @@ def test_a_session_is_asked_of_the_partition_it_was_found_in_first(topics):
     assert {partition for partition, *_ in found} == set(range(topics.events_partitions))
 
 
+def _rounded(value):
+    """`value` with every float rounded to 4 places (scores summed in another order differ in the last bits)."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize(("model", "fail_together"), [("gru", False), ("blend", False), ("gru", True)])
+def test_lookups_that_wait_together_are_ranked_together_as_each_alone(topics, model, fail_together, monkeypatch):
+    """Session and user lookups that reach the ranking in one turn of the event loop score in one call
+    (each item row read once for all of them), and answer as each does alone. When scoring them together
+    fails, each is scored again alone: the failure is one lookup's, not its neighbours'."""
+    from models.gru import GRU4Rec
+
+    events = [prepare({"user_id": f"u{j % 7}", "item_id": f"I{j % 30}", "event_type": "click",
+                       "session_id": f"s{j % 5}", "ts": T0 + j, "context": {"device": ("ios", "web")[j % 2]}})
+              for j in range(200)]
+    produce(topics, events)
+    Worker(topics, WorkerConfig(models=("pop", model))).run(max_idle=3)
+    cache = ModelCache(topics, ("pop", model), background=False)
+    cache.refresh()
+    rec = Recommender(cache)
+    sessions = [f"s{j}" for j in range(5)]
+    users = [f"u{j}" for j in range(7)] + ["somebody new"]
+    together: list[int] = []
+    score_each = GRU4Rec.score_each.__func__  # type: ignore[attr-defined]
+
+    def counted(cls, queries):
+        together.append(len(queries))
+        if fail_together and len(queries) > 1:
+            raise RuntimeError("scoring together failed")
+        return score_each(cls, queries)
+
+    async def lookups() -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+        found = [await rec.session_rows(s) for s in sessions]
+        rows = [await rec.user_rows(u) for u in users]
+        alone = [rec.for_session(s, 5, model, {}, f) for s, f in zip(sessions, found)]
+        alone_users = [rec.for_user(u, 5, model, {"device": "ios"}, False, r) for u, r in zip(users, rows)]
+        monkeypatch.setattr(GRU4Rec, "score_each", classmethod(counted))
+        return (alone, alone_users, await asyncio.gather(*(rec.answer_session(s, 5, model, {}) for s in sessions)),
+                await asyncio.gather(*(rec.answer_user(u, 5, model, {"device": "ios"}, False) for u in users)))
+
+    alone, alone_users, got, got_users = asyncio.run(lookups())
+    # every lookup scored once, some in one call with others (then once more alone, where that failed)
+    failed = sum(n for n in together if n > 1) if fail_together else 0
+    assert sum(together) == len(sessions) + len(users) + failed and max(together) > 1, together
+    for want, answer in zip(alone + alone_users, got + got_users):
+        assert [i["item_id"] for i in answer["items"]] == [i["item_id"] for i in want["items"]]
+        assert _rounded([i["reason"] for i in answer["items"]]) == _rounded([i["reason"] for i in want["items"]])
+        np.testing.assert_allclose([i["score"] for i in answer["items"]], [i["score"] for i in want["items"]],
+                                   rtol=1e-5)
+
+
 @pytest.mark.parametrize("model", ["gru", "sknn", "markov", "caser"])
 def test_session_lookup_leaves_out_the_items_already_in_the_session(topics, model):
     events = [prepare({"user_id": f"u{j % 7}", "item_id": f"I{j % 30}", "event_type": "click",
@@ -654,3 +711,32 @@ def test_session_lookup_leaves_out_the_items_already_in_the_session(topics, mode
     # each answer names the item of the session closest to it
     reasons = [i["reason"] for i in answer["items"]]
     assert all(r["kind"] == "session" and r["session_id"] == "s0" and r["item_id"] in remembered for r in reasons), reasons
+
+
+def test_lookups_wait_for_those_reading_their_rows_and_go_at_most_four_at_once():
+    """`_Together`: lookups on their way (reading rows) are waited for, a burst runs 4 at a time, and every
+    lookup is answered, whatever the timing."""
+    from stream_app.serving.recommender import _Together
+
+    calls: list[list[int]] = []
+
+    def run(items: list[int]) -> list:
+        calls.append(items)
+        return [ValueError("bad") if i == 13 else 2 * i for i in items]
+
+    together = _Together(run)
+    rng = random.Random(3)
+
+    async def lookup(i: int):
+        with together.coming():
+            await asyncio.sleep(rng.random() * 0.002)  # reading rows
+        return await together.submit(i)
+
+    async def main() -> list:
+        return await asyncio.wait_for(asyncio.gather(*(lookup(i) for i in range(40)), return_exceptions=True), 10)
+
+    answers = asyncio.run(main())
+    assert [a for i, a in enumerate(answers) if i != 13] == [2 * i for i in range(40) if i != 13]
+    assert isinstance(answers[13], ValueError)  # its own failure, nobody else's
+    assert sorted(i for c in calls for i in c) == list(range(40))
+    assert max(map(len, calls)) == 4 and len(calls) < 40, calls

@@ -12,7 +12,7 @@ from models.blend import Blend
 from models.features import Featurizer
 from models.registry import create
 from stream_app.evaluation.prequential import Evaluator, run
-from tests.test_model_contract import batches, planted_stream
+from tests.test_model_contract import batches, narrowed_queries, planted_stream
 
 K = 10
 
@@ -62,10 +62,30 @@ def test_weights_learn_from_outcomes() -> None:
     probe = featurizer.batch(planted_stream(1, seed=2, t0=1.8e9))
     items = np.arange(5)
     scores, weights, z = model.explain(probe)
-    np.testing.assert_allclose(scores, model.score(probe, np.zeros(1, np.int64))[0])
+    # members that score by item vectors sum each score in another order there (`Model.score_each`)
+    np.testing.assert_allclose(scores, model.score(probe, np.zeros(1, np.int64))[0], rtol=1e-5)
     parts = model.contributions(weights, z, items)
     assert weights.shape == (4,) and parts.shape == (5, 2)
     np.testing.assert_allclose(parts.sum(axis=1), scores[items])
+
+
+def test_answers_explained_together_are_each_explained_alone() -> None:
+    """`Blend.explain_each` (requests that wait together, each member scoring them in one pass) gives each
+    query the scores, weights and features its copy gives alone."""
+    featurizer = Featurizer()
+    coded = batches(featurizer, planted_stream(1500, seed=1))
+    model = Blend(members=("markov", "dnn", "gru"), seed=0)
+    for batch in coded[:-1]:
+        model.learn(batch)
+    queries = narrowed_queries(model, coded[-1], featurizer.batch(planted_stream(32, seed=2, t0=1.8e9)))
+    together = Blend.explain_each(queries)  # type: ignore[arg-type]
+    items = np.arange(5)
+    for (copy, batch), (scores, weights, z) in zip(queries, together):
+        want, want_w, want_z = copy.explain(batch)  # type: ignore[attr-defined]
+        np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(weights, want_w)
+        np.testing.assert_allclose(z.at(items), want_z.at(items), rtol=1e-5, atol=1e-6)
+    assert len({round(float(s[0]), 4) for s, _, _ in together}) > 1  # the answers differ
 
 
 def _records(topic: str, n: int) -> list:

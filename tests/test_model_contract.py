@@ -351,6 +351,38 @@ def test_a_model_narrowed_to_one_query_scores_it_as_the_whole_model(name: str, s
         np.testing.assert_array_equal(np.asarray(after[table]), values, err_msg=f"{table} changed")
 
 
+def narrowed_queries(model: Model, learned: Batch, probe: Batch) -> list[tuple[Model, Batch]]:
+    """Copies of `model` narrowed each to one query (users and sessions of `learned`, unknown ones, and the
+    events of `probe`), with their one-row queries, as a server holds them for requests that wait together."""
+    state = copy_state(model)
+    out = []
+    known = [learned.take(slice(j, j + 1)) for j in range(0, len(learned), 3)]
+    for one in known + [probe.take(slice(j, j + 1)) for j in range(0, len(probe), 8)]:
+        for user, session in ((int(one.users[0]), int(one.sessions[0])), (-1, int(one.sessions[0])),
+                              (int(one.users[0]), -1)):
+            narrow = replace(one, users=np.array([0 if user >= 0 else -1]),
+                             sessions=np.array([0 if session >= 0 else -1]), n_users=1, n_sessions=1)
+            out.append((model.narrowed(query_rows(model, state, user, session)), narrow))
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_queries_scored_together_score_as_each_alone(name: str, stream) -> None:
+    """`Model.score_each` (requests that wait together share the passes over the item rows) gives each
+    query what its copy gives alone, in the order asked."""
+    coded, probe = stream
+    model = registry.create(name, seed=0)
+    for batch in coded[:60]:
+        model.learn(batch)
+    queries = narrowed_queries(model, coded[60], probe)
+    alone = [copy.score(batch, FIRST)[0] for copy, batch in queries]
+    together = type(model).score_each(queries)
+    assert len(together) == len(queries)
+    for got, want in zip(together, alone):
+        assert_same(got, want)
+    assert any(not np.allclose(alone[0], a) for a in alone)  # the answers differ: a mixed-up order would show
+
+
 def test_narrowing_is_needed_so_the_test_can_fail(stream) -> None:
     """Row 0 of the whole model is another user: scored without narrowing, MF answers differently."""
     coded, probe = stream

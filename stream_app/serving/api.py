@@ -198,7 +198,9 @@ def _add_lookup_routes(app: FastAPI, rec: Recommender, settings: Settings) -> No
 
     A lookup awaits its user's (or session's) own rows from Redis, then ranks with short CPU work on
     the prepared views (the cache refreshes them in its own thread), all on the event loop: no
-    thread-pool hop per request, and no request holds the loop while Redis answers.
+    thread-pool hop per request, and no request holds the loop while Redis answers. Lookups that reach
+    the ranking in the same turn of the loop are ranked together (`Recommender.answer_user`): a model
+    that scores every item reads its item rows once for all of them.
     """
     guard = [Security(_guard("read"))] if settings.api_read_auth else []
     docs = openapi.routes(settings)
@@ -213,11 +215,9 @@ def _add_lookup_routes(app: FastAPI, rec: Recommender, settings: Settings) -> No
         include_seen = flag_param(request, "include_seen")
         if user_id is not None:
             model = rec.model(request.query_params.get("model"), "user")
-            rows = await rec.user_rows(user_id)
-            return _json(rec.for_user(user_id, k, model, context, include_seen, rows))
+            return _json(await rec.answer_user(user_id, k, model, context, include_seen))
         model = rec.model(request.query_params.get("model"), "session")
-        found = await rec.session_rows(str(session_id))
-        return _json(rec.for_session(str(session_id), k, model, context, found))
+        return _json(await rec.answer_session(str(session_id), k, model, context))
 
     @app.get("/items/{item_id}/similar", dependencies=guard, **docs["similar"])
     async def similar(request: Request):

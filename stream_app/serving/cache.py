@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from models.base import QUERY_KINDS, Model
+from models.blend import Blend
 from models.features import Featurizer
 from models.registry import create
 from stream_app.core.errors import ServiceError
@@ -134,10 +135,11 @@ class ModelCache:
         self.ann_builds = 0
 
     def compile_models(self) -> None:
-        """Learn and answer a made-up two-event session with a new instance of each served model, and
-        pick its top items, so that what numba builds on first use (its typing context and the kernels,
-        tens of thousands of objects) exists now: a server that freezes its heap after this keeps them
-        out of every later full collection."""
+        """Learn and answer a made-up two-event session with a new instance of each served model, alone
+        and as lookups that wait together are answered, and pick its top items, so that what numba builds
+        on first use (its typing context and the kernels, tens of thousands of objects) exists now: a
+        server that freezes its heap after this keeps them out of every later full collection, and no
+        lookup waits for a compilation."""
         now = time.time()
         events = [prepare({"user_id": "u", "session_id": "s", "item_id": item, "event_type": "click", "ts": now})
                   for item in ("a", "b")]
@@ -148,6 +150,11 @@ class ModelCache:
             top_k(model.score(query, np.zeros(1, np.int64))[0], 1)
             if model.item_vectors() is not None:
                 model.query_vectors(query, np.zeros(1, np.int64))
+            # as lookups that wait together are scored (`Recommender._ranked`)
+            if isinstance(model, Blend):
+                Blend.explain_each([(model, query)] * 2)
+            else:
+                type(model).score_each([(model, query)] * 2)
 
     def keys(self, partition: int) -> Keys:
         return Keys(self.settings.key_prefix, self.settings.events_topic, partition)

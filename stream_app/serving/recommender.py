@@ -9,9 +9,15 @@ Unknown users, sessions and items get context-aware popularity, never an error.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 
@@ -28,7 +34,123 @@ from stream_app.serving.view import ShardView, query_batch
 
 # An answer candidate: (item id, score, reason).
 Candidate = tuple[str, float, dict]
+# A lookup ranked: (top-k rows best first, their scores, for a blend its weights and features).
+Ranked = tuple[np.ndarray, np.ndarray, tuple[np.ndarray, Features] | None]
 SESSION_PARTITIONS = 32_768  # sessions whose shard a server remembers (least recently found forgotten first)
+
+
+@dataclass
+class _Lookup:
+    """One lookup between reading its rows and answering: what `Recommender._ranked` ranks (the model
+    narrowed to the lookup's rows, its one-row query) and how the answer is made from that ranking."""
+
+    view: ShardView
+    used: str  # the model that answers (the requested one, or the shard's popularity)
+    model: Model | None  # None: the shard has no model to answer with
+    batch: Batch | None
+    k: int
+    exclude: np.ndarray | None
+    respond: Callable[[Ranked], dict]
+
+    @property
+    def scored_together(self) -> bool:
+        """Whether its model scores every item with `model.score` here (no prepared scorer, or a blend):
+        what lookups waiting together share (`Recommender._ranked`)."""
+        return self.model is not None and (isinstance(self.model, Blend) or self.view.scorers.get(self.used) is None)
+
+    def query(self) -> tuple[Model, Batch]:
+        assert self.model is not None and self.batch is not None, "a lookup without a model is not ranked"
+        return self.model, self.batch
+
+    def rank(self, raw: np.ndarray | None = None, explained: tuple[np.ndarray, Features] | None = None) -> Ranked:
+        """`view.rank` (from `raw`, its model's scores of every item, when given) and `explained`."""
+        model, batch = self.query()
+        return (*self.view.rank(self.used, model, batch, self.k, self.exclude, raw=raw), explained)
+
+
+class _Together:
+    """Runs `run` once over the lookups that wait together. A lookup submitted waits for those still on
+    their way (`coming`: reading their rows from Redis), at most `wait` seconds; then up to `most` of
+    them share one call, and their answers go out before the next `most` are run (in a burst, the first
+    lookups do not wait for the last)."""
+
+    def __init__(self, run: Callable[[list[Any]], list[Any]], wait: float = 0.001, most: int = 4):
+        self._run = run
+        self._wait = wait
+        self._most = most
+        self._coming = 0
+        self._waiting: list[tuple[Any, asyncio.Future]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._soon = False
+
+    @contextlib.contextmanager
+    def coming(self) -> Iterator[None]:
+        """A lookup on its way to `submit` (or to failing): a flush waits for it."""
+        self._coming += 1
+        try:
+            yield
+        finally:
+            self._coming -= 1
+            self._schedule()
+
+    async def submit(self, item: Any) -> Any:
+        """`run`'s result for `item` (an exception it gave for `item` is raised here)."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        self._schedule()
+        return await future
+
+    def _schedule(self) -> None:
+        if not self._waiting or self._soon:
+            return
+        loop = asyncio.get_running_loop()
+        if self._coming == 0:  # nobody else on the way: as soon as the loop has run what is ready
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._soon = True
+            loop.call_soon(self._flush)
+        elif self._timer is None:
+            self._timer = loop.call_later(self._wait, self._flush)
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._soon = None, False
+        waiting, self._waiting = self._waiting[: self._most], self._waiting[self._most :]
+        try:
+            results = self._run([item for item, _ in waiting])
+        except Exception as exc:  # noqa: BLE001 - `run` answers each item; should it fail whole, no caller hangs
+            results = [exc] * len(waiting)
+        for (_, future), result in zip(waiting, results):
+            if future.cancelled():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+        if self._waiting:  # after the answers just given (their tasks were queued first)
+            self._soon = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+
+def _attempt(fn: Callable[[], Any]) -> Any:
+    """fn(), or the exception it raised (for `_ranked`, which answers each lookup on its own)."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - handed to the one lookup it belongs to
+        return exc
+
+
+def _result(ranked: Any) -> Any:
+    if isinstance(ranked, Exception):
+        raise ranked
+    return ranked
+
+
+def _items(view: ShardView, idx: np.ndarray, scores: np.ndarray, reasons: list[dict]) -> list[dict]:
+    names = view.item_names
+    return [{"item_id": names[i], "score": s, "reason": r} for i, s, r in zip(idx.tolist(), scores.tolist(), reasons)]
 
 
 class Recommender:
@@ -39,6 +161,7 @@ class Recommender:
         self.models = cache.model_names
         self.query_kind = {name: type(create(name)).query for name in self.models}
         self._session_partition: OrderedDict[str, int] = OrderedDict()
+        self._together = _Together(self._ranked)
 
     def model(self, requested: str | None, query: str) -> str:
         """The model to answer with: `requested`, else the first served one ranking for `query` (user/session)."""
@@ -77,68 +200,129 @@ class Recommender:
         """Top-k for a user in context, leaving out her recent items unless `include_seen`. Her own rows
         (and her open session's) as `user_rows` read them (read here when not given); the items' state
         comes from the shard's view."""
-        partition = self.cache.partition_of_user(user_id)
-        view = self.cache.shard(partition)
-        rows = rows or self.cache.query(partition, user_id)
-        history = rows.history if rows.history is not None and len(rows.history) else None
-        used, m = self._pick(view, model)
-        items: list[dict] = []
-        if m is not None:
-            m = m.narrowed(rows.models.get(used, {}))
-            batch = query_batch(view, context, time.time(), rows)
-            exclude = history[:, 0] if history is not None and not include_seen else None
-            idx, scores, explained = self._rank(view, used, m, batch, k, exclude)
-            reasons = (similar_to_history(view, used, idx, history, context) if history is not None
-                       else [popular(context)] * len(idx))
-            reasons = with_blend(m, explained, idx, reasons)
-            names = view.item_names
-            items = [{"item_id": names[i], "score": s, "reason": r}
-                     for i, s, r in zip(idx.tolist(), scores.tolist(), reasons)]
-        return {"user_id": user_id, "model": model, "model_version": view.version, "partition": partition,
-                "items": items}
+        lookup = self._user_lookup(user_id, k, model, context, include_seen, rows)
+        return lookup.respond(_result(self._ranked([lookup])[0]))
+
+    async def answer_user(self, user_id: str, k: int, model: str, context: dict[str, str], include_seen: bool) -> dict:
+        """`for_user` from her rows read now (`user_rows`), ranked together with the lookups that wait with it."""
+        with self._together.coming():
+            lookup = self._user_lookup(user_id, k, model, context, include_seen, await self.user_rows(user_id))
+        return lookup.respond(await self._rank_soon(lookup))
 
     def for_session(self, session_id: str, k: int, model: str, context: dict[str, str],
                     found: tuple[int, QueryRows] | None) -> dict:
         """Top-k next items for a session (popularity in context for an unknown session or a user model),
         from its rows as `session_rows` found them (None: no partition knows it)."""
+        lookup = self._session_lookup(session_id, k, model, context, found)
+        return lookup.respond(_result(self._ranked([lookup])[0]))
+
+    async def answer_session(self, session_id: str, k: int, model: str, context: dict[str, str]) -> dict:
+        """`for_session` from its rows found now (`session_rows`), ranked together with the lookups that
+        wait with it."""
+        with self._together.coming():
+            lookup = self._session_lookup(session_id, k, model, context, await self.session_rows(session_id))
+        return lookup.respond(await self._rank_soon(lookup))
+
+    async def _rank_soon(self, lookup: _Lookup) -> Ranked:
+        """The lookup ranked, together with those that wait with it when its model scores every item."""
+        if lookup.scored_together:
+            return await self._together.submit(lookup)
+        return _result(self._ranked([lookup])[0])
+
+    def _user_lookup(self, user_id: str, k: int, model: str, context: dict[str, str], include_seen: bool,
+                     rows: QueryRows | None) -> _Lookup:
+        partition = self.cache.partition_of_user(user_id)
+        view = self.cache.shard(partition)
+        rows = rows or self.cache.query(partition, user_id)
+        history = rows.history if rows.history is not None and len(rows.history) else None
+        used, m = self._pick(view, model)
+        head = {"user_id": user_id, "model": model, "model_version": view.version, "partition": partition}
+        if m is None:
+            return _Lookup(view, used, None, None, k, None, lambda ranked: {**head, "items": []})
+        m = m.narrowed(rows.models.get(used, {}))
+        batch = query_batch(view, context, time.time(), rows)
+        exclude = history[:, 0] if history is not None and not include_seen else None
+        narrowed = m
+
+        def respond(ranked: Ranked) -> dict:
+            idx, scores, explained = ranked
+            reasons = (similar_to_history(view, used, idx, history, context) if history is not None
+                       else [popular(context)] * len(idx))
+            return {**head, "items": _items(view, idx, scores, with_blend(narrowed, explained, idx, reasons))}
+
+        return _Lookup(view, used, m, batch, k, exclude, respond)
+
+    def _session_lookup(self, session_id: str, k: int, model: str, context: dict[str, str],
+                        found: tuple[int, QueryRows] | None) -> _Lookup:
         views = self.cache.views()
         rows = found[1] if found is not None else None
         view = (self.cache.shard(found[0]) if found is not None
                 else max(views, key=lambda v: (int(v.valid_items.sum()), -v.partition)))
         used, m = self._pick(view, model)
-        items: list[dict] = []
-        if m is not None:
-            exclude = None
-            if m.query == "session" and rows is not None:
-                m = m.narrowed(rows.models.get(used, {}))
-                batch = query_batch(view, context, time.time(), rows)
-                reason: dict = {"kind": "session", "session_id": session_id}
-                exclude = m.session_items(0)  # next items: not the ones already in it
-            else:  # a user model (or an unknown session): what is popular in this context
-                batch = query_batch(view, context, time.time())
-                reason = popular(context)
-                if m.query != "session":
-                    reason["note"] = f"{used} ranks for users, not sessions; answered by popularity in context"
-            idx, scores, explained = self._rank(view, used, m, batch, k, exclude)
+        head = {"user_id": None, "session_id": session_id, "model": model, "model_version": view.version,
+                "partition": view.partition}
+        if m is None:
+            return _Lookup(view, used, None, None, k, None, lambda ranked: {**head, "items": []})
+        exclude = None
+        if m.query == "session" and rows is not None:
+            m = m.narrowed(rows.models.get(used, {}))
+            batch = query_batch(view, context, time.time(), rows)
+            reason: dict = {"kind": "session", "session_id": session_id}
+            exclude = m.session_items(0)  # next items: not the ones already in it
+        else:  # a user model (or an unknown session): what is popular in this context
+            batch = query_batch(view, context, time.time())
+            reason = popular(context)
+            if m.query != "session":
+                reason["note"] = f"{used} ranks for users, not sessions; answered by popularity in context"
+        narrowed = m
+
+        def respond(ranked: Ranked) -> dict:
+            idx, scores, explained = ranked
             if exclude is not None and len(exclude):  # the session item closest to each answer
                 reasons = [{**r, "kind": "session", "session_id": session_id} if r["kind"] == "similar_to" else r
                            for r in similar_to_history(view, used, idx, session_history(exclude), context)]
             else:
                 reasons = [reason] * len(idx)
-            reasons = with_blend(m, explained, idx, reasons)
-            items = [{"item_id": view.item_names[i], "score": s, "reason": r}
-                     for i, s, r in zip(idx.tolist(), scores.tolist(), reasons)]
-        return {"user_id": None, "session_id": session_id, "model": model, "model_version": view.version,
-                "partition": view.partition, "items": items}
+            return {**head, "items": _items(view, idx, scores, with_blend(narrowed, explained, idx, reasons))}
+
+        return _Lookup(view, used, m, batch, k, exclude, respond)
 
     @staticmethod
-    def _rank(view: ShardView, name: str, model: Model, batch: Batch, k: int, exclude: np.ndarray | None
-              ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, Features] | None]:
-        """`view.rank`, and for a blend the weights and features its reasons are made of (one pass)."""
-        if not isinstance(model, Blend):
-            return (*view.rank(name, model, batch, k, exclude), None)
-        raw, weights, z = model.explain(batch)
-        return (*view.rank(name, model, batch, k, exclude, raw=raw), (weights, z))
+    def _ranked(lookups: list[_Lookup]) -> list[Ranked | Exception]:
+        """`view.rank` of each lookup, and for a blend the weights and features its reasons are made of.
+        Lookups of one view's model that `view.rank` would score with `model.score` (no prepared scorer),
+        and blends, are scored together: `Model.score_each` and `Blend.explain_each` read each member's
+        item rows once for all of them. A group that fails is ranked again lookup by lookup, so that one
+        bad query fails alone."""
+        out: list[Ranked | Exception | None] = [None] * len(lookups)
+        together: dict[tuple[int, str], list[int]] = {}
+        for i, lk in enumerate(lookups):
+            if lk.model is None:
+                out[i] = (np.zeros(0, np.int64), np.zeros(0), None)
+            elif lk.scored_together:
+                together.setdefault((id(lk.view), lk.used), []).append(i)
+            else:
+                out[i] = _attempt(lk.rank)
+        for group in together.values():
+            ranked = _attempt(functools.partial(Recommender._scored, [lookups[i] for i in group]))
+            if isinstance(ranked, Exception) and len(group) > 1:
+                for i in group:
+                    one = _attempt(functools.partial(Recommender._scored, [lookups[i]]))
+                    out[i] = one if isinstance(one, Exception) else one[0]
+            else:
+                for j, i in enumerate(group):
+                    out[i] = ranked if isinstance(ranked, Exception) else ranked[j]
+        return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _scored(lookups: list[_Lookup]) -> list[Ranked]:
+        """Lookups of one view's model, scored together (see `_ranked`), then ranked one by one."""
+        queries = [lk.query() for lk in lookups]
+        first = queries[0][0]
+        if isinstance(first, Blend):
+            explained = Blend.explain_each([(cast(Blend, m), b) for m, b in queries])
+            return [lk.rank(raw, (w, z)) for lk, (raw, w, z) in zip(lookups, explained)]
+        return [lk.rank(raw) for lk, raw in zip(lookups, type(first).score_each(queries))]
 
     @staticmethod
     def _pick(view: ShardView, model: str) -> tuple[str, Model | None]:
