@@ -190,14 +190,15 @@ class Model(ABC):
         item rows: here those of models that score by item vectors (`item_vectors`, `query_vectors`),
         the others one by one. # Q x [n_items]"""
         out: list[np.ndarray | None] = [None] * len(queries)
-        shared: dict[tuple[int, int], list[int]] = {}  # (item table, n_items) -> the queries that read it
+        # (item table, n_items) -> the table's (vectors, bias) and the queries that read it
+        shared: dict[tuple[int, int], tuple[tuple[np.ndarray, np.ndarray], list[int]]] = {}
         for i, (model, batch) in enumerate(queries):
             declared = model.item_vectors()
             if declared is not None and len(declared[0]) >= batch.n_items:
-                shared.setdefault((id(declared[0]), batch.n_items), []).append(i)
+                shared.setdefault((id(declared[0]), batch.n_items), (declared, []))[1].append(i)
             else:
                 out[i] = model.score(batch, _FIRST)[0]
-        for (_, n), asked in shared.items():
+        for (_, n), ((vectors, bias), asked) in shared.items():
             wanted: list[tuple[int, np.ndarray]] = []  # (query, its vector) of the queries the pass scores
             for i in asked:
                 model, batch = queries[i]
@@ -208,7 +209,6 @@ class Model(ABC):
                         continue
                 out[i] = model.score(batch, _FIRST)[0]  # alone, or unknown to the model (its fallback)
             if wanted:
-                vectors, bias = queries[asked[0]][0].item_vectors()  # type: ignore[misc]
                 res = np.empty((len(wanted), n), np.float32)  # [R, n_items]
                 dot_rows(np.array([q for _, q in wanted], np.float32), vectors, bias, res)
                 for r, (i, _) in enumerate(wanted):

@@ -201,7 +201,7 @@ class Recommender:
         (and her open session's) as `user_rows` read them (read here when not given); the items' state
         comes from the shard's view."""
         lookup = self._user_lookup(user_id, k, model, context, include_seen, rows)
-        return lookup.respond(_result(self._ranked([lookup])[0]))
+        return lookup.respond(self._rank_now(lookup))
 
     async def answer_user(self, user_id: str, k: int, model: str, context: dict[str, str], include_seen: bool) -> dict:
         """`for_user` from her rows read now (`user_rows`), ranked together with the lookups that wait with it."""
@@ -214,7 +214,7 @@ class Recommender:
         """Top-k next items for a session (popularity in context for an unknown session or a user model),
         from its rows as `session_rows` found them (None: no partition knows it)."""
         lookup = self._session_lookup(session_id, k, model, context, found)
-        return lookup.respond(_result(self._ranked([lookup])[0]))
+        return lookup.respond(self._rank_now(lookup))
 
     async def answer_session(self, session_id: str, k: int, model: str, context: dict[str, str]) -> dict:
         """`for_session` from its rows found now (`session_rows`), ranked together with the lookups that
@@ -227,6 +227,10 @@ class Recommender:
         """The lookup ranked, together with those that wait with it when its model scores every item."""
         if lookup.scored_together:
             return await self._together.submit(lookup)
+        return self._rank_now(lookup)
+
+    def _rank_now(self, lookup: _Lookup) -> Ranked:
+        """The lookup ranked alone (its failure raised here)."""
         return _result(self._ranked([lookup])[0])
 
     def _user_lookup(self, user_id: str, k: int, model: str, context: dict[str, str], include_seen: bool,
