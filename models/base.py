@@ -128,6 +128,7 @@ class Model(ABC):
 
     name: ClassVar[str]
     query: ClassVar[Literal["user", "session"]] = "user"
+    frozen = False  # see `freeze`
     tables: ClassVar[dict[str, TableKind]]
     # True when the model learns event by event, so that learning a batch in any split leaves
     # the same state; `learn_scored` then scores each event just before learning it.
@@ -359,6 +360,19 @@ class Model(ABC):
         raise NotImplementedError(f"{type(self).__name__} evicts nothing, so it takes no rows back")
 
     # -- what a server may precompute (serving uses only these, never a model's internals) --------
+
+    def alike(self, batch: Batch) -> bool:
+        """Whether the one-row query `batch` is one of those this model scores alike, whatever their users,
+        contexts and times (a session model's query without a session): their scores then depend on the
+        item tables alone, and a model whose tables change no more (`freeze`) may keep them for the next.
+        False unless a model says so."""
+        return False
+
+    def freeze(self) -> None:
+        """The tables change no more (a server's read-only view): from now on the model (and the copies
+        `narrowed` from it) may keep what it computes from them for later queries (the blend keeps its
+        members' parts of `alike` queries)."""
+        self.frozen = True
 
     def popularity(self) -> PopularityState | None:
         """The popularity this model ranks by, or answers with when it cannot answer a query

@@ -21,7 +21,7 @@ the blend's seed; their tables are the blend's, named `member + "." + table`.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal, cast
+from typing import ClassVar, Literal, NamedTuple, cast
 
 import numpy as np
 from numba import njit
@@ -44,13 +44,30 @@ def _seen(seen, s, n, n_bits):  # pragma: no cover - numba
 
 
 @njit(cache=True, fastmath=FAST)
-def _summary(s, top):  # pragma: no cover - numba
-    """Each row's mean and standard deviation (float64), and its `top` best items, best first, ties to the
-    lower item (-1 where the row has fewer items). # [M, n] -> [M], [M], [M, top]"""
-    m, n = s.shape
-    mean, std = np.zeros(m), np.zeros(m)
-    best = np.full((m, top), -1, np.int64)
-    for r in range(m):
+def _cleaned(s):  # pragma: no cover - numba
+    """Non-finite scores of the row set to 0, in place; returns the row's mean and lowest score (at most 0)."""
+    total, low = 0.0, 0.0
+    for j in range(len(s)):
+        if not np.isfinite(s[j]):
+            s[j] = 0.0
+        total += s[j]
+        low = min(low, s[j])
+    return total / max(len(s), 1), low
+
+
+@njit(inline="always")
+def _reciprocal(rank):  # pragma: no cover - numba
+    """The feature of the item at `rank` (0: best) of a member's best items."""
+    return 10.0 / (10.0 + rank)
+
+
+@njit(cache=True, fastmath=FAST)
+def _summary(s, rows, mean, std, best):  # pragma: no cover - numba
+    """For each row r in `rows`: its mean and standard deviation (float64), and its best[r].shape[0] best items,
+    best first, ties to the lower item (-1 where the row has fewer items). # [M, n] -> mean, std [M], best [M, top]"""
+    n = s.shape[1]
+    top = best.shape[1]
+    for r in rows:
         total = 0.0
         for j in range(n):
             total += s[r, j]
@@ -60,15 +77,15 @@ def _summary(s, top):  # pragma: no cover - numba
             d = s[r, j] - mean[r]
             var += d * d
         std[r] = np.sqrt(var / max(n, 1))
+        best[r, :] = -1
         if top > 0:
             found = top_items(s[r], top)
             best[r, : len(found)] = found
-    return mean, std, best
 
 
 @njit(cache=True, fastmath=FAST)
 def _combined(s, a, c, best, b, out):  # pragma: no cover - numba
-    """out[j] = c + sum_r a[r] s[r, j] + b[r] * 10 / (10 + rank of j in row r's best). # [M, n] -> [n]"""
+    """out[j] = c + sum_r a[r] s[r, j] + b[r] * (j's reciprocal rank in row r's best). # [M, n] -> [n]"""
     m, n = s.shape
     out[:] = c
     for r in range(m):
@@ -76,12 +93,12 @@ def _combined(s, a, c, best, b, out):  # pragma: no cover - numba
             out[j] += a[r] * s[r, j]
         for rank in range(best.shape[1]):
             if best[r, rank] >= 0:
-                out[best[r, rank]] += b[r] * 10.0 / (10.0 + rank)
+                out[best[r, rank]] += b[r] * _reciprocal(rank)
 
 
 @njit(cache=True, fastmath=FAST)
 def _expected(s, best, p):  # pragma: no cover - numba
-    """sum_j p[j] s[r, j] and sum_j p[j] 10 / (10 + rank of j in row r's best), per row. # -> [M], [M]"""
+    """sum_j p[j] s[r, j] and sum_j p[j] (j's reciprocal rank in row r's best), per row. # -> [M], [M]"""
     m, n = s.shape
     dense, ranks = np.zeros(m), np.zeros(m)
     for r in range(m):
@@ -91,8 +108,33 @@ def _expected(s, best, p):  # pragma: no cover - numba
         dense[r] = total
         for rank in range(best.shape[1]):
             if best[r, rank] >= 0:
-                ranks[r] += p[best[r, rank]] * 10.0 / (10.0 + rank)
+                ranks[r] += p[best[r, rank]] * _reciprocal(rank)
     return dense, ranks
+
+
+@njit(cache=True)
+def _at(s, mean, scale, best, items, ranked):  # pragma: no cover - numba
+    """The features of `items`: z-scores, then (when `ranked`) reciprocal ranks. # -> [M or 2M, len(items)]"""
+    m = s.shape[0]
+    out = np.zeros((2 * m if ranked else m, len(items)))
+    for r in range(m):
+        for i in range(len(items)):
+            out[r, i] = (s[r, items[i]] - mean[r]) * scale[r]
+        if ranked:
+            for rank in range(best.shape[1]):
+                for i in range(len(items)):
+                    if items[i] == best[r, rank]:
+                        out[m + r, i] = _reciprocal(rank)
+    return out
+
+
+class Row(NamedTuple):
+    """One member's part of a query's features: what a frozen blend keeps of an `alike` query."""
+
+    s: np.ndarray  # [n] float32, cleaned and logged as the features take it
+    mean: float
+    std: float
+    best: np.ndarray  # [top]
 
 
 class Features:
@@ -100,11 +142,15 @@ class Features:
     scores s [M, n] (logged where they count), their means and deviations, and each member's `top` best
     items. Nothing [F, n] is built: a score, an expectation and a few items' features are each one pass."""
 
-    def __init__(self, s: np.ndarray, top: int):
+    def __init__(self, s: np.ndarray, mean: np.ndarray, std: np.ndarray, best: np.ndarray):
         self.s = s  # [M, n] float32
-        self.mean, std, self.best = _summary(s, top)  # [M], [M], [M, top]
+        self.mean, self.std, self.best = mean, std, best  # [M], [M], [M, top]
         self.scale = np.divide(1.0, std, out=np.zeros_like(std), where=std > 0)  # [M] 1 / std (0: a constant row)
-        self.ranked = top > 0
+        self.ranked = best.shape[1] > 0
+
+    def row(self, r: int) -> Row:
+        """Member r's part (copies)."""
+        return Row(self.s[r].copy(), float(self.mean[r]), float(self.std[r]), self.best[r].copy())
 
     def score(self, w: np.ndarray) -> np.ndarray:
         """w @ features. # [F] -> [n]"""
@@ -122,14 +168,7 @@ class Features:
 
     def at(self, items: np.ndarray) -> np.ndarray:
         """The features of `items`. # [len(items)] -> [F, len(items)]"""
-        items = np.asarray(items, np.int64)
-        z = (self.s[:, items] - self.mean[:, None]) * self.scale[:, None]
-        if not self.ranked:
-            return z
-        rank = np.arange(self.best.shape[1])
-        hit = self.best[:, :, None] == items[None, None, :]  # [M, top, len(items)]
-        ranks = (hit * (10.0 / (10.0 + rank))[None, :, None]).sum(axis=1)
-        return np.concatenate([z, ranks])
+        return _at(self.s, self.mean, self.scale, self.best, np.asarray(items, np.int64), self.ranked)
 
 
 class Blend(Model):
@@ -179,6 +218,7 @@ class Blend(Model):
         for m, part in self.parts.items():
             tables.update((f"{m}.{t}", kind) for t, kind in part.tables.items())
         self.tables = tables  # type: ignore[misc]
+        self._kept: dict[tuple[str, int], Row] = {}  # (member, n_items) -> its part of `alike` queries, once frozen
         self.shared = {f"{m}.{t}": how for m, part in self.parts.items() for t, how in part.shared.items()}  # type: ignore[misc]
 
     # -- weights ---------------------------------------------------------------------------
@@ -252,19 +292,27 @@ class Blend(Model):
             self._ctx_changed.mark(c)
 
     # -- features --------------------------------------------------------------------------
-    def _features(self, member_scores: list[np.ndarray]) -> Features:
+    def _features(self, member_scores: list[np.ndarray | Row]) -> Features:
         """One row's features: each member's scores (non-finite ones as 0) z-scored over the items, after
         log(s + eps * mean) when none is negative (counts and shares); then, with `top`, 10 / (10 + rank)
-        for each member's `top` best items, ties to the lower item (0 for the rest). # M x [n] -> [F, n]"""
-        s = np.array(member_scores, np.float32)  # [M, n], a copy: cleaned and logged in place, by SIMD ufuncs
-        bad = ~np.isfinite(s)
-        if bad.any():
-            s[bad] = 0.0
-        mean = s.mean(axis=1)  # [M] float32 sums, pairwise
-        for r in np.flatnonzero(s.min(axis=1, initial=0.0) >= 0).tolist():
-            np.add(s[r], np.float32(self.eps * max(mean[r], 1e-12)), out=s[r])
-            np.log(s[r], out=s[r])
-        return Features(s, self.top)
+        for each member's `top` best items, ties to the lower item (0 for the rest). A member's part may
+        come as kept (`Row`). # M x [n] -> [F, n]"""
+        m, n = len(member_scores), len(member_scores[0].s if isinstance(member_scores[0], Row) else member_scores[0])
+        s = np.empty((m, n), np.float32)  # cleaned and logged in place, by SIMD ufuncs
+        mean, std, best = np.empty(m), np.empty(m), np.empty((m, self.top), np.int64)
+        fresh = []
+        for r, got in enumerate(member_scores):
+            if isinstance(got, Row):
+                s[r], mean[r], std[r], best[r] = got
+                continue
+            s[r] = got
+            average, low = _cleaned(s[r])
+            if low >= 0:
+                np.add(s[r], np.float32(self.eps * max(average, 1e-12)), out=s[r])
+                np.log(s[r], out=s[r])
+            fresh.append(r)
+        _summary(s, np.array(fresh, np.int64), mean, std, best)
+        return Features(s, mean, std, best)
 
     # -- Model -----------------------------------------------------------------------------
     def _ensure(self, batch: Batch) -> None:
@@ -322,21 +370,40 @@ class Blend(Model):
     @staticmethod
     def explain_each(queries: list[tuple[Blend, Batch]]) -> list[tuple[np.ndarray, np.ndarray, Features]]:
         """`explain` of each (blend, one-row query); the members of one blend's copies (`narrowed`) score
-        their queries together (`Model.score_each`: one pass over a member's item rows for all of them)."""
+        their queries together (`Model.score_each`: one pass over a member's item rows for all of them).
+        A frozen blend takes a member's part of an `alike` query from what it kept of the first one."""
         first = np.zeros(1, np.int64)
-        for blend, batch in queries:
+        got: dict[tuple[str, int], np.ndarray | Row] = {}  # (member, query) -> its scores [n_items] or kept part
+        for i, (blend, batch) in enumerate(queries):
             blend._ensure(batch)
-        scores: dict[tuple[str, int], np.ndarray] = {}  # (member, query) -> [n_items]
+            got.update(((name, i), row) for name, row in blend._kept_rows(batch).items())
         for name in dict.fromkeys(m for blend, _ in queries for m in blend.members):
-            which = [i for i, (blend, _) in enumerate(queries) if name in blend.parts]
-            asked = [(queries[i][0].parts[name], queries[i][1]) for i in which]
-            scores.update(zip(((name, i) for i in which), type(asked[0][0]).score_each(asked)))
+            which = [i for i, (blend, _) in enumerate(queries) if name in blend.parts and (name, i) not in got]
+            if which:
+                asked = [(queries[i][0].parts[name], queries[i][1]) for i in which]
+                got.update(zip(((name, i) for i in which), type(asked[0][0]).score_each(asked)))
         out = []
         for i, (blend, batch) in enumerate(queries):
-            z = blend._features([scores[m, i] for m in blend.members])
+            z = blend._features([got[m, i] for m in blend.members])
+            blend._keep(batch, z)
             w = blend.weights(batch, first)[0]
             out.append((z.score(w), w, z))
         return out
+
+    def _kept_rows(self, batch: Batch) -> dict[str, Row]:
+        """The members' parts kept for this query (those it is `alike` for, once a frozen blend met one)."""
+        if not self.frozen:
+            return {}
+        return {name: row for name, part in self.parts.items()
+                if (row := self._kept.get((name, batch.n_items))) is not None and part.alike(batch)}
+
+    def _keep(self, batch: Batch, z: Features) -> None:
+        """A frozen blend keeps the parts of the members this query is `alike` for (the first time)."""
+        if not self.frozen:
+            return
+        for r, (name, part) in enumerate(self.parts.items()):
+            if (name, batch.n_items) not in self._kept and part.alike(batch):
+                self._kept[name, batch.n_items] = z.row(r)
 
     def contributions(self, weights: np.ndarray, z: Features, items: np.ndarray) -> np.ndarray:
         """Each member's part of the blend's score of `items` [len(items), M], from `explain`'s weights

@@ -314,6 +314,10 @@ class GRU4Rec(Model):
         self._version += 1
         self._cache = None
 
+    def alike(self, batch: Batch) -> bool:
+        """A query without a session: scored from the item tables alone."""
+        return len(batch) == 1 and batch.sessions[0] < 0
+
     def session_items(self, session: int) -> np.ndarray:
         """The session's last `max(bptt, mean_items)` items, oldest first."""
         _, _, win = self._sessions.gather(np.array([session], np.int64))

@@ -88,6 +88,10 @@ class Markov(Model):
             self._items_changed.all = True
         return weights
 
+    def alike(self, batch: Batch) -> bool:
+        """A query without a session: scored from the item tables alone."""
+        return len(batch) == 1 and batch.sessions[0] < 0
+
     def session_items(self, session: int) -> np.ndarray:
         """The session's last item (all this model keeps of it)."""
         last = int(self._last.data[session, 0]) - 1 if 0 <= session < self._last.n else -1

@@ -91,6 +91,10 @@ class SessionKNN(Model):
     def _row(self, v: int) -> np.ndarray:
         return self._items.data[v] if 0 <= v < self._items.n else np.zeros(1 + self.max_session_len)
 
+    def alike(self, batch: Batch) -> bool:
+        """A query without a session: scored from the item tables alone."""
+        return len(batch) == 1 and batch.sessions[0] < 0
+
     def session_items(self, session: int) -> np.ndarray:
         """The session's last `max_session_len` distinct items, oldest first."""
         return _items_in(self._row(self._slot_of(session))[1:])

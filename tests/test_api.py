@@ -682,7 +682,10 @@ def test_lookups_that_wait_together_are_ranked_together_as_each_alone(topics, mo
     alone, alone_users, got, got_users = asyncio.run(lookups())
     # every lookup scored once, some in one call with others (then once more alone, where that failed)
     failed = sum(n for n in together if n > 1) if fail_together else 0
-    assert sum(together) == len(sessions) + len(users) + failed and max(together) > 1, together
+    # a served blend keeps the GRU's part of a lookup without a session (the users' here) from the first
+    # one, made alone above (`Blend.freeze`): the GRU scores only the sessions' lookups again
+    scored = len(sessions) + (0 if model == "blend" else len(users))
+    assert sum(together) == scored + failed and max(together) > 1, together
     for want, answer in zip(alone + alone_users, got + got_users):
         assert [i["item_id"] for i in answer["items"]] == [i["item_id"] for i in want["items"]]
         assert _rounded([i["reason"] for i in answer["items"]]) == _rounded([i["reason"] for i in want["items"]])

@@ -88,6 +88,32 @@ def test_answers_explained_together_are_each_explained_alone() -> None:
     assert len({round(float(s[0]), 4) for s, _, _ in together}) > 1  # the answers differ
 
 
+def test_a_frozen_blend_answers_alike_queries_from_what_it_kept() -> None:
+    """A server's blend (`freeze`) answers as before; a member's part of a query that member scores alike
+    (the GRU's, the Markov chain's without a session) is computed once and kept: after the GRU's item
+    biases change under it, those answers stay as they were while the others change."""
+    featurizer = Featurizer()
+    coded = batches(featurizer, planted_stream(1500, seed=1))
+    model = Blend(members=("markov", "dnn", "gru"), seed=0)
+    for batch in coded[:-1]:
+        model.learn(batch)
+    probe = featurizer.batch(planted_stream(32, seed=2, t0=1.8e9))
+    before = Blend.explain_each(narrowed_queries(model, coded[-1], probe))  # type: ignore[arg-type]
+    model.freeze()
+    queries = narrowed_queries(model, coded[-1], probe)
+    frozen = Blend.explain_each(queries)  # type: ignore[arg-type]
+    for (want, _, want_z), (got, _, got_z) in zip(before, frozen):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got_z.at(np.arange(5)), want_z.at(np.arange(5)), rtol=1e-5, atol=1e-6)
+    alike = [batch.sessions[0] < 0 for _, batch in queries]
+    assert any(alike) and not all(alike)
+    n = probe.n_items
+    model.absorb("gru.item_bias", np.arange(0, n, 2), np.full((len(range(0, n, 2)), 1), 3.0))  # against the promise
+    after = Blend.explain_each(narrowed_queries(model, coded[-1], probe))  # type: ignore[arg-type]
+    for same, (want, _, _), (got, _, _) in zip(alike, frozen, after):
+        assert np.allclose(got, want, rtol=1e-5, atol=1e-6) == same
+
+
 def _records(topic: str, n: int) -> list:
     from stream_app.core.events import encode, prepare
     from stream_app.io import kafka

@@ -383,6 +383,31 @@ def test_queries_scored_together_score_as_each_alone(name: str, stream) -> None:
     assert any(not np.allclose(alone[0], a) for a in alone)  # the answers differ: a mixed-up order would show
 
 
+ALIKE_WITHOUT_SESSION = {"gru", "markov", "sknn"}  # session models that score from item tables alone then
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_queries_it_calls_alike_score_alike(name: str, stream) -> None:
+    """`Model.alike`: the one-row queries a model says it scores alike (a frozen blend keeps the first one's
+    scores for the others) get the same scores, whatever their users, contexts and times."""
+    coded, probe = stream
+    model = registry.create(name, seed=0)
+    for batch in coded[:60]:
+        model.learn(batch)
+    queries = narrowed_queries(model, coded[60], probe)
+    alike = [(copy, batch) for copy, batch in queries if copy.alike(batch)]
+    assert bool(alike) == (name in ALIKE_WITHOUT_SESSION), f"{name} says alike for {len(alike)} queries"
+    if not alike:
+        pytest.skip(f"{name} scores no query alike")
+    assert all(batch.sessions[0] < 0 for _, batch in alike)
+    assert len({(int(b.context[0].sum()), float(b.ts[0]), int(b.users[0])) for _, b in alike}) > 1
+    want = alike[0][0].score(alike[0][1], FIRST)[0]
+    for copy, batch in alike[1:]:
+        assert_same(copy.score(batch, FIRST)[0], want)
+    others = [copy.score(batch, FIRST)[0] for copy, batch in queries if not copy.alike(batch)]
+    assert any(not np.allclose(o, want) for o in others)  # the others differ: the test can fail
+
+
 def test_narrowing_is_needed_so_the_test_can_fail(stream) -> None:
     """Row 0 of the whole model is another user: scored without narrowing, MF answers differently."""
     coded, probe = stream

@@ -72,10 +72,11 @@ def with_blend(model: Model, explained: tuple[np.ndarray, Features] | None, idx:
     weights, z = explained  # [F], the query's features
     parts = model.contributions(weights, z, idx)  # [k, M]
     m = len(model.members)
-    rank_weights = weights[m:] if len(weights) > m else np.zeros(m)
+    dense, ranked = weights[:m].tolist(), (weights[m:] if len(weights) > m else np.zeros(m)).tolist()
+    order = np.argsort(-parts, axis=1, kind="stable").tolist()  # largest part first, ties in members' order
     out = []
-    for reason, row in zip(reasons, parts.tolist()):
-        members = [{"model": name, "weight": float(weights[f]), "rank_weight": float(rank_weights[f]), "part": part}
-                   for f, (name, part) in enumerate(zip(model.members, row))]
-        out.append({**reason, "blend": sorted(members, key=lambda e: -e["part"])})
+    for reason, row, best in zip(reasons, parts.tolist(), order):
+        members = [{"model": model.members[f], "weight": dense[f], "rank_weight": ranked[f], "part": row[f]}
+                   for f in best]
+        out.append({**reason, "blend": members})
     return out

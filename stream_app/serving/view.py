@@ -67,6 +67,7 @@ class ShardView:
         warm = self.featurizer.query(None, {}, time.time())
         for model in self.models.values():
             model.score(warm, _FIRST_ROW)
+            model.freeze()  # read-only from here: it may keep what later queries share
         for name, model in self.models.items():
             scorer = scorer_for(model, self.n_items, self.valid_items)
             if scorer is not None:
