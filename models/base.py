@@ -15,7 +15,6 @@ only for state kept otherwise (GRU's item arrays, the blend's members) or loaded
 
 from __future__ import annotations
 
-import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -281,7 +280,8 @@ class Model(ABC):
         """A copy for one query whose user and session tables hold only `rows` (table -> [n, w], the query's
         user and session renumbered from row 0; a table left out holds no row), sharing every other table
         with this model. Score it, never learn with it: the shared tables are read-only there."""
-        clone = copy.copy(self)
+        clone = object.__new__(type(self))  # a shallow copy (copy.copy's, without its protocol lookups)
+        clone.__dict__.update(self.__dict__)
         own, parts = self._narrowing()
         clone._stored_rows = dict(self._stored_rows)
         for name, attrs in own:

@@ -431,9 +431,16 @@ class Blend(Model):
         return out
 
     def narrowed(self, rows: dict[str, np.ndarray]) -> Blend:
-        clone = cast(Blend, super().narrowed({t: v for t, v in rows.items() if "." not in t}))
-        clone.parts = {m: part.narrowed({t.partition(".")[2]: v for t, v in rows.items() if t.startswith(m + ".")})
-                       for m, part in self.parts.items()}
+        own: dict[str, np.ndarray] = {}
+        of: dict[str, dict[str, np.ndarray]] = {m: {} for m in self.parts}  # member -> its tables' rows
+        for t, v in rows.items():
+            m, dot, table = t.partition(".")
+            if dot:
+                of[m][table] = v
+            else:
+                own[t] = v
+        clone = cast(Blend, super().narrowed(own))
+        clone.parts = {m: part.narrowed(of[m]) for m, part in self.parts.items()}
         return clone
 
     def reserve_items(self, n: int) -> None:
