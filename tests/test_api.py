@@ -596,7 +596,7 @@ def test_serve_with_two_worker_processes(planted, tmp_path):
 
 def test_a_session_is_asked_of_the_partition_it_was_found_in_first(topics):
     """A session lookup does not name its user, whose partition holds the session: the first lookup asks
-    the partitions in turn, later ones the partition that knew it (one round trip)."""
+    every partition at once (one round trip, however many), later ones the partition that knew it."""
     events = [prepare({"user_id": f"u{j % 9}", "item_id": f"I{j % 20}", "event_type": "click",
                        "session_id": f"s{j % 9}", "ts": T0 + j}) for j in range(90)]
     produce(topics, events)
@@ -606,9 +606,17 @@ def test_a_session_is_asked_of_the_partition_it_was_found_in_first(topics):
     rec, asked = Recommender(cache), []
     read = cache.aquery
 
+    reading = [0, 0]  # reads under way, the most at once
+
     async def counted(partition, user_id, session=None):
         asked.append(partition)
-        return await read(partition, user_id, session)
+        reading[0] += 1
+        reading[1] = max(reading)
+        try:
+            await asyncio.sleep(0.01)  # a slow Redis: reads that overlap here were sent together
+            return await read(partition, user_id, session)
+        finally:
+            reading[0] -= 1
 
     cache.aquery = counted  # the real read, counted
 
@@ -625,6 +633,7 @@ def test_a_session_is_asked_of_the_partition_it_was_found_in_first(topics):
         asked.clear()
         assert await rec.session_rows("nobody's session") is None
         assert sorted(asked) == list(range(topics.events_partitions))
+        assert reading[1] == topics.events_partitions  # all at once
         return out
 
     found = asyncio.run(lookups())

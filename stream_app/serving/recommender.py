@@ -2,7 +2,7 @@
 
 A user's state lives in the shard (Kafka partition) its user_id hashes to, so a
 user lookup reads her rows there (one Redis round trip) and ranks with that shard's
-view; a session is looked for in the shard it was last found in, then in the others in turn
+view; a session is looked for in the shard it was last found in, then in all the others at once
 (the request does not name its user); similar items in every view.
 Unknown users, sessions and items get context-aware popularity, never an error.
 """
@@ -181,19 +181,29 @@ class Recommender:
 
     async def session_rows(self, session_id: str) -> tuple[int, QueryRows] | None:
         """(partition, rows) of a session, None when no partition knows it. The request does not name its
-        user, whose partition holds the session: the partition it was found in last comes first (one round
-        trip for a live session's later lookups), then the others in turn."""
+        user, whose partition holds the session: the partition it was found in last is asked first (one
+        round trip for a live session's later lookups), then every other one at once (one more round trip
+        however many partitions there are), the lowest that knows it winning."""
+        key = session_key(session_id)
         last = self._session_partition.get(session_id)
-        for partition in ([last] if last is not None else []) + [p for p in range(self.cache.partitions) if p != last]:
-            rows = await self.cache.aquery(partition, None, session_key(session_id))
+        if last is not None:
+            rows = await self.cache.aquery(last, None, key)
             if rows.session >= 0:
-                self._session_partition[session_id] = partition
-                self._session_partition.move_to_end(session_id)
-                if len(self._session_partition) > SESSION_PARTITIONS:
-                    self._session_partition.popitem(last=False)
-                return partition, rows
+                return self._found(session_id, last, rows)
+        others = [p for p in range(self.cache.partitions) if p != last]
+        for partition, rows in zip(others, await asyncio.gather(*(self.cache.aquery(p, None, key) for p in others))):
+            if rows.session >= 0:
+                return self._found(session_id, partition, rows)
         self._session_partition.pop(session_id, None)
         return None
+
+    def _found(self, session_id: str, partition: int, rows: QueryRows) -> tuple[int, QueryRows]:
+        """Remember the partition a session was found in (the most recent `SESSION_PARTITIONS` sessions)."""
+        self._session_partition[session_id] = partition
+        self._session_partition.move_to_end(session_id)
+        if len(self._session_partition) > SESSION_PARTITIONS:
+            self._session_partition.popitem(last=False)
+        return partition, rows
 
     def for_user(self, user_id: str, k: int, model: str, context: dict[str, str], include_seen: bool,
                  rows: QueryRows | None = None) -> dict:
