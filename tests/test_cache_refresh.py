@@ -271,3 +271,69 @@ def test_a_vocabulary_updated_with_changes_equals_one_restored_from_the_changed_
         n = len(restored.names)
         assert updated.names[:n] == restored.names and not any(updated.names[n:])
         assert [r for r in updated._free if r < n] == restored._free
+
+
+_LOOKUPS_SCRIPT = """
+import sys
+import numba
+import numpy as np
+from models import registry
+from models.blend import Blend
+from models.features import Featurizer
+from models.kernels import top_items
+from stream_app.core.settings import Settings
+from stream_app.serving.cache import ModelCache
+from tests.test_model_contract import batches, narrowed_queries, planted_stream
+
+def compiled():
+    return {f"{name}.{attr}": len(obj.signatures) for name, mod in list(sys.modules.items())
+            if name.startswith("models.") for attr, obj in vars(mod).items()
+            if isinstance(obj, numba.core.dispatcher.Dispatcher)}
+
+names = sorted(registry.MODELS)
+featurizer = Featurizer()
+coded = batches(featurizer, planted_stream(600, seed=1))
+probe = featurizer.batch(planted_stream(16, seed=2, t0=1.8e9))
+learned = {}
+for name in names:
+    model = registry.create(name, seed=0)
+    for batch in coded[:-1]:
+        model.learn(batch)
+    model.freeze()
+    learned[name] = model
+if sys.argv[1] == "warm":
+    ModelCache(Settings(), names, background=False).compile_models()
+before = compiled()
+for name, model in learned.items():  # as `Recommender._ranked` scores lookups that wait together
+    queries = narrowed_queries(model, coded[-1], probe)
+    if isinstance(model, Blend):
+        scores = []
+        for raw, _, z in Blend.explain_each(queries):
+            z.at(np.arange(3))  # the reasons' features of an answer's items
+            scores.append(raw)
+    else:
+        scores = type(model).score_each(queries)
+    for s in scores:
+        top_items(s, 20)
+print({k: (before.get(k, 0), n) for k, n in compiled().items() if n != before.get(k, 0)})  # grown
+"""
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_lookups_that_wait_together_compile_nothing_after_the_warm_up(warm):
+    """`ModelCache.compile_models` runs each model's paths that lookups take, the batched ones included
+    (`Model.score_each`, `Blend.explain_each`, top-k), so that no lookup waits for numba. A new interpreter
+    (this one's numba is warm already) learns every model, freezes it, warms up, then scores narrowed copies
+    of it together: no compiled function gains a signature. Without the warm-up some do (the test can fail)."""
+    import ast
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", _LOOKUPS_SCRIPT, "warm" if warm else "cold"], cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    grown = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    assert (grown == {}) == warm, grown
