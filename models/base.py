@@ -132,6 +132,9 @@ class Model(ABC):
     # True when the model learns event by event, so that learning a batch in any split leaves
     # the same state; `learn_scored` then scores each event just before learning it.
     sequential: ClassVar[bool] = False
+    # True when a query without a session scores from the item tables alone (a session model's, say):
+    # `alike` then holds for such a query.
+    alike_without_session: ClassVar[bool] = False
     # True when only learning changes the blobs: a drain then reports them unchanged (an empty id list)
     # unless the model set `_learned` since the last drain or import.
     blobs_change_on_learn: ClassVar[bool] = False
@@ -365,8 +368,8 @@ class Model(ABC):
         """Whether the one-row query `batch` is one of those this model scores alike, whatever their users,
         contexts and times (a session model's query without a session): their scores then depend on the
         item tables alone, and a model whose tables change no more (`freeze`) may keep them for the next.
-        False unless a model says so."""
-        return False
+        Here: a query without a session, for a model that declares `alike_without_session`."""
+        return bool(self.alike_without_session and len(batch) == 1 and batch.sessions[0] < 0)
 
     def freeze(self) -> None:
         """The tables change no more (a server's read-only view): from now on the model (and the copies

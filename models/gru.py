@@ -38,6 +38,7 @@ class GRU4Rec(Model):
     name = "gru"
     query = "session"
     sequential = True
+    alike_without_session = True
     tables: ClassVar[dict[str, TableKind]] = {
         "item_emb": "item",  # [n_items, embedding]
         "item_out": "item",  # [n_items, hidden]
@@ -313,10 +314,6 @@ class GRU4Rec(Model):
         self._sessions.take_back(ids, values)
         self._version += 1
         self._cache = None
-
-    def alike(self, batch: Batch) -> bool:
-        """A query without a session: scored from the item tables alone."""
-        return len(batch) == 1 and batch.sessions[0] < 0
 
     def session_items(self, session: int) -> np.ndarray:
         """The session's last `max(bptt, mean_items)` items, oldest first."""

@@ -55,6 +55,7 @@ class Markov(Model):
     name = "markov"
     query = "session"
     sequential = True
+    alike_without_session = True
     tables: ClassVar[dict[str, TableKind]] = {
         "succ": "item",  # [n_items, max_successors] successor item id + 1, 0 = empty slot
         "succ_count": "item",  # [n_items, max_successors] their decayed counts
@@ -87,10 +88,6 @@ class Markov(Model):
             self._succ_count.data[:] *= rescale
             self._items_changed.all = True
         return weights
-
-    def alike(self, batch: Batch) -> bool:
-        """A query without a session: scored from the item tables alone."""
-        return len(batch) == 1 and batch.sessions[0] < 0
 
     def session_items(self, session: int) -> np.ndarray:
         """The session's last item (all this model keeps of it)."""

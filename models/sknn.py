@@ -34,6 +34,7 @@ class SessionKNN(Model):
     name = "sknn"
     query = "session"
     sequential = True
+    alike_without_session = True
     tables: ClassVar[dict[str, TableKind]] = {
         "items": "own",  # [n_slots, 1 + max_session_len]: stamp (0 = empty), then item ids + 1, 0 pads, newest last
         "slot": "session",  # [n_sessions, 1] the live session's slot + 1 (0: none yet)
@@ -90,10 +91,6 @@ class SessionKNN(Model):
 
     def _row(self, v: int) -> np.ndarray:
         return self._items.data[v] if 0 <= v < self._items.n else np.zeros(1 + self.max_session_len)
-
-    def alike(self, batch: Batch) -> bool:
-        """A query without a session: scored from the item tables alone."""
-        return len(batch) == 1 and batch.sessions[0] < 0
 
     def session_items(self, session: int) -> np.ndarray:
         """The session's last `max_session_len` distinct items, oldest first."""
