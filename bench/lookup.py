@@ -24,7 +24,8 @@ of a core away from the server it measures.
 
 Configurations: `--workers 1` and `--workers 2` of the current code, the same
 with popularity only, and (`--baseline REF`, e.g. HEAD before a change) the
-code of a git revision serving popularity (or each of `--baseline-models`), all in the same run.
+code of a git revision serving popularity (or each of `--baseline-models`) from one process (or each
+of `--baseline-workers`), all in the same run.
 
 Freshness: with a worker running and the server answering, events of new
 users are produced one at a time; the time from produce to the first answer
@@ -262,12 +263,21 @@ def run_async(coro):
 # --------------------------------------------------------------------------- the server under test
 
 
+def sockets_of(pid: int, port: int, status: str) -> list[int]:
+    """Per child process of `pid` (recursively): how many of its TCP sockets of `port` are in `status`
+    (a psutil.CONN_* value, e.g. "LISTEN" or "ESTABLISHED")."""
+    import psutil
+
+    return [sum(c.status == status and c.laddr.port == port for c in child.net_connections("tcp"))
+            for child in psutil.Process(pid).children(recursive=True)]
+
+
 class Server:
     """`streamrec serve` (or a git revision's) as a child process on a free port."""
 
     def __init__(self, env: dict, models: str, workers: int, log: Path, cwd: Path | None = None,
                  extra: tuple[str, ...] = ()):
-        self.port = embedded.free_port("127.0.0.1")
+        self.port, self.workers = embedded.free_port("127.0.0.1"), workers
         cmd = [sys.executable, "-m", "stream_app.cli", "serve", "--port", str(self.port), "--models", models, *extra]
         if workers != 1:
             cmd += ["--workers", str(workers)]
@@ -275,12 +285,16 @@ class Server:
         self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until it answers /healthz and each of its worker processes listens (one that still loads would
+        leave the first connections to the others)."""
         import httpx
 
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200:
+                if (httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200
+                        and (self.workers == 1 or sum(map(bool, sockets_of(self.proc.pid, self.port, "LISTEN")))
+                             >= self.workers)):
                     return
             except httpx.HTTPError:
                 pass
@@ -459,7 +473,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--baseline", default=None,
                         help="also measure this git revision's server, e.g. HEAD before a change")
     parser.add_argument("--baseline-models", default="pop",
-                        help="the models the baseline serves, each alone with 1 process (comma-separated)")
+                        help="the models the baseline serves, each alone (comma-separated)")
+    parser.add_argument("--baseline-workers", default="1", help="server worker-process counts of the baseline")
     parser.add_argument("--clients", type=int, default=GOAL_CLIENTS)
     parser.add_argument("--rate", type=float, default=GOAL_OPEN_RATE)
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -525,7 +540,8 @@ def main(argv: list[str] | None = None) -> dict:
                 configs.append(("pop, --workers 1", ",".join(models), "pop", 1, None))
         if args.baseline:
             base_dir = checkout(args.baseline, tmp / "baseline")
-            configs += [(f"{m}, baseline {args.baseline}", m, m, 1, base_dir) for m in args.baseline_models.split(",")]
+            configs += [(f"{m}, baseline {args.baseline}" + (f", --workers {w}" if w != "1" else ""), m, m, int(w),
+                         base_dir) for m in args.baseline_models.split(",") for w in args.baseline_workers.split(",")]
         runs: list[dict] = []
         first_server: Server | None = None
         for name, serve_models, model, workers, cwd in configs:

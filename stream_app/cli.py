@@ -215,8 +215,9 @@ def serve(
     ),
     workers: int = typer.Option(
         1, "--workers", min=1,
-        help="uvicorn worker processes sharing the port. More processes use more cores (no shared GIL) but each "
-             "holds and refreshes its own copy of every shard (N x memory, N x reload work per model version)",
+        help="uvicorn worker processes on the port, each listening on a socket of its own (SO_REUSEPORT: the kernel "
+             "spreads connections over them). More processes use more cores (no shared GIL) but each holds and "
+             "refreshes its own copy of every shard (N x memory, N x reload work per model version)",
     ),
     ann_threshold: Optional[int] = typer.Option(
         None, "--ann-threshold", min=0,
@@ -227,16 +228,16 @@ def serve(
     redis_url: Optional[str] = RedisUrl,
 ) -> None:
     """Serve the lookup HTTP API (recommendations, similar items, POST /events, /metrics) from Redis state."""
-    import functools
     import os
 
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")  # before numpy loads, here and in worker processes
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     from models.registry import parse_names
     from stream_app.serving.api import create_app
-    from stream_app.serving.http import CoalescingHttpToolsProtocol
+    from stream_app.serving.http import CoalescingHttpToolsProtocol, OwnSocketPerProcess
 
     conf = settings(kafka_bootstrap=bootstrap, redis_url=redis_url, events_topic=topic, events_partitions=partitions,
                     api_models=models, api_refresh=refresh, api_ann_threshold=ann_threshold)
@@ -249,14 +250,22 @@ def serve(
         fail(exc)
     typer.echo(f"serving on http://{host}:{port} (models: {names}; {workers} worker process(es))")
     # loop: uvloop if installed; http: httptools, one socket write per response
-    run = functools.partial(uvicorn.run, host=host, port=port, log_level="warning", access_log=False,
-                            http=CoalescingHttpToolsProtocol)
+    options: dict[str, Any] = dict(host=host, port=port, log_level="warning", access_log=False,
+                                   http=CoalescingHttpToolsProtocol)
     if workers == 1:
-        run(app_)
+        uvicorn.run(app_, **options)
         return
     # Worker processes import the app by name and read their settings (API options included) from the environment.
     os.environ.update(conf.environ())
-    run("stream_app.serving.api:app_from_env", factory=True, workers=workers)
+    config = uvicorn.Config("stream_app.serving.api:app_from_env", factory=True, workers=workers, **options)
+    try:
+        address = OwnSocketPerProcess(host, port)
+    except OSError as exc:
+        fail(ConfigError(f"cannot listen on {host}:{port} ({exc}): choose another --port or stop what holds it"))
+    try:
+        Multiprocess(config, sockets=[address]).run()  # type: ignore[list-item]
+    finally:
+        address.close()
 
 
 @app.command()

@@ -12,6 +12,7 @@ import asyncio
 import gc
 import os
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -19,9 +20,11 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 from fastapi.testclient import TestClient
 
+from bench.lookup import sockets_of
 from stream_app.core.events import encode, prepare
 from stream_app.dev import embedded
 from stream_app.io import kafka
@@ -390,7 +393,7 @@ import numpy as np  # noqa: E402
 from models.base import Batch, Model  # noqa: E402
 from models.features import Featurizer, session_key  # noqa: E402
 from stream_app.serving.cache import ModelCache  # noqa: E402
-from stream_app.serving.scorers import AnnIndex, EmbeddingScorer, PopScorer, top_k  # noqa: E402
+from stream_app.serving.scorers import AnnIndex, Cooccurrence, EmbeddingScorer, PopScorer, top_k  # noqa: E402
 from stream_app.serving.view import ShardView  # noqa: E402
 
 
@@ -535,6 +538,43 @@ def test_prepared_mf_scores_equal_mf_score_for_known_and_cold_users():
         np.testing.assert_allclose(top, np.sort(expected)[::-1][:10], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_a_cooccurrence_index_keeps_each_items_newest_users_and_counts_like_sets(seed):
+    """Against sets: each item keeps its `per_item` highest user rows; counts, cosine and a catch-up that
+    adds items follow from the kept pairs. More users leave the index no larger than items x per_item."""
+    rng = np.random.default_rng(seed)
+    n_items, per_item = 30, 4
+    users, items = rng.integers(0, 200, 3000), rng.integers(0, n_items, 3000)
+    users[:5], items[:5] = 1000 + np.arange(5), -1  # out of bounds: left out
+    cooc = Cooccurrence.of_pairs(users, items, n_items, per_item)
+    had: dict[int, set[int]] = {j: set() for j in range(n_items)}
+    for u, j in zip(users.tolist(), items.tolist()):
+        if 0 <= j < n_items:
+            had[j].add(u)
+    kept = {j: set(sorted(us)[-per_item:]) for j, us in had.items()}
+    rows = cooc.user_rows
+    assert {j: set(rows[cooc.users_of(j)].tolist()) for j in range(n_items)} == kept
+    assert set(map(tuple, np.stack([np.repeat(rows, np.diff(cooc.user_ptr)), cooc.user_items], 1).tolist())) == {
+        (u, j) for j, us in kept.items() for u in us}
+    candidates, anchors = [3, 7, 11, 29], [7, 0, 5]
+    np.testing.assert_array_equal(cooc.counts(candidates, anchors),
+                                  [[len(kept[c] & kept[a]) for a in anchors] for c in candidates])
+    np.testing.assert_allclose(cooc.similar(5), [len(kept[5] & kept[j]) / np.sqrt(len(kept[j]) * len(kept[5]))
+                                                 for j in range(n_items)])
+    # a catch-up: user 150 now has items 0-9, newer users 300 and 301 item 2: as if read whole
+    history = {150: np.array([[j, 0] for j in range(10)]), 300: np.array([[2, 0]]), 301: np.array([[2, 1]])}
+    caught_up = cooc.updated(history, [150, 300, 301], n_items)
+    old = np.repeat(rows, np.diff(cooc.user_ptr))
+    left = old != 150
+    again = Cooccurrence.of_pairs(np.concatenate([old[left], [150] * 10, [300, 301]]),
+                                  np.concatenate([cooc.user_items[left], np.arange(10), [2, 2]]), n_items, per_item)
+    assert {300, 301} <= set(caught_up.user_rows[caught_up.users_of(2)].tolist())
+    for attr in ("item_ptr", "item_users", "user_rows", "user_ptr", "user_items"):
+        np.testing.assert_array_equal(getattr(caught_up, attr), getattr(again, attr))
+    bigger = Cooccurrence.of_pairs(rng.integers(0, 20_000, 60_000), rng.integers(0, n_items, 60_000), n_items, per_item)
+    assert len(bigger.user_items) == len(bigger.item_users) == n_items * per_item
+
+
 def test_ann_index_answers_like_exact_top_k_for_an_embedding_model():
     model = SyntheticEmbeddings()
     n = model.V.shape[0]
@@ -588,6 +628,21 @@ def test_serve_with_two_worker_processes(planted, tmp_path):
             for _ in range(10):  # served by either process, the same answer
                 answer = client.recommendations("alice", k=5, context={"device": "ios"})
                 assert answer["items"] and answer["items"][0]["reason"]["kind"] == "similar_to"
+        # Connections opened at once are spread over both processes (one shared socket gave a burst
+        # to whichever process woke first): each process holds some of sixteen.
+        while sum(sockets_of(proc.pid, port, psutil.CONN_LISTEN)) < 2:  # the second one may still be loading
+            assert time.monotonic() < deadline, sockets_of(proc.pid, port, psutil.CONN_LISTEN)
+            time.sleep(0.1)
+        burst = [socket.create_connection(("127.0.0.1", port)) for _ in range(16)]
+        try:
+            for sock in burst:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert all(sock.recv(64).startswith(b"HTTP/1.1 200") for sock in burst)
+            established = sockets_of(proc.pid, port, psutil.CONN_ESTABLISHED)
+            assert sum(established) == 16 and sum(n > 0 for n in established) == 2, established
+        finally:
+            for sock in burst:
+                sock.close()
     finally:
         proc.terminate()
         proc.wait(20)

@@ -1,4 +1,5 @@
-"""uvicorn's httptools protocol, writing each response to its socket once instead of head and body apart.
+"""How the lookup API runs on uvicorn: one socket write per response, and worker processes that each
+listen on a socket of their own.
 
 uvicorn writes a response's head as soon as the app starts it and the body when the app sends it: two
 writes, so two packets on a TCP_NODELAY socket and two wake-ups of the client per answer. Here the
@@ -8,6 +9,7 @@ writes made within one turn of the event loop leave as one (what that gains: REA
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Iterable
 from typing import Any
 
@@ -60,3 +62,35 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_Coalesced(transport, self.loop))  # type: ignore[arg-type]
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port with SO_REUSEPORT (not yet listening: uvicorn listens on it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+class OwnSocketPerProcess:
+    """host:port for uvicorn's worker processes (`uvicorn.supervisors.Multiprocess(config, sockets=[this])`),
+    each of which listens on a socket of its own, so that the kernel spreads new connections over them.
+
+    uvicorn binds one socket and shares it: whichever process wakes first accepts every connection of a
+    burst, so eight connections opened at once may all land on one process while the other idles.
+    This object is what uvicorn hands each worker process; unpickled there, it is a new socket bound with
+    SO_REUSEPORT. The parent binds one too, without listening, so that a taken port fails at once.
+    """
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self._held = _listening_socket(host, port)
+
+    def __reduce__(self) -> tuple[Any, tuple[str, int]]:
+        return _listening_socket, (self.host, self.port)
+
+    def close(self) -> None:
+        self._held.close()
