@@ -58,8 +58,8 @@ def learn(shard: Shard, events: list, first: int, per_commit: int) -> int:
 
 
 def pairs(cooc) -> np.ndarray:
-    """The (user, item) pairs of a co-occurrence index, sorted."""
-    users = np.repeat(np.arange(len(cooc.user_ptr) - 1), np.diff(cooc.user_ptr))
+    """The (user row, item) pairs of a co-occurrence index, sorted."""
+    users = np.repeat(cooc.user_rows, np.diff(cooc.user_ptr))
     return np.stack([users, cooc.user_items])
 
 

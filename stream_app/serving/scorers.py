@@ -210,54 +210,67 @@ def _pairs(history: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return users, np.concatenate(list(history.values()))[:, 0].astype(np.int64)
 
 
-def _keys(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> np.ndarray:
+def _keys(users: np.ndarray, items: np.ndarray, n_items: int) -> np.ndarray:
     """The sorted unique keys user * n_items + item of the pairs within bounds."""
-    ok = (items >= 0) & (items < n_items) & (users >= 0) & (users < n_users)
+    ok = (items >= 0) & (items < n_items) & (users >= 0)
     return np.unique(users[ok] * n_items + items[ok])
+
+
+USERS_PER_ITEM = 128  # the users an item keeps in a co-occurrence index: its size follows the catalogue
 
 
 @dataclass
 class Cooccurrence:
-    """Binary user x item incidence of the shard's recent histories, both directions as CSR arrays."""
+    """Binary user x item incidence of the shard's recent histories, both directions as CSR arrays, with
+    each item's `per_item` newest users only (the highest user rows: a user's row is given at her first
+    event). A sample of users bounds the index by the catalogue, not the user base, and is all that
+    reasons and similar items need: which item of a history co-occurs most with an answer.
+
+    Users are numbered by their order among the kept ones (`user_rows` maps back). A catch-up that takes
+    an item out of a user's history does not bring back users the cap left out; the next full read does.
+    """
 
     item_ptr: np.ndarray  # [n_items + 1] offsets into item_users
-    item_users: np.ndarray
-    user_ptr: np.ndarray  # [n_users + 1] offsets into user_items
+    item_users: np.ndarray  # kept users' numbers, ascending per item
+    user_rows: np.ndarray  # [n_kept] user row of each kept user, ascending
+    user_ptr: np.ndarray  # [n_kept + 1] offsets into user_items
     user_items: np.ndarray
     n_items: int
+    per_item: int = USERS_PER_ITEM
 
     @classmethod
-    def of_pairs(cls, users: np.ndarray, items: np.ndarray, n_items: int) -> Cooccurrence:
+    def of_pairs(cls, users: np.ndarray, items: np.ndarray, n_items: int,
+                 per_item: int = USERS_PER_ITEM) -> Cooccurrence:
         """From (user row, item row) pairs, repeats allowed."""
-        n_users = int(users.max(initial=-1)) + 1
-        return cls._of_keys(_keys(users, items, n_users, n_items), n_users, n_items)
+        return cls._of_keys(_keys(users, items, n_items), n_items, per_item)
 
     def updated(self, history: dict[int, np.ndarray], changed: Iterable[int], n_items: int) -> Cooccurrence:
         """This incidence with the users in `changed` taken anew from `history` (absent there: no items),
         vectorised over the pairs it keeps, where `of_pairs` sorts every pair again."""
         changed = np.fromiter(changed, np.int64)
-        n_users = max(self.n_users, 1 + max(history, default=-1))
-        users = np.repeat(np.arange(self.n_users), np.diff(self.user_ptr))
+        users = np.repeat(self.user_rows, np.diff(self.user_ptr))
         keep = ~np.isin(users, changed) & (self.user_items < n_items)
         kept = users[keep] * n_items + self.user_items[keep]  # sorted and unique, as `_of_keys` left them
-        new = _keys(*_pairs({u: history[u] for u in changed.tolist() if u in history}), n_users, n_items)
-        return Cooccurrence._of_keys(np.insert(kept, np.searchsorted(kept, new), new), n_users, n_items)
+        new = _keys(*_pairs({u: history[u] for u in changed.tolist() if u in history}), n_items)
+        return Cooccurrence._of_keys(np.insert(kept, np.searchsorted(kept, new), new), n_items, self.per_item)
 
     @classmethod
-    def _of_keys(cls, pairs: np.ndarray, n_users: int, n_items: int) -> Cooccurrence:
-        """From the sorted unique keys user * n_items + item of its pairs (rows kept as int32: the index is
-        what a server holds per user)."""
-        users, items = (pairs // n_items).astype(np.int32), (pairs % n_items).astype(np.int32)
+    def _of_keys(cls, pairs: np.ndarray, n_items: int, per_item: int) -> Cooccurrence:
+        """From the sorted unique keys user * n_items + item of its pairs, each item's `per_item` newest users
+        kept (numbers and items as int32: the index is what a server holds per pair)."""
+        users, items = pairs // n_items, pairs % n_items
+        by_item = np.lexsort((-users, items))  # each item's users, newest first
+        starts = np.searchsorted(items[by_item], np.arange(n_items))
+        newest = np.arange(len(pairs)) - starts[items[by_item]] < per_item
+        kept = np.sort(by_item[newest])  # still sorted by user, then item
+        user_rows, number = np.unique(users[kept], return_inverse=True)
+        items = items[kept].astype(np.int32)
         order = np.argsort(items, kind="stable")
         item_ptr = np.zeros(n_items + 1, np.int64)
         np.cumsum(np.bincount(items, minlength=n_items), out=item_ptr[1:])
-        user_ptr = np.zeros(n_users + 1, np.int64)
-        np.cumsum(np.bincount(users, minlength=n_users), out=user_ptr[1:])
-        return cls(item_ptr, users[order], user_ptr, items, n_items)  # pairs are sorted by user already
-
-    @property
-    def n_users(self) -> int:
-        return len(self.user_ptr) - 1
+        user_ptr = np.zeros(len(user_rows) + 1, np.int64)
+        np.cumsum(np.bincount(number, minlength=len(user_rows)), out=user_ptr[1:])
+        return cls(item_ptr, number.astype(np.int32)[order], user_rows, user_ptr, items, n_items, per_item)
 
     def users_of(self, item: int) -> np.ndarray:
         return self.item_users[self.item_ptr[item]: self.item_ptr[item + 1]]
