@@ -288,15 +288,15 @@ class Cooccurrence:
         offsets = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
         return self.user_items[offsets + np.arange(total)], lengths
 
-    def counts(self, candidates: Iterable[int], anchors: list[int], max_users: int = 256) -> np.ndarray:
-        """[len(candidates), len(anchors)] number of users (up to `max_users` per anchor) who had both."""
+    def counts(self, candidates: Iterable[int], anchors: list[int]) -> np.ndarray:
+        """[len(candidates), len(anchors)] number of kept users (at most `per_item` per anchor) who had both."""
         candidates = np.asarray(list(candidates), np.int64)
         out = np.zeros((len(candidates), len(anchors)))
         if len(candidates) == 0 or not anchors:
             return out
         pos = np.full(self.n_items, -1, np.int64)
         pos[candidates] = np.arange(len(candidates))
-        per_anchor = [self.users_of(a)[:max_users] for a in anchors]
+        per_anchor = [self.users_of(a) for a in anchors]
         users = np.concatenate(per_anchor)
         labels = np.repeat(np.arange(len(anchors)), [len(u) for u in per_anchor])
         items, lengths = self._items_of(users)
