@@ -747,14 +747,69 @@ def test_lookups_that_wait_together_are_ranked_together_as_each_alone(topics, mo
     # every lookup scored once, some in one call with others (then once more alone, where that failed)
     failed = sum(n for n in together if n > 1) if fail_together else 0
     # a served blend keeps the GRU's part of a lookup without a session (the users' here) from the first
-    # one, made alone above (`Blend.freeze`): the GRU scores only the sessions' lookups again
-    scored = len(sessions) + (0 if model == "blend" else len(users))
+    # one, made alone above (`Blend.freeze`): the GRU scores only the sessions' lookups again; and the
+    # view remembers its answer to "somebody new" (a query of nobody) from the first time
+    scored = len(sessions) + (0 if model == "blend" else len(users) - 1)
     assert sum(together) == scored + failed and max(together) > 1, together
     for want, answer in zip(alone + alone_users, got + got_users):
         assert [i["item_id"] for i in answer["items"]] == [i["item_id"] for i in want["items"]]
         assert _rounded([i["reason"] for i in answer["items"]]) == _rounded([i["reason"] for i in want["items"]])
         np.testing.assert_allclose([i["score"] for i in answer["items"]], [i["score"] for i in want["items"]],
                                    rtol=1e-5)
+
+
+def test_a_view_remembers_its_answer_to_a_query_of_nobody_until_it_is_replaced(topics, monkeypatch):
+    """Users and sessions the shard does not know get an answer that depends on the view and the request's
+    context alone: the view keeps it, so the next such lookup in that context is not ranked again. Each
+    context, k and model has its own answer, equal to one ranked anew; a known user's is always ranked;
+    a new view (after a commit) answers anew; and the memo keeps at most REMEMBERED_ANSWERS answers."""
+    from stream_app.serving.view import REMEMBERED_ANSWERS
+
+    def clicks(n: int, first: int, users: int, item) -> list:
+        return [prepare({"user_id": f"u{j % users}", "item_id": f"I{item(j)}", "event_type": "click",
+                         "ts": T0 + first + j, "context": {"device": ("ios", "web")[j % 2]}}) for j in range(n)]
+
+    produce(topics, clicks(300, 0, 7, lambda j: (j * j) % 20))
+    Worker(topics, WorkerConfig(models=("pop", "mf"))).run(max_idle=3)
+    cache = ModelCache(topics, ("pop", "mf"), background=False)
+    cache.refresh()
+    rec = Recommender(cache)
+    here = cache.partition_of_user("u0")  # the shard the new items will reach
+    new = iter(u for j in range(10_000) if cache.partition_of_user(u := f"new-{j}") == here)
+    ranked, calls = Recommender._ranked, []
+    monkeypatch.setattr(Recommender, "_ranked", staticmethod(lambda lookups: calls.append(len(lookups)) or ranked(lookups)))
+
+    first = rec.for_user(next(new), 5, "mf", {"device": "ios"}, False)
+    again = asyncio.run(rec.answer_user(user := next(new), 5, "mf", {"device": "ios"}, False))
+    assert again["user_id"] == user and again["items"] == first["items"] and len(calls) == 1
+    asked = [({"device": "web"}, 5, "mf"), ({"device": "ios"}, 3, "mf"), ({"device": "ios"}, 5, "pop"), ({}, 5, "mf")]
+    user = next(new)
+    got = [rec.for_user(user, k, model, context, False)["items"] for context, k, model in asked]
+    assert len(calls) == 1 + len(asked), "each context, k and model is its own answer"
+    assert got[0] != first["items"] and len(got[1]) == 3
+    for view in cache.views():
+        view._answers.clear()
+    user = next(new)
+    assert got == [rec.for_user(user, k, model, context, False)["items"] for context, k, model in asked]
+    session = rec.for_session("no such session", 5, "mf", {"device": "ios"}, None)
+    assert rec.for_session("nor this one", 5, "mf", {"device": "ios"}, None)["items"] == session["items"]
+
+    calls.clear()
+    for _ in range(2):
+        rec.for_user("u1", 5, "mf", {"device": "ios"}, False)
+    assert calls == [1, 1], "a known user's answer is ranked every time"
+
+    produce(topics, clicks(300, 300, 1, lambda j: 20 + j % 3))  # u0 makes three new items the most popular
+    Worker(topics, WorkerConfig(models=("pop", "mf"))).run(max_idle=3)
+    cache.refresh()
+    fresh = rec.for_user(next(new), 5, "mf", {"device": "ios"}, False)
+    assert {i["item_id"] for i in fresh["items"][:3]} == {"I20", "I21", "I22"}, fresh
+
+    view = cache.views()[0]
+    for j in range(REMEMBERED_ANSWERS + 10):
+        view.remember(("test", j), [])
+    assert view.remembered(("test", 9)) is None and view.remembered(("test", REMEMBERED_ANSWERS + 9)) == []
+    assert len(view._answers) == REMEMBERED_ANSWERS
 
 
 @pytest.mark.parametrize("model", ["gru", "sknn", "markov", "caser"])

@@ -42,7 +42,8 @@ SESSION_PARTITIONS = 32_768  # sessions whose shard a server remembers (least re
 @dataclass
 class _Lookup:
     """One lookup between reading its rows and answering: what `Recommender._ranked` ranks (the model
-    narrowed to the lookup's rows, its one-row query) and how the answer is made from that ranking."""
+    narrowed to the lookup's rows, its one-row query), the answer's fields besides its items (`head`)
+    and how its items are made from that ranking (`items`)."""
 
     view: ShardView
     used: str  # the model that answers (the requested one, or the shard's popularity)
@@ -50,7 +51,9 @@ class _Lookup:
     batch: Batch | None
     k: int
     exclude: np.ndarray | None
-    respond: Callable[[Ranked], dict]
+    head: dict
+    items: Callable[[Ranked], list[dict]]
+    key: tuple | None = None  # a query of nobody: its items' key in the view's memo (`ShardView.remember`)
 
     @property
     def scored_together(self) -> bool:
@@ -66,6 +69,17 @@ class _Lookup:
         """`view.rank` (from `raw`, its model's scores of every item, when given) and `explained`."""
         model, batch = self.query()
         return (*self.view.rank(self.used, model, batch, self.k, self.exclude, raw=raw), explained)
+
+    def remembered(self) -> list[dict] | None:
+        """The items the view already answered this query of nobody with (None: not a query of nobody, or
+        not answered yet)."""
+        return self.view.remembered(self.key) if self.key is not None else None
+
+    def answer(self, items: list[dict]) -> dict:
+        """The answer with `items`, which the view remembers for a query of nobody."""
+        if self.key is not None:
+            self.view.remember(self.key, items)
+        return {**self.head, "items": items}
 
 
 class _Together:
@@ -148,6 +162,13 @@ def _result(ranked: Any) -> Any:
     return ranked
 
 
+def _nobody_key(kind: str, used: str, k: int, context: dict[str, str], batch: Batch) -> tuple:
+    """What the answer to a query of nobody (no user, session or history the shard knows) depends on
+    besides the view: the model, k, the request's context (its reasons echo it) and the context values
+    the query was made of (time-of-day ones included). Scoring reads no clock beyond those."""
+    return kind, used, k, tuple(sorted(context.items())), batch.context[0].tobytes()
+
+
 def _items(view: ShardView, idx: np.ndarray, scores: np.ndarray, reasons: list[dict]) -> list[dict]:
     names = view.item_names
     return [{"item_id": names[i], "score": s, "reason": r} for i, s, r in zip(idx.tolist(), scores.tolist(), reasons)]
@@ -211,27 +232,37 @@ class Recommender:
         (and her open session's) as `user_rows` read them (read here when not given); the items' state
         comes from the shard's view."""
         lookup = self._user_lookup(user_id, k, model, context, include_seen, rows)
-        return lookup.respond(self._rank_now(lookup))
+        return self._answer_now(lookup)
 
     async def answer_user(self, user_id: str, k: int, model: str, context: dict[str, str], include_seen: bool) -> dict:
         """`for_user` from her rows read now (`user_rows`), ranked together with the lookups that wait with it."""
         with self._together.coming():
             lookup = self._user_lookup(user_id, k, model, context, include_seen, await self.user_rows(user_id))
-        return lookup.respond(await self._rank_soon(lookup))
+        return await self._answer_soon(lookup)
 
     def for_session(self, session_id: str, k: int, model: str, context: dict[str, str],
                     found: tuple[int, QueryRows] | None) -> dict:
         """Top-k next items for a session (popularity in context for an unknown session or a user model),
         from its rows as `session_rows` found them (None: no partition knows it)."""
         lookup = self._session_lookup(session_id, k, model, context, found)
-        return lookup.respond(self._rank_now(lookup))
+        return self._answer_now(lookup)
 
     async def answer_session(self, session_id: str, k: int, model: str, context: dict[str, str]) -> dict:
         """`for_session` from its rows found now (`session_rows`), ranked together with the lookups that
         wait with it."""
         with self._together.coming():
             lookup = self._session_lookup(session_id, k, model, context, await self.session_rows(session_id))
-        return lookup.respond(await self._rank_soon(lookup))
+        return await self._answer_soon(lookup)
+
+    def _answer_now(self, lookup: _Lookup) -> dict:
+        """The lookup's answer, ranked alone unless the view remembers it."""
+        items = lookup.remembered()
+        return lookup.answer(lookup.items(self._rank_now(lookup)) if items is None else items)
+
+    async def _answer_soon(self, lookup: _Lookup) -> dict:
+        """The lookup's answer, ranked with those that wait with it unless the view remembers it."""
+        items = lookup.remembered()
+        return lookup.answer(lookup.items(await self._rank_soon(lookup)) if items is None else items)
 
     async def _rank_soon(self, lookup: _Lookup) -> Ranked:
         """The lookup ranked, together with those that wait with it when its model scores every item."""
@@ -252,19 +283,21 @@ class Recommender:
         used, m = self._pick(view, model)
         head = {"user_id": user_id, "model": model, "model_version": view.version, "partition": partition}
         if m is None:
-            return _Lookup(view, used, None, None, k, None, lambda ranked: {**head, "items": []})
+            return _Lookup(view, used, None, None, k, None, head, lambda ranked: [])
         m = m.narrowed(rows.models.get(used, {}))
         batch = query_batch(view, context, time.time(), rows)
         exclude = history[:, 0] if history is not None and not include_seen else None
+        nobody = rows.user < 0 and rows.session < 0 and history is None
         narrowed = m
 
-        def respond(ranked: Ranked) -> dict:
+        def items(ranked: Ranked) -> list[dict]:
             idx, scores, explained = ranked
             reasons = (similar_to_history(view, used, idx, history, context) if history is not None
                        else [popular(context)] * len(idx))
-            return {**head, "items": _items(view, idx, scores, with_blend(narrowed, explained, idx, reasons))}
+            return _items(view, idx, scores, with_blend(narrowed, explained, idx, reasons))
 
-        return _Lookup(view, used, m, batch, k, exclude, respond)
+        return _Lookup(view, used, m, batch, k, exclude, head, items,
+                       _nobody_key("user", used, k, context, batch) if nobody else None)
 
     def _session_lookup(self, session_id: str, k: int, model: str, context: dict[str, str],
                         found: tuple[int, QueryRows] | None) -> _Lookup:
@@ -276,8 +309,8 @@ class Recommender:
         head = {"user_id": None, "session_id": session_id, "model": model, "model_version": view.version,
                 "partition": view.partition}
         if m is None:
-            return _Lookup(view, used, None, None, k, None, lambda ranked: {**head, "items": []})
-        exclude = None
+            return _Lookup(view, used, None, None, k, None, head, lambda ranked: [])
+        exclude, key = None, None
         if m.query == "session" and rows is not None:
             m = m.narrowed(rows.models.get(used, {}))
             batch = query_batch(view, context, time.time(), rows)
@@ -288,18 +321,19 @@ class Recommender:
             reason = popular(context)
             if m.query != "session":
                 reason["note"] = f"{used} ranks for users, not sessions; answered by popularity in context"
+            key = _nobody_key("session", used, k, context, batch)
         narrowed = m
 
-        def respond(ranked: Ranked) -> dict:
+        def items(ranked: Ranked) -> list[dict]:
             idx, scores, explained = ranked
             if exclude is not None and len(exclude):  # the session item closest to each answer
                 reasons = [{**r, "kind": "session", "session_id": session_id} if r["kind"] == "similar_to" else r
                            for r in similar_to_history(view, used, idx, session_history(exclude), context)]
             else:
                 reasons = [reason] * len(idx)
-            return {**head, "items": _items(view, idx, scores, with_blend(narrowed, explained, idx, reasons))}
+            return _items(view, idx, scores, with_blend(narrowed, explained, idx, reasons))
 
-        return _Lookup(view, used, m, batch, k, exclude, respond)
+        return _Lookup(view, used, m, batch, k, exclude, head, items, key)
 
     @staticmethod
     def _ranked(lookups: list[_Lookup]) -> list[Ranked | Exception]:

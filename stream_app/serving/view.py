@@ -29,6 +29,7 @@ from stream_app.serving.scorers import (
 )
 
 _FIRST_ROW = np.zeros(1, np.int64)
+REMEMBERED_ANSWERS = 1024  # answers to queries of nobody a view keeps (the oldest forgotten first)
 
 
 @dataclass
@@ -39,7 +40,9 @@ class ShardView:
 
     Everything a request needs that does not depend on the request is computed once, when the view
     is built (in the cache's refresher thread): per-model scorers, normalised similarity vectors
-    and the co-occurrence index.
+    and the co-occurrence index. And what depends only on the view and the request's context, the
+    answers to queries of nobody (users and sessions the shard does not know), is kept once answered
+    (`remember`): a new user's next lookup in the same context costs no ranking.
     """
 
     partition: int
@@ -54,6 +57,7 @@ class ShardView:
     ann: dict[str, tuple[AnnIndex | None, AnnIndex | None]] = field(default_factory=dict, repr=False)
     cooc: Cooccurrence | None = field(default=None, repr=False)  # built when first asked for, unless given
     _vectors: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
+    _answers: dict[tuple, list[dict]] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -109,6 +113,19 @@ class ShardView:
             if name in self.models and self.item_vectors(name) is not None:
                 return name
         return None
+
+    def remembered(self, key: tuple) -> list[dict] | None:
+        """The items of the answer kept under `key` (None: none kept)."""
+        return self._answers.get(key)
+
+    def remember(self, key: tuple, items: list[dict]) -> None:
+        """Keep an answer's items (never changed afterwards) under `key`: what the answer to a query of
+        nobody depends on besides this view (`stream_app.serving.recommender`). At most
+        `REMEMBERED_ANSWERS` are kept, so odd contexts cannot grow the memo."""
+        with self._lock:
+            while len(self._answers) >= REMEMBERED_ANSWERS:
+                del self._answers[next(iter(self._answers))]
+            self._answers[key] = items
 
     # ---- ranking
 
