@@ -237,7 +237,7 @@ def serve(
 
     from models.registry import parse_names
     from stream_app.serving.api import create_app
-    from stream_app.serving.http import CoalescingHttpToolsProtocol, OwnSocketPerProcess
+    from stream_app.serving.http import CoalescingHttpToolsProtocol, OwnSocketPerProcess, bound_socket
 
     conf = settings(kafka_bootstrap=bootstrap, redis_url=redis_url, events_topic=topic, events_partitions=partitions,
                     api_models=models, api_refresh=refresh, api_ann_threshold=ann_threshold)
@@ -248,22 +248,27 @@ def serve(
             app_ = create_app(conf)
     except StreamrecError as exc:
         fail(exc)
+    # Bound before saying so: a taken port fails here, with what to do.
+    try:
+        address = bound_socket(host, port) if workers == 1 else OwnSocketPerProcess(host, port)
+    except OSError as exc:
+        fail(ConfigError(f"cannot listen on {host}:{port} ({exc}): choose another --port or stop what holds it"))
     typer.echo(f"serving on http://{host}:{port} (models: {names}; {workers} worker process(es))")
     # loop: uvloop if installed; http: httptools, one socket write per response
     options: dict[str, Any] = dict(host=host, port=port, log_level="warning", access_log=False,
                                    http=CoalescingHttpToolsProtocol)
-    if workers == 1:
-        uvicorn.run(app_, **options)
-        return
-    # Worker processes import the app by name and read their settings (API options included) from the environment.
-    os.environ.update(conf.environ())
-    config = uvicorn.Config("stream_app.serving.api:app_from_env", factory=True, workers=workers, **options)
     try:
-        address = OwnSocketPerProcess(host, port)
-    except OSError as exc:
-        fail(ConfigError(f"cannot listen on {host}:{port} ({exc}): choose another --port or stop what holds it"))
-    try:
-        Multiprocess(config, sockets=[address]).run()  # type: ignore[list-item]
+        if workers == 1:
+            server = uvicorn.Server(uvicorn.Config(app_, **options))
+            server.run(sockets=[address])  # type: ignore[list-item]
+            if not server.started:  # its start-up failed (logged above)
+                raise typer.Exit(3)
+        else:
+            # Worker processes import the app by name and read their settings (API options included) from the
+            # environment.
+            os.environ.update(conf.environ())
+            config = uvicorn.Config("stream_app.serving.api:app_from_env", factory=True, workers=workers, **options)
+            Multiprocess(config, sockets=[address]).run()  # type: ignore[list-item]
     finally:
         address.close()
 

@@ -604,6 +604,7 @@ def test_ann_index_answers_like_exact_top_k_for_an_embedding_model():
 
 
 def test_serve_with_two_worker_processes(planted, tmp_path):
+    """Two worker processes answer alike, share a burst of connections, and keep the port from another server."""
     import subprocess
     import sys
 
@@ -643,6 +644,13 @@ def test_serve_with_two_worker_processes(planted, tmp_path):
         finally:
             for sock in burst:
                 sock.close()
+        # Another server on the port fails before it says it serves, though this one's processes share it.
+        for workers in ("1", "2"):
+            other = subprocess.run([sys.executable, "-m", "stream_app.cli", "serve", "--port", str(port), "--workers",
+                                    workers, "--models", "pop"], env=planted.environ(), capture_output=True, text=True,
+                                   timeout=60)
+            assert other.returncode == 2 and "serving on" not in other.stdout, (other.stdout, other.stderr)
+            assert f"cannot listen on 127.0.0.1:{port}" in other.stderr and "choose another --port" in other.stderr
     finally:
         proc.terminate()
         proc.wait(20)

@@ -64,13 +64,19 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(_Coalesced(transport, self.loop))  # type: ignore[arg-type]
 
 
-def _listening_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port with SO_REUSEPORT (not yet listening: uvicorn listens on it)."""
+def bound_socket(host: str, port: int, shared: bool = False) -> socket.socket:
+    """A socket bound to host:port, not yet listening (uvicorn listens on it). `shared`: with SO_REUSEPORT,
+    so that this server's other processes bind the port too."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if shared:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
@@ -81,15 +87,17 @@ class OwnSocketPerProcess:
     uvicorn binds one socket and shares it: whichever process wakes first accepts every connection of a
     burst, so eight connections opened at once may all land on one process while the other idles.
     This object is what uvicorn hands each worker process; unpickled there, it is a new socket bound with
-    SO_REUSEPORT. The parent binds one too, without listening, so that a taken port fails at once.
+    SO_REUSEPORT. The parent binds one too, without listening, so that a taken port fails at once: first
+    without SO_REUSEPORT, so that a port another server's processes share fails as well.
     """
 
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
-        self._held = _listening_socket(host, port)
+        bound_socket(host, port).close()
+        self._held = bound_socket(host, port, shared=True)
 
-    def __reduce__(self) -> tuple[Any, tuple[str, int]]:
-        return _listening_socket, (self.host, self.port)
+    def __reduce__(self) -> tuple[Any, tuple[str, int, bool]]:
+        return bound_socket, (self.host, self.port, True)
 
     def close(self) -> None:
         self._held.close()
