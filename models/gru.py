@@ -105,7 +105,8 @@ class GRU4Rec(Model):
         out = hashed_normal(self.seed, 2, rows, self.hidden) * self.init_std
         return emb.astype(np.float32), out.astype(np.float32)
 
-    def _ensure_items(self, n: int) -> None:
+    def _ensure_items(self, n: int, init: bool = True) -> None:
+        """Item rows [0, n) live; new ones start as new ids (`init`), else as zeros for the caller to fill."""
         if n <= self._n:
             return
         if n > self._cap:
@@ -119,8 +120,8 @@ class GRU4Rec(Model):
             self._emb, self._out, self._bias = grow(self._emb), grow(self._out), grow(self._bias)
             self._acc, self._count = grow(self._acc), grow(self._count)
             self._cap = cap
-        rows = np.arange(self._n, n)
-        self._reset_items(rows)
+        if init:
+            self._reset_items(np.arange(self._n, n))
         self._n = n
         self._items_changed.flags.ensure(n)
 
@@ -256,7 +257,12 @@ class GRU4Rec(Model):
     def _import_items(self, state: dict[str, np.ndarray]) -> None:
         n = max(len(state[k]) for k in _ITEM_TABLES)
         self._clear_items()
-        self._ensure_items(n)
+        self._ensure_items(n, init=False)  # zeros, as new ids' biases, accumulators and counts start
+        # embeddings start as new ids' where the state does not hold them whole (then it overwrites them)
+        whole = min(len(state[name]) if np.ndim(state[name]) == 2 and np.shape(state[name])[1] >= dst.shape[1] else 0
+                    for dst, name in ((self._emb, "item_emb"), (self._out, "item_out")))
+        if whole < n:
+            self._emb[whole:n], self._out[whole:n] = self._init_rows(np.arange(whole, n))
         for dst, name in zip((self._emb, self._out, self._bias, self._acc), _ITEM_TABLES):
             src = np.asarray(state[name], np.float32)
             src = src[:, None] if src.ndim == 1 else src

@@ -54,13 +54,15 @@ class RowTable:
         return self.data
 
     def load(self, values: np.ndarray) -> None:
-        """Replace the contents with `values` (`[n, <=d]`; narrower rows are padded)."""
+        """Replace the contents with `values` (`[n, w]`, 2-D; rows narrower than the table are padded, wider
+        ones widen it), in a buffer sized to them: written once, not filled first."""
         values = np.asarray(values)
-        self.n = 0
-        self._buf[:] = self.fill
-        self.data = self._buf[:0]
-        self.ensure(len(values), values.shape[1] if values.ndim == 2 else 1)
-        self._buf[: len(values), : values.shape[1]] = values
+        n, w = values.shape
+        buf = np.empty((max(n, 16), max(w, self.width)), self._buf.dtype)
+        buf[:n, :w] = values
+        buf[:n, w:] = self.fill
+        buf[n:] = self.fill
+        self._buf, self.n, self.data = buf, n, buf[:n]
 
     def reset(self, ids: np.ndarray) -> None:
         ids = ids[ids < self.n]

@@ -15,7 +15,7 @@ State: the last `max_sessions` sessions, live or ended, each in a slot of its ow
 recycled oldest first, so ended sessions stay neighbours after their session rows expire): a recency
 stamp, then its last `max_session_len` distinct items; each live session's slot (a "session" table);
 item counts (an "item" table); and the stamp and slot counters (blob). The item index is derived
-from the slots and rebuilt on import.
+from the slots and rebuilt, after an import, when first needed.
 """
 
 from __future__ import annotations
@@ -62,10 +62,21 @@ class SessionKNN(Model):
         self._stamp = 0
         self._handed = 0  # slots handed out so far; the next is `_handed % max_sessions`
         self._blob("meta", lambda: np.array([[float(self._stamp), float(self._handed)]]), self._load_meta)
-        self._index: dict[int, dict[int, None]] = {}  # item -> slots holding it, least recent first
+        # [item -> slots holding it, least recent first], or [None] until first used after an import; a list,
+        # so the copies `narrowed` makes (which share the slots) share it too
+        self._index_box: list[dict[int, dict[int, None]] | None] = [{}]
         self._owner: dict[int, int] = {}  # slot -> the live session in it
 
     # -- helpers -------------------------------------------------------------------------
+    @property
+    def _index(self) -> dict[int, dict[int, None]]:
+        """The item -> recent slots index, rebuilt from the slots the first time it is needed after an
+        import (a lookup server's views mostly answer queries without a session, which never need it)."""
+        index = self._index_box[0]
+        if index is None:
+            index = self._index_box[0] = self._rebuilt_index()
+        return index
+
     def _slot_of(self, s: int) -> int:
         """Session s's slot, -1 when it has none."""
         return int(self._slot.data[s, 0]) - 1 if 0 <= s < self._slot.n else -1
@@ -110,7 +121,7 @@ class SessionKNN(Model):
 
         Every item of the session then moves its slot to the end of its index entry, so each
         entry is ordered by stamp and holds the `sessions_per_item` most recently active
-        sessions containing the item: the same index `import_state` rebuilds.
+        sessions containing the item: the same index `_rebuilt_index` makes after an import.
         """
         v = self._slot_of(s)
         if v < 0:
@@ -214,15 +225,27 @@ class SessionKNN(Model):
             pad = np.zeros((len(items), 1 + self.max_session_len - items.shape[1]))
             items = np.concatenate([items[:, :1], pad, items[:, 1:]], axis=1)
         super().import_state({**state, "items": items})
-        self._index = {}
-        data = self._items.data
-        for v in np.argsort(data[:, 0], kind="stable").tolist():
-            if data[v, 0] <= 0:
-                continue
-            for i in _items_in(data[v, 1:]).tolist():
-                self._index_add(i, v)
+        self._index_box = [None]  # rebuilt when first needed
         slots = self._slot.data[:, 0].astype(np.int64) - 1
         self._owner = {int(slots[s]): s for s in np.flatnonzero(slots >= 0).tolist()}
+
+    def _rebuilt_index(self) -> dict[int, dict[int, None]]:
+        """The item index of the slots: each item's `sessions_per_item` most recently stamped slots holding
+        it, least recent first (what `_append` keeps up), sorted at once rather than added pair by pair."""
+        data = self._items.data
+        order = np.argsort(data[:, 0], kind="stable")
+        order = order[data[order, 0] > 0]  # [S] filled slots, least recent first
+        items = (data[order, 1:] - 1).astype(np.int64).ravel()  # [S * L] slot by slot
+        slots = np.repeat(order, data.shape[1] - 1)
+        held = items >= 0
+        items, slots = items[held], slots[held]
+        by_item = np.argsort(items, kind="stable")  # each item's slots, still least recent first
+        items, slots = items[by_item], slots[by_item]
+        firsts = np.flatnonzero(np.r_[True, items[1:] != items[:-1]])
+        ends = np.r_[firsts[1:], len(items)]
+        cap = self.sessions_per_item
+        return {item: dict.fromkeys(slots[max(a, b - cap) : b].tolist())
+                for item, a, b in zip(items[firsts].tolist(), firsts.tolist(), ends.tolist())}
 
     def reserve_items(self, n: int) -> None:
         self._count.ensure(n)

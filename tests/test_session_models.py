@@ -215,6 +215,46 @@ def test_restore_from_float32_rows_with_gaps(name, stream):
     np.testing.assert_allclose(other.score(zeroed, np.array([0])), other.score(fresh, np.array([0])), rtol=1e-6)
 
 
+def test_gru_import_starts_the_item_rows_a_state_lacks_as_new_ids(stream):
+    """The GRU's item rows from a state: each as stored where the state holds it, else as a new id's (an
+    item whose embedding and accumulator rows are zeros, never written, or beyond the stored rows)."""
+    events, _ = stream
+    model, _ = train("gru", events[:1000])
+    state = {t: np.asarray(v) for t, v in model.export_state().items()}
+    n = len(state["item_out"])
+    lacking = dict(state, item_emb=state["item_emb"][: n - 5].copy(), item_acc=state["item_acc"].copy())
+    lacking["item_emb"][3], lacking["item_acc"][3] = 0.0, 0.0  # item 3 never written
+    restored = create("gru", seed=3)
+    restored.import_state(lacking)
+    new = create("gru", seed=3)
+    new.reserve_items(n)  # every row a new id's
+    got, fresh = restored.export_state(), new.export_state()
+    stored = np.setdiff1d(np.arange(n - 5), [3])
+    np.testing.assert_array_equal(got["item_emb"][stored], state["item_emb"][stored])
+    np.testing.assert_array_equal(got["item_out"][stored], state["item_out"][stored])
+    for table in ("item_emb", "item_out"):
+        np.testing.assert_array_equal(got[table][3], fresh[table][3])
+    np.testing.assert_array_equal(got["item_emb"][n - 5 :], fresh["item_emb"][n - 5 :])
+    np.testing.assert_array_equal(got["item_out"][n - 5 :], state["item_out"][n - 5 :])  # stored: kept
+    assert not np.array_equal(fresh["item_emb"][n - 5 :], state["item_emb"][n - 5 :])
+
+
+def test_sknn_rebuilds_after_an_import_the_item_index_it_kept_while_learning(stream):
+    """The item -> recent slots index rebuilt after an import (sorted at once, when first needed) is the one
+    learning kept up event by event, order and per-item cap included, with slots recycled round the ring;
+    a copy `narrowed` for one query that builds it builds it for the model it was copied from."""
+    events, _ = stream
+    model, _ = train("sknn", events[:2000], sessions_per_item=7, max_sessions=120)
+    restored = create("sknn", seed=3, sessions_per_item=7, max_sessions=120)
+    restored.import_state(model.export_state())
+    assert restored._index_box[0] is None, "built before it was needed"
+    copy = restored.narrowed({})
+    kept = {i: list(v) for i, v in model._index.items() if v}
+    assert kept and max(map(len, kept.values())) == 7
+    assert {i: list(v) for i, v in copy._index.items()} == kept
+    assert restored._index_box[0] is copy._index
+
+
 # ---- time jumps (see also test_popularity.py) ---------------------------------------------------
 
 JUMPS = {  # (the stream's time, where it jumps to)
