@@ -272,7 +272,8 @@ class GRU4Rec(Model):
         emb_in, acc_in = np.asarray(state["item_emb"]), np.asarray(state["item_acc"])
         if len(emb_in) and len(acc_in):
             r = min(len(emb_in), len(acc_in))
-            blank = np.flatnonzero(~emb_in[:r].any(axis=1) & ~acc_in[:r].any(axis=1))
+            blank = np.flatnonzero(~emb_in[:r].any(axis=1))  # few: then their (wider) accumulators
+            blank = blank[~acc_in[blank].any(axis=1)]
             if len(blank):
                 self._reset_items(blank)
         count = np.asarray(state["item_count"], np.float32).reshape(len(state["item_count"]), -1)[:, 0]
