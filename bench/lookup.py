@@ -25,7 +25,8 @@ of a core away from the server it measures.
 Configurations: `--workers 1` and `--workers 2` of the current code, the same
 with popularity only, and (`--baseline REF`, e.g. HEAD before a change) the
 code of a git revision serving popularity (or each of `--baseline-models`) from one process (or each
-of `--baseline-workers`), all in the same run.
+of `--baseline-workers`), all in the same run. With a baseline, the shard catch-up after a commit is
+timed for its code too (before the servers start).
 
 Freshness: with a worker running and the server answering, events of new
 users are produced one at a time; the time from produce to the first answer
@@ -438,6 +439,15 @@ def catch_up(settings, models: tuple[str, ...], items: list[str], commits: int =
     return {"p50_ms": round(float(np.median(times)), 1), "max_ms": round(max(times), 1)}
 
 
+def baseline_catch_up(base_dir: Path, env: dict, models: tuple[str, ...], items: list[str]) -> dict:
+    """`catch_up` as the code in `base_dir` (a baseline's checkout) does it, in a process of its own."""
+    code = ("import json, sys; from bench.lookup import catch_up; from stream_app.core.settings import Settings; "
+            "models, items = json.loads(sys.stdin.read()); print(json.dumps(catch_up(Settings(), tuple(models), items)))")
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps([models, items]), capture_output=True,
+                          text=True, env={**env, "PYTHONPATH": str(base_dir)}, cwd=base_dir, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _reflected(client, user: str, item: str, timeout: float) -> float | None:
     deadline = time.perf_counter() + timeout
     while time.perf_counter() < deadline:
@@ -525,11 +535,13 @@ def main(argv: list[str] | None = None) -> dict:
             reloads.append(time.perf_counter() - t)
         result["shard_reload_ms"] = round(1000 * min(reloads), 1)
         result["items_per_shard"] = int(view.valid_items.sum())
-        if not sessions:
-            result["shard_catch_up_ms"] = catch_up(settings, models, items)
-
         env = settings.environ()
         env["PYTHONPATH"] = str(ROOT)
+        base_dir = checkout(args.baseline, tmp / "baseline") if args.baseline else None
+        if not sessions:
+            result["shard_catch_up_ms"] = catch_up(settings, models, items)
+            if base_dir is not None:
+                result["baseline_shard_catch_up_ms"] = baseline_catch_up(base_dir, env, models, items)
         if args.each:  # each model served alone: its reasons come from its own state
             configs: list[tuple[str, str, str, int, Path | None]] = [
                 (f"{m} alone, --workers {w}", m, m, int(w), None) for m in models for w in args.workers.split(",")]
@@ -538,8 +550,7 @@ def main(argv: list[str] | None = None) -> dict:
                        for w in args.workers.split(",")]
             if models[0] != "pop":
                 configs.append(("pop, --workers 1", ",".join(models), "pop", 1, None))
-        if args.baseline:
-            base_dir = checkout(args.baseline, tmp / "baseline")
+        if base_dir is not None:
             configs += [(f"{m}, baseline {args.baseline}" + (f", --workers {w}" if w != "1" else ""), m, m, int(w),
                          base_dir) for m in args.baseline_models.split(",") for w in args.baseline_workers.split(",")]
         runs: list[dict] = []
@@ -652,6 +663,9 @@ def _write(result: dict, args) -> None:
         c = result["shard_catch_up_ms"]
         lines += [f"Shard catch-up after a commit (the rows it changed + prepare): p50 {c['p50_ms']} ms, "
                   f"max {c['max_ms']} ms."]
+    if "baseline_shard_catch_up_ms" in result:
+        c = result["baseline_shard_catch_up_ms"]
+        lines += [f"Shard catch-up after a commit, baseline {args.baseline}: p50 {c['p50_ms']} ms, max {c['max_ms']} ms."]
     lines += [""]
     text = "\n".join(lines)
     (args.out / f"{stem}.md").write_text(text)
