@@ -770,8 +770,9 @@ def test_a_view_remembers_its_answer_to_a_query_of_nobody_until_it_is_replaced(t
     """Users and sessions the shard does not know get an answer that depends on the view and the request's
     context alone: the view keeps it, so the next such lookup in that context is not ranked again. Each
     context, k and model has its own answer, equal to one ranked anew; a known user's is always ranked;
-    a new view (after a commit) answers anew; and the memo keeps at most REMEMBERED_ANSWERS answers."""
-    from stream_app.serving.view import REMEMBERED_ANSWERS
+    a new view (after a commit) answers anew; and the memo keeps at most REMEMBERED_ANSWERS answers of
+    REMEMBERED_ITEMS items in all."""
+    from stream_app.serving.view import REMEMBERED_ANSWERS, REMEMBERED_ITEMS
 
     def clicks(n: int, first: int, users: int, item) -> list:
         return [prepare({"user_id": f"u{j % users}", "item_id": f"I{item(j)}", "event_type": "click",
@@ -818,6 +819,13 @@ def test_a_view_remembers_its_answer_to_a_query_of_nobody_until_it_is_replaced(t
         view.remember(("test", j), [])
     assert view.remembered(("test", 9)) is None and view.remembered(("test", REMEMBERED_ANSWERS + 9)) == []
     assert len(view._answers) == REMEMBERED_ANSWERS
+    big = [{"item_id": "x"}] * 1000  # k at its most
+    for j in range(20):
+        view.remember(("big", j), big)
+        view.remember(("big", j), big)  # remembered again (two lookups that raced): counted once
+    held = [j for j in range(20) if view.remembered(("big", j)) is not None]
+    assert held == list(range(20 - REMEMBERED_ITEMS // 1000, 20))
+    assert sum(len(items) for items in view._answers.values()) <= REMEMBERED_ITEMS
 
 
 @pytest.mark.parametrize("model", ["gru", "sknn", "markov", "caser"])

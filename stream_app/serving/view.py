@@ -29,7 +29,8 @@ from stream_app.serving.scorers import (
 )
 
 _FIRST_ROW = np.zeros(1, np.int64)
-REMEMBERED_ANSWERS = 1024  # answers to queries of nobody a view keeps (the oldest forgotten first)
+REMEMBERED_ANSWERS = 1024  # answers to queries of nobody a view keeps (the oldest forgotten first) ...
+REMEMBERED_ITEMS = 8192  # ... and their items in all (k goes up to 1,000; a blend item's reason is 8 dicts)
 
 
 @dataclass
@@ -58,6 +59,7 @@ class ShardView:
     cooc: Cooccurrence | None = field(default=None, repr=False)  # built when first asked for, unless given
     _vectors: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
     _answers: dict[tuple, list[dict]] = field(default_factory=dict, repr=False)
+    _answered_items: int = field(default=0, repr=False)  # items of the answers kept
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -121,11 +123,17 @@ class ShardView:
     def remember(self, key: tuple, items: list[dict]) -> None:
         """Keep an answer's items (never changed afterwards) under `key`: what the answer to a query of
         nobody depends on besides this view (`stream_app.serving.recommender`). At most
-        `REMEMBERED_ANSWERS` are kept, so odd contexts cannot grow the memo."""
+        `REMEMBERED_ANSWERS` answers of `REMEMBERED_ITEMS` items in all are kept, the oldest forgotten
+        first, so requests with odd contexts and large k cannot grow the memo."""
         with self._lock:
-            while len(self._answers) >= REMEMBERED_ANSWERS:
-                del self._answers[next(iter(self._answers))]
-            self._answers[key] = items
+            if key in self._answers:
+                self._answered_items -= len(self._answers.pop(key))
+            while self._answers and (len(self._answers) >= REMEMBERED_ANSWERS
+                                     or self._answered_items + len(items) > REMEMBERED_ITEMS):
+                self._answered_items -= len(self._answers.pop(next(iter(self._answers))))
+            if len(items) <= REMEMBERED_ITEMS:
+                self._answers[key] = items
+                self._answered_items += len(items)
 
     # ---- ranking
 
