@@ -337,3 +337,17 @@ def test_lookups_that_wait_together_compile_nothing_after_the_warm_up(warm):
     assert out.returncode == 0, out.stderr[-3000:]
     grown = ast.literal_eval(out.stdout.strip().splitlines()[-1])
     assert (grown == {}) == warm, grown
+
+
+def test_a_catch_up_reads_thousands_of_rows_of_a_table_as_hmget_does(topics):
+    """A catch-up hands Redis the changed rows of a table as one comma-joined argument (`_HMGET_ROWS`): the
+    same values as HMGET, missing rows as None, past the script's chunks of 4,000 fields."""
+    from stream_app.io.redis import _HMGET_ROWS
+
+    client = connect(topics.redis_url)
+    key = f"{topics.key_prefix}:rows"
+    client.hset(key, mapping={str(i): np.float32(i).tobytes() for i in range(0, 9001, 3)})
+    fields = [str(i) for i in range(9001)]  # two of three missing
+    got = client.eval(_HMGET_ROWS, 1, key, ",".join(fields))
+    assert len(got) == 9001 and got == client.hmget(key, fields)
+    assert got[9000] == np.float32(9000).tobytes() and got[8999] is None

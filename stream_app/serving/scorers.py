@@ -63,13 +63,14 @@ class PopScorer:
         base = (count / total if total > 0 else count).astype(np.float32)
         base[~valid] = -np.inf
         self.base = base
-        ctx = fit_rows(ctx_count, n).astype(np.float64)  # [n, n_context]
-        col_total = ctx.sum(axis=0)
+        ctx = fit_rows(ctx_count, n)  # [n, n_context]
+        col_total = ctx.sum(axis=0, dtype=np.float64)
         self.usable = col_total > 0  # [n_context]
         self.weight = float(context_weight)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            share = np.where(self.usable, ctx / np.where(self.usable, col_total, 1.0), 0.0)
-        self.share_t = np.ascontiguousarray(share.T, np.float32)  # [n_context, n]: a context's column is a row
+        inverse = np.divide(1.0, col_total, out=np.zeros_like(col_total), where=self.usable)
+        # [n_context, n]: a context's column is a row; one transposed copy, then scaled in place
+        self.share_t = np.ascontiguousarray(ctx.T, np.float32)
+        self.share_t *= inverse.astype(np.float32)[:, None]
 
     @classmethod
     def from_state(cls, state: PopularityState, valid: np.ndarray) -> PopScorer:
