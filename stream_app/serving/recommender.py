@@ -54,6 +54,7 @@ class _Lookup:
     head: dict
     items: Callable[[Ranked], list[dict]]
     key: tuple | None = None  # a query of nobody: its items' key in the view's memo (`ShardView.remember`)
+    answered: list[dict] | None = None  # the items the view remembered for it (then it is not ranked)
 
     @property
     def scored_together(self) -> bool:
@@ -70,16 +71,12 @@ class _Lookup:
         model, batch = self.query()
         return (*self.view.rank(self.used, model, batch, self.k, self.exclude, raw=raw), explained)
 
-    def remembered(self) -> list[dict] | None:
-        """The items the view already answered this query of nobody with (None: not a query of nobody, or
-        not answered yet)."""
-        return self.view.remembered(self.key) if self.key is not None else None
-
-    def answer(self, items: list[dict]) -> dict:
-        """The answer with `items`, which the view remembers for a query of nobody."""
+    def fresh(self, ranked: Ranked) -> list[dict]:
+        """Its items made from `ranked`, which the view remembers for a query of nobody."""
+        items = self.items(ranked)
         if self.key is not None:
             self.view.remember(self.key, items)
-        return {**self.head, "items": items}
+        return items
 
 
 class _Together:
@@ -256,13 +253,13 @@ class Recommender:
 
     def _answer_now(self, lookup: _Lookup) -> dict:
         """The lookup's answer, ranked alone unless the view remembers it."""
-        items = lookup.remembered()
-        return lookup.answer(lookup.items(self._rank_now(lookup)) if items is None else items)
+        items = lookup.answered if lookup.answered is not None else lookup.fresh(self._rank_now(lookup))
+        return {**lookup.head, "items": items}
 
     async def _answer_soon(self, lookup: _Lookup) -> dict:
         """The lookup's answer, ranked with those that wait with it unless the view remembers it."""
-        items = lookup.remembered()
-        return lookup.answer(lookup.items(await self._rank_soon(lookup)) if items is None else items)
+        items = lookup.answered if lookup.answered is not None else lookup.fresh(await self._rank_soon(lookup))
+        return {**lookup.head, "items": items}
 
     async def _rank_soon(self, lookup: _Lookup) -> Ranked:
         """The lookup ranked, together with those that wait with it when its model scores every item."""
@@ -284,10 +281,13 @@ class Recommender:
         head = {"user_id": user_id, "model": model, "model_version": view.version, "partition": partition}
         if m is None:
             return _Lookup(view, used, None, None, k, None, head, lambda ranked: [])
-        m = m.narrowed(rows.models.get(used, {}))
         batch = query_batch(view, context, time.time(), rows)
         exclude = history[:, 0] if history is not None and not include_seen else None
         nobody = rows.user < 0 and rows.session < 0 and history is None
+        key = _nobody_key("user", used, k, context, batch) if nobody else None
+        answered = view.remembered(key) if key is not None else None
+        if answered is None:  # to be ranked: the model narrowed to the query's rows
+            m = m.narrowed(rows.models.get(used, {}))
         narrowed = m
 
         def items(ranked: Ranked) -> list[dict]:
@@ -296,8 +296,7 @@ class Recommender:
                        else [popular(context)] * len(idx))
             return _items(view, idx, scores, with_blend(narrowed, explained, idx, reasons))
 
-        return _Lookup(view, used, m, batch, k, exclude, head, items,
-                       _nobody_key("user", used, k, context, batch) if nobody else None)
+        return _Lookup(view, used, m, batch, k, exclude, head, items, key, answered)
 
     def _session_lookup(self, session_id: str, k: int, model: str, context: dict[str, str],
                         found: tuple[int, QueryRows] | None) -> _Lookup:
@@ -333,7 +332,8 @@ class Recommender:
                 reasons = [reason] * len(idx)
             return _items(view, idx, scores, with_blend(narrowed, explained, idx, reasons))
 
-        return _Lookup(view, used, m, batch, k, exclude, head, items, key)
+        return _Lookup(view, used, m, batch, k, exclude, head, items, key,
+                       view.remembered(key) if key is not None else None)
 
     @staticmethod
     def _ranked(lookups: list[_Lookup]) -> list[Ranked | Exception]:

@@ -125,15 +125,16 @@ class ShardView:
         nobody depends on besides this view (`stream_app.serving.recommender`). At most
         `REMEMBERED_ANSWERS` answers of `REMEMBERED_ITEMS` items in all are kept, the oldest forgotten
         first, so requests with odd contexts and large k cannot grow the memo."""
+        if len(items) > REMEMBERED_ITEMS:
+            return
         with self._lock:
             if key in self._answers:
                 self._answered_items -= len(self._answers.pop(key))
             while self._answers and (len(self._answers) >= REMEMBERED_ANSWERS
                                      or self._answered_items + len(items) > REMEMBERED_ITEMS):
                 self._answered_items -= len(self._answers.pop(next(iter(self._answers))))
-            if len(items) <= REMEMBERED_ITEMS:
-                self._answers[key] = items
-                self._answered_items += len(items)
+            self._answers[key] = items
+            self._answered_items += len(items)
 
     # ---- ranking
 
