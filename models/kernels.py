@@ -1,5 +1,6 @@
 """Numba helpers the compiled loops share: counter-based random draws and the hashed per-user filter of
-seen items (`mf_loop`, `dnn_loop`, `caser_loop`), and the top-k selection of lookups and the blend."""
+seen items (`mf_loop`, `dnn_loop`, `caser_loop`), and the top-k selection of lookups and the blend, and the
+scores a lookup ranks."""
 
 from __future__ import annotations
 
@@ -122,6 +123,18 @@ def top_items(scores, k):  # pragma: no cover - numba
             if found >= k:
                 return _heap_top(scores, among[:found], k)
     return _heap_top(scores, np.arange(n), k)
+
+
+@njit(cache=True)
+def fitted_scores(raw, valid, out):  # pragma: no cover - numba
+    """out[j] = raw[j] where j < len(raw), valid[j] and raw[j] is finite, else -inf: a model's scores of the
+    items fitted to a catalogue of len(out) items (`valid`: the rows that map to an item). # [n] -> [len(out)]"""
+    n = min(len(raw), len(out))
+    for j in range(n):
+        x = raw[j]
+        out[j] = x if valid[j] and np.isfinite(x) else -np.inf
+    for j in range(n, len(out)):
+        out[j] = -np.inf
 
 
 @njit(cache=True, fastmath=FAST)

@@ -248,11 +248,13 @@ class Keys:
     def vocab(self, kind: str) -> str:
         return f"{self.tag}:vocab:{kind}"
 
+    tables = property(lambda self: self._key("m:"), doc="what every model table's key starts with")
+
     def table(self, model: str, table: str) -> str:
-        return f"{self.tag}:m:{model}:{table}"
+        return f"{self.tables}{model}:{table}"
 
     def session_row(self, model: str, table: str, row: int) -> str:
-        return f"{self.tag}:m:{model}:{table}:{row}"
+        return f"{self.tables}{model}:{table}:{row}"
 
 
 @dataclass
@@ -518,38 +520,43 @@ class QueryRows:
 
 
 class QueryReader:
-    """Reads `QueryRows` of one partition in one round trip (`_READ_QUERY`, a read-only script over the
-    partition's hash tag): vocabulary rows first, then the rows they name, which a pipeline could not
-    chain. `tables`: each model's user and session tables (`Model.query_tables`). `read` waits on a
-    client, `aread` on an asyncio client (the lookup API's event loop)."""
+    """Reads `QueryRows` of one partition in one round trip (a read-only script over the partition's hash
+    tag): vocabulary rows first, then the rows they name, which a pipeline could not chain. `tables`:
+    each model's user and session tables (`Model.query_tables`), whose names the script holds, so that a
+    read sends the user, the session and the partition's table prefix, not every table's key. `read`
+    waits on a client, `aread` on an asyncio client (the lookup API's event loop)."""
 
     def __init__(self, tables: dict[str, dict[str, TableKind]]):
         listed = [(model, table, kind) for model, own in tables.items() for table, kind in own.items()]
         self.tables = sorted(listed, key=lambda t: t[2] != "user")  # the user tables, then the session tables
+        self._source = _read_query({kind: [f"{m}:{t}" for m, t, k in self.tables if k == kind]
+                                    for kind in ("user", "session")})
         self._script: Script | None = None
         self._ascript: AsyncScript | None = None
+        self._keys: dict[Keys, list[str]] = {}  # a partition's KEYS, then its table prefix
 
     def read(self, client: Client, keys: Keys, user_id: str | None, session_key: str | None) -> QueryRows:
         """The rows of `user_id` and of the session `session_key` (a session vocabulary key; None: the
         user's open session) in partition `keys`."""
         if self._script is None:
-            self._script = client.register_script(_READ_QUERY)
+            self._script = client.register_script(self._source)
         call_keys, args = self._call(keys, user_id, session_key)
         return self._rows(self._script(keys=call_keys, args=args, client=client))
 
     async def aread(self, client: AsyncClient, keys: Keys, user_id: str | None, session_key: str | None) -> QueryRows:
         """`read` on an asyncio client."""
         if self._ascript is None:
-            self._ascript = client.register_script(_READ_QUERY)
+            self._ascript = client.register_script(self._source)
         call_keys, args = self._call(keys, user_id, session_key)
         return self._rows(await self._ascript(keys=call_keys, args=args, client=client))  # a client made anew too
 
-    def _call(self, keys: Keys, user_id: str | None, session_key: str | None) -> tuple[list[str], list]:
+    def _call(self, keys: Keys, user_id: str | None, session_key: str | None) -> tuple[list[str], list[str]]:
         """The script's KEYS and ARGV."""
-        users = [keys.table(m, t) for m, t, kind in self.tables if kind == "user"]
-        sessions = [keys.table(m, t) for m, t, kind in self.tables if kind == "session"]
-        return ([keys.vocab("user"), keys.vocab("session"), keys.history, keys.open_sessions],
-                [user_id or "", session_key or "", len(users), *users, len(sessions), *sessions])
+        named = self._keys.get(keys)
+        if named is None:
+            named = self._keys[keys] = [keys.vocab("user"), keys.vocab("session"), keys.history, keys.open_sessions,
+                                        keys.tables]
+        return named[:4], [user_id or "", session_key or "", named[4]]
 
     def _rows(self, got: list) -> QueryRows:
         user, session, history, *rows = got
@@ -561,12 +568,17 @@ class QueryReader:
                          None if history is None else _history(history), models)
 
 
-# KEYS: the user and session vocabularies, the history, the open sessions. ARGV: user id, session key ('': the
-# user's open session), the count of user table hashes and their keys, then of session tables and theirs (a
-# session row is the key `TABLE:ROW`, in this slot). Returns {user row, session row, history, user table rows...,
-# session table rows...}, false where unknown.
-_READ_QUERY = """
-local user, key = ARGV[1], ARGV[2]
+def _read_query(tables: dict[str, list[str]]) -> str:
+    """The script of `QueryReader` for these user and session tables (`MODEL:TABLE`, after the partition's
+    table prefix). KEYS: the user and session vocabularies, the history, the open sessions. ARGV: user id,
+    session key ('': the user's open session), the table prefix (a session row is the key `TABLE:ROW`, in
+    this slot). Returns {user row, session row, history, user table rows..., session table rows...}, false
+    where unknown."""
+    def lua(names: list[str]) -> str:
+        return "{" + ", ".join(orjson.dumps(n).decode() for n in names) + "}"
+
+    return f"""
+local user, key, prefix = ARGV[1], ARGV[2], ARGV[3]
 local u = false
 if user ~= '' then u = redis.call('HGET', KEYS[1], user) end
 if key == '' and user ~= '' then
@@ -575,15 +587,12 @@ if key == '' and user ~= '' then
 end
 local s = false
 if key ~= '' then s = redis.call('HGET', KEYS[2], key) end
-local out = {u, s, u and redis.call('HGET', KEYS[3], u)}
-local n, i = tonumber(ARGV[3]), 4
-for _ = 1, n do
-  out[#out + 1] = u and redis.call('HGET', ARGV[i], u)
-  i = i + 1
+local out = {{u, s, u and redis.call('HGET', KEYS[3], u)}}
+for _, name in ipairs({lua(tables["user"])}) do
+  out[#out + 1] = u and redis.call('HGET', prefix .. name, u)
 end
-local m = tonumber(ARGV[i])
-for j = 1, m do
-  out[#out + 1] = s and redis.call('GET', ARGV[i + j] .. ':' .. s)
+for _, name in ipairs({lua(tables["session"])}) do
+  out[#out + 1] = s and redis.call('GET', prefix .. name .. ':' .. s)
 end
 return out
 """

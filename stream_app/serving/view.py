@@ -17,6 +17,7 @@ import numpy as np
 
 from models.base import Batch, Model
 from models.features import Featurizer
+from models.kernels import fitted_scores
 from stream_app.io.redis import QueryRows, Snapshot
 from stream_app.serving.scorers import (
     AnnIndex,
@@ -179,12 +180,8 @@ class ShardView:
 
     def _generic(self, model: Model, batch: Batch, raw: np.ndarray | None = None) -> np.ndarray:
         """`model.score` (or `raw`) fitted to this view's items, rows of no item and non-finite scores at -inf."""
-        raw = np.asarray(model.score(batch, _FIRST_ROW)[0] if raw is None else raw, np.float32)
-        scores = np.full(self.n_items, -np.inf, np.float32)
-        n = min(len(raw), self.n_items)
-        scores[:n] = raw[:n]
-        scores[~self.valid_items] = -np.inf
-        scores[~np.isfinite(scores)] = -np.inf
+        scores = np.empty(self.n_items, np.float32)
+        fitted_scores(model.score(batch, _FIRST_ROW)[0] if raw is None else raw, self.valid_items, scores)
         return scores
 
     def similar_rows(self, name: str, row: int, k: int) -> tuple[np.ndarray, np.ndarray]:
