@@ -73,10 +73,10 @@ class Markov(Model):
         # ids are stored + 1 so that an all-zero row (what a store fills in for rows it
         # never saw) means "empty"
         self._items_changed, self._sessions_changed = Changes(), Changes()
-        self._succ = self._table("succ", RowTable(max_successors, np.float64, 0.0), self._items_changed)
-        self._succ_count = self._table("succ_count", RowTable(max_successors, np.float64, 0.0), self._items_changed)
-        self._count = self._table("count", RowTable(1, np.float64, 0.0), self._items_changed)
-        self._last = self._table("last", RowTable(1, np.float64, 0.0), self._sessions_changed)
+        self._succ = self._table("succ", RowTable(max_successors, np.float32, 0.0), self._items_changed)
+        self._succ_count = self._table("succ_count", RowTable(max_successors, np.float32, 0.0), self._items_changed)
+        self._count = self._table("count", RowTable(1, np.float32, 0.0), self._items_changed)
+        self._last = self._table("last", RowTable(1, np.float32, 0.0), self._sessions_changed)
         self._clock = DecayClock(half_life)
         self._blob("meta", self._clock.export, self._clock.load)
 
