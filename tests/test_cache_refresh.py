@@ -229,6 +229,15 @@ def test_a_query_reads_its_users_and_sessions_rows_as_committed_not_as_the_view_
     assert "i3" not in [item["item_id"] for item in session["items"]]
 
 
+def test_the_read_script_refuses_table_names_it_cannot_hold() -> None:
+    """The request path's script holds its tables' names as Lua strings: a name with a quote (or anything
+    but letters, digits, '_', '.' and ':') is refused when the reader is made, never written in."""
+    reader = redis_io.QueryReader({"mf": {"user": "user"}, "gru": {"session": "session"}})
+    assert "'mf:user'" in reader._source and "'gru:session'" in reader._source
+    with pytest.raises(ValueError, match="cannot be written into the read script"):
+        redis_io.QueryReader({"mf": {"us'er": "user"}})
+
+
 def test_the_request_path_reads_on_asyncio_and_its_client_can_be_closed_and_made_anew(topics):
     """`aquery` (the API's, on its event loop) reads what `query` reads; after `aclose` (an app's shutdown)
     a new event loop gets a new client, the script included."""

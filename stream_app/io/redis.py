@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
@@ -568,6 +569,9 @@ class QueryReader:
                          None if history is None else _history(history), models)
 
 
+_TABLE_NAME = re.compile(r"[A-Za-z0-9_.:]+")
+
+
 def _read_query(tables: dict[str, list[str]]) -> str:
     """The script of `QueryReader` for these user and session tables (`MODEL:TABLE`, after the partition's
     table prefix). KEYS: the user and session vocabularies, the history, the open sessions. ARGV: user id,
@@ -575,7 +579,11 @@ def _read_query(tables: dict[str, list[str]]) -> str:
     this slot). Returns {user row, session row, history, user table rows..., session table rows...}, false
     where unknown."""
     def lua(names: list[str]) -> str:
-        return "{" + ", ".join(orjson.dumps(n).decode() for n in names) + "}"
+        odd = [n for n in names if not _TABLE_NAME.fullmatch(n)]
+        if odd:  # model and table names are identifiers: a quote or an escape would need Lua's own rules
+            raise ValueError(f"table names {odd!r} cannot be written into the read script: use letters, digits, "
+                             "'_', '.' and ':'")
+        return "{" + ", ".join(f"'{n}'" for n in names) + "}"
 
     return f"""
 local user, key, prefix = ARGV[1], ARGV[2], ARGV[3]
