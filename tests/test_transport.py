@@ -150,7 +150,7 @@ def test_group_consumers_read_again_after_a_broker_restart(broker: Broker, clien
             sender.send_many("t", [(b"k", b"after-%d" % i) for i in range(3)])
         after = {b"after-%d" % i for i in range(3)}
         got = poll_until(after)
-        # should it fail: whether the group handed the partition out again after the restart (it flaked once in CI)
+        # should it fail, the message says whether the group handed the partition out again after the restart
         assert after <= got, f"read {sorted(got)}; partitions assigned, in turn: {assigned}"
     finally:
         group.close()
