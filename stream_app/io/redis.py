@@ -255,7 +255,7 @@ class Keys:
         return f"{self.tables}{model}:{table}"
 
     def session_row(self, model: str, table: str, row: int) -> str:
-        return f"{self.tables}{model}:{table}:{row}"
+        return f"{self.table(model, table)}:{row}"
 
 
 @dataclass
@@ -534,7 +534,7 @@ class QueryReader:
                                     for kind in ("user", "session")})
         self._script: Script | None = None
         self._ascript: AsyncScript | None = None
-        self._keys: dict[Keys, list[str]] = {}  # a partition's KEYS, then its table prefix
+        self._keys: dict[Keys, tuple[list[str], str]] = {}  # a partition's KEYS and its table prefix
 
     def read(self, client: Client, keys: Keys, user_id: str | None, session_key: str | None) -> QueryRows:
         """The rows of `user_id` and of the session `session_key` (a session vocabulary key; None: the
@@ -555,9 +555,9 @@ class QueryReader:
         """The script's KEYS and ARGV."""
         named = self._keys.get(keys)
         if named is None:
-            named = self._keys[keys] = [keys.vocab("user"), keys.vocab("session"), keys.history, keys.open_sessions,
-                                        keys.tables]
-        return named[:4], [user_id or "", session_key or "", named[4]]
+            named = self._keys[keys] = ([keys.vocab("user"), keys.vocab("session"), keys.history, keys.open_sessions],
+                                        keys.tables)
+        return named[0], [user_id or "", session_key or "", named[1]]
 
     def _rows(self, got: list) -> QueryRows:
         user, session, history, *rows = got
