@@ -285,7 +285,7 @@ class Recommender:
         exclude = history[:, 0] if history is not None and not include_seen else None
         nobody = rows.user < 0 and rows.session < 0 and history is None
         key = _nobody_key("user", used, k, context, batch) if nobody else None
-        answered = view.remembered(key) if key is not None else None
+        answered = view.remembered(key)
         if answered is None:  # to be ranked: the model narrowed to the query's rows
             m = m.narrowed(rows.models.get(used, {}))
         narrowed = m
@@ -332,8 +332,7 @@ class Recommender:
                 reasons = [reason] * len(idx)
             return _items(view, idx, scores, with_blend(narrowed, explained, idx, reasons))
 
-        return _Lookup(view, used, m, batch, k, exclude, head, items, key,
-                       view.remembered(key) if key is not None else None)
+        return _Lookup(view, used, m, batch, k, exclude, head, items, key, view.remembered(key))
 
     @staticmethod
     def _ranked(lookups: list[_Lookup]) -> list[Ranked | Exception]:

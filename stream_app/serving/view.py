@@ -117,9 +117,9 @@ class ShardView:
                 return name
         return None
 
-    def remembered(self, key: tuple) -> list[dict] | None:
-        """The items of the answer kept under `key` (None: none kept)."""
-        return self._answers.get(key)
+    def remembered(self, key: tuple | None) -> list[dict] | None:
+        """The items of the answer kept under `key` (None: none kept, or no key: not a query of nobody)."""
+        return self._answers.get(key) if key is not None else None
 
     def remember(self, key: tuple, items: list[dict]) -> None:
         """Keep an answer's items (never changed afterwards) under `key`: what the answer to a query of
