@@ -290,11 +290,9 @@ class Model(ABC):
         for name, attrs in own:
             stored = self._stored_rows[name]
             values = rows.get(name)
-            if values is None:
-                values = np.zeros((0, stored.table.width))
-            elif stored.clip:
+            if values is not None and stored.clip:
                 values = values[:, : stored.table.width]
-            table = RowTable.of(values, stored.table.width, stored.table.data.dtype.type, stored.table.fill)
+            table = stored.table.holding(values)
             clone._stored_rows[name] = StoredRows(table, stored.changes, stored.bit, stored.clip)
             for attr in attrs:
                 setattr(clone, attr, table)

@@ -21,13 +21,16 @@ the blend's seed; their tables are the blend's, named `member + "." + table`.
 
 from __future__ import annotations
 
+import bisect
+import functools
+from statistics import NormalDist
 from typing import ClassVar, Literal, NamedTuple, cast
 
 import numpy as np
 from numba import njit
 
 from models.base import Batch, Model, TableKind
-from models.kernels import FAST, SEEN_BITS_PER_WORD, is_seen, mark_seen, top_items
+from models.kernels import FAST, SEEN_BITS_PER_WORD, is_seen, mark_seen, top_items_near
 from models.registry import create
 from models.rows import Changes, RowTable
 
@@ -44,15 +47,27 @@ def _seen(seen, s, n, n_bits):  # pragma: no cover - numba
 
 
 @njit(cache=True, fastmath=FAST)
-def _cleaned(s):  # pragma: no cover - numba
-    """Non-finite scores of the row set to 0, in place; returns the row's mean and lowest score (at most 0)."""
-    total, low = 0.0, 0.0
-    for j in range(len(s)):
-        if not np.isfinite(s[j]):
-            s[j] = 0.0
-        total += s[j]
-        low = min(low, s[j])
-    return total / max(len(s), 1), low
+def _cleaned(s, rows, average):  # pragma: no cover - numba
+    """Non-finite scores of each row r in `rows` set to 0, in place; average[r] gets the row's mean when none of
+    its scores is negative, else NaN (one pass that counts, for most rows). # [M, n] -> [M]"""
+    n = s.shape[1]
+    for r in rows:
+        bad, negative = 0, 0
+        for j in range(n):
+            bad += not abs(s[r, j]) < np.inf
+            negative += s[r, j] < 0
+        if bad:
+            negative = 0
+            for j in range(n):
+                if not abs(s[r, j]) < np.inf:
+                    s[r, j] = 0.0
+                negative += s[r, j] < 0
+        average[r] = np.nan
+        if negative == 0:
+            total = 0.0
+            for j in range(n):
+                total += s[r, j]
+            average[r] = total / max(n, 1)
 
 
 @njit(inline="always")
@@ -62,9 +77,10 @@ def _reciprocal(rank):  # pragma: no cover - numba
 
 
 @njit(cache=True, fastmath=FAST)
-def _summary(s, rows, mean, std, best):  # pragma: no cover - numba
+def _summary(s, rows, spread, mean, std, best):  # pragma: no cover - numba
     """For each row r in `rows`: its mean and standard deviation (float64), and its best[r].shape[0] best items,
-    best first, ties to the lower item (-1 where the row has fewer items). # [M, n] -> mean, std [M], best [M, top]"""
+    best first, ties to the lower item (-1 where the row has fewer items), looked for first among the scores
+    `spread` deviations above the mean. # [M, n] -> mean, std [M], best [M, top]"""
     n = s.shape[1]
     top = best.shape[1]
     for r in rows:
@@ -79,8 +95,31 @@ def _summary(s, rows, mean, std, best):  # pragma: no cover - numba
         std[r] = np.sqrt(var / max(n, 1))
         best[r, :] = -1
         if top > 0:
-            found = top_items(s[r], top)
+            found = top_items_near(s[r], top, mean[r] + spread * std[r])
             best[r, : len(found)] = found
+
+
+@functools.lru_cache(maxsize=64)
+def _spread(top: int, n: int) -> float:
+    """How many deviations above its mean a normal row of n scores has its 2 * top best: where `_summary`
+    looks for a row's `top` best first (a row of other shape costs it one pass)."""
+    return NormalDist().inv_cdf(max(1.0 - 2.0 * top / max(n, 1), 0.5))
+
+
+@njit(cache=True)
+def _weight_of(base, ctx, context, start, m):  # pragma: no cover - numba
+    """base[start : start + m] plus the mean of those rows' columns that the context values name (the values
+    without a row left out), in float32 as numpy's mean of the rows. # -> [m]"""
+    out = base[start : start + m].copy()
+    total = np.zeros(m, np.float32)
+    count = 0
+    for c in context:
+        if 0 <= c < ctx.shape[0]:
+            total += ctx[c, start : start + m]
+            count += 1
+    if count:
+        out += total / np.float32(count)
+    return out
 
 
 @njit(cache=True, fastmath=FAST)
@@ -145,7 +184,7 @@ class Features:
     def __init__(self, s: np.ndarray, mean: np.ndarray, std: np.ndarray, best: np.ndarray):
         self.s = s  # [M, n] float32
         self.mean, self.std, self.best = mean, std, best  # [M], [M], [M, top]
-        self.scale = np.divide(1.0, std, out=np.zeros_like(std), where=std > 0)  # [M] 1 / std (0: a constant row)
+        self.scale = 1.0 / np.where(std > 0, std, np.inf)  # [M] 1 / std (0: a constant row)
         self.ranked = best.shape[1] > 0
 
     def row(self, r: int) -> Row:
@@ -192,6 +231,7 @@ class Blend(Model):
             raise ValueError(f"a blend needs member models other than blend (got {members!r})")
         self.members = tuple(members)
         self.length_buckets = np.asarray(length_buckets, np.int64)
+        self._buckets = tuple(int(b) for b in self.length_buckets)
         self.lr = lr
         self.init = init
         self.eps = eps
@@ -239,8 +279,9 @@ class Blend(Model):
                 running[s] = n + 1
         return out
 
-    def _group(self, lengths: np.ndarray) -> np.ndarray:  # [B] weight group of each row
-        return np.where(lengths > 0, 1 + np.searchsorted(self.length_buckets, lengths, side="right"), 0)
+    def _group(self, length: int) -> int:
+        """The weight group of a row whose session had `length` events before it."""
+        return 1 + bisect.bisect_right(self._buckets, length) if length > 0 else 0
 
     def _contexts(self, batch: Batch, j: int) -> np.ndarray:
         """The context values of row j that have a weight row."""
@@ -250,17 +291,14 @@ class Blend(Model):
     def weights(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
         """Each row's weights, as it is scored now. # [R, F]"""
         self._ctx.ensure(batch.n_context)
-        groups = self._group(self._lengths(batch))
-        return np.stack([self._weight(batch, j, int(groups[j])) for j in rows.tolist()]) if len(rows) else \
-            np.zeros((0, self._f))
+        lengths = self._lengths(batch).tolist()
+        out = np.empty((len(rows), self._f), np.float32)
+        for r, j in enumerate(rows.tolist()):
+            out[r] = self._weight(batch, j, self._group(lengths[j]))
+        return out
 
     def _weight(self, batch: Batch, j: int, g: int) -> np.ndarray:  # [F]
-        m = self._f
-        w = self._base[g * m : (g + 1) * m].copy()
-        c = self._contexts(batch, j)
-        if len(c):
-            w += self._ctx.data[c, g * m : (g + 1) * m].mean(axis=0)
-        return w
+        return _weight_of(self._base, self._ctx.data, batch.context[j], g * self._f, self._f)
 
     def _step(self, batch: Batch, j: int, g: int, z: Features) -> None:
         """One Adagrad step of the weights of row j (group g) on its item, given its features z;
@@ -304,14 +342,17 @@ class Blend(Model):
         for r, got in enumerate(member_scores):
             if isinstance(got, Row):
                 s[r], mean[r], std[r], best[r] = got
-                continue
-            s[r] = got
-            average, low = _cleaned(s[r])
-            if low >= 0:
-                np.add(s[r], np.float32(self.eps * max(average, 1e-12)), out=s[r])
+            else:
+                s[r] = got
+                fresh.append(r)
+        rows = np.array(fresh, np.int64)
+        average = np.empty(m)
+        _cleaned(s, rows, average)
+        for r in fresh:
+            if not np.isnan(average[r]):  # none negative
+                np.add(s[r], np.float32(self.eps * max(average[r], 1e-12)), out=s[r])
                 np.log(s[r], out=s[r])
-            fresh.append(r)
-        _summary(s, np.array(fresh, np.int64), mean, std, best)
+        _summary(s, rows, _spread(self.top, n), mean, std, best)
         return Features(s, mean, std, best)
 
     # -- Model -----------------------------------------------------------------------------
@@ -333,7 +374,7 @@ class Blend(Model):
         need = np.union1d(rows, np.flatnonzero(has_item))  # [N] ascending
         scores = [p.learn_scored(batch, need) for p in self.parts.values()]  # M x [N, n_items]
         lengths = self._lengths(batch)
-        groups = self._group(lengths).tolist()
+        groups = [self._group(n) for n in lengths.tolist()]
         asked = {j: r for r, j in enumerate(rows.tolist())}
         out = np.empty((len(rows), batch.n_items))  # [R, n_items]
         before = {} if self.sequential else {j: self._weight(batch, j, groups[j]) for j in asked}

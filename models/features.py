@@ -9,6 +9,7 @@ features (each context key=value, plus hour of day and day of week from `ts`).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -266,7 +267,7 @@ class Featurizer:
         None to `max_context` entries, then the time features (hour of day, day of week)."""
         keys = list(self._explicit(context))
         if self.time_features:
-            keys.extend(_time_keys(np.array([ts]))[0])
+            keys.extend(_hour_keys(int(ts) // 3600))
         return keys
 
     def _explicit(self, context: Mapping[str, Any]) -> tuple[str | None, ...]:
@@ -312,11 +313,20 @@ class Featurizer:
 
     def query(self, user_id: str | None, context: Mapping[str, Any], ts: float, session_id: str | None = None) -> Batch:
         """A one-row batch (item -1) for a lookup; unknown ids and context values code as -1."""
-        context_row = np.array([[-1 if k is None else self.contexts.get(k) for k in self.context_keys(context, ts)]])
         session = self.session_row(session_id) if session_id is not None else -1
-        return self._wrap(
-            np.array([self.users.get(user_id) if user_id else -1]), np.array([-1]), np.array([session]),
-            np.zeros(1, np.int8), np.ones(1, np.float32), np.array([ts]), np.full(1, np.nan, np.float32), context_row,
+        return self.query_of(self.users.get(user_id) if user_id else -1, session, context, ts)
+
+    def query_of(self, user: int, session: int, context: Mapping[str, Any], ts: float,
+                 n_users: int | None = None, n_sessions: int | None = None) -> Batch:
+        """`query` of a user row and a session row (-1: none) among n_users and n_sessions (default: the
+        vocabularies'): a lookup scored by a model narrowed to its own rows numbers them from 0."""
+        context_row = np.array([[-1 if k is None else self.contexts.get(k) for k in self.context_keys(context, ts)]])
+        return Batch(
+            np.array([user]), np.array([-1]), np.array([session]), np.zeros(1, np.int8), np.ones(1, np.float32),
+            np.array([ts]), np.full(1, np.nan, np.float32), context_row,
+            len(self.users) if n_users is None else n_users, len(self.items),
+            len(self.sessions) if n_sessions is None else n_sessions, len(self.contexts),
+            2 if self.time_features else 0,
         )
 
     def _wrap(self, users: np.ndarray, items: np.ndarray, sessions: np.ndarray, event_types: np.ndarray,
@@ -325,6 +335,12 @@ class Featurizer:
             users, items, sessions, event_types, weights, ts, values, context,
             len(self.users), len(self.items), len(self.sessions), len(self.contexts), 2 if self.time_features else 0,
         )
+
+
+@functools.lru_cache(maxsize=256)
+def _hour_keys(hour: int) -> tuple[str, str]:
+    """The time keys of every moment of hour number `hour` since the epoch (`_time_keys`), kept: a lookup's."""
+    return _time_keys(np.array([hour * 3600.0]))[0]
 
 
 def _time_keys(ts: np.ndarray) -> list[tuple[str, str]]:

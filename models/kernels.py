@@ -68,7 +68,7 @@ def _worse(v, i, w, j):  # pragma: no cover - numba
 @njit(cache=True)
 def _heap_top(scores, among, k):  # pragma: no cover - numba
     """`top_items` over the items `among` (ascending): one pass that keeps the best seen so far in a heap
-    whose root is the worst of them (most items lose one comparison with the root)."""
+    whose root is the worst of them (most items lose one comparison with the root), then popped worst first."""
     value, item = np.empty(max(k, 0)), np.empty(max(k, 0), np.int64)
     size = 0
     for j in among:
@@ -94,9 +94,21 @@ def _heap_top(scores, among, k):  # pragma: no cover - numba
         else:
             continue
         value[i], item[i] = x, j
-    value, item = value[:size], item[:size]
-    by_item = np.argsort(item)
-    return item[by_item[np.argsort(-value[by_item], kind="mergesort")]]
+    out = np.empty(size, np.int64)
+    for last in range(size - 1, -1, -1):  # pop the worst into the last free place: best first in the end
+        out[last] = item[0]
+        x, j = value[last], item[last]
+        i = 0
+        while 2 * i + 1 < last:
+            c = 2 * i + 1
+            if c + 1 < last and _worse(value[c + 1], item[c + 1], value[c], item[c]):
+                c += 1
+            if not _worse(value[c], item[c], x, j):
+                break
+            value[i], item[i] = value[c], item[c]
+            i = c
+        value[i], item[i] = x, j
+    return out
 
 
 @njit(cache=True)
@@ -113,16 +125,34 @@ def top_items(scores, k):  # pragma: no cover - numba
         stride = n // (4 * k)
         sample = _heap_top(scores, np.arange(0, n, stride), max(2 * k // stride, 1))
         if len(sample):
-            t = scores[sample[-1]]
-            among = np.empty(n, np.int64)
-            found = 0
-            for j in range(n):
-                if scores[j] >= t and np.isfinite(scores[j]):
-                    among[found] = j
-                    found += 1
-            if found >= k:
-                return _heap_top(scores, among[:found], k)
+            found = _top_above(scores, k, scores[sample[-1]])
+            if len(found):
+                return found
     return _heap_top(scores, np.arange(n), k)
+
+
+@njit(cache=True)
+def _top_above(scores, k, t):  # pragma: no cover - numba
+    """`top_items(scores, k)` from the finite scores >= t alone when at least k are (the k best are all
+    among them, ties included), else nothing. # [n] -> [k] or [0]"""
+    n = len(scores)
+    among = np.empty(n, np.int64)
+    found = 0
+    for j in range(n):
+        if scores[j] >= t and np.isfinite(scores[j]):
+            among[found] = j
+            found += 1
+    if found >= k:
+        return _heap_top(scores, among[:found], k)
+    return np.empty(0, np.int64)
+
+
+@njit(cache=True)
+def top_items_near(scores, k, t):  # pragma: no cover - numba
+    """`top_items(scores, k)`, looking first among the scores >= t (a guess at the k-th best: from the row's
+    mean and deviation, say), then as `top_items` does when fewer than k reach it."""
+    found = _top_above(scores, k, t) if k > 0 else np.empty(0, np.int64)
+    return found if len(found) else top_items(scores, k)
 
 
 @njit(cache=True)

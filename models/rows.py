@@ -35,6 +35,17 @@ class RowTable:
         table.n, table.fill, table.data = len(values), fill, table._buf
         return table
 
+    def holding(self, values: np.ndarray | None) -> RowTable:
+        """A new table like this one (width, dtype, fill) holding `values` [n, <=width] (copied), or no rows
+        for None: a query's own rows (`Model.narrowed`), per request. With no rows it starts from a zero-row
+        view of this table's buffer, which has nothing to write to: growing replaces it."""
+        if values is not None and (values.ndim != 2 or values.shape[1] != self._buf.shape[1]):
+            return RowTable.of(values, self.width, self._buf.dtype.type, self.fill)
+        table = RowTable.__new__(RowTable)
+        table._buf = self._buf[:0] if values is None else values.astype(self._buf.dtype)
+        table.n, table.fill, table.data = len(table._buf), self.fill, table._buf
+        return table
+
     @property
     def width(self) -> int:
         return self._buf.shape[1]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -206,8 +206,6 @@ class ShardView:
 def query_batch(view: ShardView, context: dict[str, str], ts: float, rows: QueryRows | None = None) -> Batch:
     """The one-row query in `context` at `ts`: of nobody, or of the user and session `rows` were read for,
     renumbered to row 0 as the models narrowed to those rows (`Model.narrowed`) expect."""
-    batch = view.featurizer.query(None, context, ts)
     if rows is None:
-        return batch
-    return replace(batch, users=np.array([0 if rows.user >= 0 else -1]),
-                   sessions=np.array([0 if rows.session >= 0 else -1]), n_users=1, n_sessions=1)
+        return view.featurizer.query(None, context, ts)
+    return view.featurizer.query_of(0 if rows.user >= 0 else -1, 0 if rows.session >= 0 else -1, context, ts, 1, 1)
