@@ -250,7 +250,7 @@ def serve(
         fail(exc)
     # Bound before saying so: a taken port fails here, with what to do.
     try:
-        address = bound_socket(host, port) if workers == 1 else OwnSocketPerProcess(host, port)
+        address = bound_socket(host, port) if workers == 1 else OwnSocketPerProcess(host, port, workers)
     except OSError as exc:
         fail(ConfigError(f"cannot listen on {host}:{port} ({exc}): choose another --port or stop what holds it"))
     typer.echo(f"serving on http://{host}:{port} (models: {names}; {workers} worker process(es))")

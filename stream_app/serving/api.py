@@ -37,7 +37,7 @@ from stream_app.core.errors import InvalidEvent, ServiceError
 from stream_app.core.events import MAX_CLOCK_SKEW, check_clock_skew, check_unique_keys, encode
 from stream_app.core.settings import Settings
 from stream_app.core.threads import limit_blas_threads
-from stream_app.serving import openapi
+from stream_app.serving import http, openapi
 from stream_app.serving.cache import ModelCache
 from stream_app.serving.guards import CircuitBreaker, RateLimiter
 from stream_app.serving.keys import ApiKey, KeyStore, keys_file
@@ -111,7 +111,8 @@ def app_from_env() -> FastAPI:
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI):
     """Start the cache's refresher (it loads every shard before the first request needs it), run every
-    served model once and freeze the heap built so far; on shutdown stop the refresher, close the event
+    served model once, freeze the heap built so far and, in a worker process of several, take connections
+    the others pass on (`http.Balancer`); on shutdown take no more, stop the refresher, close the event
     producer and unfreeze."""
     app.state.cache.start()
     # The heap of the libraries (torch's and numba's above all) leaves the collector's sight: a full
@@ -119,7 +120,9 @@ async def _lifespan(app: FastAPI):
     app.state.cache.compile_models()
     gc.collect()
     gc.freeze()
+    http.start_balancing()
     yield
+    http.stop_balancing()
     gc.unfreeze()
     app.state.cache.close()
     await app.state.cache.aclose()
