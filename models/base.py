@@ -203,14 +203,13 @@ class Model(ABC):
                 out[i] = model.score(batch, _FIRST)[0]
         for (_, n), ((vectors, bias), asked) in shared.items():
             wanted: list[tuple[int, np.ndarray]] = []  # (query, its vector) of the queries the pass scores
-            for i in asked:
+            for i in asked:  # alone too: the compiled pass adds the bias as it goes, and answers as in a group
                 model, batch = queries[i]
-                if len(asked) > 1:  # alone, one mat-vec is BLAS's
-                    q, known = model.query_vectors(batch, _FIRST)
-                    if known[0]:
-                        wanted.append((i, q[0]))
-                        continue
-                out[i] = model.score(batch, _FIRST)[0]  # alone, or unknown to the model (its fallback)
+                q, known = model.query_vectors(batch, _FIRST)
+                if known[0]:
+                    wanted.append((i, q[0]))
+                else:
+                    out[i] = model.score(batch, _FIRST)[0]  # unknown to the model: its fallback
             if wanted:
                 res = np.empty((len(wanted), n), np.float32)  # [R, n_items]
                 dot_rows(np.array([q for _, q in wanted], np.float32), vectors, bias, res)
