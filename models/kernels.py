@@ -65,6 +65,21 @@ def _worse(v, i, w, j):  # pragma: no cover - numba
     return v < w or (v == w and i > j)
 
 
+@njit(inline="always")
+def _sift_down(value, item, size, x, j):  # pragma: no cover - numba
+    """Put (x, j) at the root of the heap of its first `size` entries, moved down while a child is worse."""
+    i = 0
+    while 2 * i + 1 < size:
+        c = 2 * i + 1
+        if c + 1 < size and _worse(value[c + 1], item[c + 1], value[c], item[c]):
+            c += 1
+        if not _worse(value[c], item[c], x, j):
+            break
+        value[i], item[i] = value[c], item[c]
+        i = c
+    value[i], item[i] = x, j
+
+
 @njit(cache=True)
 def _heap_top(scores, among, k):  # pragma: no cover - numba
     """`top_items` over the items `among` (ascending): one pass that keeps the best seen so far in a heap
@@ -81,33 +96,13 @@ def _heap_top(scores, among, k):  # pragma: no cover - numba
             while i > 0 and _worse(x, j, value[(i - 1) >> 1], item[(i - 1) >> 1]):
                 value[i], item[i] = value[(i - 1) >> 1], item[(i - 1) >> 1]
                 i = (i - 1) >> 1
-        elif k > 0 and x > value[0]:  # replace the root: move it down while a child is worse than x
-            i = 0
-            while 2 * i + 1 < k:
-                c = 2 * i + 1
-                if c + 1 < k and _worse(value[c + 1], item[c + 1], value[c], item[c]):
-                    c += 1
-                if not _worse(value[c], item[c], x, j):
-                    break
-                value[i], item[i] = value[c], item[c]
-                i = c
-        else:
-            continue
-        value[i], item[i] = x, j
+            value[i], item[i] = x, j
+        elif k > 0 and x > value[0]:  # replace the root
+            _sift_down(value, item, k, x, j)
     out = np.empty(size, np.int64)
     for last in range(size - 1, -1, -1):  # pop the worst into the last free place: best first in the end
         out[last] = item[0]
-        x, j = value[last], item[last]
-        i = 0
-        while 2 * i + 1 < last:
-            c = 2 * i + 1
-            if c + 1 < last and _worse(value[c + 1], item[c + 1], value[c], item[c]):
-                c += 1
-            if not _worse(value[c], item[c], x, j):
-                break
-            value[i], item[i] = value[c], item[c]
-            i = c
-        value[i], item[i] = x, j
+        _sift_down(value, item, last, value[last], item[last])
     return out
 
 
