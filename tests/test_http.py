@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
+import signal
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from stream_app.serving.http import CoalescingHttpToolsProtocol
+from stream_app.serving.http import Balancer, CoalescingHttpToolsProtocol
 from tests.live_api import serving
 
 BIG = bytes(range(256)) * 8192  # 2 MiB: more than a socket takes at once
@@ -96,3 +100,30 @@ def test_large_empty_and_pipelined_responses_stay_whole(base: str) -> None:
             data += chunk
     bodies = [part.split(b"\r\n\r\n", 1)[1][: len(f"/r{i}")] for i, part in enumerate(data.split(b"HTTP/1.1 200")[1:])]
     assert bodies[:3] == [b"/r0", b"/r1", b"/r2"] and data.endswith(b"/last")
+
+
+def _hold(counts: Any, held: Any) -> None:
+    counts.get_lock().acquire()
+    held.set()
+    time.sleep(60)
+
+
+def test_worker_processes_stop_balancing_when_one_dies_holding_their_lock() -> None:
+    """`Balancer`: a process killed (kill -9) inside the shared lock leaves it held for good; the others
+    then keep the connections the kernel gives them, after one short wait, instead of hanging."""
+    balancer = Balancer(2)
+    balancer.join()
+    context = multiprocessing.get_context("spawn")
+    held = context.Event()
+    holder = context.Process(target=_hold, args=(balancer.counts, held), daemon=True)
+    holder.start()
+    try:
+        assert held.wait(30)
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.join(10)
+        started = time.monotonic()
+        balancer.closed()
+        balancer.closed()
+        assert balancer.broken and time.monotonic() - started < 2 * Balancer.LOCK_WAIT + 0.5
+    finally:
+        holder.kill()

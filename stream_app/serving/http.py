@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import functools
 import logging
 import multiprocessing
@@ -18,7 +19,7 @@ import os
 import secrets
 import signal
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -118,21 +119,43 @@ class Balancer:
     reading from it: the socket goes over a Unix datagram socket (SCM_RIGHTS) and that process serves it
     as its own. Counts and the slot of each process are shared (multiprocessing arrays, one lock); a
     process takes connections once it started (`start`), and a dead one's slot is taken by its successor.
+    Should a process die holding the lock, the others stop balancing (`broken`) rather than wait for it.
     """
+
+    LOCK_WAIT = 0.2  # seconds a process waits for the shared lock before it stops balancing
 
     def __init__(self, processes: int):
         self.token = secrets.token_hex(8)  # names this server's datagram sockets
         self.counts = multiprocessing.get_context("spawn").Array("i", processes)  # connections each slot holds
         self.pids = multiprocessing.get_context("spawn").Array("i", processes, lock=False)  # >0 taking, <0 starting
         self.slot = -1
+        self.broken = False  # the shared lock was not to be had: connections stay where the kernel put them
         self._inbox: socket.socket | None = None
 
     def _address(self, slot: int) -> bytes:
         return f"\0streamrec-{self.token}-{slot}".encode()
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[bool]:
+        """The shared lock held (True), or False when it was not to be had in `LOCK_WAIT` seconds."""
+        lock = self.counts.get_lock()
+        if self.broken or not lock.acquire(timeout=self.LOCK_WAIT):
+            if not self.broken:
+                log.warning("the worker processes' shared lock is held by a dead process: connections stay "
+                            "where the kernel puts them until the server restarts")
+            self.broken = True
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lock.release()
+
     def join(self) -> None:
         """In a worker process: take a free slot (or a dead process's) and open its datagram socket."""
-        with self.counts.get_lock():
+        with self._locked() as held:
+            if not held:
+                return
             self.slot = next(i for i, pid in enumerate(self.pids) if pid == 0 or not _alive(abs(pid)))
             self.pids[self.slot], self.counts[self.slot] = -os.getpid(), 0
         self._inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -141,35 +164,40 @@ class Balancer:
 
     def start(self, loop: asyncio.AbstractEventLoop, factory: Callable[[], CoalescingHttpToolsProtocol]) -> None:
         """Serve the connections other processes pass here with uvicorn's `factory`, from now on."""
-        assert self._inbox is not None, "join first"
+        if self._inbox is None:  # joined without the lock: takes nothing
+            return
         loop.add_reader(self._inbox.fileno(), self._adopt, loop, factory)
         self.pids[self.slot] = os.getpid()
 
     def stop(self) -> None:
         """Take no more connections from the other processes (this one is shutting down)."""
-        self.pids[self.slot] = -os.getpid()
+        if self.slot >= 0:
+            self.pids[self.slot] = -os.getpid()
 
     def admit(self, transport: asyncio.Transport) -> bool:
         """Whether this process serves a connection it accepted; if not, it went to another process (and
         the transport is closed here)."""
-        with self.counts.get_lock():
+        sock = transport.get_extra_info("socket")
+        with self._locked() as held:
+            if not held or self._inbox is None:
+                return True
             mine = self.counts[self.slot]
             others = [i for i, pid in enumerate(self.pids) if pid > 0 and i != self.slot and _alive(pid)]
             target = min(others, key=self.counts.__getitem__, default=None)
-            if target is None or self.counts[target] >= mine:
+            if target is None or self.counts[target] >= mine or sock is None:
                 self.counts[self.slot] += 1
                 return True
             self.counts[target] += 1
-        assert self._inbox is not None, "join first"
-        fd = os.dup(transport.get_extra_info("socket").fileno())
+        fd = os.dup(sock.fileno())
         try:
             # sendmsg, not socket.send_fds: that one drops its address argument before Python 3.12
             self._inbox.sendmsg([b"c"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))], 0,
                                 self._address(target))
         except OSError:  # that process just went away: serve it here after all
-            with self.counts.get_lock():
-                self.counts[target] -= 1
-                self.counts[self.slot] += 1
+            with self._locked() as held:
+                if held:
+                    self.counts[target] -= 1
+                    self.counts[self.slot] += 1
             return True
         finally:
             os.close(fd)
@@ -177,9 +205,10 @@ class Balancer:
         return False
 
     def closed(self) -> None:
-        """A connection this process served has closed."""
-        with self.counts.get_lock():
-            self.counts[self.slot] -= 1
+        """A connection this process served has closed (or one passed here could not be taken)."""
+        with self._locked() as held:
+            if held and self.slot >= 0:
+                self.counts[self.slot] -= 1
 
     def _adopt(self, loop: asyncio.AbstractEventLoop, factory: Callable[[], CoalescingHttpToolsProtocol]) -> None:
         assert self._inbox is not None
@@ -188,7 +217,14 @@ class Balancer:
         except BlockingIOError:
             return
         for fd in fds:
-            loop.create_task(loop.connect_accepted_socket(functools.partial(_adopted, factory), socket.socket(fileno=fd)))
+            task = loop.create_task(loop.connect_accepted_socket(functools.partial(_adopted, factory),
+                                                                 socket.socket(fileno=fd)))
+            task.add_done_callback(self._taken)
+
+    def _taken(self, task: asyncio.Task) -> None:
+        """A passed connection served here, or not (closed by its client meanwhile): then uncounted."""
+        if task.cancelled() or task.exception() is not None:
+            self.closed()
 
 
 def _adopted(factory: Callable[[], CoalescingHttpToolsProtocol]) -> CoalescingHttpToolsProtocol:
