@@ -321,19 +321,20 @@ class Featurizer:
         """`query` of a user row and a session row (-1: none) among n_users and n_sessions (default: the
         vocabularies'): a lookup scored by a model narrowed to its own rows numbers them from 0."""
         context_row = np.array([[-1 if k is None else self.contexts.get(k) for k in self.context_keys(context, ts)]])
-        return Batch(
+        return self._wrap(
             np.array([user]), np.array([-1]), np.array([session]), np.zeros(1, np.int8), np.ones(1, np.float32),
-            np.array([ts]), np.full(1, np.nan, np.float32), context_row,
-            len(self.users) if n_users is None else n_users, len(self.items),
-            len(self.sessions) if n_sessions is None else n_sessions, len(self.contexts),
-            2 if self.time_features else 0,
+            np.array([ts]), np.full(1, np.nan, np.float32), context_row, n_users, n_sessions,
         )
 
     def _wrap(self, users: np.ndarray, items: np.ndarray, sessions: np.ndarray, event_types: np.ndarray,
-              weights: np.ndarray, ts: np.ndarray, values: np.ndarray, context: np.ndarray) -> Batch:
+              weights: np.ndarray, ts: np.ndarray, values: np.ndarray, context: np.ndarray,
+              n_users: int | None = None, n_sessions: int | None = None) -> Batch:
+        """A batch of these rows in this featurizer's vocabularies (n_users, n_sessions: other counts)."""
         return Batch(
             users, items, sessions, event_types, weights, ts, values, context,
-            len(self.users), len(self.items), len(self.sessions), len(self.contexts), 2 if self.time_features else 0,
+            len(self.users) if n_users is None else n_users, len(self.items),
+            len(self.sessions) if n_sessions is None else n_sessions, len(self.contexts),
+            2 if self.time_features else 0,
         )
 
 

@@ -127,7 +127,7 @@ class Balancer:
     def __init__(self, processes: int):
         self.token = secrets.token_hex(8)  # names this server's datagram sockets
         self.counts = multiprocessing.get_context("spawn").Array("i", processes)  # connections each slot holds
-        self.pids = multiprocessing.get_context("spawn").Array("i", processes, lock=False)  # >0 taking, <0 starting
+        self.pids = multiprocessing.get_context("spawn").Array("i", processes, lock=False)  # >0 taking, <0 not (yet)
         self.slot = -1
         self.broken = False  # the shared lock was not to be had: connections stay where the kernel put them
         self._inbox: socket.socket | None = None
