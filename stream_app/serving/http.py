@@ -36,14 +36,14 @@ class _Coalesced:
         self._transport = transport
         self._loop = loop
         self._pending: list[bytes] = []
+        self._end_of_turn: asyncio.Handle | None = None  # the flush due at the end of this turn, if any
 
     def write(self, data: bytes) -> None:
-        if self._pending:  # a response's head, now its body: both go at once, not after the turn's other work
-            self._pending.append(data)
-            self.flush()
-            return
-        self._loop.call_soon(self.flush)
         self._pending.append(data)
+        if len(self._pending) > 1:  # a response's head, now its body: both go at once, not after the turn's other work
+            self.flush()
+        else:
+            self._end_of_turn = self._loop.call_soon(self.flush)
 
     def writelines(self, lines: Iterable[bytes]) -> None:
         for line in lines:
@@ -51,6 +51,9 @@ class _Coalesced:
 
     def flush(self) -> None:
         """Write what this turn wrote, as one write (nothing once the transport is closing)."""
+        if self._end_of_turn is not None:
+            self._end_of_turn.cancel()
+            self._end_of_turn = None
         if self._pending:
             data = b"".join(self._pending)
             self._pending.clear()
