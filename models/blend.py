@@ -309,8 +309,7 @@ class Blend(Model):
             seen = _seen(self._seen.data, batch.sessions[j], batch.n_items, self.seen_bits)
             if seen[batch.items[j]]:
                 return
-        c = self._contexts(batch, j)
-        s = z.score(_weight_of(self._base, self._ctx.data, c, g * m, m))  # [n]
+        s = z.score(self._weight(batch, j, g))  # [n]
         if seen is not None:
             s[seen] = -np.inf
         p = np.exp(s - s.max())
@@ -321,6 +320,7 @@ class Blend(Model):
         acc = self._base[width:][cols]
         acc += grad * grad
         self._base[:width][cols] -= self.lr * grad / np.sqrt(acc + 1e-8)
+        c = self._contexts(batch, j)
         if len(c):
             share = grad / len(c)
             rows = self._ctx.data[c]
