@@ -273,7 +273,7 @@ def start_balancing() -> None:
 
 
 def stop_balancing() -> None:
-    if _BALANCER is not None and _BALANCER.slot >= 0:
+    if _BALANCER is not None:
         _BALANCER.stop()
 
 
